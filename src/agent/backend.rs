@@ -1,0 +1,45 @@
+//! The agent's one seam to whatever decides: roles and credentials for a pod IP. The gRPC client
+//! is one implementation; kube2iam mode plugs the server's core in-process behind the same trait.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use crate::creds::ImdsDocument;
+
+/// What the agent asks of a server.
+pub trait Backend: Send + Sync + 'static {
+    /// The pod's role annotation, `None` when it has none.
+    fn pod_role(&self, ip: IpAddr) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    /// Credentials for `role` (the pod's own annotation), if policy allows.
+    fn pod_credentials(
+        &self,
+        ip: IpAddr,
+        role: &str,
+    ) -> impl Future<Output = Result<ImdsDocument, BackendError>> + Send;
+    /// The server's health message (`ok`).
+    fn health(&self) -> impl Future<Output = Result<String, BackendError>> + Send;
+}
+
+/// Why a backend call failed, in the kinds the agent treats differently.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// No pod has the caller's IP (yet): worth waiting for, within the request's budget.
+    #[error("no pod found")]
+    PodNotFound,
+    /// The policy denies: final, never retried.
+    #[error("forbidden by policy")]
+    Forbidden,
+    /// No server could be reached: worth retrying within the budget.
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// Any other failure (STS errors among them).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// Whether waiting and asking again may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackendError::PodNotFound | BackendError::Unavailable(_))
+    }
+}

@@ -1,0 +1,117 @@
+//! IMDSv2 session tokens, minted by the agent itself rather than by the node's metadata service.
+//! A token is `v1.<expiry>.<hmac>`: an HMAC-SHA256, under a key drawn at start-up, of the
+//! caller's IP and the expiry. Tokens are therefore bound to the pod that asked for them, expire
+//! on time, cost no memory however many are minted, and die with the process.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::{hmac, rand};
+
+/// The largest TTL the metadata service accepts, in seconds (6 hours).
+pub const MAX_TTL_SECONDS: u64 = 21_600;
+
+/// Why a token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("token expired")]
+    Expired,
+    #[error("token was not issued to this client")]
+    Invalid,
+}
+
+/// Mints and checks tokens.
+pub struct Tokens {
+    key: hmac::Key,
+}
+
+impl Tokens {
+    /// A minter with a fresh random key.
+    pub fn new() -> Result<Tokens, aws_lc_rs::error::Unspecified> {
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rand::SystemRandom::new())?;
+        Ok(Tokens { key })
+    }
+
+    fn message(ip: IpAddr, expiry: u64) -> String {
+        format!("kiam-imds-token|{ip}|{expiry}")
+    }
+
+    /// A token for `ip`, valid for `ttl` from `now`.
+    pub fn mint(&self, ip: IpAddr, ttl: Duration, now: SystemTime) -> String {
+        let expiry = (now + ttl).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let tag = hmac::sign(&self.key, Self::message(ip, expiry).as_bytes());
+        format!("v1.{expiry}.{}", hex(tag.as_ref()))
+    }
+
+    /// Checks that `token` was minted for `ip` and has not expired at `now`.
+    pub fn verify(&self, token: &str, ip: IpAddr, now: SystemTime) -> Result<(), TokenError> {
+        let mut parts = token.trim().splitn(3, '.');
+        let (Some("v1"), Some(expiry), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(TokenError::Malformed);
+        };
+        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let tag = unhex(tag).ok_or(TokenError::Malformed)?;
+        hmac::verify(&self.key, Self::message(ip, expiry).as_bytes(), &tag)
+            .map_err(|_| TokenError::Invalid)?;
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        if now >= expiry {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Parses `X-aws-ec2-metadata-token-ttl-seconds`: a whole number from 1 to 21600.
+pub fn parse_ttl(value: Option<&str>) -> Result<u64, &'static str> {
+    let value = value.ok_or("missing X-aws-ec2-metadata-token-ttl-seconds header")?;
+    match value.trim().parse::<u64>() {
+        Ok(ttl) if (1..=MAX_TTL_SECONDS).contains(&ttl) => Ok(ttl),
+        _ => Err("X-aws-ec2-metadata-token-ttl-seconds must be a whole number from 1 to 21600"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_bound_to_ip_and_time() {
+        let tokens = Tokens::new().expect("key");
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t = tokens.mint(a, Duration::from_secs(60), now);
+        assert_eq!(tokens.verify(&t, a, now), Ok(()));
+        assert_eq!(tokens.verify(&t, b, now), Err(TokenError::Invalid));
+        assert_eq!(tokens.verify(&t, a, now + Duration::from_secs(60)), Err(TokenError::Expired));
+        let other = Tokens::new().expect("key");
+        assert_eq!(other.verify(&t, a, now), Err(TokenError::Invalid));
+        // Extending the expiry in the token breaks the MAC.
+        let forged = t.replacen("v1.1000060.", "v1.9000060.", 1);
+        assert_eq!(tokens.verify(&forged, a, now), Err(TokenError::Invalid));
+        for bad in ["", "v1", "v1.x.y", "v2.1.00", "v1.5.zz"] {
+            assert!(tokens.verify(bad, a, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ttl_bounds() {
+        assert_eq!(parse_ttl(Some("21600")), Ok(21_600));
+        assert_eq!(parse_ttl(Some("1")), Ok(1));
+        for bad in [None, Some("0"), Some("21601"), Some("-1"), Some("abc"), Some("")] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The command line: kiam v4's subcommands and flag names, each flag also read from an
+//! environment variable (`KIAM_<FLAG>`; `HOST_IP` for `--host`, as kiam). Parsing produces
+//! validated, typed configurations, so that a bad value fails at start-up with a clear message.
+
+mod agent;
+pub mod duration;
+mod health;
+mod server;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use agent::AgentArgs;
+pub use health::HealthArgs;
+pub use server::ServerArgs;
+
+use crate::tls::TlsFiles;
+
+/// Per-pod AWS IAM credentials for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "kiam", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The per-node metadata endpoint pods reach through the DNAT rule.
+    Agent(AgentArgs),
+    /// The policy and credentials server agents ask over mutual TLS.
+    Server(ServerArgs),
+    /// Probe a server: exit 0 when it is healthy, 1 otherwise.
+    Health(HealthArgs),
+}
+
+/// Log level names, as kiam's `--level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// `--json-log` and `--level`, shared by every subcommand.
+#[derive(Clone, Debug, Args)]
+pub struct LogArgs {
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "KIAM_JSON_LOG")]
+    pub json_log: bool,
+    /// The lowest level logged.
+    #[arg(long, env = "KIAM_LEVEL", value_enum, default_value = "info")]
+    pub level: Level,
+}
+
+/// `--cert`, `--key` and `--ca`: the mutual-TLS material, as PEM files.
+#[derive(Clone, Debug, Args)]
+pub struct TlsArgs {
+    /// This side's certificate (PEM; a chain may follow the leaf).
+    #[arg(long, env = "KIAM_CERT", value_parser = existing_file)]
+    pub cert: PathBuf,
+    /// This side's private key (PEM).
+    #[arg(long, env = "KIAM_KEY", value_parser = existing_file)]
+    pub key: PathBuf,
+    /// The CA bundle that signs the other side (PEM; several CAs allowed).
+    #[arg(long, env = "KIAM_CA", value_parser = existing_file)]
+    pub ca: PathBuf,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles {
+        TlsFiles { cert: self.cert.clone(), key: self.key.clone(), ca: self.ca.clone() }
+    }
+}
+
+fn existing_file(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.is_file() { Ok(path) } else { Err(format!("{s}: no such file")) }
+}
+
+fn go_duration(s: &str) -> Result<std::time::Duration, String> {
+    duration::parse(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,217 @@
+//! The pod-by-IP and namespace-by-name indexes, updated by plain synchronous functions from
+//! list/watch changes, like kube's `reflector::Writer`: changes between `Init` and `InitDone`
+//! are buffered and swapped in whole, so a relist never leaves a half-empty index behind.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::{Change, NamespaceFacts, PodFacts};
+
+/// The pods found at one IP.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// Exactly one pod can own the IP.
+    Found(Arc<PodFacts>),
+    /// No live pod has the IP.
+    NotFound,
+    /// Several live pods claim the IP: refuse rather than guess.
+    Ambiguous(usize),
+}
+
+type PodKey = (String, String);
+
+/// Pods by `(namespace, name)` and by IP.
+#[derive(Default)]
+pub struct PodIndex {
+    pods: HashMap<PodKey, Arc<PodFacts>>,
+    by_ip: HashMap<IpAddr, Vec<PodKey>>,
+    relist: Option<Vec<PodFacts>>,
+}
+
+impl PodIndex {
+    /// Applies one change.
+    pub fn apply(&mut self, change: Change<PodFacts>) {
+        match change {
+            Change::Init => self.relist = Some(Vec::new()),
+            Change::InitApply(pod) => match self.relist.as_mut() {
+                Some(buffer) => buffer.push(pod),
+                None => self.upsert(pod),
+            },
+            Change::InitDone => {
+                let pods = self.relist.take().unwrap_or_default();
+                self.pods.clear();
+                self.by_ip.clear();
+                for pod in pods {
+                    self.upsert(pod);
+                }
+            }
+            Change::Apply(pod) => self.upsert(pod),
+            Change::Delete(pod) => self.remove(&(pod.namespace, pod.name)),
+        }
+    }
+
+    fn upsert(&mut self, pod: PodFacts) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        self.remove(&key);
+        if let Some(ip) = pod.ip {
+            self.by_ip.entry(ip).or_default().push(key.clone());
+        }
+        self.pods.insert(key, Arc::new(pod));
+    }
+
+    fn remove(&mut self, key: &PodKey) {
+        let Some(old) = self.pods.remove(key) else { return };
+        let Some(ip) = old.ip else { return };
+        if let Some(keys) = self.by_ip.get_mut(&ip) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// The pod that owns `ip`. Finished pods and hostNetwork pods never match. A terminating pod
+    /// keeps its IP until another live pod has it: a new pod on a reused IP wins, so it never
+    /// receives the old pod's credentials, and two live non-terminating pods are an error.
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let candidates: Vec<&Arc<PodFacts>> = self
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.pods.get(key))
+            .filter(|p| !p.phase.is_finished() && !p.host_network)
+            .collect();
+        let live: Vec<&&Arc<PodFacts>> = candidates.iter().filter(|p| !p.terminating).collect();
+        match (live.len(), candidates.len()) {
+            (1, _) => Lookup::Found(Arc::clone(live[0])),
+            (0, 1) => Lookup::Found(Arc::clone(candidates[0])),
+            (0, 0) => Lookup::NotFound,
+            (0, n) | (n, _) => Lookup::Ambiguous(n),
+        }
+    }
+
+    /// How many pods are indexed.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Whether no pod is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+}
+
+/// Namespaces by name.
+#[derive(Default)]
+pub struct NamespaceIndex {
+    namespaces: HashMap<String, Arc<NamespaceFacts>>,
+    relist: Option<Vec<NamespaceFacts>>,
+}
+
+impl NamespaceIndex {
+    /// Applies one change.
+    pub fn apply(&mut self, change: Change<NamespaceFacts>) {
+        match change {
+            Change::Init => self.relist = Some(Vec::new()),
+            Change::InitApply(ns) => match self.relist.as_mut() {
+                Some(buffer) => buffer.push(ns),
+                None => {
+                    self.namespaces.insert(ns.name.clone(), Arc::new(ns));
+                }
+            },
+            Change::InitDone => {
+                let all = self.relist.take().unwrap_or_default();
+                self.namespaces = all.into_iter().map(|n| (n.name.clone(), Arc::new(n))).collect();
+            }
+            Change::Apply(ns) => {
+                self.namespaces.insert(ns.name.clone(), Arc::new(ns));
+            }
+            Change::Delete(ns) => {
+                self.namespaces.remove(&ns.name);
+            }
+        }
+    }
+
+    /// The namespace called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<NamespaceFacts>> {
+        self.namespaces.get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::facts::Phase;
+
+    fn pod(name: &str, ip: &str) -> PodFacts {
+        PodFacts::test("ns", name, ip, Some("role"))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn found_name(l: Lookup) -> String {
+        match l {
+            Lookup::Found(p) => p.name.clone(),
+            other => panic!("expected a pod, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn apply_and_delete() {
+        let mut idx = PodIndex::default();
+        idx.apply(Change::Apply(pod("a", "10.0.0.1")));
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "a");
+        // The pod moves to another IP: the old address no longer finds it.
+        idx.apply(Change::Apply(pod("a", "10.0.0.2")));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.2"))), "a");
+        idx.apply(Change::Delete(pod("a", "10.0.0.2")));
+        assert_eq!(idx.lookup(ip("10.0.0.2")), Lookup::NotFound);
+        assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn excluded_and_shared_ips() {
+        let mut idx = PodIndex::default();
+        let mut done = pod("done", "10.0.0.1");
+        done.phase = Phase::Succeeded;
+        let mut host = pod("host", "10.0.0.1");
+        host.host_network = true;
+        idx.apply(Change::Apply(done));
+        idx.apply(Change::Apply(host));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
+        idx.apply(Change::Apply(pod("new", "10.0.0.1")));
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "new");
+        idx.apply(Change::Apply(pod("other", "10.0.0.1")));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Ambiguous(2));
+    }
+
+    #[test]
+    fn terminating_pod_keeps_ip_until_reused() {
+        let mut idx = PodIndex::default();
+        let mut old = pod("old", "10.0.0.9");
+        old.terminating = true;
+        idx.apply(Change::Apply(old));
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "old");
+        idx.apply(Change::Apply(pod("new", "10.0.0.9")));
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "new");
+    }
+
+    #[test]
+    fn relist_swaps_whole() {
+        let mut idx = PodIndex::default();
+        idx.apply(Change::Apply(pod("gone", "10.0.0.1")));
+        idx.apply(Change::Init);
+        idx.apply(Change::InitApply(pod("kept", "10.0.0.2")));
+        // Until InitDone the old state still answers.
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "gone");
+        idx.apply(Change::InitDone);
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.2"))), "kept");
+        assert_eq!(idx.len(), 1);
+    }
+}

@@ -1,0 +1,129 @@
+//! What the server knows of the cluster: pods by IP and namespaces by name, kept current by a
+//! [`Source`]. The Kubernetes list/watch ([`kube::KubeSource`]) and a manifest file
+//! ([`file::FileSource`], for local development and the demo) are the two sources; both feed the
+//! same [`Change`] events into [`Cluster`], which applies them with the pure functions in
+//! [`index`].
+
+pub mod facts;
+pub mod file;
+pub mod index;
+pub mod kube;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use facts::{NamespaceFacts, Phase, PodFacts};
+pub use index::Lookup;
+use index::{NamespaceIndex, PodIndex};
+
+/// One list/watch event, in the shape kube's watcher produces: a relist is `Init`, then
+/// `InitApply` for every object, then `InitDone`.
+#[derive(Debug, Clone)]
+pub enum Change<T> {
+    Init,
+    InitApply(T),
+    InitDone,
+    Apply(T),
+    Delete(T),
+}
+
+/// A source of pods and namespaces. It runs until `shutdown` fires, applying what it sees to
+/// `cluster` and marking each kind synced after its first complete listing.
+pub trait Source: Send + 'static {
+    /// Runs the source.
+    fn run(
+        self,
+        cluster: Arc<Cluster>,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Why a source stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The Kubernetes client could not be built.
+    #[error("kubernetes client: {0}")]
+    Kube(#[source] ::kube::Error),
+    /// The kubeconfig could not be read.
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    /// The manifest file could not be read or parsed.
+    #[error("manifest file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// Which kinds have completed their first listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub pods: bool,
+    pub namespaces: bool,
+}
+
+/// The shared, always-consistent view of pods and namespaces.
+pub struct Cluster {
+    pods: RwLock<PodIndex>,
+    namespaces: RwLock<NamespaceIndex>,
+    synced: watch::Sender<Synced>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            pods: RwLock::default(),
+            namespaces: RwLock::default(),
+            synced: watch::Sender::new(Synced::default()),
+        }
+    }
+}
+
+impl Cluster {
+    /// Applies a pod change; `InitDone` marks pods synced.
+    pub fn apply_pod(&self, change: Change<PodFacts>) {
+        let done = matches!(change, Change::InitDone);
+        self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        if done {
+            self.synced.send_if_modified(|s| !std::mem::replace(&mut s.pods, true));
+        }
+    }
+
+    /// Applies a namespace change; `InitDone` marks namespaces synced.
+    pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
+        let done = matches!(change, Change::InitDone);
+        self.namespaces.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        if done {
+            self.synced.send_if_modified(|s| !std::mem::replace(&mut s.namespaces, true));
+        }
+    }
+
+    /// The pod that owns `ip`.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Lookup {
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).lookup(ip)
+    }
+
+    /// The namespace called `name`.
+    pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceFacts>> {
+        self.namespaces.read().unwrap_or_else(PoisonError::into_inner).get(name)
+    }
+
+    /// How many pods are indexed.
+    pub fn pod_count(&self) -> usize {
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether both kinds have completed a first listing.
+    pub fn is_synced(&self) -> bool {
+        let s = *self.synced.borrow();
+        s.pods && s.namespaces
+    }
+
+    /// Resolves once both kinds have completed a first listing.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|s| s.pods && s.namespaces).await;
+    }
+}

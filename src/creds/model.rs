@@ -1,0 +1,147 @@
+//! Credentials and the identity they were issued for. `Debug` never prints a secret key, a
+//! session token or an external ID, so neither can reach a log by accident.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::RoleArn;
+
+/// What STS is asked for: credentials are shared by every pod with the same identity.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub role: RoleArn,
+    pub session_name: String,
+    pub external_id: Option<String>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("role", &self.role.as_str())
+            .field("session_name", &self.session_name)
+            .field("external_id", &self.external_id.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Temporary credentials from STS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    /// When the server received them (the document's `LastUpdated`).
+    pub issued: SystemTime,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &super::time::format(self.expiration))
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// The metadata-service document for these credentials.
+    pub fn to_document(&self) -> ImdsDocument {
+        ImdsDocument {
+            code: "Success".into(),
+            last_updated: super::time::format(self.issued),
+            kind: "AWS-HMAC".into(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            token: self.session_token.clone(),
+            expiration: super::time::format(self.expiration),
+        }
+    }
+}
+
+/// The JSON the EC2 metadata service serves for a role, field for field (and the gRPC
+/// `Credentials` message, which has the same fields).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImdsDocument {
+    pub code: String,
+    pub last_updated: String,
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: String,
+    pub expiration: String,
+}
+
+impl fmt::Debug for ImdsDocument {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImdsDocument")
+            .field("code", &self.code)
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long sessions last and when cached credentials stop being handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// STS `DurationSeconds` (`--session-duration`).
+    pub session: Duration,
+    /// Credentials with less than this left are replaced before being served (`--session-refresh`).
+    pub refresh_lead: Duration,
+}
+
+impl Lifetimes {
+    /// Whether `creds` may still be served at `now`.
+    pub fn is_fresh(&self, creds: &Credentials, now: SystemTime) -> bool {
+        creds.expiration > now + self.refresh_lead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn creds(expires_in: u64) -> Credentials {
+        Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "very-secret".into(),
+            session_token: "token-secret".into(),
+            expiration: UNIX_EPOCH + Duration::from_secs(1000 + expires_in),
+            issued: UNIX_EPOCH + Duration::from_secs(1000),
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = creds(60);
+        let text = format!("{c:?} {:?}", c.to_document());
+        assert!(text.contains("ASIAEXAMPLE"));
+        assert!(!text.contains("very-secret") && !text.contains("token-secret"), "{text}");
+    }
+
+    #[test]
+    fn document_has_imds_field_names() {
+        let json = serde_json::to_value(creds(3600).to_document()).expect("serialises");
+        for key in ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(json["Expiration"], "1970-01-01T01:16:40Z");
+        assert_eq!(json["Type"], "AWS-HMAC");
+    }
+
+    #[test]
+    fn freshness_uses_the_refresh_lead() {
+        let l = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        assert!(l.is_fresh(&creds(301), now));
+        assert!(!l.is_fresh(&creds(300), now));
+    }
+}

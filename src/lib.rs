@@ -1,0 +1,35 @@
+//! kiam-rs: per-pod AWS IAM credentials for Kubernetes, a drop-in replacement for kiam and
+//! kube2iam.
+//!
+//! A map of the crate (one credentials request flows top to bottom):
+//! - [`agent`]: the node's metadata endpoint. Identifies the pod by source IP, classifies the
+//!   path ([`policy::paths`]), mints IMDSv2 tokens, and asks a [`agent::Backend`].
+//! - [`client`]: the gRPC backend the agent and `kiam health` use (mutual TLS).
+//! - [`server`]: `kiam.KiamService` over a [`server::Core`]: pod lookup in [`cluster`], the
+//!   decision in [`policy`], and credentials from the single-flight cache in [`creds`], which
+//!   calls STS through [`aws`].
+//! - [`cluster`]: pods by IP and namespaces by name, fed by a [`cluster::Source`] (the
+//!   Kubernetes watch, or a manifest file).
+//! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod aws;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod creds;
+pub mod health;
+pub mod pb;
+pub mod policy;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+
+/// Installs aws-lc-rs as the process's rustls crypto provider. Call first in `main` and in
+/// test setup: with no provider installed, rustls panics at the first handshake.
+pub fn install_crypto_provider() {
+    // An Err means one is installed already, which is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,63 @@
+//! The `kiam` binary: parse flags, start logging, run one subcommand until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kiam::cli::{Cli, Command};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    kiam::install_crypto_provider();
+    let cli = Cli::parse();
+    let log = match &cli.command {
+        Command::Agent(a) => &a.log,
+        Command::Server(s) => &s.log,
+        Command::Health(h) => &h.log,
+    };
+    kiam::telemetry::init(log.json_log, log.level);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let result = match cli.command {
+        Command::Server(args) => match args.config() {
+            Ok(config) => kiam::server::main(config, shutdown).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        },
+        Command::Agent(args) => match args.config() {
+            Ok(config) => kiam::agent::main(config, shutdown).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        },
+        Command::Health(args) => health(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn health(args: kiam::cli::HealthArgs) -> Result<(), String> {
+    let (config, timeout) = args.config()?;
+    let client = kiam::client::GrpcClient::connect_lazy(&config).map_err(|e| e.to_string())?;
+    let message = kiam::health::check(&client, timeout).await?;
+    tracing::info!("healthy: {message}");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,180 @@
+//! The credential policy, as pure functions over facts: no I/O, no async, no Kubernetes or AWS
+//! types. The server looks the pod and its namespace up first, then asks [`Policy::decide`].
+//!
+//! kiam v4's rules: the requested role must be the pod's annotated role once both are resolved to
+//! ARNs, and the namespace's `iam.amazonaws.com/permitted` expression must match that ARN. A
+//! namespace without the annotation permits nothing.
+
+pub mod paths;
+pub mod role;
+
+use regex::Regex;
+
+pub use role::{BaseArn, RoleArn, RoleError};
+
+use crate::cluster::{NamespaceFacts, PodFacts};
+
+/// The server's policy settings.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Completes short role names (`--role-base-arn`).
+    pub base_arn: Option<BaseArn>,
+    /// Anchor the namespace expression as `^(?:expr)$` (kiam v4's default). With
+    /// `--disable-strict-namespace-regexp` it is matched anywhere in the ARN, as in kiam v3.
+    pub strict_namespace_regexp: bool,
+}
+
+/// A namespace's `permitted` expression, compiled once when the namespace is seen.
+#[derive(Clone, Debug)]
+pub struct Permitted {
+    /// The annotation text, for explanations.
+    pub expr: String,
+    strict: Result<Regex, String>,
+    loose: Result<Regex, String>,
+}
+
+impl Permitted {
+    /// Compiles `expr` both anchored and unanchored, so that facts need not know the server's flags.
+    /// kiam anchored by plain concatenation (`^a|b$`), which lets `b` match anywhere; the group
+    /// here makes the anchors apply to every alternative.
+    pub fn new(expr: &str) -> Permitted {
+        let compile = |re: String| Regex::new(&re).map_err(|e| e.to_string());
+        Permitted {
+            expr: expr.to_string(),
+            strict: compile(format!("^(?:{expr})$")),
+            loose: compile(expr.to_string()),
+        }
+    }
+}
+
+/// Why a pod may not have the role it asked for. The display text is the explanation logged
+/// and recorded in Events; callers see only `forbidden by policy`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    /// The pod has no `iam.amazonaws.com/role` annotation.
+    #[error("pod has no iam.amazonaws.com/role annotation")]
+    NoRoleAnnotation,
+    /// The pod asked for a role other than its annotated one.
+    #[error("requested '{requested}' but annotated with '{annotated}', forbidden")]
+    RoleMismatch { requested: String, annotated: String },
+    /// The requested or annotated role could not be resolved to an ARN.
+    #[error("{0}")]
+    Unresolvable(RoleError),
+    /// The pod's namespace is not known (yet).
+    #[error("namespace {0} not found")]
+    NamespaceUnknown(String),
+    /// The namespace has no (or an empty) `iam.amazonaws.com/permitted` annotation.
+    #[error("namespace policy expression '(empty)' forbids role '{0}'")]
+    NamespaceUnset(String),
+    /// The expression does not compile.
+    #[error("namespace policy expression '{expr}' is invalid: {error}")]
+    NamespaceInvalid { expr: String, error: String },
+    /// The expression does not match the role's ARN.
+    #[error("namespace policy expression '{expr}' forbids role '{arn}'")]
+    NamespaceForbids { expr: String, arn: String },
+}
+
+impl Policy {
+    /// Decides whether `pod` may have `requested`. On success returns the resolved ARN to assume.
+    pub fn decide(
+        &self,
+        pod: &PodFacts,
+        namespace: Option<&NamespaceFacts>,
+        requested: &str,
+    ) -> Result<RoleArn, Denial> {
+        let annotated = pod.role.as_deref().filter(|r| !r.trim().is_empty());
+        let annotated = annotated.ok_or(Denial::NoRoleAnnotation)?;
+        let base = self.base_arn.as_ref();
+        let annotated_arn = RoleArn::resolve(annotated, base).map_err(Denial::Unresolvable)?;
+        let requested_arn = RoleArn::resolve(requested, base).map_err(Denial::Unresolvable)?;
+        if requested_arn != annotated_arn {
+            return Err(Denial::RoleMismatch {
+                requested: requested.to_string(),
+                annotated: annotated.to_string(),
+            });
+        }
+        let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.clone()))?;
+        let permitted = namespace.permitted.as_ref().filter(|p| !p.expr.trim().is_empty());
+        let permitted = permitted.ok_or_else(|| Denial::NamespaceUnset(annotated_arn.to_string()))?;
+        let regex = if self.strict_namespace_regexp { &permitted.strict } else { &permitted.loose };
+        match regex {
+            Err(error) => {
+                Err(Denial::NamespaceInvalid { expr: permitted.expr.clone(), error: error.clone() })
+            }
+            Ok(re) if re.is_match(annotated_arn.as_str()) => Ok(annotated_arn),
+            Ok(_) => {
+                Err(Denial::NamespaceForbids { expr: permitted.expr.clone(), arn: annotated_arn.to_string() })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(strict: bool) -> Policy {
+        Policy {
+            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
+            strict_namespace_regexp: strict,
+        }
+    }
+
+    fn pod(role: Option<&str>) -> PodFacts {
+        PodFacts::test("team-a", "web", "10.0.0.5", role)
+    }
+
+    fn ns(permitted: Option<&str>) -> NamespaceFacts {
+        NamespaceFacts { name: "team-a".into(), permitted: permitted.map(Permitted::new) }
+    }
+
+    #[test]
+    fn decisions() {
+        let arn = "arn:aws:iam::123456789012:role/app";
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, &'a str, bool, Result<&'a str, &'a str>);
+        let table: Vec<Case> = vec![
+            (Some("app"), Some(".*"), "app", true, Ok(arn)),
+            (Some("app"), Some(".*"), arn, true, Ok(arn)),
+            (Some(arn), Some(".*/app"), "app", true, Ok(arn)),
+            (Some("app"), Some("app"), "app", true, Err("forbids role")),
+            (Some("app"), Some("app"), "app", false, Ok(arn)),
+            (Some("app"), Some("x|.*app"), "app", true, Ok(arn)),
+            (Some("app"), Some("arn:.*|zzz"), "app", true, Ok(arn)),
+            (Some("app"), Some("zzz|y"), "app", true, Err("forbids role")),
+            (Some("app"), None, "app", true, Err("'(empty)'")),
+            (Some("app"), Some(""), "app", true, Err("'(empty)'")),
+            (Some("app"), Some("("), "app", true, Err("invalid")),
+            (Some("app"), Some(".*"), "other", true, Err("requested 'other'")),
+            (None, Some(".*"), "app", true, Err("no iam.amazonaws.com/role")),
+            (
+                Some("team/app"),
+                Some(".*role/team/.*"),
+                "team/app",
+                true,
+                Ok("arn:aws:iam::123456789012:role/team/app"),
+            ),
+        ];
+        for (role, permitted, requested, strict, want) in table {
+            let got = policy(strict).decide(&pod(role), Some(&ns(permitted)), requested);
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(g.as_str(), w),
+                (Err(w), Err(g)) => assert!(g.to_string().contains(w), "{g} should contain {w}"),
+                (w, g) => panic!("{role:?} {permitted:?} {requested}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn strict_anchoring_groups_alternatives() {
+        // kiam's `^` + "a|.*x" + `$` would let any ARN ending in x through the second branch only
+        // when anchored at the end; with the group both branches are anchored at both ends.
+        let got = policy(true).decide(&pod(Some("app")), Some(&ns(Some("role/app|nothing"))), "app");
+        assert!(matches!(got, Err(Denial::NamespaceForbids { .. })), "{got:?}");
+    }
+
+    #[test]
+    fn unknown_namespace_denies() {
+        let got = policy(true).decide(&pod(Some("app")), None, "app");
+        assert_eq!(got, Err(Denial::NamespaceUnknown("team-a".into())));
+    }
+}

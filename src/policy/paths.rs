@@ -1,0 +1,141 @@
+//! Which metadata paths the agent answers itself, which it may forward to the node's real
+//! metadata service, and which it refuses. Pure functions over the raw request path.
+//!
+//! The classification is deliberately strict: a path that could be normalised into something
+//! else upstream (`.` or `..` segments, `//`, percent-escapes) is refused before any allow-list
+//! is consulted, and nothing under `meta-data/iam/` or `identity-credentials/` is ever
+//! forwarded, whatever `--allow-route-regexp` says, because those paths carry the node's
+//! credentials.
+
+use regex::Regex;
+
+/// What a request path is, for the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `/ping`.
+    Ping,
+    /// `/health`.
+    Health,
+    /// `/{version}/api/token`: IMDSv2 token issue.
+    Token,
+    /// `/{version}/meta-data/iam/security-credentials`: redirected to the listing.
+    CredentialsRedirect,
+    /// `/{version}/meta-data/iam/security-credentials/`: the pod's role name.
+    RoleList,
+    /// `/{version}/meta-data/iam/security-credentials/{role}`.
+    Credentials(&'a str),
+    /// A credential-bearing path the agent does not serve and never forwards.
+    Guarded,
+    /// A path that could be rewritten upstream (dot segments, `//`, escapes).
+    Malformed,
+    /// Anything else: forwarded only if the allow-list matches.
+    Other,
+}
+
+/// Classifies a request path (without its query string).
+pub fn classify(path: &str) -> Route<'_> {
+    match path {
+        "/ping" => return Route::Ping,
+        "/health" => return Route::Health,
+        _ => {}
+    }
+    if is_malformed(path) {
+        return Route::Malformed;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Route::Malformed;
+    };
+    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    if version.is_empty() {
+        return Route::Other;
+    }
+    if rest == "api/token" {
+        return Route::Token;
+    }
+    if rest.starts_with("identity-credentials") || rest.starts_with("dynamic/identity-credentials") {
+        return Route::Guarded;
+    }
+    let Some(iam) = rest.strip_prefix("meta-data/iam") else {
+        return Route::Other;
+    };
+    match iam {
+        "/security-credentials" => Route::CredentialsRedirect,
+        "/security-credentials/" => Route::RoleList,
+        _ => match iam.strip_prefix("/security-credentials/") {
+            Some(role) => Route::Credentials(role),
+            None => Route::Guarded,
+        },
+    }
+}
+
+fn is_malformed(path: &str) -> bool {
+    path.contains('%')
+        || path.contains("//")
+        || path.contains('\\')
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// The `--allow-route-regexp` allow-list: paths it matches (unanchored, as in kiam) are forwarded
+/// to the node's metadata service. The default `^$` matches nothing.
+#[derive(Clone, Debug)]
+pub struct AllowRoutes(Regex);
+
+impl AllowRoutes {
+    /// Compiles the expression; an empty expression means `^$`, as in kiam.
+    pub fn new(expr: &str) -> Result<AllowRoutes, regex::Error> {
+        let expr = if expr.is_empty() { "^$" } else { expr };
+        Regex::new(expr).map(AllowRoutes)
+    }
+
+    /// Whether `path` may be forwarded.
+    pub fn allows(&self, path: &str) -> bool {
+        self.0.is_match(path)
+    }
+
+    /// The expression, for error messages.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies() {
+        let table = [
+            ("/ping", Route::Ping),
+            ("/health", Route::Health),
+            ("/latest/api/token", Route::Token),
+            ("/latest/meta-data/iam/security-credentials", Route::CredentialsRedirect),
+            ("/2016-09-02/meta-data/iam/security-credentials/", Route::RoleList),
+            ("/latest/meta-data/iam/security-credentials/app", Route::Credentials("app")),
+            ("/latest/meta-data/iam/security-credentials/team/app", Route::Credentials("team/app")),
+            ("/latest/meta-data/iam/info", Route::Guarded),
+            ("/latest/meta-data/iam/security-credentials-extended/app", Route::Guarded),
+            ("/latest/meta-data/iam", Route::Guarded),
+            ("/latest/identity-credentials/ec2/security-credentials/ec2-instance", Route::Guarded),
+            ("/latest/meta-data/instance-id", Route::Other),
+            ("/latest/user-data", Route::Other),
+            ("/latest/meta-data/../meta-data/iam/info", Route::Malformed),
+            ("/latest/meta-data/iam/security-credentials/..%2fx", Route::Malformed),
+            ("/latest//meta-data/iam/info", Route::Malformed),
+            ("/latest/meta-data/./iam", Route::Malformed),
+            ("/", Route::Other),
+        ];
+        for (path, want) in table {
+            assert_eq!(classify(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn allow_list_defaults_to_nothing() {
+        let none = AllowRoutes::new("").expect("compiles");
+        assert!(!none.allows("/latest/meta-data/instance-id"));
+        let some = AllowRoutes::new("^/latest/meta-data/(instance-id|placement/.*)$").expect("ok");
+        assert!(some.allows("/latest/meta-data/instance-id"));
+        assert!(some.allows("/latest/meta-data/placement/region"));
+        assert!(!some.allows("/latest/user-data"));
+    }
+}

@@ -1,0 +1,128 @@
+//! The gRPC face of the server: kiam's `KiamService`, translating proto messages to [`Core`]
+//! calls and [`Error`]s to statuses. The status messages are the exact strings kiam v4 agents
+//! compare against (`forbidden by policy`, `no pod found`, `pod not found`), and the codes are
+//! real ones (kiam sent every error as Unknown).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Request, Response, Status};
+
+use super::core::{Core, Error, parse_ip};
+use crate::creds::{AssumeRole, StsErrorKind};
+use crate::pb;
+
+/// The message kiam agents match for a policy denial.
+pub const FORBIDDEN: &str = "forbidden by policy";
+/// The message kiam agents match for an unknown pod on `GetPodCredentials`.
+pub const NO_POD_FOUND: &str = "no pod found";
+/// kiam's message for an unknown pod on `GetPodRole`.
+pub const POD_NOT_FOUND: &str = "pod not found";
+
+/// Which RPC an error came from: kiam spelled "pod not found" differently in each.
+#[derive(Clone, Copy)]
+enum Rpc {
+    Role,
+    Credentials,
+}
+
+/// The one place server errors become gRPC statuses.
+fn status(err: &Error, rpc: Rpc) -> Status {
+    match err {
+        Error::InvalidIp(_) => Status::invalid_argument(err.to_string()),
+        Error::PodNotFound(_) => Status::not_found(match rpc {
+            Rpc::Role => POD_NOT_FOUND,
+            Rpc::Credentials => NO_POD_FOUND,
+        }),
+        Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
+        Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
+        Error::Sts(sts) => {
+            let code = match sts.kind {
+                StsErrorKind::Throttled | StsErrorKind::Unavailable => Code::Unavailable,
+                StsErrorKind::Denied | StsErrorKind::Invalid => Code::FailedPrecondition,
+                StsErrorKind::Other => Code::Internal,
+            };
+            Status::new(code, err.to_string())
+        }
+    }
+}
+
+/// `kiam.KiamService` over a [`Core`].
+pub struct KiamService<A> {
+    core: Arc<Core<A>>,
+}
+
+impl<A> KiamService<A> {
+    /// Serves `core`.
+    pub fn new(core: Arc<Core<A>>) -> Self {
+        KiamService { core }
+    }
+}
+
+#[tonic::async_trait]
+impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
+    async fn get_pod_role(
+        &self,
+        request: Request<pb::GetPodRoleRequest>,
+    ) -> Result<Response<pb::Role>, Status> {
+        let started = Instant::now();
+        let ip = request.into_inner().ip;
+        let result = parse_ip(&ip).and_then(|ip| self.core.pod_role(ip));
+        match result {
+            Ok((pod, role)) => {
+                tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
+                    pod.iam.role = role.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64,
+                    "GetPodRole");
+                Ok(Response::new(pb::Role { name: role.unwrap_or_default() }))
+            }
+            Err(err) => {
+                tracing::info!(pod.ip = %ip, error = %err, duration_ms = started.elapsed().as_millis() as u64, "GetPodRole failed");
+                Err(status(&err, Rpc::Role))
+            }
+        }
+    }
+
+    async fn get_pod_credentials(
+        &self,
+        request: Request<pb::GetPodCredentialsRequest>,
+    ) -> Result<Response<pb::Credentials>, Status> {
+        let started = Instant::now();
+        let pb::GetPodCredentialsRequest { ip, role } = request.into_inner();
+        let result = match parse_ip(&ip) {
+            Ok(addr) => self.core.pod_credentials(addr, &role).await,
+            Err(err) => Err(err),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok((pod, creds)) => {
+                tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
+                    pod.iam.role = %role, duration_ms, "GetPodCredentials");
+                let d = creds.to_document();
+                Ok(Response::new(pb::Credentials {
+                    code: d.code,
+                    r#type: d.kind,
+                    access_key_id: d.access_key_id,
+                    secret_access_key: d.secret_access_key,
+                    token: d.token,
+                    expiration: d.expiration,
+                    last_updated: d.last_updated,
+                }))
+            }
+            Err(err) => {
+                if matches!(err, Error::Sts(_) | Error::Forbidden { .. }) {
+                    tracing::warn!(pod.ip = %ip, pod.iam.role = %role, error = %err, duration_ms, "GetPodCredentials failed");
+                } else {
+                    tracing::info!(pod.ip = %ip, pod.iam.role = %role, error = %err, duration_ms, "GetPodCredentials failed");
+                }
+                Err(status(&err, Rpc::Credentials))
+            }
+        }
+    }
+
+    async fn get_health(
+        &self,
+        _: Request<pb::GetHealthRequest>,
+    ) -> Result<Response<pb::HealthStatus>, Status> {
+        Ok(Response::new(pb::HealthStatus { message: "ok".into() }))
+    }
+}

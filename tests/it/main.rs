@@ -1,0 +1,7 @@
+//! The one integration-test binary (every `tests/*.rs` would link its own copy of kube, AWS and tonic).
+//!
+//! `support/` holds the real and fake peers the tests run against: moto for STS, a fake Kubernetes
+//! API server that follows the list/watch protocol, a fake upstream metadata service, test
+//! certificates, pod network namespaces and the real AWS SDKs as pod-side clients.
+
+mod support;

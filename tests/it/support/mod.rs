@@ -1,0 +1,1 @@
+//! Peers and fixtures shared by the integration tests.
