@@ -80,6 +80,11 @@ impl GrpcClient {
         request
     }
 
+    /// The generated client, for callers that need raw statuses (tests, tools).
+    pub fn service(&self) -> KiamServiceClient<Channel> {
+        self.inner.clone()
+    }
+
     /// `GetHealth`.
     pub async fn get_health(&self) -> Result<String, Status> {
         let mut client = self.inner.clone();

@@ -4,4 +4,10 @@
 //! API server that follows the list/watch protocol, a fake upstream metadata service, test
 //! certificates, pod network namespaces and the real AWS SDKs as pod-side clients.
 
+mod agent;
+mod binary;
+mod e2e;
+mod fake_kube_tests;
+mod peers_tests;
+mod server;
 mod support;

@@ -1,1 +1,12 @@
 //! Peers and fixtures shared by the integration tests.
+pub mod certs;
+pub mod fake_imds;
+pub mod fake_kube;
+mod fake_kube_http;
+mod fake_kube_watch;
+pub mod http;
+pub mod moto;
+pub mod netns;
+pub mod objects;
+pub mod sdk;
+pub mod stack;

@@ -1,0 +1,153 @@
+//! The agent's HTTP surface against a real server, posing as pods from 127.0.0.x source
+//! addresses: the credential paths, IMDSv2 tokens, denials, and what may reach the node's
+//! metadata service.
+
+use std::net::IpAddr;
+
+use crate::support::fake_imds::{INSTANCE_ID, NODE_ACCESS_KEY_ID};
+use crate::support::http::{Response, request};
+use crate::support::objects::{namespace, pod};
+use crate::support::stack::{Options, Stack};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// A stack with: `good` (team-a, role app), `locked` (namespace without permitted), `norole`.
+async fn cluster(options: Options) -> Stack {
+    let stack = Stack::start_with(options).await;
+    stack.kube.apply(namespace("team-a").permitted("arn:aws:iam::123456789012:role/app").build());
+    stack.kube.apply(namespace("locked").build());
+    stack.kube.apply(pod("team-a", "good").ip("127.0.0.11").role("app").build());
+    stack.kube.apply(pod("locked", "locked").ip("127.0.0.12").role("app").build());
+    stack.kube.apply(pod("team-a", "norole").ip("127.0.0.13").build());
+    for p in ["127.0.0.11", "127.0.0.12", "127.0.0.13"] {
+        stack.wait_for_pod(ip(p)).await;
+    }
+    stack
+}
+
+async fn get(stack: &Stack, from: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+    let url = format!("{}{path}", stack.agent_url(ip("127.0.0.1")));
+    request("GET", &url, headers, "", Some(ip(from))).await.expect("agent answers")
+}
+
+fn assert_no_credentials(r: &Response) {
+    assert!(!r.body.contains("AccessKeyId") && !r.body.contains(NODE_ACCESS_KEY_ID), "leaked: {}", r.body);
+}
+
+#[tokio::test]
+async fn a_pod_gets_its_role_and_credentials() {
+    let stack = cluster(Options::default()).await;
+    let list = get(&stack, "127.0.0.11", CREDS, &[]).await;
+    assert_eq!((list.status, list.body.as_str()), (200, "app"));
+
+    let creds = get(&stack, "127.0.0.11", &format!("{CREDS}app"), &[]).await;
+    assert_eq!(creds.status, 200, "{}", creds.body);
+    assert_eq!(creds.header("content-type"), Some("application/json"));
+    let doc: serde_json::Value = serde_json::from_str(&creds.body).expect("JSON");
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    let key = doc["AccessKeyId"].as_str().expect("AccessKeyId");
+    assert!(key.starts_with("ASIA") && key != NODE_ACCESS_KEY_ID, "{key}");
+    for field in ["Expiration", "LastUpdated"] {
+        let t = doc[field].as_str().expect(field);
+        assert!(kiam::creds::time::parse(t).is_some() && t.len() == 20, "{field} = {t}");
+    }
+    let redirect = get(&stack, "127.0.0.11", CREDS.trim_end_matches('/'), &[]).await;
+    assert_eq!(redirect.status, 301);
+    assert_eq!(redirect.header("location"), Some(CREDS));
+    assert_eq!(get(&stack, "127.0.0.99", "/ping", &[]).await.body, "pong");
+}
+
+#[tokio::test]
+async fn denials_are_clear_and_carry_no_credentials() {
+    let stack = cluster(Options::default()).await;
+    let table = [
+        // (source, path, status, message fragment)
+        ("127.0.0.11", format!("{CREDS}other-role"), 404, "not this pod's role"),
+        ("127.0.0.12", format!("{CREDS}app"), 403, "forbidden by policy"),
+        ("127.0.0.13", CREDS.to_string(), 404, "no role"),
+        ("127.0.0.13", format!("{CREDS}app"), 404, "no role"),
+        ("127.0.0.14", CREDS.to_string(), 404, "no pod found"),
+        ("127.0.0.14", format!("{CREDS}app"), 404, "no pod found"),
+    ];
+    for (from, path, status, message) in table {
+        let r = get(&stack, from, &path, &[]).await;
+        assert_eq!(r.status, status, "{from} {path}: {}", r.body);
+        assert!(r.body.contains(message), "{from} {path}: {}", r.body);
+        assert_no_credentials(&r);
+    }
+}
+
+#[tokio::test]
+async fn imdsv2_tokens_are_minted_and_checked_by_the_agent() {
+    let stack = cluster(Options::default()).await;
+    let url = format!("{}/latest/api/token", stack.agent_url(ip("127.0.0.1")));
+    let from = Some(ip("127.0.0.11"));
+    let ttl = ("x-aws-ec2-metadata-token-ttl-seconds", "21600");
+
+    let missing = request("PUT", &url, &[], "", from).await.expect("answer");
+    assert_eq!(missing.status, 400);
+    let bad = request("PUT", &url, &[("x-aws-ec2-metadata-token-ttl-seconds", "0")], "", from)
+        .await
+        .expect("answer");
+    assert_eq!(bad.status, 400);
+    let proxied =
+        request("PUT", &url, &[ttl, ("x-forwarded-for", "10.0.0.1")], "", from).await.expect("answer");
+    assert_eq!(proxied.status, 403);
+    let issued = request("PUT", &url, &[ttl], "", from).await.expect("answer");
+    assert_eq!(issued.status, 200);
+    assert_eq!(issued.header("x-aws-ec2-metadata-token-ttl-seconds"), Some("21600"));
+    let token = issued.body.clone();
+
+    let with = |t: &'static str| [("x-aws-ec2-metadata-token", t)];
+    let token: &'static str = Box::leak(token.into_boxed_str());
+    assert_eq!(get(&stack, "127.0.0.11", CREDS, &with(token)).await.status, 200);
+    // Bound to the pod that asked: another pod cannot replay it, and forgeries fail.
+    assert_eq!(get(&stack, "127.0.0.13", CREDS, &with(token)).await.status, 401);
+    assert_eq!(get(&stack, "127.0.0.11", CREDS, &with("v1.9999999999.00ff")).await.status, 401);
+    // No token at all is IMDSv1, which kiam users rely on.
+    assert_eq!(get(&stack, "127.0.0.11", CREDS, &[]).await.status, 200);
+    assert!(stack.imds.requests().is_empty(), "tokens never come from the node");
+}
+
+#[tokio::test]
+async fn only_allow_listed_paths_reach_the_node() {
+    let stack = cluster(Options {
+        allow_routes: "^/latest/(meta-data/instance-id|meta-data/iam/.*)$",
+        ..Options::default()
+    })
+    .await;
+    let allowed = get(&stack, "127.0.0.11", "/latest/meta-data/instance-id", &[]).await;
+    assert_eq!((allowed.status, allowed.body.as_str()), (200, INSTANCE_ID));
+    let blocked = get(&stack, "127.0.0.11", "/latest/user-data", &[]).await;
+    assert_eq!(blocked.status, 404);
+    assert!(blocked.body.contains("allow-route-regexp"), "{}", blocked.body);
+    // Credential-bearing paths are never forwarded, even when the allow-list matches them.
+    for path in [
+        "/latest/meta-data/iam/info",
+        "/latest/meta-data/iam/security-credentials-extended/node-role",
+        "/latest/identity-credentials/ec2/security-credentials/ec2-instance",
+    ] {
+        let r = get(&stack, "127.0.0.11", path, &[]).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert_no_credentials(&r);
+    }
+    for path in [
+        "/latest/meta-data/../meta-data/iam/info",
+        "/latest/meta-data/iam/security-credentials/..%2fnode-role",
+    ] {
+        let r = get(&stack, "127.0.0.11", path, &[]).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert_no_credentials(&r);
+    }
+    let seen: Vec<String> = stack.imds.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        seen,
+        vec!["/latest/meta-data/instance-id".to_string()],
+        "only the allowed path went upstream"
+    );
+}

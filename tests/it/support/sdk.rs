@@ -1,0 +1,203 @@
+//! The real AWS SDKs as pod-side clients: boto3, the AWS CLI and the Rust SDK (aws-config).
+//!
+//! Each one runs inside a [`PodNet`] and may find credentials through the instance-metadata
+//! provider only (a scrubbed environment: no env keys, no config or credentials files, a temp
+//! HOME), then calls `sts get-caller-identity` against moto to prove the credentials it got
+//! work. A loopback STS URL is not reachable from inside a pod, so it is relayed through the
+//! pod's `host_ip` for the call (see [`PodNet::expose`]).
+//!
+//! These functions block (they wait for a child process or drive their own runtime on a fresh
+//! thread). From a tokio test call them through `tokio::task::spawn_blocking`, or use a
+//! multi-thread runtime, so the fakes the SDK talks to keep running meanwhile.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aws_config::imds::credentials::ImdsCredentialsProvider;
+use aws_sdk_sts::config::{BehaviorVersion, Credentials, ProvideCredentials, Region};
+use aws_sdk_sts::error::DisplayErrorContext;
+
+use super::moto::venv_bin;
+use super::netns::{PodNet, Relay};
+
+/// Upper bound on one SDK run (credential fetch plus the STS call).
+pub const SDK_TIMEOUT: Duration = Duration::from_secs(60);
+
+const BOTO3_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/boto3_probe.py");
+
+/// What a pod-side SDK ended up with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdkOutcome {
+    /// The access key id the SDK obtained from the metadata service.
+    pub access_key_id: String,
+    /// `GetCallerIdentity`'s `Arn` when called with those credentials.
+    pub caller_arn: String,
+}
+
+/// boto3 (`tests/it/py/boto3_probe.py` with the venv's python) inside `net`.
+pub fn boto3(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command(&venv_bin("python").to_string_lossy());
+    cmd.arg(BOTO3_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
+    let json: serde_json::Value = serde_json::from_str(stdout.trim())
+        .map_err(|e| format!("boto3 probe printed non-JSON ({e}): {stdout}"))?;
+    let field = |name: &str| {
+        json.get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("boto3 probe output lacks {name}: {stdout}"))
+    };
+    Ok(SdkOutcome { access_key_id: field("access_key_id")?, caller_arn: field("caller_arn")? })
+}
+
+/// The AWS CLI (v1, from the venv): `aws sts get-caller-identity --endpoint-url <sts> --debug`
+/// inside `net`. awscli v1 has no `configure export-credentials`, so the access key id is read
+/// from the SigV4 `Credential=` scope that `--debug` logs for the request.
+pub fn awscli(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command(&venv_bin("aws").to_string_lossy());
+    cmd.args(["sts", "get-caller-identity", "--output", "json", "--debug"])
+        .args(["--endpoint-url", &sts_url]);
+    let (stdout, stderr) = run_isolated(cmd, imds_url)?;
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.trim()).map_err(|e| format!("aws printed non-JSON ({e}): {stdout}"))?;
+    let caller_arn = json
+        .get("Arn")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| format!("aws output lacks Arn: {stdout}"))?
+        .to_string();
+    let access_key_id = stderr
+        .split("Credential=")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .ok_or("aws --debug log shows no signed request (no Credential=)")?
+        .to_string();
+    Ok(SdkOutcome { access_key_id, caller_arn })
+}
+
+/// The Rust SDK: aws-config's `ImdsCredentialsProvider` (IMDSv2 token flow, no v1 fallback) on
+/// a current-thread runtime inside `net`, then aws-sdk-sts `GetCallerIdentity` from the host
+/// side with those credentials.
+pub fn rust_sdk(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let credentials = net.run_in(|| {
+        block_on_here(async {
+            let client = aws_config::imds::Client::builder()
+                .endpoint(imds_url)
+                .map_err(|e| format!("bad IMDS endpoint {imds_url}: {e}"))?
+                .build();
+            let provider = ImdsCredentialsProvider::builder().imds_client(client).build();
+            tokio::time::timeout(SDK_TIMEOUT, provider.provide_credentials())
+                .await
+                .map_err(|_| format!("IMDS credentials: no answer within {SDK_TIMEOUT:?}"))?
+                .map_err(|e| format!("IMDS credentials: {}", DisplayErrorContext(&e)))
+        })
+    })?;
+    let access_key_id = credentials.access_key_id().to_string();
+    let caller_arn = std::thread::scope(|scope| {
+        scope
+            .spawn(|| block_on_here(get_caller_identity(sts_url, credentials)))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    Ok(SdkOutcome { access_key_id, caller_arn })
+}
+
+async fn get_caller_identity(sts_url: &str, credentials: Credentials) -> Result<String, String> {
+    let conf = aws_sdk_sts::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(sts_url)
+        .credentials_provider(credentials)
+        .build();
+    let call = aws_sdk_sts::Client::from_conf(conf).get_caller_identity().send();
+    let out = tokio::time::timeout(SDK_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("GetCallerIdentity: no answer within {SDK_TIMEOUT:?}"))?
+        .map_err(|e| format!("GetCallerIdentity: {}", DisplayErrorContext(&e)))?;
+    out.arn().map(str::to_string).ok_or_else(|| "GetCallerIdentity returned no Arn".to_string())
+}
+
+/// Drives `fut` on a new current-thread runtime on the calling thread (which must not be a
+/// runtime thread: callers are fresh threads).
+fn block_on_here<T>(fut: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a current-thread runtime for the SDK")
+        .block_on(fut)
+}
+
+/// A URL the pod can reach for `url`: loopback URLs are relayed via the pod's host IP.
+fn reachable_from_pod(net: &PodNet, url: &str) -> (Option<Relay>, String) {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return (None, url.to_string());
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let target = match authority.strip_prefix("localhost:") {
+        Some(port) => port.parse().ok().map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        None => authority.parse::<SocketAddr>().ok(),
+    };
+    match target {
+        Some(target) if target.ip().is_loopback() => {
+            let relay = net.expose(target);
+            let url = format!("{}{path}", relay.url());
+            (Some(relay), url)
+        }
+        _ => (None, url.to_string()),
+    }
+}
+
+/// Runs `cmd` with only the metadata service as a credential source and a bounded wait.
+/// Ok((stdout, stderr)) on exit status 0, else Err with the status and the end of stderr.
+fn run_isolated(mut cmd: Command, imds_url: &str) -> Result<(String, String), String> {
+    let home = tempfile::Builder::new()
+        .prefix("kiam-it-sdk-home-")
+        .tempdir()
+        .expect("create a temp HOME for the SDK");
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds_url)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let child = cmd.spawn().map_err(|e| format!("spawn {what}: {e}"))?;
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = match finished.recv_timeout(SDK_TIMEOUT) {
+        Ok(output) => output.map_err(|e| format!("wait for {what}: {e}"))?,
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return Err(format!("{what} did not finish within {SDK_TIMEOUT:?}"));
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if output.status.success() {
+        Ok((stdout, stderr))
+    } else {
+        Err(format!("{what} exited with {}: {}", output.status, tail(&stderr, 25)))
+    }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

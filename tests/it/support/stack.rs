@@ -1,0 +1,161 @@
+//! A whole kiam-rs deployment in the test process: a server (fed by the fake API server through
+//! a kubeconfig, calling moto for STS) and an agent (talking to it over mutual TLS, forwarding
+//! allow-listed paths to a fake node metadata service), on real sockets.
+//!
+//! The agent listens on every interface, so that pods in network namespaces reach it at their
+//! host-side veth address; tests that pose as pods from 127.0.0.x reach it on loopback.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiam::agent::Agent;
+use kiam::aws::{Sts, StsConfig};
+use kiam::client::{ClientConfig, GrpcClient};
+use kiam::cluster::Cluster;
+use kiam::cluster::kube::KubeSource;
+use kiam::creds::{CredentialCache, Lifetimes};
+use kiam::policy::paths::AllowRoutes;
+use kiam::policy::{BaseArn, Policy};
+use kiam::server::{self, Core};
+use kiam::tls::TlsFiles;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::certs::{CertFiles, TestPki};
+use super::fake_imds::FakeImds;
+use super::fake_kube::FakeKube;
+use super::moto::Moto;
+
+/// The account every test role lives in.
+pub const ACCOUNT: &str = "123456789012";
+/// `--role-base-arn` of the test server.
+pub const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
+
+/// Knobs a test may turn.
+pub struct Options {
+    /// The agent's `--pod-wait-timeout`.
+    pub pod_wait: Duration,
+    /// The agent's `--allow-route-regexp`.
+    pub allow_routes: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { pod_wait: Duration::from_millis(300), allow_routes: "^$" }
+    }
+}
+
+/// The running deployment; everything stops when it is dropped.
+pub struct Stack {
+    pub pki: TestPki,
+    pub kube: FakeKube,
+    pub moto: Moto,
+    pub imds: FakeImds,
+    pub server_addr: SocketAddr,
+    pub agent_port: u16,
+    shutdown: CancellationToken,
+}
+
+/// TLS file paths in the library's shape.
+pub fn tls_files(c: &CertFiles) -> TlsFiles {
+    TlsFiles { cert: c.cert.clone(), key: c.key.clone(), ca: c.ca.clone() }
+}
+
+impl Stack {
+    /// Starts with default options; the caller applies pods and namespaces to `kube` before or
+    /// after.
+    pub async fn start() -> Stack {
+        Stack::start_with(Options::default()).await
+    }
+
+    /// Starts everything and returns once the server's caches have synced.
+    pub async fn start_with(options: Options) -> Stack {
+        kiam::install_crypto_provider();
+        let pki = TestPki::new();
+        let kube = FakeKube::start().await;
+        let moto = Moto::start().await;
+        let imds = FakeImds::start().await;
+        let shutdown = CancellationToken::new();
+
+        // Server: the kubeconfig path, as `--kubeconfig` would give it.
+        let kubeconfig = kube.write_kubeconfig(pki.dir());
+        let source = KubeSource::connect(Some(kubeconfig)).await.expect("kube client from kubeconfig");
+        let cluster = Arc::new(Cluster::default());
+        server::spawn_source(source, &cluster, &shutdown);
+        tokio::time::timeout(Duration::from_secs(20), cluster.wait_synced())
+            .await
+            .expect("server caches sync within 20 s");
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(
+                aws_sdk_sts::config::Credentials::new("AKIDSERVER", "server-secret", None, None, "test"),
+            ))
+            .build();
+        let sts = Sts::from_sdk_config(&sdk, &StsConfig { region: None, endpoint: Some(moto.endpoint()) });
+        let lifetimes =
+            Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
+        let policy = Policy {
+            base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
+            strict_namespace_regexp: true,
+        };
+        let core =
+            Arc::new(Core::new(cluster, policy, CredentialCache::new(sts, lifetimes, 1000), "kiam".into()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
+        let server_addr = listener.local_addr().expect("server addr");
+        let tls = kiam::tls::server_config(&tls_files(&pki.server())).expect("server TLS");
+        tokio::spawn(server::run(listener, tls, core, shutdown.clone()));
+
+        // Agent.
+        let client = GrpcClient::connect_lazy(&ClientConfig {
+            server_address: format!("127.0.0.1:{}", server_addr.port()),
+            tls: tls_files(&pki.agent()),
+            call_timeout: Duration::from_secs(5),
+        })
+        .expect("gRPC client");
+        let allow = AllowRoutes::new(options.allow_routes).expect("allow-route regexp");
+        let agent = Agent::new(client, allow, &imds.addr().to_string(), options.pod_wait).expect("agent");
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await.expect("bind agent");
+        let agent_port = listener.local_addr().expect("agent addr").port();
+        tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
+
+        Stack { pki, kube, moto, imds, server_addr, agent_port, shutdown }
+    }
+
+    /// The agent's base URL as seen from `host` (127.0.0.1, or a pod's host-side veth IP).
+    pub fn agent_url(&self, host: impl Into<IpAddr>) -> String {
+        format!("http://{}:{}", host.into(), self.agent_port)
+    }
+
+    /// Waits (bounded) until the server knows the pod at `ip`, so that a test does not race the
+    /// watch that delivers it.
+    pub async fn wait_for_pod(&self, ip: IpAddr) {
+        use kiam::agent::Backend;
+        let client = self.client(&self.pki.agent());
+        let known = async {
+            while client.pod_role(ip).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), known)
+            .await
+            .expect("the server learns of the pod within 10 s");
+    }
+
+    /// A gRPC client of the server presenting `cert`.
+    pub fn client(&self, cert: &CertFiles) -> GrpcClient {
+        GrpcClient::connect_lazy(&ClientConfig {
+            server_address: format!("127.0.0.1:{}", self.server_addr.port()),
+            tls: tls_files(cert),
+            call_timeout: Duration::from_secs(5),
+        })
+        .expect("gRPC client")
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
