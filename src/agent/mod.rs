@@ -29,9 +29,11 @@ use crate::policy::paths::AllowRoutes;
 /// The validated agent configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `--port`: the HTTP port, on every interface (the DNAT target is `--host:--port`).
+    /// `--port`: the HTTP port.
     pub port: u16,
-    /// `--host` (`HOST_IP`): the node's IP.
+    /// `--host` (`HOST_IP`): the node's IP, the DNAT target. The agent listens on `--host:--port`
+    /// only (kiam listened on every interface), which is all the DNAT rule and kubelet's probes
+    /// need, and keeps the endpoint off the node's other addresses.
     pub host: std::net::IpAddr,
     pub allow_routes: AllowRoutes,
     /// `--metadata-addr`: the node's metadata service, `host[:port]`.
@@ -105,10 +107,10 @@ pub async fn run<B: Backend>(
 pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), AgentStartError> {
     let backend = GrpcClient::connect_lazy(&config.client)?;
     let agent = Agent::new(backend, config.allow_routes, &config.metadata_addr, config.pod_wait)?;
-    let addr = SocketAddr::from(([0, 0, 0, 0], config.port));
+    let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AgentStartError::Bind { port: config.port, source })?;
-    tracing::info!(%addr, host = %config.host, server = %config.client.server_address, "agent listening");
+    tracing::info!(%addr, server = %config.client.server_address, "agent listening");
     run(listener, Arc::new(agent), shutdown).await
 }

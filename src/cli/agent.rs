@@ -17,7 +17,7 @@ pub struct AgentArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
-    /// HTTP port to listen on (all interfaces).
+    /// HTTP port to listen on, at --host.
     #[arg(long, env = "KIAM_PORT", default_value_t = 3100)]
     pub port: u16,
     /// The server, host:port (a headless Service name in a cluster).
@@ -26,7 +26,7 @@ pub struct AgentArgs {
     /// Paths matching this expression are forwarded to the node's metadata service.
     #[arg(long, env = "KIAM_ALLOW_ROUTE_REGEXP", default_value = "^$")]
     pub allow_route_regexp: String,
-    /// The node's IP (the DNAT target).
+    /// The node's IP: the DNAT target, and the address the agent listens on.
     #[arg(long, env = "HOST_IP")]
     pub host: IpAddr,
     /// The node's metadata service, host[:port].

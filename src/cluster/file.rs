@@ -163,6 +163,55 @@ items:
         assert_eq!(m.pods[0].ip, Some("127.0.0.2".parse().expect("ip")));
     }
 
+    fn pod_doc(name: &str, ip: &str) -> String {
+        format!(
+            "---\nkind: Pod\nmetadata: {{name: {name}, namespace: a, annotations: {{iam.amazonaws.com/role: r}}}}\n\
+             spec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn rereads_the_file_when_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.yaml");
+        let namespace = "kind: Namespace\nmetadata: {name: a}\n";
+        std::fs::write(&path, format!("{namespace}{}", pod_doc("one", "10.0.0.1"))).expect("write");
+        let source = FileSource::open(&path, Duration::from_millis(20)).expect("opens");
+        let cluster = Arc::new(Cluster::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(source.run(Arc::clone(&cluster), shutdown.clone()));
+        let found =
+            |ip: &str| matches!(cluster.pod_by_ip(ip.parse().expect("ip")), super::super::Lookup::Found(_));
+        let wait = |ip: &'static str, want: bool| {
+            let found = &found;
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while found(ip) != want {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await
+                .expect("the change is seen within 10 s")
+            }
+        };
+        wait("10.0.0.1", true).await;
+        assert!(cluster.is_synced());
+
+        std::fs::write(&path, format!("{namespace}{}", pod_doc("two", "10.0.0.2"))).expect("rewrite");
+        wait("10.0.0.2", true).await;
+        wait("10.0.0.1", false).await;
+
+        std::fs::write(
+            &path,
+            format!("{namespace}{}{}", pod_doc("two", "10.0.0.2"), pod_doc("three", "10.0.0.3")),
+        )
+        .expect("fix");
+        wait("10.0.0.3", true).await;
+        assert!(found("10.0.0.2"));
+        shutdown.cancel();
+        task.await.expect("joins").expect("stops cleanly");
+    }
+
     #[test]
     fn rejects_broken_manifests() {
         assert!(parse("kind: Pod\nmetadata: {namespace: a}\nspec: {containers: []}").is_err());
