@@ -21,33 +21,68 @@ pub enum Lookup {
 
 type PodKey = (String, String);
 
+/// What an index must do with one change, once relists are accounted for.
+enum Step<T> {
+    Upsert(T),
+    Delete(T),
+    /// A relist finished: this is the whole new state.
+    Replace(Vec<T>),
+    /// Held until the relist finishes.
+    Buffered,
+}
+
+/// Buffers the objects of a relist between `Init` and `InitDone`, as kube's `Writer` does.
+struct Relist<T>(Option<Vec<T>>);
+
+impl<T> Default for Relist<T> {
+    fn default() -> Self {
+        Relist(None)
+    }
+}
+
+impl<T> Relist<T> {
+    fn feed(&mut self, change: Change<T>) -> Step<T> {
+        match change {
+            Change::Init => {
+                self.0 = Some(Vec::new());
+                Step::Buffered
+            }
+            Change::InitApply(o) => match self.0.as_mut() {
+                Some(buffer) => {
+                    buffer.push(o);
+                    Step::Buffered
+                }
+                None => Step::Upsert(o),
+            },
+            Change::InitDone => Step::Replace(self.0.take().unwrap_or_default()),
+            Change::Apply(o) => Step::Upsert(o),
+            Change::Delete(o) => Step::Delete(o),
+        }
+    }
+}
+
 /// Pods by `(namespace, name)` and by IP.
 #[derive(Default)]
 pub struct PodIndex {
     pods: HashMap<PodKey, Arc<PodFacts>>,
     by_ip: HashMap<IpAddr, Vec<PodKey>>,
-    relist: Option<Vec<PodFacts>>,
+    relist: Relist<PodFacts>,
 }
 
 impl PodIndex {
     /// Applies one change.
     pub fn apply(&mut self, change: Change<PodFacts>) {
-        match change {
-            Change::Init => self.relist = Some(Vec::new()),
-            Change::InitApply(pod) => match self.relist.as_mut() {
-                Some(buffer) => buffer.push(pod),
-                None => self.upsert(pod),
-            },
-            Change::InitDone => {
-                let pods = self.relist.take().unwrap_or_default();
+        match self.relist.feed(change) {
+            Step::Upsert(pod) => self.upsert(pod),
+            Step::Delete(pod) => self.remove(&(pod.namespace, pod.name)),
+            Step::Replace(pods) => {
                 self.pods.clear();
                 self.by_ip.clear();
                 for pod in pods {
                     self.upsert(pod);
                 }
             }
-            Change::Apply(pod) => self.upsert(pod),
-            Change::Delete(pod) => self.remove(&(pod.namespace, pod.name)),
+            Step::Buffered => {}
         }
     }
 
@@ -107,30 +142,23 @@ impl PodIndex {
 #[derive(Default)]
 pub struct NamespaceIndex {
     namespaces: HashMap<String, Arc<NamespaceFacts>>,
-    relist: Option<Vec<NamespaceFacts>>,
+    relist: Relist<NamespaceFacts>,
 }
 
 impl NamespaceIndex {
     /// Applies one change.
     pub fn apply(&mut self, change: Change<NamespaceFacts>) {
-        match change {
-            Change::Init => self.relist = Some(Vec::new()),
-            Change::InitApply(ns) => match self.relist.as_mut() {
-                Some(buffer) => buffer.push(ns),
-                None => {
-                    self.namespaces.insert(ns.name.clone(), Arc::new(ns));
-                }
-            },
-            Change::InitDone => {
-                let all = self.relist.take().unwrap_or_default();
-                self.namespaces = all.into_iter().map(|n| (n.name.clone(), Arc::new(n))).collect();
-            }
-            Change::Apply(ns) => {
+        match self.relist.feed(change) {
+            Step::Upsert(ns) => {
                 self.namespaces.insert(ns.name.clone(), Arc::new(ns));
             }
-            Change::Delete(ns) => {
+            Step::Delete(ns) => {
                 self.namespaces.remove(&ns.name);
             }
+            Step::Replace(all) => {
+                self.namespaces = all.into_iter().map(|n| (n.name.clone(), Arc::new(n))).collect();
+            }
+            Step::Buffered => {}
         }
     }
 
