@@ -1,15 +1,22 @@
 //! The credentials cache in front of STS: one entry per [`Identity`], shared by every pod with
-//! that identity. moka's per-key compute lock makes it single-flight: however many requests miss
-//! (or find stale credentials) at once, one AssumeRole call is made and all of them get its result.
-//! Whether an entry is still fresh is decided here with an explicit `now`, not by moka's clock.
+//! that identity.
+//!
+//! - **Single-flight.** Each entry has a fetch lock: however many requests miss (or find stale
+//!   credentials) at once, one AssumeRole call is made and the others read its result.
+//! - **Static stability.** When a fetch fails, credentials that are still usable keep being
+//!   served, and the identity is not retried before a back-off (with jitter) has passed.
+//! - **Ahead of time.** [`CredentialCache::refresh`] renews an identity at half-life, for the
+//!   background refresher; requests then never wait for STS.
+//!
+//! Every decision takes `now` from an injected clock, so it is tested without waiting.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use moka::future::Cache;
-use moka::ops::compute::{CompResult, Op};
-
+use super::gate::{Gate, jitter};
 use super::{Credentials, Identity, Lifetimes};
 
 /// STS AssumeRole, behind a trait so that the cache can be tested without a network.
@@ -46,161 +53,202 @@ pub struct StsError {
     pub message: String,
 }
 
+/// A wall clock, injectable for tests.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The first pause before an identity whose fetch failed is tried again; it doubles per failure.
+const RETRY_START: Duration = Duration::from_secs(1);
+/// The longest such pause.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Counters, read by tests and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub sts_calls: AtomicU64,
+    pub sts_errors: AtomicU64,
+    /// Requests answered with still-valid credentials because STS failed.
+    pub stale_served: AtomicU64,
+}
+
+#[derive(Default)]
+struct Entry {
+    current: RwLock<Option<Arc<Credentials>>>,
+    fetch: tokio::sync::Mutex<Failures>,
+}
+
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    retry_at: Option<SystemTime>,
+    last: Option<StsError>,
+}
+
+impl Entry {
+    fn current(&self) -> Option<Arc<Credentials>> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// Why the cache fetches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A request: anything fresh will do.
+    Serve,
+    /// The refresher: renew once the refresh window is reached.
+    Refresh,
+}
+
 /// The single-flight cache.
 pub struct CredentialCache<A> {
     sts: A,
-    entries: Cache<Identity, Arc<Credentials>>,
     lifetimes: Lifetimes,
+    gate: Gate,
+    entries: Mutex<HashMap<Identity, Arc<Entry>>>,
+    clock: Clock,
+    stats: CacheStats,
 }
 
 impl<A: AssumeRole> CredentialCache<A> {
-    /// A cache holding at most `capacity` identities.
-    pub fn new(sts: A, lifetimes: Lifetimes, capacity: u64) -> Self {
-        let entries = Cache::builder().max_capacity(capacity).time_to_live(lifetimes.session).build();
-        CredentialCache { sts, entries, lifetimes }
+    /// A cache with the wall clock and at most `concurrency` STS calls in flight.
+    pub fn new(sts: A, lifetimes: Lifetimes, concurrency: usize) -> Self {
+        Self::with_clock(sts, lifetimes, concurrency, Arc::new(SystemTime::now))
     }
 
-    /// Fresh credentials for `identity`, from the cache or from one STS call.
+    /// As [`new`](Self::new), with the clock injected.
+    pub fn with_clock(sts: A, lifetimes: Lifetimes, concurrency: usize, clock: Clock) -> Self {
+        CredentialCache {
+            sts,
+            lifetimes,
+            gate: Gate::new(concurrency),
+            entries: Mutex::default(),
+            clock,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn entry(&self, identity: &Identity) -> Arc<Entry> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(entries.entry(identity.clone()).or_default())
+    }
+
+    /// Credentials for `identity` fit to serve: cached, or from one STS call, or (when STS fails)
+    /// cached ones that are still usable.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<Credentials>, StsError> {
-        self.get_at(identity, SystemTime::now).await
+        let entry = self.entry(identity);
+        if let Some(c) = entry.current().filter(|c| self.lifetimes.is_fresh(c, (self.clock)())) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(c);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.fetch(identity, &entry, Want::Serve).await
     }
 
-    /// As [`get`](Self::get), with the clock injected for tests.
-    pub async fn get_at(
+    /// Renews `identity` if its refresh window has been reached (or it has nothing cached) and
+    /// it is not backing off after a failure. Returns whether STS was called.
+    pub async fn refresh(&self, identity: &Identity) -> Result<bool, StsError> {
+        let entry = self.entry(identity);
+        let before = self.stats.sts_calls.load(Ordering::Relaxed);
+        self.fetch(identity, &entry, Want::Refresh).await?;
+        Ok(self.stats.sts_calls.load(Ordering::Relaxed) != before)
+    }
+
+    async fn fetch(
         &self,
         identity: &Identity,
-        now: impl Fn() -> SystemTime + Send + Sync,
+        entry: &Entry,
+        want: Want,
     ) -> Result<Arc<Credentials>, StsError> {
-        if let Some(hit) = self.entries.get(identity).await
-            && self.lifetimes.is_fresh(&hit, now())
-        {
-            return Ok(hit);
+        let mut failures = entry.fetch.lock().await;
+        let now = (self.clock)();
+        let current = entry.current();
+        let satisfied = |c: &Credentials| match want {
+            Want::Serve => self.lifetimes.is_fresh(c, now),
+            Want::Refresh => !self.lifetimes.refresh_due(c, now),
+        };
+        // Whoever held the lock before us may have fetched already.
+        if let Some(c) = current.as_ref().filter(|c| satisfied(c)) {
+            return Ok(Arc::clone(c));
         }
-        let lifetimes = self.lifetimes;
-        let result = self
-            .entries
-            .entry_by_ref(identity)
-            .and_try_compute_with(|current| async {
-                // Waiters queued behind a fetch find its result here and make no call.
-                if let Some(entry) = current
-                    && lifetimes.is_fresh(entry.value(), now())
-                {
-                    return Ok(Op::Nop);
-                }
-                let fresh = self.sts.assume_role(identity, lifetimes.session).await?;
-                Ok::<_, StsError>(Op::Put(Arc::new(fresh)))
-            })
-            .await?;
-        match result {
-            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
-                Ok(e.into_value())
-            }
-            CompResult::StillNone(_) | CompResult::Removed(_) => Err(StsError {
+        let backing_off = failures.retry_at.is_some_and(|at| now < at);
+        let result = if backing_off {
+            Err(failures.last.clone().unwrap_or_else(|| StsError {
                 kind: StsErrorKind::Other,
                 code: None,
-                message: "credentials cache lost an entry".into(),
-            }),
+                message: "retrying later".into(),
+            }))
+        } else {
+            self.stats.sts_calls.fetch_add(1, Ordering::Relaxed);
+            self.gate.run(self.sts.assume_role(identity, self.lifetimes.session)).await
+        };
+        match result {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                *entry.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&fresh));
+                *failures = Failures::default();
+                Ok(fresh)
+            }
+            Err(error) => {
+                if !backing_off {
+                    self.stats.sts_errors.fetch_add(1, Ordering::Relaxed);
+                    failures.count = failures.count.saturating_add(1);
+                    let pause = RETRY_START.saturating_mul(1 << failures.count.min(6)).min(RETRY_MAX);
+                    failures.retry_at = Some(now + jitter(pause));
+                    failures.last = Some(error.clone());
+                    tracing::warn!(role = %identity.role, %error, "AssumeRole failed");
+                }
+                match current.filter(|c| self.lifetimes.is_usable(c, now)) {
+                    Some(c) if want == Want::Serve => {
+                        self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                        Ok(c)
+                    }
+                    _ => Err(error),
+                }
+            }
         }
+    }
+
+    /// Housekeeping for the refresher: forgets identities no active pod uses once their
+    /// credentials can no longer be served, and returns the active ones due for refresh.
+    pub fn sweep(&self, active: &HashSet<Identity>) -> Vec<Identity> {
+        let now = (self.clock)();
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|identity, entry| {
+            active.contains(identity) || entry.current().is_some_and(|c| self.lifetimes.is_usable(&c, now))
+        });
+        entries
+            .iter()
+            .filter(|(identity, entry)| {
+                active.contains(*identity)
+                    && entry.current().is_some_and(|c| self.lifetimes.refresh_due(&c, now))
+            })
+            .map(|(identity, _)| identity.clone())
+            .collect()
     }
 
     /// How many identities are cached.
-    pub fn len(&self) -> u64 {
-        self.entries.entry_count()
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::{BaseArn, RoleArn};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::UNIX_EPOCH;
-
-    /// Issues credentials valid for `valid` from a fixed issue time, counting calls.
-    struct FakeSts {
-        calls: AtomicUsize,
-        valid: Duration,
-        gate: tokio::sync::Semaphore,
+    /// The counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
     }
 
-    impl AssumeRole for Arc<FakeSts> {
-        async fn assume_role(&self, identity: &Identity, _: Duration) -> Result<Credentials, StsError> {
-            let _permit = self.gate.acquire().await.map_err(|_| StsError {
-                kind: StsErrorKind::Unavailable,
-                code: None,
-                message: "closed".into(),
-            })?;
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            let issued = UNIX_EPOCH + Duration::from_secs(1000);
-            Ok(Credentials {
-                access_key_id: format!("AKIA{n}-{}", identity.session_name),
-                secret_access_key: "s".into(),
-                session_token: "t".into(),
-                expiration: issued + self.valid,
-                issued,
-            })
-        }
+    /// How long every STS call currently waits because STS throttled (zero normally).
+    pub fn throttle_pause(&self) -> Duration {
+        self.gate.pause()
     }
 
-    fn identity(role: &str) -> Identity {
-        let base = BaseArn::parse("arn:aws:iam::1:role/").expect("base");
-        Identity {
-            role: RoleArn::resolve(role, Some(&base)).expect("role"),
-            session_name: "kiam-kiam".into(),
-            external_id: None,
-        }
-    }
-
-    fn lifetimes() -> Lifetimes {
-        Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) }
-    }
-
-    #[tokio::test]
-    async fn concurrent_misses_make_one_call() {
-        let sts = Arc::new(FakeSts {
-            calls: AtomicUsize::new(0),
-            valid: Duration::from_secs(3600),
-            gate: tokio::sync::Semaphore::new(0),
-        });
-        let cache = Arc::new(CredentialCache::new(Arc::clone(&sts), lifetimes(), 100));
-        let now = || UNIX_EPOCH + Duration::from_secs(1000);
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let cache = Arc::clone(&cache);
-            tasks.push(tokio::spawn(async move { cache.get_at(&identity("app"), now).await }));
-        }
-        // Let every task reach the cache before STS answers.
-        tokio::task::yield_now().await;
-        sts.gate.add_permits(1000);
-        for t in tasks {
-            let creds = t.await.expect("task").expect("credentials");
-            assert_eq!(creds.access_key_id, "AKIA0-kiam-kiam");
-        }
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
-        cache.get_at(&identity("other"), now).await.expect("other role");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn stale_entries_are_replaced_once() {
-        let sts = Arc::new(FakeSts {
-            calls: AtomicUsize::new(0),
-            valid: Duration::from_secs(3600),
-            gate: tokio::sync::Semaphore::new(1000),
-        });
-        let cache = CredentialCache::new(Arc::clone(&sts), lifetimes(), 100);
-        let early = || UNIX_EPOCH + Duration::from_secs(1000);
-        let late = || UNIX_EPOCH + Duration::from_secs(1000 + 3600 - 299);
-        cache.get_at(&identity("app"), early).await.expect("first");
-        cache.get_at(&identity("app"), early).await.expect("hit");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
-        let renewed = cache.get_at(&identity("app"), late).await.expect("renewed");
-        assert_eq!(renewed.access_key_id, "AKIA1-kiam-kiam");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
+    /// The lifetimes in force.
+    pub fn lifetimes(&self) -> Lifetimes {
+        self.lifetimes
     }
 }

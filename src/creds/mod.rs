@@ -1,9 +1,16 @@
 //! Credentials: the model (with secrets that never print), the IMDS document the agent serves,
-//! and the single-flight cache in front of STS.
+//! lifetimes (when to serve, refresh, or keep in spite of STS failures), and the single-flight
+//! cache in front of STS with its global gate.
 
 pub mod cache;
+mod gate;
+pub mod lifetimes;
 pub mod model;
 pub mod time;
 
-pub use cache::{AssumeRole, CredentialCache, StsError, StsErrorKind};
-pub use model::{Credentials, Identity, ImdsDocument, Lifetimes};
+#[cfg(test)]
+mod cache_tests;
+
+pub use cache::{AssumeRole, CacheStats, Clock, CredentialCache, StsError, StsErrorKind};
+pub use lifetimes::Lifetimes;
+pub use model::{Credentials, Identity, ImdsDocument};

@@ -2,7 +2,7 @@
 //! session token or an external ID, so neither can reach a log by accident.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,26 +88,10 @@ impl fmt::Debug for ImdsDocument {
     }
 }
 
-/// How long sessions last and when cached credentials stop being handed out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lifetimes {
-    /// STS `DurationSeconds` (`--session-duration`).
-    pub session: Duration,
-    /// Credentials with less than this left are replaced before being served (`--session-refresh`).
-    pub refresh_lead: Duration,
-}
-
-impl Lifetimes {
-    /// Whether `creds` may still be served at `now`.
-    pub fn is_fresh(&self, creds: &Credentials, now: SystemTime) -> bool {
-        creds.expiration > now + self.refresh_lead
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn creds(expires_in: u64) -> Credentials {
         Credentials {
@@ -135,13 +119,5 @@ mod tests {
         }
         assert_eq!(json["Expiration"], "1970-01-01T01:16:40Z");
         assert_eq!(json["Type"], "AWS-HMAC");
-    }
-
-    #[test]
-    fn freshness_uses_the_refresh_lead() {
-        let l = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
-        let now = UNIX_EPOCH + Duration::from_secs(1000);
-        assert!(l.is_fresh(&creds(301), now));
-        assert!(!l.is_fresh(&creds(300), now));
     }
 }

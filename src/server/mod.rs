@@ -30,8 +30,6 @@ use crate::tls::{self, TlsFiles};
 
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many identities the credentials cache holds at most.
-const CACHE_CAPACITY: u64 = 100_000;
 
 /// Where the server learns about pods and namespaces.
 #[derive(Clone, Debug)]
@@ -87,7 +85,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
         () = shutdown.cancelled() => return Ok(()),
     }
     tracing::info!(pods = cluster.pod_count(), "caches synced; serving");
-    let cache = CredentialCache::new(sts, config.lifetimes, CACHE_CAPACITY);
+    let cache = CredentialCache::new(sts, config.lifetimes, 8);
     let core = Arc::new(Core::new(cluster, config.policy, cache, config.session));
     run(listener, tls, core, shutdown).await
 }
