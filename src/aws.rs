@@ -5,9 +5,11 @@
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
+use aws_sdk_sts::config::SharedCredentialsProvider;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
 use crate::creds::{AssumeRole, Credentials, Identity, StsError, StsErrorKind};
+use crate::policy::BaseArn;
 
 /// Where and how STS is called.
 #[derive(Clone, Debug, Default)]
@@ -16,6 +18,9 @@ pub struct StsConfig {
     pub region: Option<String>,
     /// `--sts-endpoint`: an STS-compatible endpoint (a VPC endpoint, or an emulator in tests).
     pub endpoint: Option<String>,
+    /// `--assume-role-arn`, resolved to a full ARN: the role the server assumes first, whose
+    /// credentials then assume the pods' roles (role chaining).
+    pub assume_role_arn: Option<String>,
 }
 
 /// STS through the AWS SDK.
@@ -25,13 +30,25 @@ pub struct Sts {
 }
 
 impl Sts {
-    /// Builds a client from the default credential chain and the given settings.
+    /// Builds a client from the default credential chain (wrapped in an assume-role provider
+    /// with `--assume-role-arn`) and the given settings.
     pub async fn from_env(config: &StsConfig) -> Sts {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &config.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }
-        let sdk = loader.load().await;
+        if let Some(endpoint) = &config.endpoint {
+            loader = loader.endpoint_url(endpoint.clone());
+        }
+        let mut sdk = loader.load().await;
+        if let Some(arn) = &config.assume_role_arn {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(arn.clone())
+                .session_name("kiam-server")
+                .configure(&sdk)
+                .build()
+                .await;
+            sdk = sdk.into_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
+        }
         Sts::from_sdk_config(&sdk, config)
     }
 
@@ -85,6 +102,30 @@ impl AssumeRole for Sts {
     }
 }
 
+/// The base ARN of the instance profile's account and partition, read from the metadata
+/// service's `iam/info` over IMDSv2 (`--role-base-arn-autodetect`). `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+/// points it elsewhere, as for the SDKs.
+pub async fn detect_base_arn() -> Result<BaseArn, String> {
+    let client = aws_config::imds::Client::builder().build();
+    let info = client.get("/latest/meta-data/iam/info").await.map_err(|e| aws_smithy_error_text(&e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(info.as_ref()).map_err(|e| format!("iam/info is not JSON: {e}"))?;
+    let profile = json
+        .get("InstanceProfileArn")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("iam/info has no InstanceProfileArn")?;
+    base_arn_from_instance_profile(profile)
+}
+
+/// `arn:<partition>:iam::<account>:instance-profile/<name>` to `arn:<partition>:iam::<account>:role/`.
+pub fn base_arn_from_instance_profile(profile: &str) -> Result<BaseArn, String> {
+    let fields: Vec<&str> = profile.splitn(6, ':').collect();
+    if fields.len() != 6 || fields[0] != "arn" || fields[2] != "iam" || fields[4].is_empty() {
+        return Err(format!("{profile:?} is not an instance profile ARN"));
+    }
+    BaseArn::parse(&format!("{}:role/", fields[..5].join(":"))).map_err(|e| e.to_string())
+}
+
 /// Maps an SDK error once, into the kinds retries and Events branch on.
 fn map_error<E: ProvideErrorMetadata + std::error::Error + 'static>(err: SdkError<E>) -> StsError {
     match &err {
@@ -130,4 +171,42 @@ fn aws_smithy_error_text(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_sts::config::endpoint::{Params, ResolveEndpoint};
+
+    #[test]
+    fn base_arn_keeps_the_partition() {
+        let cases = [
+            ("arn:aws:iam::123456789012:instance-profile/node", "arn:aws:iam::123456789012:role/"),
+            ("arn:aws-cn:iam::123456789012:instance-profile/a/b", "arn:aws-cn:iam::123456789012:role/"),
+            ("arn:aws-us-gov:iam::1:instance-profile/x", "arn:aws-us-gov:iam::1:role/"),
+            ("arn:aws-iso:iam::1:instance-profile/x", "arn:aws-iso:iam::1:role/"),
+        ];
+        for (profile, want) in cases {
+            assert_eq!(base_arn_from_instance_profile(profile).expect(profile).as_str(), want);
+        }
+        assert!(base_arn_from_instance_profile("not-an-arn").is_err());
+    }
+
+    /// `--region` selects the regional STS endpoint, in every partition (kiam hard-coded these).
+    #[tokio::test]
+    async fn regional_endpoints_are_partition_aware() {
+        let resolver = aws_sdk_sts::config::endpoint::DefaultResolver::new();
+        let cases = [
+            ("eu-west-1", "https://sts.eu-west-1.amazonaws.com"),
+            ("cn-north-1", "https://sts.cn-north-1.amazonaws.com.cn"),
+            ("us-gov-west-1", "https://sts.us-gov-west-1.amazonaws.com"),
+            ("us-iso-east-1", "https://sts.us-iso-east-1.c2s.ic.gov"),
+            ("us-isob-east-1", "https://sts.us-isob-east-1.sc2s.sgov.gov"),
+        ];
+        for (region, want) in cases {
+            let params = Params::builder().region(region).use_global_endpoint(false).build().expect("params");
+            let endpoint = resolver.resolve_endpoint(&params).await.expect(region);
+            assert_eq!(endpoint.url(), want, "{region}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use super::{LogArgs, TlsArgs, go_duration};
 use crate::aws::StsConfig;
 use crate::creds::Lifetimes;
 use crate::policy::{BaseArn, Policy};
-use crate::server::{Config, Inventory};
+use crate::server::{Config, GrpcSettings, Inventory, Settings};
 
 /// STS refuses sessions shorter than this.
 const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -34,6 +34,39 @@ pub struct ServerArgs {
     /// Prefix that completes role names that are not ARNs, e.g. arn:aws:iam::123456789012:role/.
     #[arg(long, env = "KIAM_ROLE_BASE_ARN")]
     pub role_base_arn: Option<String>,
+    /// Take the base ARN from the node's instance profile (over IMDSv2); wins over --role-base-arn.
+    #[arg(long, env = "KIAM_ROLE_BASE_ARN_AUTODETECT")]
+    pub role_base_arn_autodetect: bool,
+    /// A role the server assumes first and uses to assume the pods' roles (short names allowed).
+    #[arg(long, env = "KIAM_ASSUME_ROLE_ARN")]
+    pub assume_role_arn: Option<String>,
+    /// Prefetch workers, which is also the most STS calls in flight.
+    #[arg(long, env = "KIAM_FETCHERS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub fetchers: u16,
+    /// Pod announcements waiting for a prefetch worker; more are dropped (and counted).
+    #[arg(long, env = "KIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefetch_buffer_size: u32,
+    /// Accepted for kiam compatibility: the watch keeps the caches current without resyncs.
+    #[arg(long, env = "KIAM_SYNC", default_value = "1m", value_parser = go_duration)]
+    pub sync: Duration,
+    /// Deprecated and ignored (kiam never used it).
+    #[arg(long, env = "KIAM_PROMETHEUS_SYNC_INTERVAL", value_parser = go_duration, hide = true)]
+    pub prometheus_sync_interval: Option<Duration>,
+    /// gRPC keepalive ping interval.
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = go_duration)]
+    pub grpc_keepalive_time_duration: Duration,
+    /// gRPC keepalive ping acknowledgement timeout.
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = go_duration)]
+    pub grpc_keepalive_timeout_duration: Duration,
+    /// Close connections idle for this long.
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_IDLE_DURATION", default_value = "15m", value_parser = go_duration)]
+    pub grpc_max_connection_idle_duration: Duration,
+    /// Close connections after this age, so that clients re-resolve and spread over new servers.
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_DURATION", default_value = "15m", value_parser = go_duration)]
+    pub grpc_max_connection_age_duration: Duration,
+    /// Grace period for calls in flight on a connection closed for its age.
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_GRACE_DURATION", default_value = "15m", value_parser = go_duration)]
+    pub grpc_max_connection_age_grace_duration: Duration,
     /// Match the namespace's permitted expression anywhere in the ARN instead of anchoring it.
     #[arg(long, env = "KIAM_DISABLE_STRICT_NAMESPACE_REGEXP")]
     pub disable_strict_namespace_regexp: bool,
@@ -71,8 +104,13 @@ impl ServerArgs {
         }
         let base = self.role_base_arn.as_deref().filter(|s| !s.is_empty());
         let base_arn = base.map(BaseArn::parse).transpose().map_err(|e| format!("--role-base-arn: {e}"))?;
-        if base_arn.is_none() {
-            return Err("--role-base-arn is required (e.g. arn:aws:iam::123456789012:role/)".into());
+        if base_arn.is_none() && !self.role_base_arn_autodetect {
+            return Err("one of --role-base-arn (e.g. arn:aws:iam::123456789012:role/) or \
+                        --role-base-arn-autodetect is required"
+                .into());
+        }
+        if self.prometheus_sync_interval.is_some() {
+            tracing::warn!("--prometheus-sync-interval is deprecated and ignored");
         }
         if let Some(endpoint) = &self.sts_endpoint
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
@@ -87,10 +125,26 @@ impl ServerArgs {
             bind: self.bind.clone(),
             tls: self.tls.files(),
             inventory,
-            policy: Policy { base_arn, strict_namespace_regexp: !self.disable_strict_namespace_regexp },
-            lifetimes: Lifetimes { session: self.session_duration, refresh_lead: self.session_refresh },
-            session: self.session.clone(),
-            sts: StsConfig { region: self.region.clone(), endpoint: self.sts_endpoint.clone() },
+            autodetect_base_arn: self.role_base_arn_autodetect,
+            settings: Settings {
+                policy: Policy { base_arn, strict_namespace_regexp: !self.disable_strict_namespace_regexp },
+                lifetimes: Lifetimes { session: self.session_duration, refresh_lead: self.session_refresh },
+                session: self.session.clone(),
+                fetchers: usize::from(self.fetchers),
+                prefetch_buffer: self.prefetch_buffer_size as usize,
+            },
+            grpc: GrpcSettings {
+                keepalive_time: self.grpc_keepalive_time_duration,
+                keepalive_timeout: self.grpc_keepalive_timeout_duration,
+                max_connection_idle: self.grpc_max_connection_idle_duration,
+                max_connection_age: self.grpc_max_connection_age_duration,
+                max_connection_age_grace: self.grpc_max_connection_age_grace_duration,
+            },
+            sts: StsConfig {
+                region: self.region.clone().filter(|r| !r.is_empty()),
+                endpoint: self.sts_endpoint.clone(),
+                assume_role_arn: self.assume_role_arn.clone().filter(|r| !r.is_empty()),
+            },
         })
     }
 }

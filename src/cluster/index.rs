@@ -16,7 +16,7 @@ pub enum Lookup {
     /// No live pod has the IP.
     NotFound,
     /// Several live pods claim the IP: refuse rather than guess.
-    Ambiguous(usize),
+    Ambiguous(Vec<Arc<PodFacts>>),
 }
 
 type PodKey = (String, String);
@@ -70,40 +70,53 @@ pub struct PodIndex {
 }
 
 impl PodIndex {
-    /// Applies one change.
-    pub fn apply(&mut self, change: Change<PodFacts>) {
+    /// Applies one change. Returns the pods worth announcing to the prefetcher: live pods with a
+    /// role that are new, or whose role, session name or external ID changed.
+    pub fn apply(&mut self, change: Change<PodFacts>) -> Vec<Arc<PodFacts>> {
+        let mut announce = Vec::new();
         match self.relist.feed(change) {
-            Step::Upsert(pod) => self.upsert(pod),
-            Step::Delete(pod) => self.remove(&(pod.namespace, pod.name)),
+            Step::Upsert(pod) => announce.extend(self.upsert(pod, None)),
+            Step::Delete(pod) => {
+                self.remove(&(pod.namespace, pod.name));
+            }
             Step::Replace(pods) => {
-                self.pods.clear();
+                let old = std::mem::take(&mut self.pods);
                 self.by_ip.clear();
                 for pod in pods {
-                    self.upsert(pod);
+                    let before = old.get(&(pod.namespace.clone(), pod.name.clone())).cloned();
+                    announce.extend(self.upsert(pod, before));
                 }
             }
             Step::Buffered => {}
         }
+        announce
     }
 
-    fn upsert(&mut self, pod: PodFacts) {
+    fn upsert(&mut self, pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
         let key = (pod.namespace.clone(), pod.name.clone());
-        self.remove(&key);
+        let before = before.or_else(|| self.remove(&key));
         if let Some(ip) = pod.ip {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
-        self.pods.insert(key, Arc::new(pod));
+        let pod = Arc::new(pod);
+        self.pods.insert(key, Arc::clone(&pod));
+        worth_announcing(before.as_deref(), &pod).then_some(pod)
     }
 
-    fn remove(&mut self, key: &PodKey) {
-        let Some(old) = self.pods.remove(key) else { return };
-        let Some(ip) = old.ip else { return };
-        if let Some(keys) = self.by_ip.get_mut(&ip) {
+    fn remove(&mut self, key: &PodKey) -> Option<Arc<PodFacts>> {
+        let old = self.pods.remove(key)?;
+        if let Some(keys) = old.ip.and_then(|ip| self.by_ip.get_mut(&ip)) {
             keys.retain(|k| k != key);
             if keys.is_empty() {
-                self.by_ip.remove(&ip);
+                self.by_ip.retain(|_, keys| !keys.is_empty());
             }
         }
+        Some(old)
+    }
+
+    /// Calls `f` with every pod that can still get credentials (not finished, not hostNetwork).
+    pub fn for_each_live(&self, mut f: impl FnMut(&PodFacts)) {
+        self.pods.values().filter(|p| !p.phase.is_finished() && !p.host_network).for_each(|p| f(p));
     }
 
     /// The pod that owns `ip`. Finished pods and hostNetwork pods never match. A terminating pod
@@ -123,7 +136,8 @@ impl PodIndex {
             (1, _) => Lookup::Found(Arc::clone(live[0])),
             (0, 1) => Lookup::Found(Arc::clone(candidates[0])),
             (0, 0) => Lookup::NotFound,
-            (0, n) | (n, _) => Lookup::Ambiguous(n),
+            (0, _) => Lookup::Ambiguous(candidates.into_iter().cloned().collect()),
+            _ => Lookup::Ambiguous(live.into_iter().map(|p| Arc::clone(p)).collect()),
         }
     }
 
@@ -136,6 +150,18 @@ impl PodIndex {
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
     }
+}
+
+/// Whether a pod's credentials should be fetched ahead of its first request.
+fn worth_announcing(before: Option<&PodFacts>, now: &PodFacts) -> bool {
+    let live = |p: &PodFacts| !p.phase.is_finished() && !p.host_network && p.role.is_some();
+    live(now)
+        && before.is_none_or(|b| {
+            !live(b)
+                || b.role != now.role
+                || b.session_name != now.session_name
+                || b.external_id != now.external_id
+        })
 }
 
 /// Namespaces by name.
@@ -215,7 +241,10 @@ mod tests {
         idx.apply(Change::Apply(pod("new", "10.0.0.1")));
         assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "new");
         idx.apply(Change::Apply(pod("other", "10.0.0.1")));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Ambiguous(2));
+        match idx.lookup(ip("10.0.0.1")) {
+            Lookup::Ambiguous(pods) => assert_eq!(pods.len(), 2),
+            other => panic!("two live pods on one IP must be an error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -227,6 +256,27 @@ mod tests {
         assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "old");
         idx.apply(Change::Apply(pod("new", "10.0.0.9")));
         assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "new");
+    }
+
+    #[test]
+    fn announces_new_and_changed_identities_only() {
+        let mut idx = PodIndex::default();
+        let names = |v: Vec<Arc<PodFacts>>| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(idx.apply(Change::Apply(pod("a", "10.0.0.1")))), ["a"]);
+        // A status change that keeps the identity is not announced again.
+        let mut moved = pod("a", "10.0.0.2");
+        assert!(idx.apply(Change::Apply(moved.clone())).is_empty());
+        moved.role = Some("other".into());
+        assert_eq!(names(idx.apply(Change::Apply(moved.clone()))), ["a"]);
+        let mut done = moved.clone();
+        done.phase = Phase::Succeeded;
+        assert!(idx.apply(Change::Apply(done)).is_empty());
+        // A relist announces only what it did not know.
+        idx.apply(Change::Init);
+        idx.apply(Change::InitApply(moved));
+        idx.apply(Change::InitApply(pod("b", "10.0.0.3")));
+        // "a" comes back to life (it had finished), "b" is new.
+        assert_eq!(names(idx.apply(Change::InitDone)), ["a", "b"]);
     }
 
     #[test]

@@ -38,6 +38,11 @@ impl KubeSource {
         Ok(KubeSource { client })
     }
 
+    /// The client, for writing Events with the same credentials.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Wraps an existing client.
     pub fn from_client(client: Client) -> KubeSource {
         KubeSource { client }

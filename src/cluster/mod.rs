@@ -4,6 +4,7 @@
 //! same [`Change`] events into [`Cluster`], which applies them with the pure functions in
 //! [`index`].
 
+pub mod events;
 pub mod facts;
 pub mod file;
 pub mod index;
@@ -11,9 +12,10 @@ pub mod kube;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use facts::{NamespaceFacts, Phase, PodFacts};
@@ -68,26 +70,64 @@ pub struct Cluster {
     pods: RwLock<PodIndex>,
     namespaces: RwLock<NamespaceIndex>,
     synced: watch::Sender<Synced>,
+    /// Bumped on every pod change, so that requests for a pod not seen yet can wait for it.
+    generation: watch::Sender<u64>,
+    /// Where new or changed pods with a role are announced for prefetching.
+    announce: Option<mpsc::Sender<Arc<PodFacts>>>,
+    dropped: AtomicU64,
 }
 
 impl Default for Cluster {
     fn default() -> Self {
-        Cluster {
-            pods: RwLock::default(),
-            namespaces: RwLock::default(),
-            synced: watch::Sender::new(Synced::default()),
-        }
+        Cluster::new(None)
     }
 }
 
 impl Cluster {
+    /// A cluster view that announces new or changed pods with a role on `announce`. The send
+    /// never blocks: when the channel is full the announcement is dropped and counted, and the
+    /// pod's credentials are fetched on its first request instead.
+    pub fn new(announce: Option<mpsc::Sender<Arc<PodFacts>>>) -> Cluster {
+        Cluster {
+            pods: RwLock::default(),
+            namespaces: RwLock::default(),
+            synced: watch::Sender::new(Synced::default()),
+            generation: watch::Sender::new(0),
+            announce,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
     /// Applies a pod change; `InitDone` marks pods synced.
     pub fn apply_pod(&self, change: Change<PodFacts>) {
         let done = matches!(change, Change::InitDone);
-        self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        let announce = self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        self.generation.send_modify(|g| *g += 1);
         if done {
             self.synced.send_if_modified(|s| !std::mem::replace(&mut s.pods, true));
         }
+        if let Some(tx) = &self.announce {
+            for pod in announce {
+                if tx.try_send(pod).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Prefetch announcements dropped because the buffer was full (`kiam_k8s_dropped_pods_total`).
+    pub fn dropped_announcements(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes whenever a pod does.
+    pub fn pod_changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Calls `f` with every pod that can still get credentials.
+    pub fn for_each_live_pod(&self, f: impl FnMut(&PodFacts)) {
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).for_each_live(f);
     }
 
     /// Applies a namespace change; `InitDone` marks namespaces synced.

@@ -210,20 +210,22 @@ impl<A: AssumeRole> CredentialCache<A> {
     }
 
     /// Housekeeping for the refresher: forgets identities no active pod uses once their
-    /// credentials can no longer be served, and returns the active ones due for refresh.
+    /// credentials can no longer be served, and returns the active identities that need a fetch:
+    /// due for refresh, or with nothing cached (a pod whose announcement was dropped, or whose
+    /// namespace arrived after it).
     pub fn sweep(&self, active: &HashSet<Identity>) -> Vec<Identity> {
         let now = (self.clock)();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries.retain(|identity, entry| {
             active.contains(identity) || entry.current().is_some_and(|c| self.lifetimes.is_usable(&c, now))
         });
-        entries
+        active
             .iter()
-            .filter(|(identity, entry)| {
-                active.contains(*identity)
-                    && entry.current().is_some_and(|c| self.lifetimes.refresh_due(&c, now))
+            .filter(|identity| {
+                let current = entries.get(*identity).and_then(|e| e.current());
+                current.is_none_or(|c| self.lifetimes.refresh_due(&c, now))
             })
-            .map(|(identity, _)| identity.clone())
+            .cloned()
             .collect()
     }
 

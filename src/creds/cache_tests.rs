@@ -160,6 +160,13 @@ async fn sweep_forgets_idle_identities_and_lists_due_ones() {
     f.cache.get(&idle).await.expect("idle");
     let active: HashSet<Identity> = [busy.clone()].into_iter().collect();
     assert!(f.cache.sweep(&active).is_empty(), "nothing due yet");
+    let newcomer = identity("newcomer");
+    let with_new: HashSet<Identity> = [busy.clone(), newcomer.clone()].into_iter().collect();
+    assert_eq!(
+        f.cache.sweep(&with_new),
+        vec![newcomer],
+        "an active identity with nothing cached needs a fetch"
+    );
     f.advance(30);
     assert_eq!(f.cache.sweep(&active), vec![busy.clone()], "only identities in use are refreshed");
     assert_eq!(f.cache.len(), 2, "the idle one lapses but stays while usable");

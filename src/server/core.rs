@@ -2,9 +2,13 @@
 //! credentials from the cache. The gRPC service is a thin wrapper over this, and kube2iam mode
 //! will call it in-process through the agent's [`Backend`](crate::agent::Backend) seam.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use crate::cluster::events::{self, EventSink};
 use crate::cluster::{Cluster, Lookup, PodFacts};
 use crate::creds::{AssumeRole, CredentialCache, Credentials, Identity, StsError};
 use crate::policy::{Denial, Policy, role};
@@ -36,6 +40,8 @@ pub struct Core<A> {
     cache: CredentialCache<A>,
     /// `--session`: the session-name suffix for pods without the annotation.
     default_session: String,
+    events: Arc<dyn EventSink>,
+    ambiguous: AtomicU64,
 }
 
 impl<A: AssumeRole> Core<A> {
@@ -45,8 +51,9 @@ impl<A: AssumeRole> Core<A> {
         policy: Policy,
         cache: CredentialCache<A>,
         default_session: String,
+        events: Arc<dyn EventSink>,
     ) -> Self {
-        Core { cluster, policy, cache, default_session }
+        Core { cluster, policy, cache, default_session, events, ambiguous: AtomicU64::new(0) }
     }
 
     /// The cluster view this core answers from.
@@ -54,20 +61,77 @@ impl<A: AssumeRole> Core<A> {
         &self.cluster
     }
 
-    /// The pod that owns `ip`.
-    pub fn pod(&self, ip: IpAddr) -> Result<Arc<PodFacts>, Error> {
-        match self.cluster.pod_by_ip(ip) {
-            Lookup::Found(pod) => Ok(pod),
-            Lookup::NotFound => Err(Error::PodNotFound(ip)),
-            Lookup::Ambiguous(count) => Err(Error::AmbiguousIp { ip, count }),
+    /// The credentials cache.
+    pub fn cache(&self) -> &CredentialCache<A> {
+        &self.cache
+    }
+
+    /// Requests refused because several live pods claimed the caller's IP.
+    pub fn ambiguous_lookups(&self) -> u64 {
+        self.ambiguous.load(Ordering::Relaxed)
+    }
+
+    /// The pod that owns `ip`. A pod the watch has not delivered yet is waited for, woken by pod
+    /// changes, for at most `wait`: a pod created just before its first request gets an answer
+    /// instead of "not found".
+    pub async fn pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
+        let mut changes = self.cluster.pod_changes();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.cluster.pod_by_ip(ip) {
+                Lookup::Found(pod) => return Ok(pod),
+                Lookup::Ambiguous(pods) => {
+                    self.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    for pod in &pods {
+                        let note = format!(
+                            "{} live pods claim IP {ip}; refusing to guess which one is asking",
+                            pods.len()
+                        );
+                        self.events.warn(pod, events::AMBIGUOUS_IP, note);
+                    }
+                    return Err(Error::AmbiguousIp { ip, count: pods.len() });
+                }
+                Lookup::NotFound => {
+                    let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return Err(Error::PodNotFound(ip));
+                    }
+                }
+            }
         }
     }
 
     /// The role annotation of the pod at `ip` (kiam applies no policy here).
-    pub fn pod_role(&self, ip: IpAddr) -> Result<(Arc<PodFacts>, Option<String>), Error> {
-        let pod = self.pod(ip)?;
+    pub async fn pod_role(
+        &self,
+        ip: IpAddr,
+        wait: Duration,
+    ) -> Result<(Arc<PodFacts>, Option<String>), Error> {
+        let pod = self.pod(ip, wait).await?;
         let role = pod.role.clone().filter(|r| !r.trim().is_empty());
         Ok((pod, role))
+    }
+
+    /// The identity `pod` may assume for `requested`, if the policy allows it.
+    pub fn identity_for(&self, pod: &PodFacts, requested: &str) -> Result<Identity, Denial> {
+        let namespace = self.cluster.namespace(&pod.namespace);
+        let arn = self.policy.decide(pod, namespace.as_deref(), requested)?;
+        Ok(Identity {
+            role: arn,
+            session_name: role::session_name(pod.session_name.as_deref(), &self.default_session),
+            external_id: pod.external_id.clone(),
+        })
+    }
+
+    /// Every identity some live pod may use: what the refresher keeps fresh.
+    pub fn active_identities(&self) -> HashSet<Identity> {
+        let mut active = HashSet::new();
+        self.cluster.for_each_live_pod(|pod| {
+            if let Some(Ok(identity)) = pod.role.as_deref().map(|role| self.identity_for(pod, role)) {
+                active.insert(identity);
+            }
+        });
+        active
     }
 
     /// Credentials for `requested`, if the pod at `ip` may have them.
@@ -75,20 +139,25 @@ impl<A: AssumeRole> Core<A> {
         &self,
         ip: IpAddr,
         requested: &str,
+        wait: Duration,
     ) -> Result<(Arc<PodFacts>, Arc<Credentials>), Error> {
-        let pod = self.pod(ip)?;
-        let namespace = self.cluster.namespace(&pod.namespace);
-        let arn = self
-            .policy
-            .decide(&pod, namespace.as_deref(), requested)
-            .map_err(|denial| Error::Forbidden { pod: pod.qualified_name(), denial })?;
-        let identity = Identity {
-            role: arn,
-            session_name: role::session_name(pod.session_name.as_deref(), &self.default_session),
-            external_id: pod.external_id.clone(),
+        let pod = self.pod(ip, wait).await?;
+        let identity = match self.identity_for(&pod, requested) {
+            Ok(identity) => identity,
+            Err(denial) => {
+                let note = format!("failed assuming role \"{requested}\": {denial}");
+                self.events.warn(&pod, events::ROLE_FORBIDDEN, note);
+                return Err(Error::Forbidden { pod: pod.qualified_name(), denial });
+            }
         };
-        let creds = self.cache.get(&identity).await?;
-        Ok((pod, creds))
+        match self.cache.get(&identity).await {
+            Ok(creds) => Ok((pod, creds)),
+            Err(error) => {
+                let note = format!("failed retrieving credentials: {error}");
+                self.events.warn(&pod, events::CREDENTIAL_ERROR, note);
+                Err(Error::Sts(error))
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`run`] serves an already-bound listener until shutdown, so tests can bind `127.0.0.1:0`.
 
 pub mod core;
+pub mod prefetch;
 pub mod service;
 
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+
+use crate::cluster::events::{EventSink, KubeEvents, NoEvents};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -40,15 +43,39 @@ pub enum Inventory {
     File(PathBuf),
 }
 
+/// How the server decides and caches: everything but its listener, TLS and sources.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    pub lifetimes: Lifetimes,
+    /// `--session`: the session-name suffix for pods without the annotation.
+    pub session: String,
+    /// `--fetchers`: prefetch workers, and the bound on STS calls in flight.
+    pub fetchers: usize,
+    /// `--prefetch-buffer-size`: announcements waiting for a worker.
+    pub prefetch_buffer: usize,
+}
+
+/// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).
+#[derive(Clone, Debug)]
+pub struct GrpcSettings {
+    pub keepalive_time: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connection_idle: Duration,
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+}
+
 /// The validated server configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub bind: String,
     pub tls: TlsFiles,
     pub inventory: Inventory,
-    pub policy: Policy,
-    pub lifetimes: Lifetimes,
-    pub session: String,
+    /// `--role-base-arn-autodetect`: take the base ARN from the instance profile at start-up.
+    pub autodetect_base_arn: bool,
+    pub settings: Settings,
+    pub grpc: GrpcSettings,
     pub sts: StsConfig,
 }
 
@@ -59,6 +86,8 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Source(#[from] crate::cluster::SourceError),
+    #[error("{0}")]
+    Autodetect(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server: {0}")]
@@ -66,28 +95,72 @@ pub enum ServeError {
 }
 
 /// Runs the server process until `shutdown`.
-pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
     let tls = tls::server_config(&config.tls)?;
-    let sts = Sts::from_env(&config.sts).await;
-    let cluster = Arc::new(Cluster::default());
-    match &config.inventory {
-        Inventory::Kube(path) => spawn_source(KubeSource::connect(path.clone()).await?, &cluster, &shutdown),
-        Inventory::File(path) => {
-            spawn_source(FileSource::open(path, Duration::from_secs(1))?, &cluster, &shutdown)
-        }
+    if config.autodetect_base_arn {
+        let base = crate::aws::detect_base_arn()
+            .await
+            .map_err(|e| ServeError::Autodetect(format!("--role-base-arn-autodetect: {e}")))?;
+        tracing::info!(base_arn = base.as_str(), "role base ARN detected from the instance profile");
+        config.settings.policy.base_arn = Some(base);
     }
+    if let Some(role) = config.sts.assume_role_arn.take() {
+        let arn = crate::policy::RoleArn::resolve(&role, config.settings.policy.base_arn.as_ref())
+            .map_err(|e| ServeError::Autodetect(format!("--assume-role-arn: {e}")))?;
+        if config.settings.lifetimes.session > Duration::from_secs(3600) {
+            tracing::warn!(
+                session = ?config.settings.lifetimes.session,
+                "--assume-role-arn chains roles, and AWS caps chained sessions at 1h: STS will refuse longer ones"
+            );
+        }
+        config.sts.assume_role_arn = Some(arn.to_string());
+    }
+    let sts = Sts::from_env(&config.sts).await;
+    let core = match &config.inventory {
+        Inventory::Kube(path) => {
+            let source = KubeSource::connect(path.clone()).await?;
+            let events = Arc::new(KubeEvents::new(source.client(), std::env::var("POD_NAME").ok()));
+            start(&config.settings, sts, events, source, &shutdown)
+        }
+        Inventory::File(path) => {
+            let source = FileSource::open(path, Duration::from_secs(1))?;
+            start(&config.settings, sts, Arc::new(NoEvents), source, &shutdown)
+        }
+    };
     let listener = TcpListener::bind(&config.bind)
         .await
         .map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
     tracing::info!(bind = %config.bind, "waiting for the pod and namespace caches to sync");
     tokio::select! {
-        () = cluster.wait_synced() => {}
+        () = core.cluster().wait_synced() => {}
         () = shutdown.cancelled() => return Ok(()),
     }
-    tracing::info!(pods = cluster.pod_count(), "caches synced; serving");
-    let cache = CredentialCache::new(sts, config.lifetimes, 8);
-    let core = Arc::new(Core::new(cluster, config.policy, cache, config.session));
-    run(listener, tls, core, shutdown).await
+    tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
+    run(listener, tls, core, &config.grpc, shutdown).await
+}
+
+/// Assembles the server's core and starts its background work: the pod/namespace source and
+/// the prefetcher. The caller serves the core once `core.cluster()` has synced.
+pub fn start<A: AssumeRole>(
+    settings: &Settings,
+    sts: A,
+    events: Arc<dyn EventSink>,
+    source: impl Source,
+    shutdown: &CancellationToken,
+) -> Arc<Core<A>> {
+    let (announce, announcements) = mpsc::channel(settings.prefetch_buffer.max(1));
+    let cluster = Arc::new(Cluster::new(Some(announce)));
+    let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers);
+    let core = Arc::new(Core::new(
+        Arc::clone(&cluster),
+        settings.policy.clone(),
+        cache,
+        settings.session.clone(),
+        events,
+    ));
+    spawn_source(source, &cluster, shutdown);
+    prefetch::spawn(Arc::clone(&core), announcements, settings.fetchers, shutdown.clone());
+    core
 }
 
 /// Runs `source` in the background until `shutdown`.
@@ -105,11 +178,16 @@ pub async fn run<A: AssumeRole>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     core: Arc<Core<A>>,
+    grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
     let service = KiamServiceServer::new(service::KiamService::new(core));
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(grpc.keepalive_time).filter(|d| !d.is_zero()))
+        .http2_keepalive_timeout(Some(grpc.keepalive_timeout).filter(|d| !d.is_zero()))
+        .max_connection_age(grpc.max_connection_age)
+        .max_connection_age_grace(grpc.max_connection_age_grace)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -4,7 +4,7 @@
 //! real ones (kiam sent every error as Unknown).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 
@@ -47,6 +47,39 @@ fn status(err: &Error, rpc: Rpc) -> Status {
     }
 }
 
+/// How long a request may wait for a pod the watch has not delivered yet, when the caller set no
+/// deadline.
+const DEFAULT_POD_WAIT: Duration = Duration::from_secs(1);
+/// The longest wait, whatever the deadline.
+const MAX_POD_WAIT: Duration = Duration::from_secs(10);
+/// Left of the caller's deadline to send the answer back.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+/// How long to wait for an unknown pod: the caller's `grpc-timeout` less a margin.
+fn pod_wait<T>(request: &Request<T>) -> Duration {
+    let header = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok());
+    header
+        .and_then(parse_grpc_timeout)
+        .map(|t| t.saturating_sub(DEADLINE_MARGIN))
+        .unwrap_or(DEFAULT_POD_WAIT)
+        .min(MAX_POD_WAIT)
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// `kiam.KiamService` over a [`Core`].
 pub struct KiamService<A> {
     core: Arc<Core<A>>,
@@ -66,8 +99,12 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
         request: Request<pb::GetPodRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
         let started = Instant::now();
+        let wait = pod_wait(&request);
         let ip = request.into_inner().ip;
-        let result = parse_ip(&ip).and_then(|ip| self.core.pod_role(ip));
+        let result = match parse_ip(&ip) {
+            Ok(addr) => self.core.pod_role(addr, wait).await,
+            Err(err) => Err(err),
+        };
         match result {
             Ok((pod, role)) => {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
@@ -87,9 +124,10 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
         request: Request<pb::GetPodCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
         let started = Instant::now();
+        let wait = pod_wait(&request);
         let pb::GetPodCredentialsRequest { ip, role } = request.into_inner();
         let result = match parse_ip(&ip) {
-            Ok(addr) => self.core.pod_credentials(addr, &role).await,
+            Ok(addr) => self.core.pod_credentials(addr, &role, wait).await,
             Err(err) => Err(err),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -124,5 +162,20 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
         _: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::HealthStatus>, Status> {
         Ok(Response::new(pb::HealthStatus { message: "ok".into() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("4999m"), Some(Duration::from_millis(4999)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("10Q"), None);
     }
 }

@@ -7,7 +7,10 @@
 mod agent;
 mod binary;
 mod e2e;
+mod events;
 mod fake_kube_tests;
+mod lookup;
 mod peers_tests;
+mod prefetch;
 mod server;
 mod support;

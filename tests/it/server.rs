@@ -58,8 +58,11 @@ async fn statuses_keep_kiams_messages_with_real_codes() {
 
 #[tokio::test]
 async fn concurrent_requests_for_one_identity_make_one_sts_call() {
-    let stack = cluster().await;
+    let stack = Stack::start().await;
     stack.moto.start_recording().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "good").ip("10.9.0.1").role("app").build());
+    // The requests race the prefetch of the same identity: all of them share one call.
     let client = stack.client(&stack.pki.agent());
     let calls = (0..20).map(|_| {
         let mut grpc = client.service();

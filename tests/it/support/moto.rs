@@ -85,6 +85,12 @@ impl Moto {
         panic!("moto_server did not start three times in a row")
     }
 
+    /// Stops moto now (STS "down"); its port then refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Base URL, `http://127.0.0.1:PORT`, to use as the STS endpoint.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

@@ -12,12 +12,12 @@ use std::time::Duration;
 use kiam::agent::Agent;
 use kiam::aws::{Sts, StsConfig};
 use kiam::client::{ClientConfig, GrpcClient};
-use kiam::cluster::Cluster;
+use kiam::cluster::events::KubeEvents;
 use kiam::cluster::kube::KubeSource;
-use kiam::creds::{CredentialCache, Lifetimes};
+use kiam::creds::Lifetimes;
 use kiam::policy::paths::AllowRoutes;
 use kiam::policy::{BaseArn, Policy};
-use kiam::server::{self, Core};
+use kiam::server::{self, Core, GrpcSettings, Settings};
 use kiam::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,11 +38,20 @@ pub struct Options {
     pub pod_wait: Duration,
     /// The agent's `--allow-route-regexp`.
     pub allow_routes: &'static str,
+    /// The server's `--prefetch-buffer-size`.
+    pub prefetch_buffer: usize,
+    /// The server's `--region`.
+    pub region: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { pod_wait: Duration::from_millis(300), allow_routes: "^$" }
+        Options {
+            pod_wait: Duration::from_millis(300),
+            allow_routes: "^$",
+            prefetch_buffer: 1000,
+            region: "us-east-1",
+        }
     }
 }
 
@@ -54,6 +63,8 @@ pub struct Stack {
     pub imds: FakeImds,
     pub server_addr: SocketAddr,
     pub agent_port: u16,
+    /// The server's core, for tests that look inside (cache counters, the cluster view).
+    pub core: Arc<Core<Sts>>,
     shutdown: CancellationToken,
 }
 
@@ -81,31 +92,46 @@ impl Stack {
         // Server: the kubeconfig path, as `--kubeconfig` would give it.
         let kubeconfig = kube.write_kubeconfig(pki.dir());
         let source = KubeSource::connect(Some(kubeconfig)).await.expect("kube client from kubeconfig");
-        let cluster = Arc::new(Cluster::default());
-        server::spawn_source(source, &cluster, &shutdown);
-        tokio::time::timeout(Duration::from_secs(20), cluster.wait_synced())
-            .await
-            .expect("server caches sync within 20 s");
+        let events = Arc::new(KubeEvents::new(source.client(), None));
         let sdk = aws_config::SdkConfig::builder()
             .behavior_version(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
+            .region(aws_config::Region::new(options.region))
             .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(
                 aws_sdk_sts::config::Credentials::new("AKIDSERVER", "server-secret", None, None, "test"),
             ))
             .build();
-        let sts = Sts::from_sdk_config(&sdk, &StsConfig { region: None, endpoint: Some(moto.endpoint()) });
-        let lifetimes =
-            Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
-        let policy = Policy {
-            base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
-            strict_namespace_regexp: true,
+        let sts_config = StsConfig { endpoint: Some(moto.endpoint()), ..StsConfig::default() };
+        let sts = Sts::from_sdk_config(&sdk, &sts_config);
+        let settings = Settings {
+            policy: Policy {
+                base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
+                strict_namespace_regexp: true,
+            },
+            lifetimes: Lifetimes {
+                session: Duration::from_secs(3600),
+                refresh_lead: Duration::from_secs(300),
+            },
+            session: "kiam".into(),
+            fetchers: 8,
+            prefetch_buffer: options.prefetch_buffer,
         };
-        let core =
-            Arc::new(Core::new(cluster, policy, CredentialCache::new(sts, lifetimes, 1000), "kiam".into()));
+        let core = server::start(&settings, sts, events, source, &shutdown);
+        tokio::time::timeout(Duration::from_secs(20), core.cluster().wait_synced())
+            .await
+            .expect("server caches sync within 20 s");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
         let server_addr = listener.local_addr().expect("server addr");
         let tls = kiam::tls::server_config(&tls_files(&pki.server())).expect("server TLS");
-        tokio::spawn(server::run(listener, tls, core, shutdown.clone()));
+        let grpc = GrpcSettings {
+            keepalive_time: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(2),
+            max_connection_idle: Duration::from_secs(900),
+            max_connection_age: Duration::from_secs(900),
+            max_connection_age_grace: Duration::from_secs(900),
+        };
+        let server_core = Arc::clone(&core);
+        let server_shutdown = shutdown.clone();
+        tokio::spawn(async move { server::run(listener, tls, server_core, &grpc, server_shutdown).await });
 
         // Agent.
         let client = GrpcClient::connect_lazy(&ClientConfig {
@@ -120,7 +146,7 @@ impl Stack {
         let agent_port = listener.local_addr().expect("agent addr").port();
         tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
 
-        Stack { pki, kube, moto, imds, server_addr, agent_port, shutdown }
+        Stack { pki, kube, moto, imds, server_addr, agent_port, core, shutdown }
     }
 
     /// The agent's base URL as seen from `host` (127.0.0.1, or a pod's host-side veth IP).
@@ -141,6 +167,20 @@ impl Stack {
         tokio::time::timeout(Duration::from_secs(10), known)
             .await
             .expect("the server learns of the pod within 10 s");
+    }
+
+    /// Waits (bounded) until moto has recorded `n` AssumeRole calls, and returns them.
+    pub async fn wait_for_sts_calls(&self, n: usize) -> Vec<crate::support::moto::AssumeRoleCall> {
+        let wait = async {
+            loop {
+                let calls = self.moto.recorded_assume_roles().await;
+                if calls.len() >= n {
+                    return calls;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait).await.expect("moto records the calls within 20 s")
     }
 
     /// A gRPC client of the server presenting `cert`.

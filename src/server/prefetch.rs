@@ -1,0 +1,78 @@
+//! Credentials ready before the pod asks: `--fetchers` workers warm the cache for pods the
+//! cluster announces (new, or with a changed identity), and a refresher renews, at half-life,
+//! every identity that some live pod still uses. Identities no pod uses are left to lapse.
+//!
+//! Announcements wait in the cluster's channel, bounded by `--prefetch-buffer-size`; when it is
+//! full they are dropped and counted, and those pods are served on their first request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Core;
+use crate::cluster::PodFacts;
+use crate::creds::{AssumeRole, Identity};
+
+/// How often the refresher looks for identities due for renewal.
+pub fn refresh_interval(session: Duration) -> Duration {
+    (session / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Runs the workers and the refresher until `shutdown`.
+pub fn spawn<A: AssumeRole>(
+    core: Arc<Core<A>>,
+    mut announcements: mpsc::Receiver<Arc<PodFacts>>,
+    fetchers: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(fetchers.max(1)));
+    // The first tick fires at once: the pass right after the caches sync.
+    let mut tick = tokio::time::interval(refresh_interval(core.cache().lifetimes().session));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::spawn(async move {
+        // Announcements made while the caches fill wait in the channel; once synced, one pass
+        // fetches every identity in use, whatever was announced or dropped.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = core.cluster().wait_synced() => {}
+        }
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                pod = announcements.recv() => {
+                    let Some(pod) = pod else { return };
+                    let Some(role) = pod.role.clone() else { continue };
+                    // Only identities the policy allows: never AssumeRole what will not be served.
+                    let Ok(identity) = core.identity_for(&pod, &role) else { continue };
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+                    let core = Arc::clone(&core);
+                    tokio::spawn(async move {
+                        if let Err(error) = core.cache().get(&identity).await {
+                            tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");
+                        }
+                        drop(permit);
+                    });
+                }
+                _ = tick.tick() => {
+                    for identity in due(&core) {
+                        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+                        let core = Arc::clone(&core);
+                        tokio::spawn(async move {
+                            if let Err(error) = core.cache().refresh(&identity).await {
+                                tracing::info!(role = %identity.role, %error, "refresh failed; cached credentials stay in use");
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The identities due for refresh now; idle ones are dropped from the cache on the way.
+pub fn due<A: AssumeRole>(core: &Core<A>) -> Vec<Identity> {
+    core.cache().sweep(&core.active_identities())
+}

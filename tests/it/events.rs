@@ -1,0 +1,63 @@
+//! Kubernetes Events on pods, as kiam records them, and rate-limited.
+
+use std::time::Duration;
+
+use kiam::pb;
+use serde_json::Value;
+
+use crate::support::objects::{namespace, pod};
+use crate::support::stack::Stack;
+
+fn creds(ip: &str, role: &str) -> pb::GetPodCredentialsRequest {
+    pb::GetPodCredentialsRequest { ip: ip.into(), role: role.into() }
+}
+
+async fn wait_for_event(stack: &Stack, reason: &str, pod: &str) -> Value {
+    let wait = async {
+        loop {
+            let found = stack
+                .kube
+                .events()
+                .into_iter()
+                .find(|e| e["reason"] == reason && e["regarding"]["name"] == pod);
+            if let Some(e) = found {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.unwrap_or_else(|_| panic!("{reason} on {pod}"))
+}
+
+#[tokio::test]
+async fn denials_and_sts_failures_become_warning_events_on_the_pod() {
+    let mut stack = Stack::start().await;
+    stack.kube.apply(namespace("locked").build());
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("locked", "blocked").ip("10.64.0.1").role("app").build());
+    stack.wait_for_pod("10.64.0.1".parse().expect("ip")).await;
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    for _ in 0..5 {
+        grpc.get_pod_credentials(creds("10.64.0.1", "app")).await.expect_err("forbidden");
+    }
+    let event = wait_for_event(&stack, "KiamRoleForbidden", "blocked").await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reportingController"], "kiam.server");
+    assert_eq!(event["regarding"]["kind"], "Pod");
+    assert_eq!(event["regarding"]["namespace"], "locked");
+    let note = event["note"].as_str().expect("note");
+    assert!(note.starts_with("failed assuming role \"app\": namespace policy expression"), "{note}");
+
+    stack.moto.stop();
+    stack.kube.apply(pod("team-a", "unlucky").ip("10.64.0.2").role("app").build());
+    grpc.get_pod_credentials(creds("10.64.0.2", "app")).await.expect_err("STS is down");
+    let event = wait_for_event(&stack, "KiamCredentialError", "unlucky").await;
+    assert!(event["note"].as_str().expect("note").starts_with("failed retrieving credentials: "), "{event}");
+
+    // Five denials of a crash-looping pod made one event, not five.
+    let forbidden: Vec<Value> =
+        stack.kube.events().into_iter().filter(|e| e["reason"] == "KiamRoleForbidden").collect();
+    assert_eq!(forbidden.len(), 1, "{forbidden:?}");
+    let count = forbidden[0]["series"]["count"].as_u64().unwrap_or(1);
+    assert_eq!(count, 1, "rate-limited before it reached the API server");
+}
