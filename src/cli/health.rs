@@ -23,6 +23,9 @@ pub struct HealthArgs {
     /// Accepted for kiam compatibility.
     #[arg(long, env = "KIAM_GATEWAY_TIMEOUT_CREATION", default_value = "1s", value_parser = go_duration)]
     pub gateway_timeout_creation: Duration,
+    /// Deprecated and ignored (kiam's Helm chart still passes it).
+    #[arg(long, env = "KIAM_SERVER_ADDRESS_REFRESH", value_parser = go_duration, hide = true)]
+    pub server_address_refresh: Option<Duration>,
 }
 
 impl HealthArgs {
@@ -30,6 +33,9 @@ impl HealthArgs {
     pub fn config(&self) -> Result<(ClientConfig, Duration), String> {
         if self.timeout.is_zero() {
             return Err("--timeout must be positive".into());
+        }
+        if self.server_address_refresh.is_some() {
+            tracing::warn!("--server-address-refresh is deprecated and ignored");
         }
         let client = ClientConfig {
             server_address: self.server_address.clone(),

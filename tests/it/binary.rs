@@ -46,7 +46,9 @@ fn kiam(args: &[&str], tls: &CertFiles, log: &Path) -> Command {
 }
 
 async fn health(server: &str, tls: &CertFiles, timeout: &str, log: &Path) -> bool {
-    let mut cmd = kiam(&["health", "--server-address", server, "--timeout", timeout], tls, log);
+    // The Helm chart's probe still passes the deprecated --server-address-refresh.
+    let args = ["health", "--server-address", server, "--timeout", timeout, "--server-address-refresh=2s"];
+    let mut cmd = kiam(&args, tls, log);
     let status = tokio::time::timeout(Duration::from_secs(30), cmd.status()).await.expect("health returns");
     status.expect("health runs").success()
 }
@@ -174,4 +176,57 @@ async fn bad_flags_fail_at_start_up_with_a_clear_message() {
         let stderr = std::fs::read_to_string(&log).expect("log");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn autodetected_base_arn_and_a_chained_server_role() {
+    let pki = TestPki::new();
+    let (kube, moto, imds) = (FakeKube::start().await, Moto::start().await, FakeImds::start().await);
+    moto.start_recording().await;
+    kube.apply(namespace("team-a").permitted(".*").build());
+    kube.apply(pod("team-a", "web").ip("127.0.0.32").role("app").build());
+    let kubeconfig = kube.write_kubeconfig(pki.dir());
+    let server_addr = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "server",
+        "--bind",
+        &server_addr,
+        "--kubeconfig",
+        kubeconfig.to_str().expect("utf-8"),
+        "--role-base-arn-autodetect",
+        "--assume-role-arn",
+        "kiam-server",
+        "--sts-endpoint",
+        &moto.endpoint(),
+        "--region",
+        "eu-west-1",
+    ];
+    let mut cmd = kiam(&args, &pki.server(), &pki.dir().join("server.log"));
+    // The instance profile comes from the node's metadata service, over IMDSv2.
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url());
+    let _server = cmd.spawn().expect("server starts");
+    assert!(health(&server_addr, &pki.agent(), "20s", &pki.dir().join("health.log")).await, "server serves");
+
+    let calls = wait_for_calls(&moto, 2).await;
+    let base = "arn:aws:iam::123456789012:role/";
+    assert_eq!(calls[0].role_arn, format!("{base}kiam-server"), "the server's own role first");
+    assert_eq!(calls[0].session_name, "kiam-server");
+    assert_eq!(calls[1].role_arn, format!("{base}app"), "then the pod's, through the detected base ARN");
+    assert!(calls.iter().all(|c| c.region == "eu-west-1"), "{calls:?}");
+    let iam_info =
+        imds.requests().into_iter().find(|r| r.path == "/latest/meta-data/iam/info").expect("iam/info read");
+    assert!(iam_info.header("x-aws-ec2-metadata-token").is_some(), "read with an IMDSv2 token");
+}
+
+async fn wait_for_calls(moto: &Moto, n: usize) -> Vec<crate::support::moto::AssumeRoleCall> {
+    let wait = async {
+        loop {
+            let calls = moto.recorded_assume_roles().await;
+            if calls.len() >= n {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait).await.expect("moto records the calls")
 }
