@@ -167,3 +167,23 @@ impl Cluster {
         let _ = rx.wait_for(|s| s.pods && s.namespaces).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_never_block_and_drops_are_counted() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let cluster = Cluster::new(Some(tx));
+        for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
+            cluster.apply_pod(Change::Apply(PodFacts::test("ns", name, ip, Some("role"))));
+        }
+        assert_eq!(rx.try_recv().map(|p| p.name.clone()).ok().as_deref(), Some("a"));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(cluster.dropped_announcements(), 2);
+        // A pod without a role is never announced, so never dropped either.
+        cluster.apply_pod(Change::Apply(PodFacts::test("ns", "d", "10.0.0.4", None)));
+        assert_eq!(cluster.dropped_announcements(), 2);
+    }
+}
