@@ -21,6 +21,7 @@ pub mod client;
 pub mod cluster;
 pub mod creds;
 pub mod health;
+pub mod metrics;
 pub mod pb;
 pub mod policy;
 pub mod server;

@@ -52,6 +52,10 @@ pub struct ServerArgs {
     /// Deprecated and ignored (kiam never used it).
     #[arg(long, env = "KIAM_PROMETHEUS_SYNC_INTERVAL", value_parser = go_duration, hide = true)]
     pub prometheus_sync_interval: Option<Duration>,
+    /// Answer an agent only about pods on the node its client certificate names, in a
+    /// `urn:kiam:node:<node-name>` URI SAN (off by default, for kiam compatibility).
+    #[arg(long, env = "KIAM_AGENT_NODE_BINDING")]
+    pub agent_node_binding: bool,
     /// gRPC keepalive ping interval.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = go_duration)]
     pub grpc_keepalive_time_duration: Duration,
@@ -132,6 +136,7 @@ impl ServerArgs {
                 session: self.session.clone(),
                 fetchers: usize::from(self.fetchers),
                 prefetch_buffer: self.prefetch_buffer_size as usize,
+                node_binding: self.agent_node_binding,
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

@@ -28,6 +28,9 @@ pub enum Error {
     /// The policy denied the request.
     #[error("pod {pod} is forbidden: {denial}")]
     Forbidden { pod: String, denial: Denial },
+    /// Node binding is on and the pod is not on the caller's node.
+    #[error("pod {pod} is not on node {node}, the caller's")]
+    OtherNode { pod: String, node: String },
     /// STS failed.
     #[error("error fetching credentials: {0}")]
     Sts(#[from] StsError),

@@ -29,8 +29,11 @@ use crate::cluster::{Cluster, Source};
 use crate::creds::{AssumeRole, CredentialCache, Lifetimes};
 use crate::pb::kiam_service_server::KiamServiceServer;
 use crate::policy::Policy;
+use crate::tls::reload::{Reloading, Side};
 use crate::tls::{self, TlsFiles};
 
+/// How often the certificate files are checked for rotation.
+pub const TLS_POLL: Duration = Duration::from_secs(2);
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,6 +57,8 @@ pub struct Settings {
     pub fetchers: usize,
     /// `--prefetch-buffer-size`: announcements waiting for a worker.
     pub prefetch_buffer: usize,
+    /// `--agent-node-binding`: answer an agent only about pods on the node its certificate names.
+    pub node_binding: bool,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).
@@ -96,7 +101,9 @@ pub enum ServeError {
 
 /// Runs the server process until `shutdown`.
 pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let tls = tls::server_config(&config.tls)?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
+    tls.spawn_watch(TLS_POLL, shutdown.clone());
     if config.autodetect_base_arn {
         let base = crate::aws::detect_base_arn()
             .await
@@ -136,7 +143,8 @@ pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(),
         () = shutdown.cancelled() => return Ok(()),
     }
     tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
-    run(listener, tls, core, &config.grpc, shutdown).await
+    let service = service::KiamService::new(core, config.settings.node_binding);
+    run(listener, tls, service, &config.grpc, shutdown).await
 }
 
 /// Assembles the server's core and starts its background work: the pod/namespace source and
@@ -176,13 +184,13 @@ pub fn spawn_source(source: impl Source, cluster: &Arc<Cluster>, shutdown: &Canc
 /// Serves `core` over mutual TLS on `listener` until `shutdown`.
 pub async fn run<A: AssumeRole>(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    core: Arc<Core<A>>,
+    tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
+    service: service::KiamService<A>,
     grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
-    let service = KiamServiceServer::new(service::KiamService::new(core));
+    let incoming = accept_tls(listener, tls, shutdown.clone());
+    let service = KiamServiceServer::new(service);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(grpc.keepalive_time).filter(|d| !d.is_zero()))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout).filter(|d| !d.is_zero()))
@@ -199,7 +207,7 @@ pub async fn run<A: AssumeRole>(
 /// and dropped.
 fn accept_tls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, mut rx) = mpsc::channel(64);
@@ -216,7 +224,8 @@ fn accept_tls(
                     }
                 },
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            // Each handshake uses the material current at accept time.
+            let (acceptor, tx) = (TlsAcceptor::from(Arc::clone(&*tls.current())), tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -36,6 +36,7 @@ fn status(err: &Error, rpc: Rpc) -> Status {
         }),
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
+        Error::OtherNode { .. } => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             let code = match sts.kind {
                 StsErrorKind::Throttled | StsErrorKind::Unavailable => Code::Unavailable,
@@ -83,12 +84,39 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 /// `kiam.KiamService` over a [`Core`].
 pub struct KiamService<A> {
     core: Arc<Core<A>>,
+    node_binding: bool,
 }
 
 impl<A> KiamService<A> {
-    /// Serves `core`.
-    pub fn new(core: Arc<Core<A>>) -> Self {
-        KiamService { core }
+    /// Serves `core`; with `node_binding`, an agent may ask only about pods on the node its
+    /// client certificate names (a `urn:kiam:node:<name>` URI SAN).
+    pub fn new(core: Arc<Core<A>>, node_binding: bool) -> Self {
+        KiamService { core, node_binding }
+    }
+
+    /// The node the caller may ask about, when node binding is on.
+    fn caller_node<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        if !self.node_binding {
+            return Ok(None);
+        }
+        let certs = request.peer_certs();
+        let node = certs.as_ref().and_then(|c| c.first()).and_then(|leaf| crate::tls::x509::node_name(leaf));
+        match node {
+            Some(node) => Ok(Some(node)),
+            None => Err(Status::permission_denied(
+                "node binding is on and the client certificate names no node (urn:kiam:node:<name>)",
+            )),
+        }
+    }
+}
+
+/// Refuses a pod on another node than the caller's.
+fn check_node(pod: &crate::cluster::PodFacts, caller: Option<&str>) -> Result<(), Error> {
+    match caller {
+        Some(node) if pod.node_name.as_deref() != Some(node) => {
+            Err(Error::OtherNode { pod: pod.qualified_name(), node: node.to_string() })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -100,11 +128,13 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
     ) -> Result<Response<pb::Role>, Status> {
         let started = Instant::now();
         let wait = pod_wait(&request);
+        let caller = self.caller_node(&request)?;
         let ip = request.into_inner().ip;
         let result = match parse_ip(&ip) {
             Ok(addr) => self.core.pod_role(addr, wait).await,
             Err(err) => Err(err),
         };
+        let result = result.and_then(|(pod, role)| check_node(&pod, caller.as_deref()).map(|()| (pod, role)));
         match result {
             Ok((pod, role)) => {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
@@ -125,9 +155,16 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
     ) -> Result<Response<pb::Credentials>, Status> {
         let started = Instant::now();
         let wait = pod_wait(&request);
+        let caller = self.caller_node(&request)?;
         let pb::GetPodCredentialsRequest { ip, role } = request.into_inner();
         let result = match parse_ip(&ip) {
-            Ok(addr) => self.core.pod_credentials(addr, &role, wait).await,
+            // The node is checked before any credentials are fetched for the pod.
+            Ok(addr) => {
+                match self.core.pod(addr, wait).await.and_then(|pod| check_node(&pod, caller.as_deref())) {
+                    Ok(()) => self.core.pod_credentials(addr, &role, wait).await,
+                    Err(err) => Err(err),
+                }
+            }
             Err(err) => Err(err),
         };
         let duration_ms = started.elapsed().as_millis() as u64;

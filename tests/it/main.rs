@@ -14,3 +14,4 @@ mod peers_tests;
 mod prefetch;
 mod server;
 mod support;
+mod transport;

@@ -110,6 +110,34 @@ impl TestPki {
         )
     }
 
+    /// An agent leaf bound to `node`: a `urn:kiam:node:<node>` URI SAN, for node binding.
+    pub fn agent_for_node(&self, file_stem: &str, node: &str) -> CertFiles {
+        let uri = format!("urn:kiam:node:{node}");
+        leaf_with(
+            self.dir.path(),
+            file_stem,
+            &self.ca,
+            AGENT_NAME,
+            &[],
+            &[&uri],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            &self.server.ca,
+        )
+    }
+
+    /// Another server leaf from the real CA (same names as [`server`](Self::server)), for rotation.
+    pub fn server_leaf(&self, file_stem: &str) -> CertFiles {
+        leaf(
+            self.dir.path(),
+            file_stem,
+            &self.ca,
+            SERVER_NAME,
+            &[SERVER_NAME, "localhost", "127.0.0.1"],
+            &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            &self.server.ca,
+        )
+    }
+
     /// The directory holding every PEM file (`ca.pem`, `server.pem`, `server-key.pem`, ...).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -142,8 +170,25 @@ fn leaf(
     ekus: &[ExtendedKeyUsagePurpose],
     ca_path: &Path,
 ) -> CertFiles {
+    leaf_with(dir, file_stem, issuer, common_name, sans, &[], ekus, ca_path)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn leaf_with(
+    dir: &Path,
+    file_stem: &str,
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    common_name: &str,
+    sans: &[&str],
+    uris: &[&str],
+    ekus: &[ExtendedKeyUsagePurpose],
+    ca_path: &Path,
+) -> CertFiles {
     let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
     let mut params = CertificateParams::new(sans).expect("test SANs are valid names or IPs");
+    for uri in uris {
+        params.subject_alt_names.push(rcgen::SanType::URI((*uri).try_into().expect("an ASCII URI")));
+    }
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -19,6 +19,7 @@ use kiam::policy::paths::AllowRoutes;
 use kiam::policy::{BaseArn, Policy};
 use kiam::server::{self, Core, GrpcSettings, Settings};
 use kiam::tls::TlsFiles;
+use kiam::tls::reload::{Reloading, Side};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,12 @@ pub struct Options {
     pub prefetch_buffer: usize,
     /// The server's `--region`.
     pub region: &'static str,
+    /// The server's `--agent-node-binding`.
+    pub node_binding: bool,
+    /// The server's `--cert/--key/--ca`, when not the PKI's own files (rotation tests).
+    pub server_tls: Option<CertFiles>,
+    /// The PKI to use instead of a fresh one.
+    pub pki: Option<TestPki>,
 }
 
 impl Default for Options {
@@ -51,6 +58,9 @@ impl Default for Options {
             allow_routes: "^$",
             prefetch_buffer: 1000,
             region: "us-east-1",
+            node_binding: false,
+            server_tls: None,
+            pki: None,
         }
     }
 }
@@ -65,6 +75,8 @@ pub struct Stack {
     pub agent_port: u16,
     /// The server's core, for tests that look inside (cache counters, the cluster view).
     pub core: Arc<Core<Sts>>,
+    /// The server's TLS gauges.
+    pub tls_gauges: kiam::metrics::TlsGauges,
     shutdown: CancellationToken,
 }
 
@@ -81,9 +93,9 @@ impl Stack {
     }
 
     /// Starts everything and returns once the server's caches have synced.
-    pub async fn start_with(options: Options) -> Stack {
+    pub async fn start_with(mut options: Options) -> Stack {
         kiam::install_crypto_provider();
-        let pki = TestPki::new();
+        let pki = options.pki.take().unwrap_or_default();
         let kube = FakeKube::start().await;
         let moto = Moto::start().await;
         let imds = FakeImds::start().await;
@@ -114,6 +126,7 @@ impl Stack {
             session: "kiam".into(),
             fetchers: 8,
             prefetch_buffer: options.prefetch_buffer,
+            node_binding: options.node_binding,
         };
         let core = server::start(&settings, sts, events, source, &shutdown);
         tokio::time::timeout(Duration::from_secs(20), core.cluster().wait_synced())
@@ -121,7 +134,16 @@ impl Stack {
             .expect("server caches sync within 20 s");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
         let server_addr = listener.local_addr().expect("server addr");
-        let tls = kiam::tls::server_config(&tls_files(&pki.server())).expect("server TLS");
+        let server_tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
+        let tls_gauges = kiam::metrics::TlsGauges::default();
+        let tls = Reloading::load(
+            &tls_files(&server_tls),
+            Side::Server,
+            tls_gauges.clone(),
+            kiam::tls::server_config,
+        )
+        .expect("server TLS");
+        tls.spawn_watch(Duration::from_millis(100), shutdown.clone());
         let grpc = GrpcSettings {
             keepalive_time: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(2),
@@ -131,7 +153,8 @@ impl Stack {
         };
         let server_core = Arc::clone(&core);
         let server_shutdown = shutdown.clone();
-        tokio::spawn(async move { server::run(listener, tls, server_core, &grpc, server_shutdown).await });
+        let service = server::service::KiamService::new(server_core, options.node_binding);
+        tokio::spawn(async move { server::run(listener, tls, service, &grpc, server_shutdown).await });
 
         // Agent.
         let client = GrpcClient::connect_lazy(&ClientConfig {
@@ -146,7 +169,7 @@ impl Stack {
         let agent_port = listener.local_addr().expect("agent addr").port();
         tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
 
-        Stack { pki, kube, moto, imds, server_addr, agent_port, core, shutdown }
+        Stack { pki, kube, moto, imds, server_addr, agent_port, core, tls_gauges, shutdown }
     }
 
     /// The agent's base URL as seen from `host` (127.0.0.1, or a pod's host-side veth IP).

@@ -2,6 +2,9 @@
 //! configuration that requires a client certificate signed by the CA, and to tonic's client TLS.
 //! A CA file may hold several CAs; all are trusted, so a CA can be rotated with an overlap.
 
+pub mod reload;
+pub mod x509;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,7 +36,7 @@ fn file_error(path: &Path, message: impl ToString) -> TlsError {
     TlsError::File { path: path.display().to_string(), message: message.to_string() }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -44,7 +47,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+pub(crate) fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certs(path)? {
         roots.add(cert).map_err(|e| file_error(path, e))?;

@@ -1,0 +1,171 @@
+//! The agent ↔ server link: certificate rotation without restarts, and agents bound to their
+//! node.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kiam::pb;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tonic::Code;
+
+use rustls::pki_types::pem::PemObject;
+
+use crate::support::certs::{CertFiles, TestPki};
+use crate::support::objects::{namespace, pod};
+use crate::support::stack::{Options, Stack};
+
+fn creds(ip: &str, role: &str) -> pb::GetPodCredentialsRequest {
+    pb::GetPodCredentialsRequest { ip: ip.into(), role: role.into() }
+}
+
+#[tokio::test]
+async fn with_node_binding_an_agent_is_answered_only_about_its_own_node() {
+    let stack = Stack::start_with(Options { node_binding: true, ..Options::default() }).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "here").ip("10.71.0.1").role("app").node("node-a").build());
+    stack.kube.apply(pod("team-a", "there").ip("10.71.0.2").role("app").node("node-b").build());
+    let node_a = stack.client(&stack.pki.agent_for_node("agent-a", "node-a"));
+    let mut grpc = node_a.service();
+    // The server waits for pods it has not seen yet, so no synchronisation is needed here.
+    grpc.get_pod_credentials(creds("10.71.0.1", "app")).await.expect("its own node's pod");
+    let other = grpc.get_pod_credentials(creds("10.71.0.2", "app")).await.expect_err("another node's pod");
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert!(other.message().contains("not on node node-a"), "{}", other.message());
+    let role =
+        grpc.get_pod_role(pb::GetPodRoleRequest { ip: "10.71.0.2".into() }).await.expect_err("role too");
+    assert_eq!(role.code(), Code::PermissionDenied);
+
+    // A certificate that names no node gets nothing but health.
+    let unbound = stack.client(&stack.pki.agent());
+    let denied = unbound.service().get_pod_credentials(creds("10.71.0.1", "app")).await.expect_err("no node");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(unbound.get_health().await.expect("health is open"), "ok");
+}
+
+/// Lays out TLS files as kubelet does: `name -> ..data/name`, `..data -> ..<version>/`.
+fn publish(dir: &Path, version: &str, files: &CertFiles) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&versioned).expect("version dir");
+    std::fs::copy(&files.cert, versioned.join("cert.pem")).expect("cert");
+    std::fs::copy(&files.key, versioned.join("key.pem")).expect("key");
+    std::fs::copy(&files.ca, versioned.join("ca.pem")).expect("ca");
+    swap_data(dir, version);
+    for name in ["cert.pem", "key.pem", "ca.pem"] {
+        let link = dir.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), link).expect("link");
+        }
+    }
+}
+
+/// The atomic part of kubelet's update: a new `..data` link renamed over the old one.
+fn swap_data(dir: &Path, version: &str) {
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).expect("tmp link");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+}
+
+/// The certificate the server presents to a new connection.
+async fn presented(stack: &Stack) -> CertificateDer<'static> {
+    let files = stack.pki.agent();
+    let ca = CertificateDer::pem_file_iter(&files.ca).expect("ca").map(|c| c.expect("ca cert"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert).expect("root");
+    }
+    let chain: Vec<_> =
+        CertificateDer::pem_file_iter(&files.cert).expect("cert").map(|c| c.expect("pem")).collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).expect("key");
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("config");
+    let tcp = tokio::net::TcpStream::connect(stack.server_addr).await.expect("connect");
+    let name = ServerName::try_from("kiam-server").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("server cert")[0].clone().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_certificate_rotates_under_load_without_a_restart() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    publish(dir.path(), "1", &pki.server());
+    let files = CertFiles {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+        ca: dir.path().join("ca.pem"),
+    };
+    let stack =
+        Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("10.72.0.1").role("app").build());
+    stack.wait_for_pod("10.72.0.1".parse().expect("ip")).await;
+    let first = presented(&stack).await;
+
+    // Steady load while the certificate changes under it.
+    let (stop, calls, failures) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+        let client = stack.client(&stack.pki.agent());
+        tokio::spawn(async move {
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if client.service().get_pod_credentials(creds("10.72.0.1", "app")).await.is_err() {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                calls.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    publish(dir.path(), "2", &stack.pki.server_leaf("server-2"));
+    let second = eventually_presented(&stack, |c| *c != first).await;
+
+    // Broken files: the server keeps the certificate it has, and says so.
+    let broken = dir.path().join("..3");
+    std::fs::create_dir_all(&broken).expect("dir");
+    for name in ["cert.pem", "key.pem", "ca.pem"] {
+        std::fs::write(
+            broken.join(name),
+            "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+    }
+    swap_data(dir.path(), "3");
+    let wait = async {
+        while stack.tls_gauges.update_error.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the failed reload is reported");
+    assert_eq!(presented(&stack).await, second, "the old certificate stays in use");
+
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+    assert!(calls.load(Ordering::SeqCst) > 0);
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no request failed during the rotation");
+}
+
+async fn eventually_presented(
+    stack: &Stack,
+    changed: impl Fn(&CertificateDer<'static>) -> bool,
+) -> CertificateDer<'static> {
+    let wait = async {
+        loop {
+            let cert = presented(stack).await;
+            if changed(&cert) {
+                return cert;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("new handshakes present the new certificate")
+}
