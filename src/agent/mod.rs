@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod handlers;
+pub mod iptables;
 pub mod proxy;
 pub mod token;
 

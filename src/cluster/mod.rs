@@ -72,6 +72,8 @@ pub struct Cluster {
     synced: watch::Sender<Synced>,
     /// Bumped on every pod change, so that requests for a pod not seen yet can wait for it.
     generation: watch::Sender<u64>,
+    /// Bumped on every namespace change, likewise.
+    ns_generation: watch::Sender<u64>,
     /// Where new or changed pods with a role are announced for prefetching.
     announce: Option<mpsc::Sender<Arc<PodFacts>>>,
     dropped: AtomicU64,
@@ -93,6 +95,7 @@ impl Cluster {
             namespaces: RwLock::default(),
             synced: watch::Sender::new(Synced::default()),
             generation: watch::Sender::new(0),
+            ns_generation: watch::Sender::new(0),
             announce,
             dropped: AtomicU64::new(0),
         }
@@ -125,6 +128,11 @@ impl Cluster {
         self.generation.subscribe()
     }
 
+    /// A receiver that changes whenever a namespace does.
+    pub fn namespace_changes(&self) -> watch::Receiver<u64> {
+        self.ns_generation.subscribe()
+    }
+
     /// Calls `f` with every pod that can still get credentials.
     pub fn for_each_live_pod(&self, f: impl FnMut(&PodFacts)) {
         self.pods.read().unwrap_or_else(PoisonError::into_inner).for_each_live(f);
@@ -134,6 +142,7 @@ impl Cluster {
     pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
         let done = matches!(change, Change::InitDone);
         self.namespaces.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        self.ns_generation.send_modify(|g| *g += 1);
         if done {
             self.synced.send_if_modified(|s| !std::mem::replace(&mut s.namespaces, true));
         }

@@ -104,6 +104,18 @@ impl<A: AssumeRole> Core<A> {
         }
     }
 
+    /// Waits, woken by namespace changes, until `name` is known or `deadline` passes: the
+    /// namespace and pod watches are separate streams, so a pod in a new namespace can arrive
+    /// first, and must not be denied for that.
+    pub async fn wait_namespace(&self, name: &str, deadline: tokio::time::Instant) {
+        let mut changes = self.cluster.namespace_changes();
+        while self.cluster.namespace(name).is_none() {
+            if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                return;
+            }
+        }
+    }
+
     /// The role annotation of the pod at `ip` (kiam applies no policy here).
     pub async fn pod_role(
         &self,
@@ -144,7 +156,9 @@ impl<A: AssumeRole> Core<A> {
         requested: &str,
         wait: Duration,
     ) -> Result<(Arc<PodFacts>, Arc<Credentials>), Error> {
+        let deadline = tokio::time::Instant::now() + wait;
         let pod = self.pod(ip, wait).await?;
+        self.wait_namespace(&pod.namespace, deadline).await;
         let identity = match self.identity_for(&pod, requested) {
             Ok(identity) => identity,
             Err(denial) => {

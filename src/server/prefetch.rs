@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Core;
 use crate::cluster::PodFacts;
 use crate::creds::{AssumeRole, Identity};
+
+/// How long an announced pod's prefetch waits for its namespace to arrive.
+const NAMESPACE_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the refresher looks for identities due for renewal.
 pub fn refresh_interval(session: Duration) -> Duration {
@@ -43,17 +47,20 @@ pub fn spawn<A: AssumeRole>(
                 () = shutdown.cancelled() => return,
                 pod = announcements.recv() => {
                     let Some(pod) = pod else { return };
-                    let Some(role) = pod.role.clone() else { continue };
-                    // Only identities the policy allows: never AssumeRole what will not be served.
-                    let Ok(identity) = core.identity_for(&pod, &role) else { continue };
-                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
-                    let core = Arc::clone(&core);
-                    tokio::spawn(async move {
-                        if let Err(error) = core.cache().get(&identity).await {
-                            tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");
-                        }
-                        drop(permit);
-                    });
+                    let (core, permits) = (Arc::clone(&core), Arc::clone(&permits));
+                    if core.cluster().namespace(&pod.namespace).is_some() {
+                        let Ok(permit) = permits.acquire_owned().await else { return };
+                        tokio::spawn(async move { warm(&core, &pod).await; drop(permit) });
+                    } else {
+                        // The pod's namespace is still on its way (a separate watch): wait for it
+                        // without holding a worker.
+                        tokio::spawn(async move {
+                            core.wait_namespace(&pod.namespace, Instant::now() + NAMESPACE_WAIT).await;
+                            let Ok(permit) = permits.acquire_owned().await else { return };
+                            warm(&core, &pod).await;
+                            drop(permit);
+                        });
+                    }
                 }
                 _ = tick.tick() => {
                     for identity in due(&core) {
@@ -70,6 +77,16 @@ pub fn spawn<A: AssumeRole>(
             }
         }
     });
+}
+
+/// Fetches the credentials `pod` will ask for, if the policy allows them: never AssumeRole what
+/// will not be served.
+async fn warm<A: AssumeRole>(core: &Core<A>, pod: &PodFacts) {
+    let Some(role) = pod.role.as_deref() else { return };
+    let Ok(identity) = core.identity_for(pod, role) else { return };
+    if let Err(error) = core.cache().get(&identity).await {
+        tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");
+    }
 }
 
 /// The identities due for refresh now; idle ones are dropped from the cache on the way.

@@ -51,6 +51,10 @@ async fn a_pod_created_just_before_its_request_is_answered() {
     stack.kube.apply(pod("team-a", "fresher").ip("10.60.0.2").role("app").build());
     let role = grpc.get_pod_role(role_of("10.60.0.2")).await.expect("role, too");
     assert_eq!(role.into_inner().name, "app");
+    // A pod in a namespace created a moment earlier: the namespace watch may lag the pod watch.
+    stack.kube.apply(namespace("brand-new").permitted(".*").build());
+    stack.kube.apply(pod("brand-new", "first").ip("10.60.0.3").role("app").build());
+    grpc.get_pod_credentials(creds("10.60.0.3", "app")).await.expect("not denied for a namespace in flight");
 }
 
 #[tokio::test]

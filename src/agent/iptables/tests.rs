@@ -1,0 +1,119 @@
+//! The rule logic against the in-memory fake.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::fake::FakeIptables;
+use super::*;
+
+fn config(interface: &str) -> Config {
+    Config {
+        interface: interface.parse().expect("interface"),
+        target: "10.0.0.5:8181".parse().expect("target"),
+        chain: DEFAULT_CHAIN.into(),
+        remove_at_exit: true,
+        check_interval: Duration::from_secs(2),
+    }
+}
+
+fn mutating(log: &[Vec<String>]) -> Vec<String> {
+    log.iter().filter(|c| !matches!(c[0].as_str(), "-S" | "-C")).map(|c| c.join(" ")).collect()
+}
+
+#[tokio::test]
+async fn install_adds_a_chain_a_rule_and_a_jump_once() {
+    let fake = FakeIptables::default();
+    fake.append("PREROUTING", &["-j", "KUBE-SERVICES"]);
+    let rules = Interception::new(fake.clone(), config("cali+"));
+    assert!(!rules.is_installed().await.expect("check"));
+    assert!(rules.install().await.expect("install"), "a fresh table changes");
+    assert_eq!(fake.chain(DEFAULT_CHAIN), Some(vec![rules.rules().dnat.clone()]));
+    let prerouting = fake.chain("PREROUTING").expect("PREROUTING");
+    assert_eq!(prerouting[0], rules.rules().jump, "the jump goes first, ahead of kube-proxy");
+    assert_eq!(prerouting.len(), 2);
+    assert!(rules.is_installed().await.expect("check"));
+
+    fake.clear_log();
+    assert!(!rules.install().await.expect("install again"), "a second install changes nothing");
+    assert_eq!(mutating(&fake.log()), Vec::<String>::new());
+    assert_eq!(fake.chain("PREROUTING").map(|r| r.len()), Some(2));
+}
+
+#[tokio::test]
+async fn a_chain_left_by_another_configuration_is_replaced_without_a_gap() {
+    let fake = FakeIptables::default();
+    let old = Interception::new(fake.clone(), config("docker0"));
+    old.install().await.expect("old install");
+    fake.append(DEFAULT_CHAIN, &["-j", "RETURN"]);
+
+    let new = Interception::new(fake.clone(), config("!eth0"));
+    fake.clear_log();
+    assert!(new.install().await.expect("install"));
+    assert_eq!(fake.chain(DEFAULT_CHAIN), Some(vec![new.rules().dnat.clone()]));
+    assert_eq!(
+        mutating(&fake.log()),
+        vec![
+            format!("-I {DEFAULT_CHAIN} 1 {}", new.rules().dnat.join(" ")),
+            format!("-D {DEFAULT_CHAIN} 2"),
+            format!("-D {DEFAULT_CHAIN} 2"),
+        ],
+        "ours first, then the stale rules; the jump (same for both) stays"
+    );
+    assert!(new.is_installed().await.expect("check"));
+}
+
+#[tokio::test]
+async fn remove_deletes_only_our_rules() {
+    let fake = FakeIptables::default();
+    fake.append("PREROUTING", &["-j", "KUBE-SERVICES"]);
+    let rules = Interception::new(fake.clone(), config("cali+"));
+    rules.install().await.expect("install");
+    rules.remove_with_retries().await.expect("remove");
+    assert_eq!(fake.chain(DEFAULT_CHAIN), None);
+    assert_eq!(fake.chain("PREROUTING"), Some(vec![vec!["-j".to_string(), "KUBE-SERVICES".to_string()]]));
+    rules.remove().await.expect("removing twice is fine");
+}
+
+#[tokio::test]
+async fn failures_are_errors() {
+    let fake = FakeIptables::default();
+    fake.set_failing(true);
+    let rules = Interception::new(fake.clone(), config("cali+"));
+    assert!(matches!(rules.install().await, Err(IptablesError::Spawn { .. })));
+    assert!(rules.is_installed().await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_check_loop_restores_deleted_rules_and_counts_them() {
+    let fake = FakeIptables::default();
+    let rules = Arc::new(Interception::new(fake.clone(), config("cali+")));
+    rules.install().await.expect("install");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(Arc::clone(&rules).keep_installed(shutdown.clone()));
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(rules.restorations(), 0, "nothing to restore while the rules are in place");
+
+    fake.delete("PREROUTING", &rules.rules().jump);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(rules.is_installed().await.expect("check"));
+    assert_eq!(rules.restorations(), 1);
+
+    fake.delete(DEFAULT_CHAIN, &rules.rules().dnat);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(rules.is_installed().await.expect("check"));
+    assert_eq!(rules.restorations(), 2);
+
+    // A failing check is logged and tried again; it does not end the loop.
+    fake.set_failing(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fake.set_failing(false);
+    fake.delete("PREROUTING", &rules.rules().jump);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rules.restorations(), 3);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops on shutdown").expect("no panic");
+}
