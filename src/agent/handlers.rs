@@ -6,37 +6,43 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::proxy::TOKEN_HEADER;
+use super::answers;
+use super::proxy::{TOKEN_HEADER, TTL_HEADER};
 use super::token::parse_ttl;
 use super::{Agent, Backend, BackendError};
 use crate::policy::paths::{Route, classify};
-use crate::policy::role::listed_name;
-
-const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
 /// Why a request failed, mapped to a status and a plain-text message.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// Unknown pod, no role, another role, or a path that is not served: 404, which also makes
+    /// SDKs rediscover the role name or fall back from the extended path.
     #[error("{0}")]
     NotFound(String),
+    /// The server's policy denies the pod its role, or a token request came through a proxy.
     #[error("{0}")]
     Forbidden(String),
+    /// A malformed path, TTL or `?ip=`.
     #[error("{0}")]
     BadRequest(String),
+    /// A missing (under `--require-imdsv2`), wrong or expired IMDSv2 token.
     #[error("{0}")]
     Unauthorized(String),
+    /// Anything but GET and HEAD (PUT for the token path).
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The node's metadata service failed while forwarding.
     #[error("metadata service: {0}")]
     Upstream(String),
+    /// No server answered, or a health check failed.
     #[error("{0}")]
     Unavailable(String),
+    /// Anything else (an STS failure on the server, say).
     #[error("{0}")]
     Internal(String),
 }
@@ -53,11 +59,18 @@ impl IntoResponse for AgentError {
             AgentError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{self}\n")).into_response()
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{self}\n"))
+                .into_response();
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response
     }
 }
 
-fn from_backend(err: BackendError, ip: IpAddr) -> AgentError {
+/// The error for a backend failure on behalf of the pod at `ip`.
+pub fn from_backend(err: BackendError, ip: IpAddr) -> AgentError {
     match err {
         BackendError::PodNotFound => AgentError::NotFound(format!("no pod found for IP {ip}")),
         BackendError::Forbidden => AgentError::Forbidden("forbidden by policy".into()),
@@ -73,10 +86,13 @@ pub async fn handle<B: Backend>(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let ip = peer.ip().to_canonical();
     // Only the head is needed; the parts are Sync, which the body is not.
     let (parts, _body) = request.into_parts();
     let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+    let ip = match caller(&agent, peer, parts.uri.query()) {
+        Ok(ip) => ip,
+        Err(err) => return err.into_response(),
+    };
     let response = match dispatch(&agent, ip, &parts).await {
         Ok(response) => response,
         Err(err) => err.into_response(),
@@ -91,12 +107,21 @@ pub async fn handle<B: Backend>(
     response
 }
 
+/// The caller: the connection's source address, or `?ip=` under `--allow-ip-query`.
+fn caller<B>(agent: &Agent<B>, peer: SocketAddr, query: Option<&str>) -> Result<IpAddr, AgentError> {
+    let from_query = query
+        .filter(|_| agent.allow_ip_query)
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ip=")));
+    match from_query {
+        Some(ip) => ip.parse().map_err(|_| AgentError::BadRequest(format!("invalid ?ip= {ip:?}"))),
+        None => Ok(peer.ip().to_canonical()),
+    }
+}
+
 async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> Result<Response, AgentError> {
     let (method, headers, path) = (&request.method, &request.headers, request.uri.path());
     let route = classify(path);
     match route {
-        Route::Ping => return Ok("pong".into_response()),
-        Route::Health => return health(agent, request.uri.query()).await,
         Route::Token => return token(agent, ip, method, headers),
         Route::Malformed => return Err(AgentError::BadRequest(format!("malformed metadata path: {path}"))),
         _ => {}
@@ -104,17 +129,22 @@ async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> 
     if method != Method::GET && method != Method::HEAD {
         return Err(AgentError::MethodNotAllowed);
     }
+    match route {
+        Route::Ping => return Ok("pong".into_response()),
+        Route::Health => return answers::health(agent, request.uri.query()).await,
+        _ => {}
+    }
     check_token(agent, ip, headers)?;
     match route {
         Route::CredentialsRedirect => {
             let location = format!("{path}/");
             Ok((StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, location)]).into_response())
         }
-        Route::RoleList => {
-            let role = pod_role(agent, ip).await?;
-            Ok(([(header::CONTENT_TYPE, "text/plain")], listed_name(&role).to_string()).into_response())
-        }
-        Route::Credentials(requested) => credentials(agent, ip, requested).await,
+        Route::RoleList => answers::role_list(agent, ip, false).await,
+        Route::ExtendedRoleList => answers::role_list(agent, ip, true).await,
+        Route::Credentials(requested) => answers::credentials(agent, ip, requested, false).await,
+        Route::ExtendedCredentials(requested) => answers::credentials(agent, ip, requested, true).await,
+        Route::IamInfo => answers::iam_info(agent, ip).await,
         Route::Guarded => Err(AgentError::NotFound(format!("{path} is not served by kiam"))),
         _ => {
             if !agent.allow_routes.allows(path) {
@@ -152,69 +182,14 @@ fn token<B>(
 }
 
 /// A token, when present, must be one of ours, for this caller, unexpired. Without one the
-/// request is IMDSv1, which kiam users rely on.
+/// request is IMDSv1, which kiam users rely on, unless `--require-imdsv2`.
 fn check_token<B>(agent: &Agent<B>, ip: IpAddr, headers: &HeaderMap) -> Result<(), AgentError> {
-    let Some(value) = headers.get(TOKEN_HEADER) else { return Ok(()) };
+    let Some(value) = headers.get(TOKEN_HEADER) else {
+        if agent.require_imdsv2 {
+            return Err(AgentError::Unauthorized("an IMDSv2 token is required".into()));
+        }
+        return Ok(());
+    };
     let token = value.to_str().map_err(|_| AgentError::Unauthorized("invalid token".into()))?;
     agent.tokens.verify(token, ip, SystemTime::now()).map_err(|e| AgentError::Unauthorized(e.to_string()))
-}
-
-/// Calls `f` until it succeeds, fails for good, or `budget` runs out: a pod the server has not
-/// seen yet, or a server that is briefly unreachable, is waited for instead of failing at once.
-async fn with_budget<T, F, Fut>(budget: Duration, mut f: F) -> Result<T, BackendError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, BackendError>>,
-{
-    let deadline = tokio::time::Instant::now() + budget;
-    let mut delay = Duration::from_millis(5);
-    loop {
-        match f().await {
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 3 / 2).min(Duration::from_millis(250));
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn pod_role<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<String, AgentError> {
-    with_budget(agent.pod_wait, || agent.backend.pod_role(ip))
-        .await
-        .map_err(|e| from_backend(e, ip))?
-        .ok_or_else(|| AgentError::NotFound("no role annotated for this pod".into()))
-}
-
-async fn credentials<B: Backend>(
-    agent: &Agent<B>,
-    ip: IpAddr,
-    requested: &str,
-) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip).await?;
-    // SDKs list the role, then ask for that name; any other name is not this pod's (404, so
-    // that SDKs which pin a profile name rediscover it).
-    if requested != listed_name(&role) && requested != role.trim().trim_start_matches('/') {
-        return Err(AgentError::NotFound(format!("role {requested:?} is not this pod's role")));
-    }
-    let document = with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role))
-        .await
-        .map_err(|e| from_backend(e, ip))?;
-    let body = serde_json::to_vec(&document).map_err(|e| AgentError::Internal(e.to_string()))?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response())
-}
-
-/// `/health`: the node's metadata service answers, and with `?deep` a server does too.
-async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result<Response, AgentError> {
-    let upstream =
-        agent.upstream.forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new()).await?;
-    if !upstream.status().is_success() {
-        return Err(AgentError::Upstream(format!("instance-id answered {}", upstream.status())));
-    }
-    let deep = query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("deep")));
-    if deep {
-        let message = agent.backend.health().await.map_err(|e| AgentError::Unavailable(e.to_string()))?;
-        return Ok(format!("metadata: ok, server: {message}").into_response());
-    }
-    Ok("metadata: ok".into_response())
 }

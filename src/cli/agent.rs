@@ -1,12 +1,15 @@
-//! `kiam agent` flags.
+//! `kiam agent` flags. Booleans take kingpin's forms, as kiam's manifests and Helm chart pass
+//! them: `--flag`, `--no-flag`, and `--flag=true|false` (the last one given wins).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddrV4};
 use std::time::Duration;
 
-use clap::Args;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args};
 
 use super::{LogArgs, TlsArgs, go_duration};
 use crate::agent::Config;
+use crate::agent::iptables::{self, DEFAULT_CHAIN, Interface};
 use crate::client::ClientConfig;
 use crate::policy::paths::AllowRoutes;
 
@@ -38,6 +41,44 @@ pub struct AgentArgs {
     /// Accepted for kiam compatibility; the agent never exits for a slow server.
     #[arg(long, env = "KIAM_GATEWAY_TIMEOUT_CREATION", default_value = "1s", value_parser = go_duration)]
     pub gateway_timeout_creation: Duration,
+    /// Install the DNAT rule sending pods' 169.254.169.254:80 to --host:--port, and keep it.
+    #[arg(long, env = "KIAM_IPTABLES", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new(),
+          overrides_with = "no_iptables")]
+    pub iptables: bool,
+    #[arg(long, hide = true, overrides_with = "iptables")]
+    pub no_iptables: bool,
+    /// Remove the DNAT rule at shutdown. --no-iptables-remove keeps it, so that pods on a node
+    /// whose agent is restarting reach no metadata service rather than the node's (see README).
+    #[arg(long, env = "KIAM_IPTABLES_REMOVE", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = BoolishValueParser::new(),
+          overrides_with = "no_iptables_remove")]
+    pub iptables_remove: bool,
+    /// Keep the DNAT rule at shutdown.
+    #[arg(long, overrides_with = "iptables_remove")]
+    pub no_iptables_remove: bool,
+    /// The interface pod traffic arrives on: a name, a prefix with '+' (cali+), or '!' and a
+    /// name for every interface but that one (!eth0, for the AWS VPC CNI).
+    #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
+    pub host_interface: String,
+    /// How often the DNAT rule is checked, and restored if something deleted it.
+    #[arg(long, env = "KIAM_IPTABLES_CHECK_INTERVAL", default_value = "5s", value_parser = go_duration)]
+    pub iptables_check_interval: Duration,
+    /// Take the caller's IP from ?ip= (development only: any pod can then get any pod's
+    /// credentials).
+    #[arg(long, env = "KIAM_ALLOW_IP_QUERY", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new(),
+          overrides_with = "no_allow_ip_query")]
+    pub allow_ip_query: bool,
+    #[arg(long, hide = true, overrides_with = "allow_ip_query")]
+    pub no_allow_ip_query: bool,
+    /// Answer GETs that carry no IMDSv2 token with 401 (by default IMDSv1 works, as in kiam).
+    #[arg(long, env = "KIAM_REQUIRE_IMDSV2", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new(),
+          overrides_with = "no_require_imdsv2")]
+    pub require_imdsv2: bool,
+    #[arg(long, hide = true, overrides_with = "require_imdsv2")]
+    pub no_require_imdsv2: bool,
 }
 
 impl AgentArgs {
@@ -51,17 +92,96 @@ impl AgentArgs {
         if self.pod_wait_timeout.is_zero() {
             return Err("--pod-wait-timeout must be positive".into());
         }
+        let interface: Interface =
+            self.host_interface.parse().map_err(|e| format!("--host-interface: {e}"))?;
+        let iptables = if self.iptables && !self.no_iptables {
+            let IpAddr::V4(host) = self.host else {
+                return Err(format!("--iptables needs an IPv4 --host, not {}", self.host));
+            };
+            if self.iptables_check_interval.is_zero() {
+                return Err("--iptables-check-interval must be positive".into());
+            }
+            Some(iptables::Config {
+                interface,
+                target: SocketAddrV4::new(host, self.port),
+                chain: DEFAULT_CHAIN.into(),
+                remove_at_exit: self.iptables_remove && !self.no_iptables_remove,
+                check_interval: self.iptables_check_interval,
+            })
+        } else {
+            None
+        };
         Ok(Config {
             port: self.port,
             host: self.host,
             allow_routes,
             metadata_addr: self.metadata_addr.clone(),
             pod_wait: self.pod_wait_timeout,
+            require_imdsv2: self.require_imdsv2 && !self.no_require_imdsv2,
+            allow_ip_query: self.allow_ip_query && !self.no_allow_ip_query,
+            iptables,
             client: ClientConfig {
                 server_address: self.server_address.clone(),
                 tls: self.tls.files(),
                 call_timeout: self.pod_wait_timeout,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn parse(flags: &[&str]) -> Result<crate::agent::Config, String> {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mut argv = vec!["kiam", "agent", "--cert", file, "--key", file, "--ca", file];
+        if !flags.contains(&"--host") {
+            argv.extend(["--host", "10.0.0.5"]);
+        }
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Agent(args) => args.config(),
+            _ => Err("not the agent".into()),
+        }
+    }
+
+    #[test]
+    fn kiam_defaults() {
+        let config = parse(&[]).expect("defaults");
+        assert_eq!(config.port, 3100);
+        assert!(config.iptables.is_none() && !config.require_imdsv2 && !config.allow_ip_query);
+        let rules = parse(&["--iptables"]).expect("iptables").iptables.expect("rules");
+        assert_eq!(rules.interface.to_string(), "docker0");
+        assert_eq!(rules.target.to_string(), "10.0.0.5:3100");
+        assert!(rules.remove_at_exit, "kiam removes the rule by default");
+        assert_eq!(rules.chain, "KIAM-RS");
+    }
+
+    #[test]
+    fn kingpin_style_booleans() {
+        let remove = |flags: &[&str]| parse(flags).expect("parses").iptables.expect("rules").remove_at_exit;
+        assert!(!remove(&["--iptables", "--no-iptables-remove"]));
+        assert!(remove(&["--iptables", "--no-iptables-remove", "--iptables-remove"]));
+        assert!(!remove(&["--iptables", "--iptables-remove", "--no-iptables-remove"]));
+        assert!(!remove(&["--iptables", "--iptables-remove=false"]));
+        assert!(parse(&["--iptables", "--no-iptables"]).expect("parses").iptables.is_none());
+        assert!(parse(&["--iptables=true"]).expect("parses").iptables.is_some());
+        assert!(parse(&["--require-imdsv2"]).expect("parses").require_imdsv2);
+        assert!(!parse(&["--allow-ip-query", "--no-allow-ip-query"]).expect("parses").allow_ip_query);
+        assert!(parse(&["--allow-ip-query"]).expect("parses").allow_ip_query);
+    }
+
+    #[test]
+    fn interfaces_and_bad_values() {
+        let iface =
+            |v: &str| parse(&["--iptables", "--host-interface", v]).map(|c| c.iptables.expect("rules"));
+        assert_eq!(iface("!eth0").expect("negated").interface.to_string(), "!eth0");
+        assert_eq!(iface("cali+").expect("wildcard").interface.to_string(), "cali+");
+        assert!(iface("eth0 -j ACCEPT").is_err());
+        assert!(parse(&["--iptables", "--host", "::1"]).is_err_and(|e| e.contains("IPv4")));
+        assert!(parse(&["--iptables-check-interval", "0s", "--iptables"]).is_err());
     }
 }

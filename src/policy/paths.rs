@@ -24,6 +24,14 @@ pub enum Route<'a> {
     RoleList,
     /// `/{version}/meta-data/iam/security-credentials/{role}`.
     Credentials(&'a str),
+    /// `/{version}/meta-data/iam/security-credentials-extended/`: the pod's role name, for SDKs
+    /// that try the extended API first.
+    ExtendedRoleList,
+    /// `/{version}/meta-data/iam/security-credentials-extended/{role}`: credentials plus
+    /// `AccountId`.
+    ExtendedCredentials(&'a str),
+    /// `/{version}/meta-data/iam/info`: the instance profile, answered for the pod's role.
+    IamInfo,
     /// A credential-bearing path the agent does not serve and never forwards.
     Guarded,
     /// A path that could be rewritten upstream (dot segments, `//`, escapes).
@@ -52,20 +60,25 @@ pub fn classify(path: &str) -> Route<'_> {
     if rest == "api/token" {
         return Route::Token;
     }
-    if rest.starts_with("identity-credentials") || rest.starts_with("dynamic/identity-credentials") {
+    if let Some(iam) = rest.strip_prefix("meta-data/iam/") {
+        match iam {
+            "security-credentials" => return Route::CredentialsRedirect,
+            "security-credentials/" => return Route::RoleList,
+            "security-credentials-extended/" => return Route::ExtendedRoleList,
+            "info" => return Route::IamInfo,
+            _ => {}
+        }
+        if let Some(role) = iam.strip_prefix("security-credentials/") {
+            return Route::Credentials(role);
+        }
+        if let Some(role) = iam.strip_prefix("security-credentials-extended/") {
+            return Route::ExtendedCredentials(role);
+        }
+    }
+    if is_guarded(path) {
         return Route::Guarded;
     }
-    let Some(iam) = rest.strip_prefix("meta-data/iam") else {
-        return Route::Other;
-    };
-    match iam {
-        "/security-credentials" => Route::CredentialsRedirect,
-        "/security-credentials/" => Route::RoleList,
-        _ => match iam.strip_prefix("/security-credentials/") {
-            Some(role) => Route::Credentials(role),
-            None => Route::Guarded,
-        },
-    }
+    Route::Other
 }
 
 fn is_malformed(path: &str) -> bool {
@@ -73,6 +86,19 @@ fn is_malformed(path: &str) -> bool {
         || path.contains("//")
         || path.contains('\\')
         || path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// Whether a path that is not served could reach credentials upstream: anything under
+/// `meta-data/iam` or mentioning `identity-credentials`, under any version segment or none, in
+/// any letter case (in case a metadata service, or a proxy in front of it, folds case).
+fn is_guarded(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("identity-credentials")
+        || lower
+            .split('/')
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0] == "meta-data" && w[1].starts_with("iam"))
 }
 
 /// The `--allow-route-regexp` allow-list: paths it matches (unanchored, as in kiam) are forwarded
@@ -112,16 +138,27 @@ mod tests {
             ("/2016-09-02/meta-data/iam/security-credentials/", Route::RoleList),
             ("/latest/meta-data/iam/security-credentials/app", Route::Credentials("app")),
             ("/latest/meta-data/iam/security-credentials/team/app", Route::Credentials("team/app")),
-            ("/latest/meta-data/iam/info", Route::Guarded),
-            ("/latest/meta-data/iam/security-credentials-extended/app", Route::Guarded),
+            ("/latest/meta-data/iam/security-credentials-extended/", Route::ExtendedRoleList),
+            ("/latest/meta-data/iam/security-credentials-extended/app", Route::ExtendedCredentials("app")),
+            ("/latest/meta-data/iam/info", Route::IamInfo),
+            ("/latest/meta-data/iam/info/", Route::Guarded),
             ("/latest/meta-data/iam", Route::Guarded),
+            ("/latest/meta-data/iam/", Route::Guarded),
+            ("/latest/meta-data/iam/security-credentials-extended", Route::Guarded),
+            ("/latest/META-DATA/IAM/security-credentials/node-role", Route::Guarded),
+            ("/meta-data/iam/security-credentials/node-role", Route::Guarded),
             ("/latest/identity-credentials/ec2/security-credentials/ec2-instance", Route::Guarded),
+            ("/latest/dynamic/identity-credentials/x", Route::Guarded),
             ("/latest/meta-data/instance-id", Route::Other),
             ("/latest/user-data", Route::Other),
+            ("/latest/dynamic/instance-identity/document", Route::Other),
             ("/latest/meta-data/../meta-data/iam/info", Route::Malformed),
             ("/latest/meta-data/iam/security-credentials/..%2fx", Route::Malformed),
+            ("/latest/meta-data/%69am/info", Route::Malformed),
             ("/latest//meta-data/iam/info", Route::Malformed),
             ("/latest/meta-data/./iam", Route::Malformed),
+            ("/latest/meta-data\\iam", Route::Malformed),
+            ("*", Route::Malformed),
             ("/", Route::Other),
         ];
         for (path, want) in table {

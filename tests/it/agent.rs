@@ -1,10 +1,13 @@
 //! The agent's HTTP surface against a real server, posing as pods from 127.0.0.x source
-//! addresses: the credential paths, IMDSv2 tokens, denials, and what may reach the node's
-//! metadata service.
+//! addresses: the credential paths, IMDSv2 tokens, denials, what may reach the node's metadata
+//! service, how the agent talks to a node that requires IMDSv2, and `/health`.
 
 use std::net::IpAddr;
 
-use crate::support::fake_imds::{INSTANCE_ID, NODE_ACCESS_KEY_ID};
+use kiam::policy::paths::AllowRoutes;
+
+use crate::support::agent_node::TestAgent;
+use crate::support::fake_imds::{FakeImds, INSTANCE_ID, NODE_ACCESS_KEY_ID};
 use crate::support::http::{Response, request};
 use crate::support::objects::{namespace, pod};
 use crate::support::stack::{Options, Stack};
@@ -144,10 +147,70 @@ async fn only_allow_listed_paths_reach_the_node() {
         assert_eq!(r.status, 400, "{path}: {}", r.body);
         assert_no_credentials(&r);
     }
-    let seen: Vec<String> = stack.imds.requests().into_iter().map(|r| r.path).collect();
+    let seen: Vec<String> =
+        stack.imds.requests().into_iter().filter(|r| r.method == "GET").map(|r| r.path).collect();
     assert_eq!(
         seen,
         vec!["/latest/meta-data/instance-id".to_string()],
         "only the allowed path went upstream"
     );
+}
+
+#[tokio::test]
+async fn the_agent_uses_imdsv2_towards_a_node_that_requires_it() {
+    let stack = Stack::start().await;
+    let node = FakeImds::start_v2_only().await;
+    let allow = AllowRoutes::new("^/latest/meta-data/instance-id$").expect("regexp");
+    let agent = TestAgent::on_loopback(&stack, node.addr(), |a| a.allow_routes(allow)).await;
+    let fetch = || async {
+        let url = format!("{}/latest/meta-data/instance-id", agent.url());
+        request("GET", &url, &[("x-forwarded-for", "10.9.9.9")], "", Some(ip("127.0.0.11")))
+            .await
+            .expect("answer")
+    };
+    for _ in 0..3 {
+        let r = fetch().await;
+        assert_eq!((r.status, r.body.as_str()), (200, INSTANCE_ID));
+    }
+    let puts =
+        |imds: &FakeImds| imds.requests().into_iter().filter(|r| r.method == "PUT").collect::<Vec<_>>();
+    let first = puts(&node);
+    assert_eq!(first.len(), 1, "one token serves every request until it nears expiry");
+    assert_eq!(first[0].header("x-forwarded-for"), None, "the node would refuse a proxied token request");
+    assert_eq!(first[0].header("x-aws-ec2-metadata-token-ttl-seconds"), Some("21600"));
+    for get in node.requests().iter().filter(|r| r.method == "GET") {
+        assert!(get.header("x-aws-ec2-metadata-token").is_some(), "{get:?}");
+        assert_eq!(get.header("x-forwarded-for"), None, "{get:?}");
+    }
+
+    // The node forgets its tokens (a reboot): one 401, a new token, and the answer.
+    node.forget_tokens();
+    assert_eq!(fetch().await.status, 200);
+    assert_eq!(puts(&node).len(), 2);
+
+    let health = request("GET", &format!("{}/health", agent.url()), &[], "", None).await.expect("health");
+    assert_eq!((health.status, health.body.as_str()), (200, "metadata: ok"));
+}
+
+#[tokio::test]
+async fn health_reports_the_metadata_service_and_with_deep_the_server() {
+    let stack = Stack::start().await;
+    let health = |agent: &TestAgent, query: &'static str| {
+        let url = format!("{}/health{query}", agent.url());
+        async move { request("GET", &url, &[], "", None).await.expect("health answers") }
+    };
+    let up = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a).await;
+    assert_eq!(health(&up, "").await.status, 200);
+    let deep = health(&up, "?deep=1").await;
+    assert_eq!((deep.status, deep.body.as_str()), (200, "metadata: ok, server: ok"));
+
+    // Nothing listens at `dead`.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let no_metadata = TestAgent::on_loopback(&stack, dead, |a| a).await;
+    let r = health(&no_metadata, "").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let no_server = TestAgent::on_loopback_with_server(&stack, dead, stack.imds.addr(), |a| a).await;
+    assert_eq!(health(&no_server, "").await.status, 200, "shallow health does not ask the server");
+    let r = health(&no_server, "?deep").await;
+    assert_eq!(r.status, 503, "{}", r.body);
 }

@@ -5,11 +5,14 @@
 //! certificates, pod network namespaces and the real AWS SDKs as pod-side clients.
 
 mod agent;
+mod agent_hostile;
 mod binary;
 mod e2e;
 mod events;
 mod fake_kube_tests;
 mod lookup;
+mod netns_agent;
+mod netns_binary;
 mod peers_tests;
 mod prefetch;
 mod server;

@@ -67,6 +67,8 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     /// Issued token → when it stops being valid.
     tokens: Mutex<HashMap<String, Instant>>,
+    /// Tokens issued so far, so that every token is new even after [`FakeImds::forget_tokens`].
+    issued: std::sync::atomic::AtomicU64,
 }
 
 impl FakeImds {
@@ -91,11 +93,23 @@ impl FakeImds {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("fake IMDS: bind {addr}: {e}"));
+        FakeImds::serve(listener, v2_only)
+    }
+
+    /// Serves on an already bound (non-blocking) listener, e.g. one made inside a node's network
+    /// namespace at 169.254.169.254:80 to stand for the node's real metadata service.
+    pub fn start_on_listener(listener: std::net::TcpListener, v2_only: bool) -> FakeImds {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("fake IMDS: adopt listener");
+        FakeImds::serve(listener, v2_only)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, v2_only: bool) -> FakeImds {
         let addr = listener.local_addr().expect("fake IMDS local_addr");
         let shared = Arc::new(Shared {
             v2_only,
             requests: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
+            issued: std::sync::atomic::AtomicU64::new(0),
         });
         let app = Router::new().fallback(handle).with_state(Arc::clone(&shared));
         // Small responses in one segment: no Nagle/delayed-ACK stalls (test-peers.md §2).
@@ -119,6 +133,12 @@ impl FakeImds {
     /// `http://<addr>`, for `AWS_EC2_METADATA_SERVICE_ENDPOINT` or the agent's upstream flag.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Invalidates every token issued so far, as a restarted metadata service would: GETs that
+    /// carry one get 401 from now on.
+    pub fn forget_tokens(&self) {
+        self.shared.tokens.lock().expect("fake IMDS tokens poisoned").clear();
     }
 
     /// Every request received so far, oldest first.
@@ -187,7 +207,8 @@ fn issue_token(shared: &Shared, headers: &HeaderMap) -> Response {
         return StatusCode::BAD_REQUEST.into_response();
     };
     let mut tokens = shared.tokens.lock().expect("fake IMDS tokens poisoned");
-    let token = format!("fake-imds-token-{:04}", tokens.len() + 1);
+    let n = shared.issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let token = format!("fake-imds-token-{n:04}");
     tokens.insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
     (
         [

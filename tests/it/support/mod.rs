@@ -1,4 +1,5 @@
 //! Peers and fixtures shared by the integration tests.
+pub mod agent_node;
 pub mod certs;
 pub mod fake_imds;
 pub mod fake_kube;
@@ -8,5 +9,6 @@ pub mod http;
 pub mod moto;
 pub mod netns;
 pub mod objects;
+pub mod raw_http;
 pub mod sdk;
 pub mod stack;

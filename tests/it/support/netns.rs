@@ -2,6 +2,11 @@
 //! own /30, so a process or socket inside it reaches the host with a distinct source IP, exactly
 //! as a pod does on a node (test-peers.md §5). Needs root.
 //!
+//! A [`NodeNet`] is a netns standing for a whole node, for tests of the agent's iptables rules:
+//! pods made with [`PodNet::create_in`] hang off it instead of the test's own namespace, and its
+//! `nat` table is its own, so a test may install `!eth0` or `kv+` rules, or a decoy metadata
+//! service at 169.254.169.254, without touching the host or any other test.
+//!
 //! Slots are shared by every test *process* on the machine (nextest runs each test in its own):
 //! slot N is owned by whoever holds `flock` on `/tmp/kiam-it-slots/N`, and the kernel drops that
 //! lock if the process dies, so a slot that can be locked has no live owner and any namespace or
@@ -32,6 +37,8 @@ pub struct PodNet {
     pub host_if: String,
     /// Pod-side veth name (`kvN-p`).
     pub pod_if: String,
+    /// The node namespace holding the host end, or `None` for the test's own namespace.
+    pub node: Option<String>,
     /// Keeps the slot: the flock on `/tmp/kiam-it-slots/N`; released after teardown.
     _slot_lock: File,
 }
@@ -45,6 +52,15 @@ impl PodNet {
 
     /// Like [`PodNet::create`] but returns the reason instead of panicking, so a caller can skip.
     pub fn try_create() -> Result<PodNet, String> {
+        PodNet::try_create_on(None)
+    }
+
+    /// A pod of `node`: the host end of its veth lives in the node's namespace.
+    pub fn create_in(node: &NodeNet) -> PodNet {
+        PodNet::try_create_on(Some(&node.name)).unwrap_or_else(|e| panic!("PodNet::create_in: {e}"))
+    }
+
+    fn try_create_on(node: Option<&str>) -> Result<PodNet, String> {
         std::fs::create_dir_all(SLOT_DIR).map_err(|e| format!("mkdir {SLOT_DIR}: {e}"))?;
         let (slot, lock) = claim_slot()?;
         let net = PodNet {
@@ -53,6 +69,7 @@ impl PodNet {
             host_ip: Ipv4Addr::new(10, 251, slot, 1),
             host_if: format!("kv{slot}-h"),
             pod_if: format!("kv{slot}-p"),
+            node: node.map(str::to_string),
             _slot_lock: lock,
         };
         net.teardown(); // leftovers of a crashed run; errors mean there were none
@@ -60,11 +77,21 @@ impl PodNet {
         let host_cidr = format!("{}/30", net.host_ip);
         let pod_cidr = format!("{}/30", net.pod_ip);
         let host_ip = net.host_ip.to_string();
+        // The host side's commands run in the node's namespace when there is one.
+        let on_host = |args: &[&str]| match node {
+            Some(node) => ip(&[&["-n", node], args].concat()),
+            None => ip(args),
+        };
         // On failure `net` is dropped, which tears down whatever was built.
         ip(&["netns", "add", ns])?;
-        ip(&["link", "add", host, "type", "veth", "peer", "name", pod, "netns", ns])?;
-        ip(&["addr", "add", &host_cidr, "dev", host])?;
-        ip(&["link", "set", host, "up"])?;
+        match node {
+            Some(node) => {
+                ip(&["link", "add", host, "netns", node, "type", "veth", "peer", "name", pod, "netns", ns])?
+            }
+            None => ip(&["link", "add", host, "type", "veth", "peer", "name", pod, "netns", ns])?,
+        };
+        on_host(&["addr", "add", &host_cidr, "dev", host])?;
+        on_host(&["link", "set", host, "up"])?;
         ip(&["-n", ns, "addr", "add", &pod_cidr, "dev", pod])?;
         ip(&["-n", ns, "link", "set", pod, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -83,30 +110,28 @@ impl PodNet {
     /// Runs `f` on a fresh thread that has joined the pod's network namespace; sockets created
     /// on that thread (e.g. by a current-thread tokio runtime built there) live in the pod.
     pub fn run_in<F: FnOnce() -> R + Send, R: Send>(&self, f: F) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                // SAFETY: `ns` is an open namespace fd for the whole call, and CLONE_NEWNET only
-                // changes the network namespace of this (new, test-owned) thread.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-                f()
-            });
-            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        in_netns(&self.name, f)
     }
 
     /// Makes a host service that listens on loopback (such as moto) reachable from the pod:
-    /// relays `host_ip:<returned port>` to `target` until the [`Relay`] is dropped.
+    /// relays `host_ip:<returned port>` (in the node's namespace, if the pod has a node) to
+    /// `target` until the [`Relay`] is dropped.
     pub fn expose(&self, target: SocketAddr) -> Relay {
-        Relay::start(SocketAddr::from((self.host_ip, 0)), target)
+        let listen = SocketAddr::from((self.host_ip, 0));
+        let listener = match &self.node {
+            Some(node) => in_netns(node, || TcpListener::bind(listen)),
+            None => TcpListener::bind(listen),
+        };
+        Relay::on(listener.unwrap_or_else(|e| panic!("relay: bind {listen}: {e}")), target)
     }
 
     fn teardown(&self) {
         // Deleting one end of a veth pair deletes both; deleting the netns would too, but the
         // host end is removed first so the name is free at once.
-        let _ = ip(&["link", "del", &self.host_if]);
+        match &self.node {
+            Some(node) => drop(ip(&["-n", node, "link", "del", &self.host_if])),
+            None => drop(ip(&["link", "del", &self.host_if])),
+        }
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
@@ -163,9 +188,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds `listen` (port 0 picks one) and relays each connection to `target`.
-    pub fn start(listen: SocketAddr, target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind(listen).unwrap_or_else(|e| panic!("relay: bind {listen}: {e}"));
+    /// Relays each connection accepted on `listener` to `target`. Connections to the target are
+    /// made from the calling thread's namespace, whichever one the listener is in.
+    pub fn on(listener: TcpListener, target: SocketAddr) -> Relay {
         let addr = listener.local_addr().expect("relay local_addr");
         let waker = listener.try_clone().expect("clone the relay listener");
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,4 +256,105 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
         }
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// Runs `f` on a fresh thread that has joined the network namespace `name`.
+pub fn in_netns<F: FnOnce() -> R + Send, R: Send>(name: &str, f: F) -> R {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: `ns` is an open namespace fd for the whole call, and CLONE_NEWNET only
+            // changes the network namespace of this (new, test-owned) thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        });
+        handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A node: netns `kiamnode-N` with loopback up and the agent's address, 10.251.N.1/32, on it.
+/// Pods join it with [`PodNet::create_in`]. Deleted on drop (which also deletes the host ends of
+/// its pods' veths, and its iptables rules with it).
+pub struct NodeNet {
+    /// Namespace name, for `ip netns exec`.
+    pub name: String,
+    /// Where the agent listens and the DNAT points.
+    pub agent_ip: Ipv4Addr,
+    _slot_lock: File,
+}
+
+impl NodeNet {
+    /// Allocates a slot (shared with pods) and builds the namespace.
+    pub fn create() -> NodeNet {
+        NodeNet::try_create().unwrap_or_else(|e| panic!("NodeNet::create: {e}"))
+    }
+
+    fn try_create() -> Result<NodeNet, String> {
+        std::fs::create_dir_all(SLOT_DIR).map_err(|e| format!("mkdir {SLOT_DIR}: {e}"))?;
+        let (slot, lock) = claim_slot()?;
+        let node = NodeNet {
+            name: format!("kiamnode-{slot}"),
+            agent_ip: Ipv4Addr::new(10, 251, slot, 1),
+            _slot_lock: lock,
+        };
+        let _ = ip(&["netns", "del", &node.name]); // debris of a crashed run
+        ip(&["netns", "add", &node.name])?;
+        ip(&["-n", &node.name, "link", "set", "lo", "up"])?;
+        node.add_address(node.agent_ip)?;
+        Ok(node)
+    }
+
+    /// Adds `ip`/32 to the node's loopback (the agent's address, or 169.254.169.254 for a decoy
+    /// of the node's real metadata service).
+    pub fn add_address(&self, ip: Ipv4Addr) -> Result<(), String> {
+        self::ip(&["-n", &self.name, "addr", "add", &format!("{ip}/32"), "dev", "lo"]).map(drop)
+    }
+
+    /// Runs `f` on a thread inside the node's namespace.
+    pub fn run_in<F: FnOnce() -> R + Send, R: Send>(&self, f: F) -> R {
+        in_netns(&self.name, f)
+    }
+
+    /// A listening socket in the node's namespace, ready for tokio (non-blocking).
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        let listener = self
+            .run_in(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", self.name));
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        listener
+    }
+
+    /// The command that runs `iptables` inside the node, for
+    /// `kiam::agent::iptables::Command::with_program`.
+    pub fn iptables_program(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.name, "iptables"].map(String::from).to_vec()
+    }
+
+    /// `iptables -t nat -S` inside the node: every nat rule, one per line.
+    pub fn nat_rules(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "iptables", "-w", "-t", "nat", "-S"])
+            .output()
+            .expect("run iptables");
+        assert!(out.status.success(), "iptables -S: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `iptables -w -t nat <args>` inside the node, as another program on the node would.
+    pub fn iptables(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "iptables", "-w", "-t", "nat"])
+            .args(args)
+            .output()
+            .map_err(|e| format!("run iptables: {e}"))?;
+        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+    }
+}
+
+impl Drop for NodeNet {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
 }

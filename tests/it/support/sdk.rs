@@ -1,8 +1,10 @@
-//! The real AWS SDKs as pod-side clients: boto3, the AWS CLI and the Rust SDK (aws-config).
+//! The real AWS SDKs as pod-side clients: boto3, the AWS CLI, the Rust SDK (aws-config) and the
+//! node SDK (`@smithy/credential-provider-imds`, from the repo's `node_modules`).
 //!
 //! Each one runs inside a [`PodNet`] and may find credentials through the instance-metadata
 //! provider only (a scrubbed environment: no env keys, no config or credentials files, a temp
-//! HOME), then calls `sts get-caller-identity` against moto to prove the credentials it got
+//! HOME). The metadata service is the one named by a URL, or, with `None`, the SDK's default
+//! (169.254.169.254, reached through the node's DNAT as a real pod does). Each one then calls `sts get-caller-identity` against moto to prove the credentials it got
 //! work. A loopback STS URL is not reachable from inside a pod, so it is relayed through the
 //! pod's `host_ip` for the call (see [`PodNet::expose`]).
 //!
@@ -26,6 +28,7 @@ use super::netns::{PodNet, Relay};
 pub const SDK_TIMEOUT: Duration = Duration::from_secs(60);
 
 const BOTO3_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/boto3_probe.py");
+const NODE_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/imds_probe.mjs");
 
 /// What a pod-side SDK ended up with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,17 +41,37 @@ pub struct SdkOutcome {
 
 /// boto3 (`tests/it/py/boto3_probe.py` with the venv's python) inside `net`.
 pub fn boto3(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    boto3_at(net, Some(imds_url), sts_url)
+}
+
+/// [`boto3`], with the SDK's default metadata endpoint when `imds_url` is `None`.
+pub fn boto3_at(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
     let (_relay, sts_url) = reachable_from_pod(net, sts_url);
     let mut cmd = net.command(&venv_bin("python").to_string_lossy());
     cmd.arg(BOTO3_PROBE).arg(&sts_url);
     let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
+    probe_outcome("boto3 probe", &stdout)
+}
+
+/// The node SDK (`tests/it/js/imds_probe.mjs`): `fromInstanceMetadata`, then STS
+/// `GetCallerIdentity`, inside `net`.
+pub fn node_sdk(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command("node");
+    cmd.arg(NODE_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
+    probe_outcome("node probe", &stdout)
+}
+
+/// Reads a probe's one-line JSON `{"access_key_id", "caller_arn"}`.
+fn probe_outcome(probe: &str, stdout: &str) -> Result<SdkOutcome, String> {
     let json: serde_json::Value = serde_json::from_str(stdout.trim())
-        .map_err(|e| format!("boto3 probe printed non-JSON ({e}): {stdout}"))?;
+        .map_err(|e| format!("{probe} printed non-JSON ({e}): {stdout}"))?;
     let field = |name: &str| {
         json.get(name)
             .and_then(|v| v.as_str())
             .map(str::to_string)
-            .ok_or_else(|| format!("boto3 probe output lacks {name}: {stdout}"))
+            .ok_or_else(|| format!("{probe} output lacks {name}: {stdout}"))
     };
     Ok(SdkOutcome { access_key_id: field("access_key_id")?, caller_arn: field("caller_arn")? })
 }
@@ -57,6 +80,11 @@ pub fn boto3(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, 
 /// inside `net`. awscli v1 has no `configure export-credentials`, so the access key id is read
 /// from the SigV4 `Credential=` scope that `--debug` logs for the request.
 pub fn awscli(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    awscli_at(net, Some(imds_url), sts_url)
+}
+
+/// [`awscli`], with the default metadata endpoint when `imds_url` is `None`.
+pub fn awscli_at(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
     let (_relay, sts_url) = reachable_from_pod(net, sts_url);
     let mut cmd = net.command(&venv_bin("aws").to_string_lossy());
     cmd.args(["sts", "get-caller-identity", "--output", "json", "--debug"])
@@ -82,12 +110,19 @@ pub fn awscli(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome,
 /// a current-thread runtime inside `net`, then aws-sdk-sts `GetCallerIdentity` from the host
 /// side with those credentials.
 pub fn rust_sdk(net: &PodNet, imds_url: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    rust_sdk_at(net, Some(imds_url), sts_url)
+}
+
+/// [`rust_sdk`], with the SDK's default endpoint (`http://169.254.169.254`) when `imds_url` is
+/// `None`.
+pub fn rust_sdk_at(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
     let credentials = net.run_in(|| {
         block_on_here(async {
-            let client = aws_config::imds::Client::builder()
-                .endpoint(imds_url)
-                .map_err(|e| format!("bad IMDS endpoint {imds_url}: {e}"))?
-                .build();
+            let mut client = aws_config::imds::Client::builder();
+            if let Some(url) = imds_url {
+                client = client.endpoint(url).map_err(|e| format!("bad IMDS endpoint {url}: {e}"))?;
+            }
+            let client = client.build();
             let provider = ImdsCredentialsProvider::builder().imds_client(client).build();
             tokio::time::timeout(SDK_TIMEOUT, provider.provide_credentials())
                 .await
@@ -152,7 +187,7 @@ fn reachable_from_pod(net: &PodNet, url: &str) -> (Option<Relay>, String) {
 
 /// Runs `cmd` with only the metadata service as a credential source and a bounded wait.
 /// Ok((stdout, stderr)) on exit status 0, else Err with the status and the end of stderr.
-fn run_isolated(mut cmd: Command, imds_url: &str) -> Result<(String, String), String> {
+fn run_isolated(mut cmd: Command, imds_url: Option<&str>) -> Result<(String, String), String> {
     let home = tempfile::Builder::new()
         .prefix("kiam-it-sdk-home-")
         .tempdir()
@@ -162,12 +197,14 @@ fn run_isolated(mut cmd: Command, imds_url: &str) -> Result<(String, String), St
         .env("HOME", home.path())
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds_url)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .current_dir(home.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(url) = imds_url {
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", url);
+    }
     let what = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy())

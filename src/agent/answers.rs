@@ -1,0 +1,170 @@
+//! The answers the agent writes itself: the pod's role, its credentials (legacy and extended),
+//! `iam/info`, and `/health`. Each asks the [`Backend`] within the request's budget.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, header};
+use axum::response::{IntoResponse, Response};
+
+use super::documents::{ExtendedDocument, IamInfo, role_account};
+use super::handlers::{AgentError, from_backend};
+use super::{Agent, Backend, BackendError};
+use crate::policy::role::listed_name;
+
+/// Calls `f` until it succeeds, fails for good, or `budget` runs out: a pod the server has not
+/// seen yet, or a server that is briefly unreachable, is waited for instead of failing at once.
+/// Policy denials are final and never retried.
+pub async fn with_budget<T, F, Fut>(budget: Duration, mut f: F) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BackendError>>,
+{
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 3 / 2).min(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn pod_role<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<String, AgentError> {
+    with_budget(agent.pod_wait, || agent.backend.pod_role(ip))
+        .await
+        .map_err(|e| from_backend(e, ip))?
+        .ok_or_else(|| AgentError::NotFound("no role annotated for this pod".into()))
+}
+
+/// The 404 for the extended path and `iam/info` when the role's account is not known to the
+/// agent (see [`super::documents`]).
+fn no_account() -> AgentError {
+    AgentError::NotFound("the pod's role is not a full ARN, so its account is unknown here".into())
+}
+
+/// `security-credentials/` (and `-extended/`): the bare role name.
+pub async fn role_list<B: Backend>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    extended: bool,
+) -> Result<Response, AgentError> {
+    let role = pod_role(agent, ip).await?;
+    if extended && role_account(&role).is_none() {
+        return Err(no_account());
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain")], listed_name(&role).to_string()).into_response())
+}
+
+/// `security-credentials/{role}` (and `-extended/{role}`, which adds `AccountId`).
+pub async fn credentials<B: Backend>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    requested: &str,
+    extended: bool,
+) -> Result<Response, AgentError> {
+    let role = pod_role(agent, ip).await?;
+    // SDKs list the role, then ask for that name; any other name is not this pod's (404, so
+    // that SDKs which pin a profile name rediscover it).
+    if requested != listed_name(&role) && requested != role.trim().trim_start_matches('/') {
+        return Err(AgentError::NotFound(format!("role {requested:?} is not this pod's role")));
+    }
+    let account = match extended {
+        true => Some(role_account(&role).ok_or_else(no_account)?.account),
+        false => None,
+    };
+    let document = with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role))
+        .await
+        .map_err(|e| from_backend(e, ip))?;
+    let body = match account {
+        Some(account_id) => serde_json::to_vec(&ExtendedDocument { credentials: &document, account_id }),
+        None => serde_json::to_vec(&document),
+    }
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response())
+}
+
+/// `iam/info` for the pod's role, never the node's.
+pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Response, AgentError> {
+    let role = pod_role(agent, ip).await?;
+    let account = role_account(&role).ok_or_else(no_account)?;
+    let info = IamInfo::new(&account, crate::creds::time::format(SystemTime::now()));
+    let body = serde_json::to_vec(&info).map_err(|e| AgentError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain")], Body::from(body)).into_response())
+}
+
+/// `/health`: 200 when the node's metadata service answers `instance-id` (with a token when
+/// the node requires one), and with `?deep` when a server answers too; 503 otherwise.
+pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result<Response, AgentError> {
+    let unavailable = |what: String| AgentError::Unavailable(format!("metadata service: {what}"));
+    let upstream = agent
+        .upstream
+        .forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new())
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    if !upstream.status().is_success() {
+        return Err(unavailable(format!("instance-id answered {}", upstream.status())));
+    }
+    let deep = query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("deep")));
+    if deep {
+        let message = with_budget(agent.pod_wait, || agent.backend.health())
+            .await
+            .map_err(|e| AgentError::Unavailable(format!("kiam server: {e}")))?;
+        if message != "ok" {
+            return Err(AgentError::Unavailable(format!("kiam server: {message}")));
+        }
+        return Ok(format!("metadata: ok, server: {message}").into_response());
+    }
+    Ok("metadata: ok".into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    async fn calls_until_done(budget: Duration, error: BackendError) -> (u32, Duration) {
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let result: Result<(), BackendError> = with_budget(budget, || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let error = error.clone();
+            async move { Err(error) }
+        })
+        .await;
+        assert_eq!(result, Err(error));
+        (calls.load(Ordering::Relaxed), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn denials_are_final_and_unknown_pods_are_waited_for_within_the_budget() {
+        let budget = Duration::from_secs(5);
+        let (calls, took) = calls_until_done(budget, BackendError::Forbidden).await;
+        assert_eq!((calls, took), (1, Duration::ZERO), "a policy denial is never retried");
+        let (calls, took) = calls_until_done(budget, BackendError::Failed("sts".into())).await;
+        assert_eq!((calls, took), (1, Duration::ZERO));
+        let (calls, took) = calls_until_done(budget, BackendError::PodNotFound).await;
+        assert!(
+            calls > 10 && took <= budget && took > budget - Duration::from_millis(300),
+            "{calls} {took:?}"
+        );
+        let (calls, _) = calls_until_done(budget, BackendError::Unavailable("down".into())).await;
+        assert!(calls > 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_that_appears_within_the_budget_is_answered() {
+        let calls = AtomicU32::new(0);
+        let result = with_budget(Duration::from_secs(5), || {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            async move { if n < 3 { Err(BackendError::PodNotFound) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(result, Ok(3));
+    }
+}
