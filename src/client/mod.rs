@@ -1,12 +1,24 @@
-//! The gRPC client the agent and `kiam health` use to reach a server: mutual TLS, a lazy
-//! connection (the agent serves HTTP even before any server is reachable), and per-call
-//! deadlines. It implements the agent's [`Backend`] seam.
+//! The gRPC client the agent and `kiam health` use to reach the servers: mutual TLS that follows
+//! certificate rotation, every server behind `--server-address` kept in a balanced pool
+//! ([`pool`]), connections made on demand (the agent serves HTTP before any server is
+//! reachable), per-call deadlines, and a failed call retried on another server within its
+//! deadline. It implements the agent's [`Backend`] seam.
 
+pub mod pool;
+
+use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use pool::Pool;
+pub use pool::{Dns, Link, Resolve};
+
+use crate::metrics::TlsGauges;
+use crate::tls::reload::{Reloading, Side};
 
 use crate::agent::{Backend, BackendError};
 use crate::creds::ImdsDocument;
@@ -32,15 +44,49 @@ pub enum ClientError {
     Tls(#[from] tls::TlsError),
     #[error("invalid --server-address {0:?}: expected host:port")]
     Address(String),
-    #[error("gRPC channel: {0}")]
-    Channel(#[from] tonic::transport::Error),
 }
 
-/// A client of `kiam.KiamService`.
+/// How the client keeps its connections: keepalive, re-resolution, certificate polling.
 #[derive(Clone, Debug)]
+pub struct Transport {
+    pub link: Link,
+    /// How often the server name is resolved again.
+    pub resolve_every: Duration,
+    /// How often the certificate files are checked for rotation.
+    pub tls_poll: Duration,
+    pub tls_gauges: TlsGauges,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            link: Link {
+                keepalive_time: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(2),
+                permit_without_stream: false,
+                connect_timeout: Duration::from_secs(1),
+            },
+            resolve_every: Duration::from_secs(5),
+            tls_poll: Duration::from_secs(2),
+            tls_gauges: TlsGauges::default(),
+        }
+    }
+}
+
+/// How many times a call is tried, on different servers when there are several.
+const ATTEMPTS: usize = 3;
+
+/// A client of `kiam.KiamService`.
+#[derive(Clone)]
 pub struct GrpcClient {
-    inner: KiamServiceClient<Channel>,
+    pool: Arc<Pool>,
     call_timeout: Duration,
+}
+
+impl std::fmt::Debug for GrpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcClient").field("call_timeout", &self.call_timeout).finish_non_exhaustive()
+    }
 }
 
 /// Splits `host:port` (or `[v6]:port`), accepting grpc-go's `dns:///` prefix.
@@ -55,40 +101,62 @@ fn split_address(address: &str) -> Option<(String, u16)> {
 }
 
 impl GrpcClient {
-    /// Builds the client without connecting; the first call connects.
+    /// Builds the client with default transport settings and the system resolver, without
+    /// connecting; calls connect on demand.
     pub fn connect_lazy(config: &ClientConfig) -> Result<GrpcClient, ClientError> {
+        GrpcClient::connect_with(config, &Transport::default(), Arc::new(Dns))
+    }
+
+    /// Builds the client; `resolver` finds the servers behind the address's host.
+    pub fn connect_with(
+        config: &ClientConfig,
+        transport: &Transport,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<GrpcClient, ClientError> {
         let (host, port) = split_address(&config.server_address)
             .ok_or_else(|| ClientError::Address(config.server_address.clone()))?;
-        let tls = tls::client_config(&config.tls, &host)?;
-        let uri = if host.contains(':') {
-            format!("https://[{host}]:{port}")
-        } else {
-            format!("https://{host}:{port}")
-        };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|_| ClientError::Address(config.server_address.clone()))?
-            .tls_config(tls)?
-            .connect_timeout(config.call_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        Ok(GrpcClient { inner: KiamServiceClient::new(channel), call_timeout: config.call_timeout })
+        let domain = host.clone();
+        let tls = Reloading::load(&config.tls, Side::Client, transport.tls_gauges.clone(), move |files| {
+            tls::client_config(files, &domain)
+        })?;
+        let pool = Pool::start(host, port, tls, transport.link.clone(), resolver, transport.resolve_every);
+        Ok(GrpcClient { pool, call_timeout: config.call_timeout })
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.call_timeout);
-        request
+    /// Runs `call` against the pool, again (on another server) after a transport failure, while
+    /// the deadline allows.
+    async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let mut last = Status::unavailable("no server reachable");
+        for _ in 0..ATTEMPTS {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, call(self.pool.client(), left)).await {
+                Ok(Err(status)) if status.code() == Code::Unavailable => last = status,
+                Ok(result) => return result,
+                Err(_) => return Err(Status::deadline_exceeded("no answer within the deadline")),
+            }
+        }
+        Err(last)
     }
 
-    /// The generated client, for callers that need raw statuses (tests, tools).
+    /// The generated client on the current channel, for callers that need raw statuses. The
+    /// pool of servers lives as long as this `GrpcClient`: keep it alive while using the result.
     pub fn service(&self) -> KiamServiceClient<Channel> {
-        self.inner.clone()
+        self.pool.client()
     }
 
     /// `GetHealth`.
     pub async fn get_health(&self) -> Result<String, Status> {
-        let mut client = self.inner.clone();
-        Ok(client.get_health(self.request(pb::GetHealthRequest {})).await?.into_inner().message)
+        self.call(|mut c, left| async move { c.get_health(request(pb::GetHealthRequest {}, left)).await })
+            .await
+            .map(|r| r.into_inner().message)
     }
 }
 
@@ -110,11 +178,22 @@ fn backend_error(status: Status) -> BackendError {
     }
 }
 
+/// A request with the time left as its deadline (sent as `grpc-timeout`, which the server uses
+/// to bound its wait for a pod it has not seen yet).
+fn request<T>(message: T, left: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(left);
+    request
+}
+
 impl Backend for GrpcClient {
     async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
-        let mut client = self.inner.clone();
-        let role = client
-            .get_pod_role(self.request(pb::GetPodRoleRequest { ip: ip.to_string() }))
+        let message = pb::GetPodRoleRequest { ip: ip.to_string() };
+        let role = self
+            .call(|mut c, left| {
+                let message = message.clone();
+                async move { c.get_pod_role(request(message, left)).await }
+            })
             .await
             .map_err(backend_error)?
             .into_inner()
@@ -123,9 +202,15 @@ impl Backend for GrpcClient {
     }
 
     async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
-        let mut client = self.inner.clone();
-        let request = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
-        let c = client.get_pod_credentials(self.request(request)).await.map_err(backend_error)?.into_inner();
+        let message = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
+        let c = self
+            .call(|mut c, left| {
+                let message = message.clone();
+                async move { c.get_pod_credentials(request(message, left)).await }
+            })
+            .await
+            .map_err(backend_error)?
+            .into_inner();
         Ok(ImdsDocument {
             code: c.code,
             last_updated: c.last_updated,

@@ -77,6 +77,7 @@ pub struct Stack {
     pub core: Arc<Core<Sts>>,
     /// The server's TLS gauges.
     pub tls_gauges: kiam::metrics::TlsGauges,
+    clients: std::sync::Mutex<Vec<GrpcClient>>,
     shutdown: CancellationToken,
 }
 
@@ -160,7 +161,8 @@ impl Stack {
         let client = GrpcClient::connect_lazy(&ClientConfig {
             server_address: format!("127.0.0.1:{}", server_addr.port()),
             tls: tls_files(&pki.agent()),
-            call_timeout: Duration::from_secs(5),
+            // As the agent's CLI does: one call may take the whole wait budget.
+            call_timeout: options.pod_wait,
         })
         .expect("gRPC client");
         let allow = AllowRoutes::new(options.allow_routes).expect("allow-route regexp");
@@ -169,7 +171,18 @@ impl Stack {
         let agent_port = listener.local_addr().expect("agent addr").port();
         tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
 
-        Stack { pki, kube, moto, imds, server_addr, agent_port, core, tls_gauges, shutdown }
+        Stack {
+            pki,
+            kube,
+            moto,
+            imds,
+            server_addr,
+            agent_port,
+            core,
+            tls_gauges,
+            clients: std::sync::Mutex::default(),
+            shutdown,
+        }
     }
 
     /// The agent's base URL as seen from `host` (127.0.0.1, or a pod's host-side veth IP).
@@ -206,14 +219,17 @@ impl Stack {
         tokio::time::timeout(Duration::from_secs(20), wait).await.expect("moto records the calls within 20 s")
     }
 
-    /// A gRPC client of the server presenting `cert`.
+    /// A gRPC client of the server presenting `cert`. The stack keeps it alive, so that the raw
+    /// `service()` of a temporary client keeps its server pool.
     pub fn client(&self, cert: &CertFiles) -> GrpcClient {
-        GrpcClient::connect_lazy(&ClientConfig {
+        let client = GrpcClient::connect_lazy(&ClientConfig {
             server_address: format!("127.0.0.1:{}", self.server_addr.port()),
             tls: tls_files(cert),
             call_timeout: Duration::from_secs(5),
         })
-        .expect("gRPC client")
+        .expect("gRPC client");
+        self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());
+        client
     }
 }
 
