@@ -39,8 +39,10 @@ async fn main() -> ExitCode {
 }
 
 async fn health(args: kiam::cli::HealthArgs) -> Result<(), String> {
-    let (config, timeout) = args.config()?;
-    let client = kiam::client::GrpcClient::connect_lazy(&config).map_err(|e| e.to_string())?;
+    let (config, transport, timeout) = args.config()?;
+    let client =
+        kiam::client::GrpcClient::connect_with(&config, &transport, std::sync::Arc::new(kiam::client::Dns))
+            .map_err(|e| e.to_string())?;
     let message = kiam::health::check(&client, timeout).await?;
     tracing::info!("healthy: {message}");
     Ok(())

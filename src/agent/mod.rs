@@ -56,6 +56,8 @@ pub struct Config {
     /// `--iptables`: the interception rules to install and keep.
     pub iptables: Option<iptables::Config>,
     pub client: ClientConfig,
+    /// Keepalive, re-resolution and certificate polling of the link to the servers.
+    pub transport: crate::client::Transport,
 }
 
 /// The agent's shared state.
@@ -190,7 +192,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
              use it in development only"
         );
     }
-    let backend = GrpcClient::connect_lazy(&config.client)?;
+    let backend = GrpcClient::connect_with(&config.client, &config.transport, Arc::new(crate::client::Dns))?;
     let agent = Agent::from_config(backend, &config)?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| AgentStartError::Bind { addr, source })?;

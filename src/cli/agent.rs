@@ -7,10 +7,9 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
 
-use super::{LogArgs, TlsArgs, go_duration};
+use super::{ClientArgs, LogArgs, TlsArgs, go_duration};
 use crate::agent::Config;
 use crate::agent::iptables::{self, DEFAULT_CHAIN, Interface};
-use crate::client::ClientConfig;
 use crate::policy::paths::AllowRoutes;
 
 /// Flags of `kiam agent`.
@@ -23,9 +22,8 @@ pub struct AgentArgs {
     /// HTTP port to listen on, at --host.
     #[arg(long, env = "KIAM_PORT", default_value_t = 3100)]
     pub port: u16,
-    /// The server, host:port (a headless Service name in a cluster).
-    #[arg(long, env = "KIAM_SERVER_ADDRESS", default_value = "localhost:9610")]
-    pub server_address: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Paths matching this expression are forwarded to the node's metadata service.
     #[arg(long, env = "KIAM_ALLOW_ROUTE_REGEXP", default_value = "^$")]
     pub allow_route_regexp: String,
@@ -38,9 +36,6 @@ pub struct AgentArgs {
     /// How long a request waits for a pod the server has not seen yet, or for a server.
     #[arg(long, env = "KIAM_POD_WAIT_TIMEOUT", default_value = "5s", value_parser = go_duration)]
     pub pod_wait_timeout: Duration,
-    /// Accepted for kiam compatibility; the agent never exits for a slow server.
-    #[arg(long, env = "KIAM_GATEWAY_TIMEOUT_CREATION", default_value = "1s", value_parser = go_duration)]
-    pub gateway_timeout_creation: Duration,
     /// Install the DNAT rule sending pods' 169.254.169.254:80 to --host:--port, and keep it.
     #[arg(long, env = "KIAM_IPTABLES", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new(),
@@ -92,6 +87,7 @@ impl AgentArgs {
         if self.pod_wait_timeout.is_zero() {
             return Err("--pod-wait-timeout must be positive".into());
         }
+        let (client, transport) = self.client.config(&self.tls, self.pod_wait_timeout)?;
         let interface: Interface =
             self.host_interface.parse().map_err(|e| format!("--host-interface: {e}"))?;
         let iptables = if self.iptables && !self.no_iptables {
@@ -120,11 +116,8 @@ impl AgentArgs {
             require_imdsv2: self.require_imdsv2 && !self.no_require_imdsv2,
             allow_ip_query: self.allow_ip_query && !self.no_allow_ip_query,
             iptables,
-            client: ClientConfig {
-                server_address: self.server_address.clone(),
-                tls: self.tls.files(),
-                call_timeout: self.pod_wait_timeout,
-            },
+            client,
+            transport,
         })
     }
 }

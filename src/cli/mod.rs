@@ -3,6 +3,7 @@
 //! validated, typed configurations, so that a bad value fails at start-up with a clear message.
 
 mod agent;
+mod client;
 pub mod duration;
 mod health;
 mod server;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use agent::AgentArgs;
+pub use client::ClientArgs;
 pub use health::HealthArgs;
 pub use server::ServerArgs;
 

@@ -73,8 +73,15 @@ impl Default for Transport {
     }
 }
 
-/// How many times a call is tried, on different servers when there are several.
-const ATTEMPTS: usize = 3;
+/// The most attempts of one call (each on whichever server the pool picks).
+const MAX_ATTEMPTS: usize = 20;
+
+/// Whether the call never reached a server's handler: a connection refused, reset or closed
+/// under it. Such calls are safe to send again, since every RPC here only reads.
+fn is_transport_failure(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        || (status.code() == Code::Unknown && status.message().starts_with("transport error"))
+}
 
 /// A client of `kiam.KiamService`.
 #[derive(Clone)]
@@ -123,8 +130,8 @@ impl GrpcClient {
         Ok(GrpcClient { pool, call_timeout: config.call_timeout })
     }
 
-    /// Runs `call` against the pool, again (on another server) after a transport failure, while
-    /// the deadline allows.
+    /// Runs `call` against the pool, again (on another server) after a transport failure, with a
+    /// short back-off, while the deadline allows.
     async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
     where
         F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
@@ -132,16 +139,22 @@ impl GrpcClient {
     {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut last = Status::unavailable("no server reachable");
-        for _ in 0..ATTEMPTS {
+        let mut pause = Duration::from_millis(10);
+        for _ in 0..MAX_ATTEMPTS {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 break;
             }
             match tokio::time::timeout(left, call(self.pool.client(), left)).await {
-                Ok(Err(status)) if status.code() == Code::Unavailable => last = status,
+                Ok(Err(status)) if is_transport_failure(&status) => last = status,
                 Ok(result) => return result,
                 Err(_) => return Err(Status::deadline_exceeded("no answer within the deadline")),
             }
+            if tokio::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
         Err(last)
     }

@@ -81,6 +81,73 @@ pub struct Stack {
     shutdown: CancellationToken,
 }
 
+/// One kiam server in the test process, fed by the fake API server (through a kubeconfig, as
+/// `--kubeconfig` would give it) and calling moto for STS.
+pub struct TestServer {
+    pub core: Arc<Core<Sts>>,
+    pub addr: SocketAddr,
+    pub tls_gauges: kiam::metrics::TlsGauges,
+    /// Cancelling it stops the server (its listener closes; calls in flight finish).
+    pub shutdown: CancellationToken,
+}
+
+/// Starts a server on `listener` and returns once its caches have synced.
+pub async fn start_server(
+    kube: &FakeKube,
+    moto: &Moto,
+    pki: &TestPki,
+    listener: TcpListener,
+    options: &Options,
+    shutdown: CancellationToken,
+) -> TestServer {
+    kiam::install_crypto_provider();
+    let kubeconfig = kube.write_kubeconfig(pki.dir());
+    let source = KubeSource::connect(Some(kubeconfig)).await.expect("kube client from kubeconfig");
+    let events = Arc::new(KubeEvents::new(source.client(), None));
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(options.region))
+        .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(
+            aws_sdk_sts::config::Credentials::new("AKIDSERVER", "server-secret", None, None, "test"),
+        ))
+        .build();
+    let sts =
+        Sts::from_sdk_config(&sdk, &StsConfig { endpoint: Some(moto.endpoint()), ..StsConfig::default() });
+    let settings = Settings {
+        policy: Policy {
+            base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
+            strict_namespace_regexp: true,
+        },
+        lifetimes: Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) },
+        session: "kiam".into(),
+        fetchers: 8,
+        prefetch_buffer: options.prefetch_buffer,
+        node_binding: options.node_binding,
+    };
+    let core = server::start(&settings, sts, events, source, &shutdown);
+    tokio::time::timeout(Duration::from_secs(20), core.cluster().wait_synced())
+        .await
+        .expect("server caches sync within 20 s");
+    let addr = listener.local_addr().expect("server addr");
+    let server_tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
+    let tls_gauges = kiam::metrics::TlsGauges::default();
+    let tls =
+        Reloading::load(&tls_files(&server_tls), Side::Server, tls_gauges.clone(), kiam::tls::server_config)
+            .expect("server TLS");
+    tls.spawn_watch(Duration::from_millis(100), shutdown.clone());
+    let grpc = GrpcSettings {
+        keepalive_time: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(2),
+        max_connection_idle: Duration::from_secs(900),
+        max_connection_age: Duration::from_secs(900),
+        max_connection_age_grace: Duration::from_secs(900),
+    };
+    let service = server::service::KiamService::new(Arc::clone(&core), options.node_binding);
+    let stop = shutdown.clone();
+    tokio::spawn(async move { server::run(listener, tls, service, &grpc, stop).await });
+    TestServer { core, addr, tls_gauges, shutdown }
+}
+
 /// TLS file paths in the library's shape.
 pub fn tls_files(c: &CertFiles) -> TlsFiles {
     TlsFiles { cert: c.cert.clone(), key: c.key.clone(), ca: c.ca.clone() }
@@ -102,60 +169,9 @@ impl Stack {
         let imds = FakeImds::start().await;
         let shutdown = CancellationToken::new();
 
-        // Server: the kubeconfig path, as `--kubeconfig` would give it.
-        let kubeconfig = kube.write_kubeconfig(pki.dir());
-        let source = KubeSource::connect(Some(kubeconfig)).await.expect("kube client from kubeconfig");
-        let events = Arc::new(KubeEvents::new(source.client(), None));
-        let sdk = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(options.region))
-            .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(
-                aws_sdk_sts::config::Credentials::new("AKIDSERVER", "server-secret", None, None, "test"),
-            ))
-            .build();
-        let sts_config = StsConfig { endpoint: Some(moto.endpoint()), ..StsConfig::default() };
-        let sts = Sts::from_sdk_config(&sdk, &sts_config);
-        let settings = Settings {
-            policy: Policy {
-                base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
-                strict_namespace_regexp: true,
-            },
-            lifetimes: Lifetimes {
-                session: Duration::from_secs(3600),
-                refresh_lead: Duration::from_secs(300),
-            },
-            session: "kiam".into(),
-            fetchers: 8,
-            prefetch_buffer: options.prefetch_buffer,
-            node_binding: options.node_binding,
-        };
-        let core = server::start(&settings, sts, events, source, &shutdown);
-        tokio::time::timeout(Duration::from_secs(20), core.cluster().wait_synced())
-            .await
-            .expect("server caches sync within 20 s");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
-        let server_addr = listener.local_addr().expect("server addr");
-        let server_tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
-        let tls_gauges = kiam::metrics::TlsGauges::default();
-        let tls = Reloading::load(
-            &tls_files(&server_tls),
-            Side::Server,
-            tls_gauges.clone(),
-            kiam::tls::server_config,
-        )
-        .expect("server TLS");
-        tls.spawn_watch(Duration::from_millis(100), shutdown.clone());
-        let grpc = GrpcSettings {
-            keepalive_time: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(2),
-            max_connection_idle: Duration::from_secs(900),
-            max_connection_age: Duration::from_secs(900),
-            max_connection_age_grace: Duration::from_secs(900),
-        };
-        let server_core = Arc::clone(&core);
-        let server_shutdown = shutdown.clone();
-        let service = server::service::KiamService::new(server_core, options.node_binding);
-        tokio::spawn(async move { server::run(listener, tls, service, &grpc, server_shutdown).await });
+        let server = start_server(&kube, &moto, &pki, listener, &options, shutdown.child_token()).await;
+        let (core, server_addr, tls_gauges) = (server.core, server.addr, server.tls_gauges);
 
         // Agent.
         let client = GrpcClient::connect_lazy(&ClientConfig {
