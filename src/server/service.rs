@@ -53,15 +53,14 @@ fn status(err: &Error, rpc: Rpc) -> Status {
 const DEFAULT_POD_WAIT: Duration = Duration::from_secs(1);
 /// The longest wait, whatever the deadline.
 const MAX_POD_WAIT: Duration = Duration::from_secs(10);
-/// Left of the caller's deadline to send the answer back.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
-
-/// How long to wait for an unknown pod: the caller's `grpc-timeout` less a margin.
+/// How long to wait for an unknown pod: the caller's `grpc-timeout` less a margin (a tenth of
+/// it, between 50 and 500 ms) to send the answer back before the caller gives up.
 fn pod_wait<T>(request: &Request<T>) -> Duration {
     let header = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok());
+    let margin = |t: Duration| (t / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
     header
         .and_then(parse_grpc_timeout)
-        .map(|t| t.saturating_sub(DEADLINE_MARGIN))
+        .map(|t| t.saturating_sub(margin(t)))
         .unwrap_or(DEFAULT_POD_WAIT)
         .min(MAX_POD_WAIT)
 }

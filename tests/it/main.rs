@@ -11,6 +11,7 @@ mod e2e;
 mod events;
 mod failover;
 mod fake_kube_tests;
+mod grpcio;
 mod lookup;
 mod netns_agent;
 mod netns_binary;
