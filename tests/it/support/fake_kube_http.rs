@@ -4,6 +4,7 @@
 //! kube's client expects. Watches are handed to `fake_kube_watch.rs`.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -245,7 +246,10 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// A list: every matching object at the current resourceVersion (no paging, never a `continue`).
+/// A list: every matching object at the current resourceVersion. With `limit` (kube's watcher
+/// asks for 500), one page and a `continue` token naming the last key served, as the real server
+/// pages; the next page starts after that key. Unlike the real server, later pages come from the
+/// current state rather than the first page's snapshot, which is the same while nothing changes.
 fn list(
     shared: &Shared,
     resource: Resource,
@@ -253,26 +257,46 @@ fn list(
     query: &HashMap<String, String>,
 ) -> Result<Response, ApiError> {
     let filter = Filter::parse(resource, namespace.as_deref(), query)?;
+    let limit = query.get("limit").and_then(|limit| limit.parse::<usize>().ok()).filter(|limit| *limit > 0);
+    let start = match query.get("continue").filter(|token| !token.is_empty()) {
+        Some(token) => {
+            let (namespace, name) = token.split_once('/').ok_or_else(|| {
+                ApiError::new(400, "BadRequest", format!("invalid continue token {token:?}"))
+            })?;
+            Bound::Excluded(Key::new(resource, namespace, name))
+        }
+        None => Bound::Included(Key::new(resource, "", "")),
+    };
     let store = shared.lock();
     let exact = query.get("resourceVersionMatch").is_some_and(|semantic| semantic == "Exact");
     let wanted = query.get("resourceVersion").and_then(|rv| rv.parse::<u64>().ok());
     if let Some(wanted) = wanted.filter(|wanted| exact && *wanted < store.compacted) {
         return Err(expired(wanted, store.compacted));
     }
-    let items: Vec<Value> = (store.objects.iter())
-        .filter(|(key, stored)| key.resource == resource && filter.matches(&stored.object))
-        .map(|(_, stored)| {
-            // The real server leaves apiVersion and kind off list items.
-            let mut item = stored.object.clone();
-            if let Some(fields) = item.as_object_mut() {
-                fields.remove("apiVersion");
-                fields.remove("kind");
-            }
-            item
-        })
-        .collect();
+    let (mut items, mut next) = (Vec::new(), None);
+    let matching = (store.objects.range((start, Bound::Unbounded)))
+        .take_while(|(key, _)| key.resource == resource)
+        .filter(|(_, stored)| filter.matches(&stored.object));
+    let mut last: Option<&Key> = None;
+    for (key, stored) in matching {
+        if limit.is_some_and(|limit| items.len() == limit) {
+            next = last.map(|key| format!("{}/{}", key.namespace, key.name));
+            break;
+        }
+        // The real server leaves apiVersion and kind off list items.
+        let mut item = stored.object.clone();
+        if let Some(fields) = item.as_object_mut() {
+            fields.remove("apiVersion");
+            fields.remove("kind");
+        }
+        items.push(item);
+        last = Some(key);
+    }
     let list_kind = format!("{}List", resource.kind());
-    let metadata = json!({"resourceVersion": store.rv.to_string()});
+    let mut metadata = json!({"resourceVersion": store.rv.to_string()});
+    if let Some(token) = next {
+        metadata["continue"] = json!(token);
+    }
     let body = json!({"kind": list_kind, "apiVersion": resource.api_version(), "metadata": metadata, "items": items});
     Ok(respond(200, &body))
 }
