@@ -1,0 +1,175 @@
+//! The deployment the benchmarks measure: the real `kiam` binary (built with `--release`) as
+//! server and agent, moto as STS, and the integration tests' fake API server as Kubernetes, all
+//! on loopback. Pods are told apart by source address, so a benchmark poses as a pod by
+//! connecting from the pod's 127.x.y.z address.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiam::client::{ClientConfig, GrpcClient};
+use kiam::tls::TlsFiles;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::procs::{self, Child};
+use crate::support::certs::{CertFiles, TestPki};
+use crate::support::fake_kube::FakeKube;
+use crate::support::moto::Moto;
+use crate::support::objects;
+
+/// `--role-base-arn`; every role lives in this account.
+pub const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
+/// What the server logs once its caches have synced, right before it serves.
+pub const READY_LINE: &str = "caches synced; serving";
+/// How long a server may take to become ready (100k pods take seconds; this is the bound).
+const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// What every benchmark shares: the binary under test, certificates, moto and a scratch folder.
+pub struct Env {
+    pub kiam: PathBuf,
+    pub pki: TestPki,
+    pub moto: Moto,
+    pub dir: TempDir,
+}
+
+impl Env {
+    /// Starts moto and mints the certificates.
+    pub async fn new(kiam: PathBuf) -> Env {
+        kiam::install_crypto_provider();
+        let dir = tempfile::Builder::new().prefix("kiam-bench-").tempdir().expect("create a scratch folder");
+        Env { kiam, pki: TestPki::new(), moto: Moto::start().await, dir }
+    }
+
+    /// A scratch subfolder called `name` (created if needed).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("create a scratch subfolder");
+        path
+    }
+
+    /// Starts `kiam server` against `kube` and waits until it logs that it serves. Returns the
+    /// process, its port, and the time from spawning it to that log line.
+    pub async fn server(&self, name: &str, kube: &FakeKube) -> (Child, u16, Duration) {
+        let scratch = self.scratch(name);
+        let kubeconfig = kube.write_kubeconfig(&scratch);
+        let port = procs::free_port();
+        let files = self.pki.server();
+        let mut args = vec!["server".to_owned()];
+        args.extend(flag("--bind", &format!("127.0.0.1:{port}")));
+        args.extend(flag("--kubeconfig", &kubeconfig.display().to_string()));
+        args.extend(flag("--role-base-arn", BASE_ARN));
+        args.extend(flag("--sts-endpoint", &self.moto.endpoint()));
+        args.extend(flag("--region", "us-east-1"));
+        args.push("--json-log".into());
+        args.extend(tls_flags(&files));
+        let home = scratch.display().to_string();
+        let env = [
+            ("HOME", home.as_str()),
+            ("AWS_ACCESS_KEY_ID", "AKIDBENCH"),
+            ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ];
+        let started = Instant::now();
+        let mut child = Child::spawn(name, &self.kiam, &args, &env, &scratch);
+        let ready = child.wait_for_log(READY_LINE, started, READY_LIMIT).await;
+        (child, port, ready)
+    }
+
+    /// Starts `kiam agent` on 127.0.0.1 in front of the server on `server_port`, and waits until
+    /// it listens. Returns the process and its port.
+    pub async fn agent(&self, name: &str, server_port: u16) -> (Child, u16) {
+        let scratch = self.scratch(name);
+        let port = procs::free_port();
+        let mut args = vec!["agent".to_owned()];
+        args.extend(flag("--host", "127.0.0.1"));
+        args.extend(flag("--port", &port.to_string()));
+        args.extend(flag("--server-address", &format!("127.0.0.1:{server_port}")));
+        // Nothing listens there: no benchmark path may reach a metadata service.
+        args.extend(flag("--metadata-addr", "127.0.0.1:9"));
+        args.extend(tls_flags(&self.pki.agent()));
+        let home = scratch.display().to_string();
+        let child = Child::spawn(name, &self.kiam, &args, &[("HOME", home.as_str())], &scratch);
+        procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(20)).await;
+        (child, port)
+    }
+
+    /// The agent's own gRPC client (mutual TLS with the agent's certificate), to the server on
+    /// `server_port`.
+    pub fn client(&self, server_port: u16) -> GrpcClient {
+        let files = self.pki.agent();
+        GrpcClient::connect_lazy(&ClientConfig {
+            server_address: format!("127.0.0.1:{server_port}"),
+            tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
+            call_timeout: Duration::from_secs(5),
+        })
+        .expect("build the gRPC client")
+    }
+}
+
+fn flag(name: &str, value: &str) -> [String; 2] {
+    [name.to_owned(), value.to_owned()]
+}
+
+fn tls_flags(files: &CertFiles) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    [flag("--cert", &path(&files.cert)), flag("--key", &path(&files.key)), flag("--ca", &path(&files.ca))]
+        .concat()
+}
+
+/// A namespace whose pods may assume any role whose name starts with `role_prefix`.
+pub fn namespace(name: &str, role_prefix: &str) -> Value {
+    objects::namespace(name).permitted(&format!("{BASE_ARN}{role_prefix}.*")).build()
+}
+
+/// A running pod at `ip` with `role`, shaped like a Deployment's pod (labels, node, an owner).
+pub fn pod(namespace: &str, name: &str, ip: IpAddr, role: &str, node: &str) -> Value {
+    let mut pod = objects::pod(namespace, name)
+        .ip(&ip.to_string())
+        .role(role)
+        .node(node)
+        .label("app", namespace)
+        .label("pod-template-hash", "5d8f7c9b6d")
+        .build();
+    pod["metadata"]["ownerReferences"] = serde_json::json!([{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{namespace}-5d8f7c9b6d"),
+        "uid": "0b8c3e0c-7a39-4d6b-9a55-4c1f5b0d2e11", "controller": true, "blockOwnerDeletion": true,
+    }]);
+    pod
+}
+
+/// The `n`-th address of `base`'s /8 or /16 block, counting from `base + 1`.
+pub fn nth_ip(base: Ipv4Addr, n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(u32::from(base) + 1 + n))
+}
+
+/// How many pods the server said it had when its caches synced (from its JSON log line).
+pub fn synced_pods(server: &Child) -> Option<u64> {
+    let log = server.log();
+    let line = log.lines().find(|line| line.contains(READY_LINE))?;
+    serde_json::from_str::<Value>(line).ok()?["pods"].as_u64()
+}
+
+/// An STS client of moto from this process, as the server builds one (static credentials).
+pub fn sts(env: &Env) -> kiam::aws::Sts {
+    let credentials = aws_sdk_sts::config::Credentials::new("AKIDBENCH", "bench-secret", None, None, "bench");
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(credentials))
+        .build();
+    let config = kiam::aws::StsConfig { endpoint: Some(env.moto.endpoint()), ..Default::default() };
+    kiam::aws::Sts::from_sdk_config(&sdk, &config)
+}
+
+/// The identity a pod with role `name` and no session annotation gets.
+pub fn identity(name: &str) -> kiam::creds::Identity {
+    let base = kiam::policy::BaseArn::parse(BASE_ARN).expect("the base ARN parses");
+    kiam::creds::Identity {
+        role: kiam::policy::RoleArn::resolve(name, Some(&base)).expect("the role resolves"),
+        session_name: "kiam-kiam".into(),
+        external_id: None,
+    }
+}

@@ -1,0 +1,326 @@
+//! Figures 1, 5 and 6 on one deployment: a pod at 127.0.0.1 (where wrk connects from) whose
+//! credentials are cached, the release agent and server, and nginx serving the very same JSON
+//! as a static file at the same path.
+//!
+//! Figure 1 runs wrk against nginx and the agent in turns (nginx, agent, nginx, agent, ...),
+//! with the same threads, connections, duration and IMDSv2 token header, and reports the median
+//! round of each. Figure 6 samples the agent's resident memory while it is idle and while wrk
+//! loads it, and strips a copy of the binary to weigh it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::deploy::{self, Env};
+use crate::procs::{self, Child};
+use crate::report::{Report, Row, Verdict};
+use crate::stats;
+use crate::support::fake_kube::FakeKube;
+use crate::support::http;
+
+const ROLE: &str = "hit-role";
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/hit-role";
+const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
+
+/// wrk's settings, the same for nginx and the agent.
+#[derive(Clone, Debug)]
+pub struct Load {
+    pub threads: u32,
+    pub connections: u32,
+    pub seconds: u32,
+    pub rounds: u32,
+    /// `--profile DIR`: also profile the agent and server under one more round.
+    pub profile: Option<std::path::PathBuf>,
+}
+
+/// What `bench/wrk.lua` prints.
+#[derive(Debug, Deserialize)]
+struct WrkSummary {
+    requests: u64,
+    duration_us: u64,
+    connect: u64,
+    read: u64,
+    write: u64,
+    status: u64,
+    timeout: u64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+/// One wrk round, the target's largest resident memory by its end, and the most of it that was
+/// anonymous in the 50 ms samples.
+struct Round {
+    per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    memory: u64,
+    anon: u64,
+}
+
+/// Runs figures 1, 5 and 6.
+pub async fn run(env: &Env, load: &Load, report: &mut Report) {
+    let kube = FakeKube::start().await;
+    kube.apply(deploy::namespace("hits", "hit-"));
+    kube.apply(deploy::pod("hits", "hit", IpAddr::V4(Ipv4Addr::LOCALHOST), ROLE, "node-1"));
+    let (server, server_port, _) = env.server("hits-server", &kube).await;
+    let (mut agent, agent_port) = env.agent("hits-agent", server_port).await;
+    let base = format!("http://127.0.0.1:{agent_port}");
+    let token = token(&base).await;
+    let document = get(&format!("{base}{CREDENTIALS_PATH}"), &token).await;
+    assert!(document.contains("\"AccessKeyId\""), "the agent served no credentials: {document}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let agent_idle = agent.memory();
+
+    crate::grpc::run(env.client(server_port), IpAddr::V4(Ipv4Addr::LOCALHOST), ROLE, report).await;
+
+    let nginx_port = procs::free_port();
+    let mut nginx = nginx(env, nginx_port, &document);
+    procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port)), Duration::from_secs(10)).await;
+    let nginx_url = format!("http://127.0.0.1:{nginx_port}{CREDENTIALS_PATH}");
+    assert_eq!(get(&nginx_url, &token).await, document, "nginx serves the agent's document byte for byte");
+    let nginx_idle = nginx.memory();
+    let script = env.scratch("wrk").join("report.lua");
+    std::fs::write(&script, include_str!("wrk.lua")).expect("write the wrk script");
+    let agent_url = format!("{base}{CREDENTIALS_PATH}");
+
+    // A short warm-up for each, then the measured rounds in turns.
+    let warm = Load { seconds: 1, ..load.clone() };
+    wrk(&nginx_url, &token, &warm, &script, &mut nginx).await;
+    wrk(&agent_url, &token, &warm, &script, &mut agent).await;
+    let (mut nginx_rounds, mut agent_rounds, mut ping_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..load.rounds {
+        nginx_rounds.push(wrk(&nginx_url, &token, load, &script, &mut nginx).await);
+        agent_rounds.push(wrk(&agent_url, &token, load, &script, &mut agent).await);
+    }
+    // The agent's HTTP layer alone: `/ping` is answered without asking the server.
+    let ping_url = format!("{base}/ping");
+    for _ in 0..load.rounds {
+        ping_rounds.push(wrk(&ping_url, &token, load, &script, &mut agent).await);
+    }
+    if let Some(dir) = &load.profile {
+        let processes = [("agent", agent.pid()), ("server", server.pid())];
+        let round = wrk(&agent_url, &token, load, &script, &mut agent);
+        match crate::profile::record(dir, "fig1", &processes, load.seconds, round).await {
+            Ok(paths) => report.note(format!("Figure 1 profiles under wrk: {}", paths.join(", "))),
+            Err(error) => report.note(format!("Figure 1 profiles: none ({error})")),
+        }
+    }
+    let (n, a) = (median_round(&nginx_rounds), median_round(&agent_rounds));
+    let throughput = a.per_s / n.per_s;
+    let shape =
+        format!("wrk -t{} -c{}, {} s × {}", load.threads, load.connections, load.seconds, load.rounds);
+    report.row(Row::compared(
+        1,
+        &format!("credential GET throughput ({shape}; baseline: nginx)"),
+        stats::per_second(a.per_s),
+        stats::per_second(n.per_s),
+        stats::ratio(a.per_s, n.per_s),
+        "≥ 0.80× nginx",
+        Verdict::of(throughput >= 0.8),
+    ));
+    let ping = median_round(&ping_rounds);
+    report.row(Row::compared(
+        1,
+        "agent GET /ping, no server call (same load; baseline: nginx)",
+        stats::per_second(ping.per_s),
+        stats::per_second(n.per_s),
+        stats::ratio(ping.per_s, n.per_s),
+        "",
+        Verdict::Info,
+    ));
+    report.row(Row::compared(
+        1,
+        "credential GET p50",
+        stats::ms(a.p50),
+        stats::ms(n.p50),
+        stats::ratio(a.p50.as_secs_f64(), n.p50.as_secs_f64()),
+        "",
+        Verdict::Info,
+    ));
+    report.row(Row::compared(
+        1,
+        "credential GET p99",
+        stats::ms(a.p99),
+        stats::ms(n.p99),
+        stats::ratio(a.p99.as_secs_f64(), n.p99.as_secs_f64()),
+        "≤ 1.5× nginx p99",
+        Verdict::of(a.p99.as_secs_f64() <= 1.5 * n.p99.as_secs_f64()),
+    ));
+
+    let limit = 20 * 1024 * 1024;
+    report.row(Row::compared(
+        6,
+        "agent RSS, idle (baseline: nginx, master + workers)",
+        stats::mib(agent_idle.rss),
+        stats::mib(nginx_idle.rss),
+        stats::ratio(agent_idle.rss as f64, nginx_idle.rss as f64),
+        "≤ 20 MiB",
+        Verdict::of(agent_idle.rss <= limit),
+    ));
+    let agent_loaded = peak(&agent_rounds);
+    let nginx_loaded = peak(&nginx_rounds);
+    report.row(Row::compared(
+        6,
+        "agent RSS, peak under the figure-1 load",
+        stats::mib(agent_loaded),
+        stats::mib(nginx_loaded),
+        stats::ratio(agent_loaded as f64, nginx_loaded as f64),
+        "≤ 20 MiB",
+        Verdict::of(agent_loaded <= limit),
+    ));
+    let (stripped, unstripped) = binary_size(&env.kiam, &env.scratch("strip")).await;
+    report.row(Row::plain(
+        6,
+        &format!("release binary, stripped (as built: {})", stats::mib(unstripped)),
+        stats::mib(stripped),
+        "≤ 30 MiB",
+        Verdict::of(stripped <= 30 * 1024 * 1024),
+    ));
+    report.note(format!(
+        "Figures 1 and 6: one pod at 127.0.0.1 (wrk's source address) with its credentials cached; \
+         wrk sent GET {CREDENTIALS_PATH} with an IMDSv2 token header to the release agent (which \
+         asks the server over gRPC: GetPodRole, then GetPodCredentials) and to nginx ({}, 2 \
+         workers, keep-alive unlimited, access log off) serving the agent's exact document as a \
+         file. {} rounds of {} s each, alternating, after a 1 s warm-up each; the table shows the \
+         median round. Every process shares the same {} cores: wrk, nginx or agent + server. \
+         nginx rounds: {}; agent rounds: {}. RSS is VmRSS/VmHWM from /proc, sampled every 50 ms; \
+         of the agent's idle {}, {} is anonymous memory (heap, stacks) and the rest pages of the \
+         binary and libraries; under load, anonymous memory reached {}.",
+        nginx_version().await,
+        load.rounds,
+        load.seconds,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        describe(&nginx_rounds),
+        describe(&agent_rounds),
+        stats::mib(agent_idle.rss),
+        stats::mib(agent_idle.anon),
+        stats::mib(agent_rounds.iter().map(|round| round.anon).max().unwrap_or(0)),
+    ));
+}
+
+/// An IMDSv2 token for 127.0.0.1, from the agent.
+async fn token(base: &str) -> String {
+    let url = format!("{base}/latest/api/token");
+    let response = http::request("PUT", &url, &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")], "", None)
+        .await
+        .expect("PUT the token");
+    assert_eq!(response.status, 200, "token: {}", response.body);
+    response.body
+}
+
+/// GETs `url` with the token and returns the body, which must come with a 200.
+async fn get(url: &str, token: &str) -> String {
+    let response = http::request("GET", url, &[(TOKEN_HEADER, token)], "", None).await.expect("GET");
+    assert_eq!(response.status, 200, "GET {url}: {}", response.body);
+    response.body
+}
+
+/// Starts nginx (2 workers) on 127.0.0.1:`port`, serving `document` at the credentials path.
+fn nginx(env: &Env, port: u16, document: &str) -> Child {
+    let root = env.scratch("nginx");
+    let file = root.join("www").join(CREDENTIALS_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(file.parent().expect("the path has folders")).expect("create nginx's tree");
+    std::fs::write(&file, document).expect("write the document for nginx");
+    let root = root.display();
+    let conf = format!(
+        "user root;\nworker_processes 2;\ndaemon off;\npid {root}/nginx.pid;\n\
+         error_log {root}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 65s;\n\
+         default_type application/json;\n  server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
+    );
+    let conf_path = format!("{root}/nginx.conf");
+    std::fs::write(&conf_path, conf).expect("write nginx.conf");
+    let args =
+        ["-p", &format!("{root}/"), "-e", &format!("{root}/error.log"), "-c", &conf_path].map(str::to_owned);
+    Child::spawn("nginx", Path::new("/usr/sbin/nginx"), &args, &[], Path::new(&root.to_string()))
+}
+
+async fn nginx_version() -> String {
+    let out = tokio::process::Command::new("/usr/sbin/nginx").arg("-v").output().await;
+    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    text.trim().trim_start_matches("nginx version: ").to_owned()
+}
+
+/// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs.
+async fn wrk(url: &str, token: &str, load: &Load, script: &Path, target: &mut Child) -> Round {
+    let args = [
+        format!("-t{}", load.threads),
+        format!("-c{}", load.connections),
+        format!("-d{}s", load.seconds),
+        "--timeout".into(),
+        "5s".into(),
+        "-s".into(),
+        script.display().to_string(),
+        "-H".into(),
+        format!("{TOKEN_HEADER}: {token}"),
+        url.to_owned(),
+    ];
+    let child = tokio::process::Command::new("wrk")
+        .args(&args)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start wrk (apt-get install wrk)");
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let limit = tokio::time::sleep(Duration::from_secs(u64::from(load.seconds) + 30));
+    tokio::pin!(limit);
+    let (mut memory, mut anon) = (0, 0);
+    let output = loop {
+        tokio::select! {
+            output = &mut output => break output.expect("wait for wrk"),
+            () = &mut limit => panic!("wrk did not finish in time"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                let now = target.memory();
+                (memory, anon) = (memory.max(now.rss), anon.max(now.anon));
+            }
+        }
+    };
+    target.assert_running();
+    // The high-water mark catches what 50 ms samples miss (it also covers start-up).
+    let memory = memory.max(target.memory().peak);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find(|line| line.starts_with('{')).unwrap_or_else(|| {
+        panic!("wrk printed no summary:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr))
+    });
+    let summary: WrkSummary = serde_json::from_str(line).expect("wrk.lua prints valid JSON");
+    let errors = summary.connect + summary.read + summary.write + summary.status + summary.timeout;
+    assert!(summary.requests > 0 && errors == 0, "wrk against {url} saw errors: {line}");
+    Round {
+        per_s: summary.requests as f64 / (summary.duration_us as f64 / 1e6),
+        p50: Duration::from_micros(summary.p50_us),
+        p99: Duration::from_micros(summary.p99_us),
+        memory,
+        anon,
+    }
+}
+
+/// The round with the median throughput.
+fn median_round(rounds: &[Round]) -> &Round {
+    let mut order: Vec<&Round> = rounds.iter().collect();
+    order.sort_by(|a, b| a.per_s.total_cmp(&b.per_s));
+    order[(order.len() - 1) / 2]
+}
+
+fn peak(rounds: &[Round]) -> u64 {
+    rounds.iter().map(|round| round.memory).max().unwrap_or(0)
+}
+
+fn describe(rounds: &[Round]) -> String {
+    let each: Vec<String> =
+        rounds.iter().map(|r| format!("{:.0}/s p99 {}", r.per_s, stats::ms(r.p99))).collect();
+    each.join(", ")
+}
+
+/// The stripped size of a copy of the binary, and the size as built.
+async fn binary_size(kiam: &Path, scratch: &Path) -> (u64, u64) {
+    let copy = scratch.join("kiam");
+    std::fs::copy(kiam, &copy).expect("copy the binary");
+    procs::output("strip", &["--strip-all".into(), copy.display().to_string()], Duration::from_secs(60))
+        .await;
+    let size = |path: &Path| std::fs::metadata(path).map(|m| m.len()).expect("stat the binary");
+    (size(&copy), size(kiam))
+}

@@ -1,0 +1,125 @@
+//! kiam-rs benchmarks: every figure of issue 7, each against a baseline measured in the same run,
+//! on loopback, with every loop bounded. `bash scripts/bench` installs the peers, builds the
+//! release binary and runs this; see BENCHMARKS.md for the figures and how to read them.
+//!
+//! - [`hits`]: figure 1 (credential GETs through the agent vs nginx, under wrk) and figure 6
+//!   (agent memory, binary size), around [`grpc`]: figure 5 (agent → server gRPC at 1k/s).
+//! - [`first`]: figure 2 (time to first credential for a burst of new pods).
+//! - [`memory`]: figure 3 (server memory and start-up with 0, 10k and 100k pods).
+//! - [`sts`]: figure 4 (AssumeRole calls for a burst and over two refresh periods).
+//!
+//! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
+//! processes and reads their memory, [`profile`] runs `perf`, [`stats`] does percentiles,
+//! [`report`] writes the table, and [`support`] is the integration tests' fake API server, moto,
+//! PKI and HTTP client.
+//!
+//! Usage: `kiam_bench [--kiam PATH] [--out FILE] [--only 1,2,...] [--sizes 0,10000,100000]
+//! [--wrk-threads N] [--wrk-connections N] [--wrk-seconds N] [--wrk-rounds N] [--profile DIR]
+//! [--revision TEXT]`. `--profile` records the agent and server with `perf` under one more
+//! figure-1 round ([`profile`]).
+
+mod deploy;
+mod first;
+mod grpc;
+mod hits;
+mod memory;
+mod procs;
+mod profile;
+mod report;
+mod stats;
+mod sts;
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use report::{Machine, Report};
+
+/// What the command line asked for.
+struct Options {
+    kiam: PathBuf,
+    out: PathBuf,
+    figures: BTreeSet<u8>,
+    sizes: Vec<u32>,
+    load: hits::Load,
+    revision: String,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results.md")),
+        figures: (1..=6).collect(),
+        sizes: vec![0, 10_000, 100_000],
+        load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
+        revision: "unknown revision".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    let number = |value: Option<String>, flag: &str| -> u32 {
+        value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{flag} needs a number"))
+    };
+    let list = |value: Option<String>, flag: &str| -> Vec<u32> {
+        let value = value.unwrap_or_else(|| panic!("{flag} needs a comma-separated list"));
+        value
+            .split(',')
+            .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{flag}: bad number {v:?}")))
+            .collect()
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            // `cargo bench` passes this to every bench binary.
+            "--bench" => {}
+            "--kiam" => options.kiam = args.next().expect("--kiam needs a path").into(),
+            "--out" => options.out = args.next().expect("--out needs a path").into(),
+            "--revision" => options.revision = args.next().expect("--revision needs a text"),
+            "--only" => options.figures = list(args.next(), "--only").into_iter().map(|f| f as u8).collect(),
+            "--sizes" => options.sizes = list(args.next(), "--sizes"),
+            "--wrk-threads" => options.load.threads = number(args.next(), "--wrk-threads"),
+            "--wrk-connections" => options.load.connections = number(args.next(), "--wrk-connections"),
+            "--wrk-seconds" => options.load.seconds = number(args.next(), "--wrk-seconds"),
+            "--wrk-rounds" => options.load.rounds = number(args.next(), "--wrk-rounds"),
+            "--profile" => options.load.profile = Some(args.next().expect("--profile needs a folder").into()),
+            other => panic!("unknown argument {other:?} (see bench/main.rs for the usage)"),
+        }
+    }
+    assert!(
+        options.kiam.exists(),
+        "{} is missing: build it with cargo build --release",
+        options.kiam.display()
+    );
+    options
+}
+
+#[tokio::main]
+async fn main() {
+    stats::self_check();
+    let options = options();
+    let started = Instant::now();
+    let date = support::objects::now().replace('T', " ").replace('Z', " UTC");
+    let machine = Machine::describe(options.revision.clone(), date);
+    let env = deploy::Env::new(options.kiam.clone()).await;
+    let mut report = Report::default();
+    let wants = |figures: &[u8]| figures.iter().any(|f| options.figures.contains(f));
+    if wants(&[1, 5, 6]) {
+        println!("== figures 1, 5, 6: hits through the agent vs nginx, gRPC at 1k/s, footprint");
+        hits::run(&env, &options.load, &mut report).await;
+    }
+    if wants(&[2]) {
+        println!("== figure 2: time to first credential");
+        first::run(&env, &mut report).await;
+    }
+    if wants(&[3]) {
+        println!("== figure 3: server memory and start-up");
+        memory::run(&env, &options.sizes, &mut report).await;
+    }
+    if wants(&[4]) {
+        println!("== figure 4: STS efficiency");
+        sts::run(&env, &mut report).await;
+    }
+    report.rows.sort_by_key(|row| row.figure);
+    let text = report::markdown(&machine, &report.rows, &report.notes, started.elapsed().as_secs_f64());
+    println!("\n{text}");
+    std::fs::write(&options.out, &text).expect("write the results file");
+    println!("written to {}", options.out.display());
+}
