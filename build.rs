@@ -1,8 +1,13 @@
-//! Compiles kiam's gRPC contract with protox, so that no `protoc` is needed on the build machine.
+//! Compiles the gRPC contracts with protox, so that no `protoc` is needed on the build machine:
+//! kiam's `KiamService` (wire-compatible with kiam v4) and kiam-rs's own `Debug` service.
+
+const PROTOS: [&str; 2] = ["kiam/service.proto", "kiamrs/debug.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/kiam/service.proto");
-    let fds = protox::compile(["kiam/service.proto"], ["proto"])?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed=proto/{proto}");
+    }
+    let fds = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

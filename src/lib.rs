@@ -10,6 +10,8 @@
 //!   calls STS through [`aws`].
 //! - [`cluster`]: pods by IP and namespaces by name, fed by a [`cluster::Source`] (the
 //!   Kubernetes watch, or a manifest file).
+//! - [`explain`]: `kiam explain`, the server's decision chain for one pod, from the cluster or
+//!   from manifests, plus the server's cache state through [`server::debug`].
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf.
 
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod creds;
+pub mod explain;
 pub mod health;
 pub mod metrics;
 pub mod pb;

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
         Command::Agent(a) => &a.log,
         Command::Server(s) => &s.log,
         Command::Health(h) => &h.log,
+        Command::Explain(e) => &e.log,
     };
     kiam::telemetry::init(log.json_log, log.level);
     let shutdown = CancellationToken::new();
@@ -28,6 +29,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Health(args) => health(args).await,
+        Command::Explain(args) => return explain(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,6 +48,27 @@ async fn health(args: kiam::cli::HealthArgs) -> Result<(), String> {
     let message = kiam::health::check(&client, timeout).await?;
     tracing::info!("healthy: {message}");
     Ok(())
+}
+
+/// `kiam explain`: the answer on stdout; exit 0 allowed, 1 denied, 2 bad flags, 3 unreadable.
+async fn explain(args: kiam::cli::ExplainArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("kiam explain: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match kiam::explain::run(config).await {
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::from(report.exit_code())
+        }
+        Err(error) => {
+            eprintln!("kiam explain: {error}");
+            ExitCode::from(3)
+        }
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -5,7 +5,9 @@
 mod agent;
 mod client;
 pub mod duration;
+mod explain;
 mod health;
+mod policy;
 mod server;
 
 use std::path::PathBuf;
@@ -14,7 +16,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use agent::AgentArgs;
 pub use client::ClientArgs;
+pub use explain::ExplainArgs;
 pub use health::HealthArgs;
+pub use policy::PolicyArgs;
 pub use server::ServerArgs;
 
 use crate::tls::TlsFiles;
@@ -36,6 +40,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Probe a server: exit 0 when it is healthy, 1 otherwise.
     Health(HealthArgs),
+    /// Why a pod does or does not get its role: the server's decision chain, from the cluster or
+    /// from manifests. Exit 0 allowed, 1 denied, 3 when something could not be read.
+    Explain(ExplainArgs),
 }
 
 /// Log level names, as kiam's `--level`.

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{LogArgs, TlsArgs, go_duration};
+use super::{LogArgs, PolicyArgs, TlsArgs, go_duration};
 use crate::aws::StsConfig;
 use crate::creds::Lifetimes;
-use crate::policy::{BaseArn, Policy};
 use crate::server::{Config, GrpcSettings, Inventory, Settings};
 
 /// STS refuses sessions shorter than this.
@@ -31,12 +30,8 @@ pub struct ServerArgs {
     /// development; the file is re-read when it changes).
     #[arg(long, env = "KIAM_MANIFEST", conflicts_with = "kubeconfig")]
     pub manifest: Option<PathBuf>,
-    /// Prefix that completes role names that are not ARNs, e.g. arn:aws:iam::123456789012:role/.
-    #[arg(long, env = "KIAM_ROLE_BASE_ARN")]
-    pub role_base_arn: Option<String>,
-    /// Take the base ARN from the node's instance profile (over IMDSv2); wins over --role-base-arn.
-    #[arg(long, env = "KIAM_ROLE_BASE_ARN_AUTODETECT")]
-    pub role_base_arn_autodetect: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// A role the server assumes first and uses to assume the pods' roles (short names allowed).
     #[arg(long, env = "KIAM_ASSUME_ROLE_ARN")]
     pub assume_role_arn: Option<String>,
@@ -52,10 +47,6 @@ pub struct ServerArgs {
     /// Deprecated and ignored (kiam never used it).
     #[arg(long, env = "KIAM_PROMETHEUS_SYNC_INTERVAL", value_parser = go_duration, hide = true)]
     pub prometheus_sync_interval: Option<Duration>,
-    /// Answer an agent only about pods on the node its client certificate names, in a
-    /// `urn:kiam:node:<node-name>` URI SAN (off by default, for kiam compatibility).
-    #[arg(long, env = "KIAM_AGENT_NODE_BINDING")]
-    pub agent_node_binding: bool,
     /// gRPC keepalive ping interval.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = go_duration)]
     pub grpc_keepalive_time_duration: Duration,
@@ -71,12 +62,6 @@ pub struct ServerArgs {
     /// Grace period for calls in flight on a connection closed for its age.
     #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_GRACE_DURATION", default_value = "15m", value_parser = go_duration)]
     pub grpc_max_connection_age_grace_duration: Duration,
-    /// Match the namespace's permitted expression anywhere in the ARN instead of anchoring it.
-    #[arg(long, env = "KIAM_DISABLE_STRICT_NAMESPACE_REGEXP")]
-    pub disable_strict_namespace_regexp: bool,
-    /// Default session-name suffix (sessions are named kiam-<session>).
-    #[arg(long, env = "KIAM_SESSION", default_value = "kiam")]
-    pub session: String,
     /// STS session length (at least 15m).
     #[arg(long, env = "KIAM_SESSION_DURATION", default_value = "1h", value_parser = go_duration)]
     pub session_duration: Duration,
@@ -106,9 +91,8 @@ impl ServerArgs {
                 self.session_refresh, self.session_duration
             ));
         }
-        let base = self.role_base_arn.as_deref().filter(|s| !s.is_empty());
-        let base_arn = base.map(BaseArn::parse).transpose().map_err(|e| format!("--role-base-arn: {e}"))?;
-        if base_arn.is_none() && !self.role_base_arn_autodetect {
+        let policy = self.policy.policy()?;
+        if policy.base_arn.is_none() && !self.policy.role_base_arn_autodetect {
             return Err("one of --role-base-arn (e.g. arn:aws:iam::123456789012:role/) or \
                         --role-base-arn-autodetect is required"
                 .into());
@@ -129,14 +113,14 @@ impl ServerArgs {
             bind: self.bind.clone(),
             tls: self.tls.files(),
             inventory,
-            autodetect_base_arn: self.role_base_arn_autodetect,
+            autodetect_base_arn: self.policy.role_base_arn_autodetect,
             settings: Settings {
-                policy: Policy { base_arn, strict_namespace_regexp: !self.disable_strict_namespace_regexp },
+                policy,
                 lifetimes: Lifetimes { session: self.session_duration, refresh_lead: self.session_refresh },
-                session: self.session.clone(),
+                session: self.policy.session.clone(),
                 fetchers: usize::from(self.fetchers),
                 prefetch_buffer: self.prefetch_buffer_size as usize,
-                node_binding: self.agent_node_binding,
+                node_binding: self.policy.agent_node_binding,
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

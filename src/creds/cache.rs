@@ -78,11 +78,29 @@ struct Entry {
     fetch: tokio::sync::Mutex<Failures>,
 }
 
-#[derive(Default)]
-struct Failures {
+/// An identity's fetch failures since its last success. Read-only outside this module.
+#[derive(Clone, Debug, Default)]
+pub struct Failures {
     count: u32,
     retry_at: Option<SystemTime>,
     last: Option<StsError>,
+}
+
+impl Failures {
+    /// Failed fetches since the last success.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Until when the identity is not tried again, if it is backing off.
+    pub fn retry_at(&self) -> Option<SystemTime> {
+        self.retry_at
+    }
+
+    /// The last error since the last success.
+    pub fn last(&self) -> Option<&StsError> {
+        self.last.as_ref()
+    }
 }
 
 impl Entry {
@@ -252,5 +270,47 @@ impl<A: AssumeRole> CredentialCache<A> {
     /// The lifetimes in force.
     pub fn lifetimes(&self) -> Lifetimes {
         self.lifetimes
+    }
+}
+
+/// What the cache holds for one identity, for diagnostics (`kiam explain`): times, flags and
+/// failures, never the credentials themselves.
+#[derive(Clone, Debug)]
+pub struct EntryState {
+    /// When the held credentials were issued and expire; `None` when nothing is held.
+    pub issued: Option<SystemTime>,
+    pub expiration: Option<SystemTime>,
+    /// The held credentials are served as they are while STS works.
+    pub fresh: bool,
+    /// The background refresher would renew them now.
+    pub refresh_due: bool,
+    /// They are still served when STS fails.
+    pub usable: bool,
+    /// The failures since the last success; `None` while a fetch is in flight, since its lock
+    /// guards them and a diagnostic must not wait for STS.
+    pub failures: Option<Failures>,
+    /// The cache's clock when this was read.
+    pub now: SystemTime,
+}
+
+impl<A> CredentialCache<A> {
+    /// What the cache holds for `identity`, without fetching or creating anything; `None` when
+    /// the cache has no entry for it.
+    pub fn state(&self, identity: &Identity) -> Option<EntryState> {
+        let entry = self.entries.lock().unwrap_or_else(PoisonError::into_inner).get(identity).cloned()?;
+        let now = (self.clock)();
+        let current = entry.current();
+        let held = |f: fn(&Lifetimes, &Credentials, SystemTime) -> bool| {
+            current.as_ref().is_some_and(|c| f(&self.lifetimes, c, now))
+        };
+        Some(EntryState {
+            issued: current.as_ref().map(|c| c.issued),
+            expiration: current.as_ref().map(|c| c.expiration),
+            fresh: held(Lifetimes::is_fresh),
+            refresh_due: held(Lifetimes::refresh_due),
+            usable: held(Lifetimes::is_usable),
+            failures: entry.fetch.try_lock().ok().map(|f| f.clone()),
+            now,
+        })
     }
 }

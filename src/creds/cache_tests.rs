@@ -174,3 +174,29 @@ async fn sweep_forgets_idle_identities_and_lists_due_ones() {
     f.cache.sweep(&active);
     assert_eq!(f.cache.len(), 1, "expired and unused: forgotten");
 }
+
+#[tokio::test]
+async fn state_reports_times_flags_and_failures_without_fetching() {
+    let f = Fixture::new(1000);
+    let id = identity("app");
+    assert!(f.cache.state(&id).is_none(), "unknown identities have no entry");
+    assert!(f.cache.is_empty(), "reading the state creates nothing");
+    f.cache.get(&id).await.expect("first");
+    let state = f.cache.state(&id).expect("an entry");
+    assert_eq!(
+        state.expiration.zip(state.issued).map(|(e, i)| e.duration_since(i).ok()),
+        Some(Some(Duration::from_secs(60 * MIN)))
+    );
+    assert!(state.fresh && state.usable && !state.refresh_due);
+    assert_eq!(state.failures.as_ref().map(|f| f.count()), Some(0));
+    f.sts.down.store(true, Ordering::SeqCst);
+    f.advance(50);
+    f.cache.get(&id).await.expect("stale but valid");
+    let state = f.cache.state(&id).expect("an entry");
+    assert!(!state.fresh && state.usable && state.refresh_due);
+    let failures = state.failures.expect("no fetch in flight");
+    assert_eq!(failures.count(), 1);
+    assert!(failures.retry_at().is_some_and(|at| at > state.now));
+    assert_eq!(failures.last().map(|e| e.message.as_str()), Some("STS unreachable"));
+    assert_eq!(f.calls(), 1, "reading the state never calls STS");
+}

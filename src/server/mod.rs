@@ -5,6 +5,7 @@
 //! [`run`] serves an already-bound listener until shutdown, so tests can bind `127.0.0.1:0`.
 
 pub mod core;
+pub mod debug;
 pub mod prefetch;
 pub mod service;
 
@@ -143,8 +144,9 @@ pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(),
         () = shutdown.cancelled() => return Ok(()),
     }
     tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
+    let debug = debug::DebugService::new(Arc::clone(&core));
     let service = service::KiamService::new(core, config.settings.node_binding);
-    run(listener, tls, service, &config.grpc, shutdown).await
+    run(listener, tls, service, debug, &config.grpc, shutdown).await
 }
 
 /// Assembles the server's core and starts its background work: the pod/namespace source and
@@ -181,11 +183,13 @@ pub fn spawn_source(source: impl Source, cluster: &Arc<Cluster>, shutdown: &Canc
     });
 }
 
-/// Serves `core` over mutual TLS on `listener` until `shutdown`.
+/// Serves `core` over mutual TLS on `listener` until `shutdown`: kiam's `KiamService` and,
+/// behind the same client CA, kiam-rs's `Debug` service (cache state for `kiam explain`).
 pub async fn run<A: AssumeRole>(
     listener: TcpListener,
     tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
     service: service::KiamService<A>,
+    debug: debug::DebugService<A>,
     grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -197,6 +201,7 @@ pub async fn run<A: AssumeRole>(
         .max_connection_age(grpc.max_connection_age)
         .max_connection_age_grace(grpc.max_connection_age_grace)
         .add_service(service)
+        .add_service(debug::server(debug))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -9,6 +9,7 @@ mod agent_hostile;
 mod binary;
 mod e2e;
 mod events;
+mod explain;
 mod failover;
 mod fake_kube_tests;
 mod grpcio;

@@ -143,8 +143,9 @@ pub async fn start_server(
         max_connection_age_grace: Duration::from_secs(900),
     };
     let service = server::service::KiamService::new(Arc::clone(&core), options.node_binding);
+    let debug = server::debug::DebugService::new(Arc::clone(&core));
     let stop = shutdown.clone();
-    tokio::spawn(async move { server::run(listener, tls, service, &grpc, stop).await });
+    tokio::spawn(async move { server::run(listener, tls, service, debug, &grpc, stop).await });
     TestServer { core, addr, tls_gauges, shutdown }
 }
 

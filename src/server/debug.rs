@@ -1,0 +1,137 @@
+//! `kiamrs.debug.Debug`: what the credentials cache holds for one identity, for `kiam explain`.
+//!
+//! It lives on the server's listener, behind the same mutual TLS as `KiamService`, so only
+//! holders of a certificate the client CA signed reach it. Any such certificate may call it,
+//! agents' included, with or without node binding: the answer is times, flags and the last STS
+//! error for an identity the caller already names in full (role ARN, session name and external
+//! ID). It never carries credentials, and the external ID is neither logged nor returned.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tonic::{Request, Response, Status};
+
+use super::core::Core;
+use crate::creds::cache::EntryState;
+use crate::creds::{Identity, time};
+use crate::pb::debug::{CacheStateReply, CacheStateRequest, debug_server};
+use crate::policy::RoleArn;
+
+/// The `Debug` service over a server's [`Core`].
+pub struct DebugService<A> {
+    core: Arc<Core<A>>,
+}
+
+impl<A> DebugService<A> {
+    /// Answers from `core`'s credentials cache.
+    pub fn new(core: Arc<Core<A>>) -> Self {
+        DebugService { core }
+    }
+}
+
+/// The identity a request names. The role must be a full ARN: the caller resolves short names
+/// with its own base ARN, so that both sides agree on the key.
+fn identity(request: CacheStateRequest) -> Result<Identity, Status> {
+    let role = request.role_arn.trim();
+    if !role.starts_with("arn:") {
+        return Err(Status::invalid_argument(format!("role_arn {role:?} is not an ARN")));
+    }
+    let role = RoleArn::resolve(role, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Identity { role, session_name: request.session_name, external_id: request.external_id })
+}
+
+/// The reply for an entry's state, or for no entry.
+fn reply(state: Option<EntryState>, now: SystemTime) -> CacheStateReply {
+    let stamp = |t: Option<SystemTime>| t.map(time::format).unwrap_or_default();
+    let Some(state) = state else {
+        return CacheStateReply { now: time::format(now), ..CacheStateReply::default() };
+    };
+    let remaining = state.expiration.and_then(|e| e.duration_since(state.now).ok()).unwrap_or(Duration::ZERO);
+    let failures = state.failures.as_ref();
+    let last = failures.and_then(|f| f.last());
+    CacheStateReply {
+        known: true,
+        has_credentials: state.expiration.is_some(),
+        issued: stamp(state.issued),
+        expiration: stamp(state.expiration),
+        remaining_seconds: i64::try_from(remaining.as_secs()).unwrap_or(i64::MAX),
+        fresh: state.fresh,
+        refresh_due: state.refresh_due,
+        usable: state.usable,
+        fetching: failures.is_none(),
+        failures: failures.map_or(0, |f| f.count()),
+        last_error_code: last.and_then(|e| e.code.clone()).unwrap_or_default(),
+        last_error_message: last.map(|e| e.message.clone()).unwrap_or_default(),
+        retry_at: stamp(failures.and_then(|f| f.retry_at()).filter(|at| *at > state.now)),
+        now: time::format(state.now),
+    }
+}
+
+#[tonic::async_trait]
+impl<A: crate::creds::AssumeRole> debug_server::Debug for DebugService<A> {
+    async fn cache_state(
+        &self,
+        request: Request<CacheStateRequest>,
+    ) -> Result<Response<CacheStateReply>, Status> {
+        let identity = identity(request.into_inner())?;
+        let state = self.core.cache().state(&identity);
+        tracing::debug!(
+            role = %identity.role,
+            session_name = %identity.session_name,
+            external_id_set = identity.external_id.is_some(),
+            known = state.is_some(),
+            "CacheState"
+        );
+        Ok(Response::new(reply(state, SystemTime::now())))
+    }
+}
+
+/// The tonic service to add to the server.
+pub fn server<A: crate::creds::AssumeRole>(
+    service: DebugService<A>,
+) -> debug_server::DebugServer<DebugService<A>> {
+    debug_server::DebugServer::new(service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::creds::cache::Failures;
+
+    #[test]
+    fn requests_need_a_full_arn() {
+        let ok = CacheStateRequest {
+            role_arn: "arn:aws:iam::1:role/app".into(),
+            session_name: "kiam-kiam".into(),
+            external_id: Some("x".into()),
+        };
+        let id = identity(ok.clone()).expect("an ARN");
+        assert_eq!(id.role.as_str(), "arn:aws:iam::1:role/app");
+        assert_eq!(id.external_id.as_deref(), Some("x"));
+        let short = CacheStateRequest { role_arn: "app".into(), ..ok };
+        assert_eq!(identity(short).map_err(|s| s.code()).err(), Some(tonic::Code::InvalidArgument));
+    }
+
+    #[test]
+    fn replies_carry_times_and_flags() {
+        let r = reply(None, SystemTime::UNIX_EPOCH);
+        assert!(!r.known && !r.has_credentials && r.issued.is_empty());
+        assert_eq!(r.now, "1970-01-01T00:00:00Z");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(600);
+        let state = EntryState {
+            issued: Some(now - Duration::from_secs(60)),
+            expiration: Some(now + Duration::from_secs(3540)),
+            fresh: true,
+            refresh_due: false,
+            usable: true,
+            failures: Some(Failures::default()),
+            now,
+        };
+        let r = reply(Some(state.clone()), now);
+        assert!(r.known && r.has_credentials && r.fresh && !r.fetching);
+        assert_eq!((r.issued.as_str(), r.remaining_seconds), ("1970-01-01T00:09:00Z", 3540));
+        assert!(r.retry_at.is_empty() && r.last_error_message.is_empty());
+        let r = reply(Some(EntryState { failures: None, ..state }), now);
+        assert!(r.fetching, "a held fetch lock means a fetch in flight");
+    }
+}
