@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::documents::{ExtendedDocument, IamInfo, role_account};
 use super::handlers::{AgentError, from_backend};
 use super::{Agent, Backend, BackendError};
+use crate::metrics::Handler;
 use crate::policy::role::listed_name;
 
 /// Calls `f` until it succeeds, fails for good, or `budget` runs out: a pod the server has not
@@ -34,11 +35,21 @@ where
     }
 }
 
-async fn pod_role<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<String, AgentError> {
-    with_budget(agent.pod_wait, || agent.backend.pod_role(ip))
-        .await
-        .map_err(|e| from_backend(e, ip))?
-        .ok_or_else(|| AgentError::NotFound("no role annotated for this pod".into()))
+/// The pod's role; `handler` labels kiam's `find_role_errors` and `empty_role` counters.
+async fn pod_role<B: Backend>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    handler: &'static str,
+) -> Result<String, AgentError> {
+    let label = Handler { handler };
+    let role = with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
+        agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
+        from_backend(e, ip)
+    })?;
+    role.ok_or_else(|| {
+        agent.metrics.agent.empty_role.get_or_create(&label).inc();
+        AgentError::NotFound("no role annotated for this pod".into())
+    })
 }
 
 /// The 404 for the extended path and `iam/info` when the role's account is not known to the
@@ -53,7 +64,7 @@ pub async fn role_list<B: Backend>(
     ip: IpAddr,
     extended: bool,
 ) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip).await?;
+    let role = pod_role(agent, ip, "roleName").await?;
     if extended && role_account(&role).is_none() {
         return Err(no_account());
     }
@@ -67,7 +78,7 @@ pub async fn credentials<B: Backend>(
     requested: &str,
     extended: bool,
 ) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip).await?;
+    let role = pod_role(agent, ip, "credentials").await?;
     // SDKs list the role, then ask for that name; any other name is not this pod's (404, so
     // that SDKs which pin a profile name rediscover it).
     if requested != listed_name(&role) && requested != role.trim().trim_start_matches('/') {
@@ -77,20 +88,26 @@ pub async fn credentials<B: Backend>(
         true => Some(role_account(&role).ok_or_else(no_account)?.account),
         false => None,
     };
-    let document = with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role))
-        .await
-        .map_err(|e| from_backend(e, ip))?;
+    let label = Handler { handler: "credentials" };
+    let document =
+        with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await.map_err(|e| {
+            agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
+            from_backend(e, ip)
+        })?;
     let body = match account {
         Some(account_id) => serde_json::to_vec(&ExtendedDocument { credentials: &document, account_id }),
         None => serde_json::to_vec(&document),
     }
-    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    .map_err(|e| {
+        agent.metrics.agent.credential_encode_errors.get_or_create(&label).inc();
+        AgentError::Internal(e.to_string())
+    })?;
     Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response())
 }
 
 /// `iam/info` for the pod's role, never the node's.
 pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip).await?;
+    let role = pod_role(agent, ip, "iamInfo").await?;
     let account = role_account(&role).ok_or_else(no_account)?;
     let info = IamInfo::new(&account, crate::creds::time::format(SystemTime::now()));
     let body = serde_json::to_vec(&info).map_err(|e| AgentError::Internal(e.to_string()))?;

@@ -15,6 +15,7 @@ use super::answers;
 use super::proxy::{TOKEN_HEADER, TTL_HEADER};
 use super::token::parse_ttl;
 use super::{Agent, Backend, BackendError};
+use crate::metrics::Handler;
 use crate::policy::paths::{Route, classify};
 
 /// Why a request failed, mapped to a status and a plain-text message.
@@ -98,6 +99,7 @@ pub async fn handle<B: Backend>(
         Err(err) => err.into_response(),
     };
     let status = response.status().as_u16();
+    record(&agent.metrics.agent, handler_of(&classify(&path)), status, started.elapsed());
     let duration_ms = started.elapsed().as_millis() as u64;
     if status < 400 {
         tracing::debug!(pod.ip = %ip, %method, %path, status, duration_ms, "request");
@@ -105,6 +107,32 @@ pub async fn handle<B: Backend>(
         tracing::info!(pod.ip = %ip, %method, %path, status, duration_ms, "request");
     }
     response
+}
+
+/// kiam's `handler` label for a route.
+fn handler_of(route: &Route<'_>) -> &'static str {
+    match route {
+        Route::Credentials(_) | Route::ExtendedCredentials(_) => "credentials",
+        Route::RoleList | Route::ExtendedRoleList | Route::CredentialsRedirect => "roleName",
+        Route::Health => "health",
+        Route::IamInfo => "iamInfo",
+        Route::Token => "token",
+        Route::Ping => "ping",
+        _ => "proxy",
+    }
+}
+
+/// kiam's per-response counters: every response by handler and code, latency for the handlers
+/// kiam timed, and successes.
+fn record(m: &crate::metrics::AgentMetrics, handler: &'static str, status: u16, elapsed: Duration) {
+    let label = Handler { handler };
+    m.responses.get_or_create(&crate::metrics::Response { handler, code: status.to_string() }).inc();
+    if matches!(handler, "credentials" | "roleName" | "health") {
+        m.handler_latency.get_or_create(&label).observe(elapsed.as_secs_f64());
+    }
+    if status == 200 && matches!(handler, "credentials" | "roleName" | "proxy") {
+        m.success.get_or_create(&label).inc();
+    }
 }
 
 /// The caller: the connection's source address, or `?ip=` under `--allow-ip-query`.
@@ -148,6 +176,7 @@ async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> 
         Route::Guarded => Err(AgentError::NotFound(format!("{path} is not served by kiam"))),
         _ => {
             if !agent.allow_routes.allows(path) {
+                agent.metrics.agent.proxy_requests_blocked.inc();
                 return Err(AgentError::NotFound(format!(
                     "request blocked by allow-route-regexp {:?}: {path}",
                     agent.allow_routes.as_str()

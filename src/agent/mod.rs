@@ -32,6 +32,7 @@ use proxy::Upstream;
 use token::Tokens;
 
 use crate::client::{ClientConfig, ClientError, GrpcClient};
+use crate::metrics::Metrics;
 use crate::policy::paths::AllowRoutes;
 
 /// The validated agent configuration.
@@ -58,6 +59,8 @@ pub struct Config {
     pub client: ClientConfig,
     /// Keepalive, re-resolution and certificate polling of the link to the servers.
     pub transport: crate::client::Transport,
+    /// `--prometheus-listen-addr`: where `/metrics` is served, on a listener of its own.
+    pub prometheus_listen_addr: Option<String>,
 }
 
 /// The agent's shared state.
@@ -70,6 +73,7 @@ pub struct Agent<B> {
     require_imdsv2: bool,
     allow_ip_query: bool,
     limits: Limits,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the agent could not start, or stopped.
@@ -83,6 +87,8 @@ pub enum AgentStartError {
     TokenKey,
     #[error("iptables: {0}")]
     Iptables(#[from] IptablesError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: String, source: std::io::Error },
 }
 
 impl<B: Backend> Agent<B> {
@@ -102,6 +108,7 @@ impl<B: Backend> Agent<B> {
             require_imdsv2: false,
             allow_ip_query: false,
             limits: Limits::default(),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -122,6 +129,17 @@ impl<B: Backend> Agent<B> {
     pub fn allow_ip_query(mut self, on: bool) -> Agent<B> {
         self.allow_ip_query = on;
         self
+    }
+
+    /// Counts into `metrics` instead of a private set.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Agent<B> {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this agent counts into.
+    pub fn metrics_handle(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Replaces `--allow-route-regexp`.
@@ -192,12 +210,29 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
              use it in development only"
         );
     }
-    let backend = GrpcClient::connect_with(&config.client, &config.transport, Arc::new(crate::client::Dns))?;
-    let agent = Agent::from_config(backend, &config)?;
+    let metrics = Arc::new(Metrics::default());
+    let transport = crate::client::Transport {
+        tls_gauges: metrics.tls_client.clone(),
+        grpc_metrics: metrics.grpc_client.clone(),
+        ..config.transport.clone()
+    };
+    let backend = GrpcClient::connect_with(&config.client, &transport, Arc::new(crate::client::Dns))?;
+    let agent = Agent::from_config(backend, &config)?.metrics(Arc::clone(&metrics));
+    if let Some(addr) = &config.prometheus_listen_addr {
+        crate::metrics::spawn(addr, Arc::clone(&metrics), shutdown.clone())
+            .await
+            .map_err(|source| AgentStartError::Metrics { addr: addr.clone(), source })?;
+    }
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| AgentStartError::Bind { addr, source })?;
     tracing::info!(%addr, server = %config.client.server_address, "agent listening");
     let interception =
         config.iptables.map(|rules| Arc::new(Interception::new(iptables::Command::default(), rules)));
+    if let Some(interception) = &interception {
+        let (interception, counter) = (Arc::clone(interception), metrics.agent.iptables_restorations.clone());
+        metrics.on_scrape(move || {
+            counter.inner().store(interception.restorations(), std::sync::atomic::Ordering::Relaxed)
+        });
+    }
     serve(listener, Arc::new(agent), interception, shutdown).await
 }

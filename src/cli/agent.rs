@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
 
-use super::{ClientArgs, LogArgs, TlsArgs, go_duration};
+use super::{ClientArgs, LogArgs, ObservabilityArgs, TlsArgs, go_duration};
 use crate::agent::Config;
 use crate::agent::iptables::{self, DEFAULT_CHAIN, Interface};
 use crate::policy::paths::AllowRoutes;
@@ -24,6 +24,8 @@ pub struct AgentArgs {
     pub port: u16,
     #[command(flatten)]
     pub client: ClientArgs,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
     /// Paths matching this expression are forwarded to the node's metadata service.
     #[arg(long, env = "KIAM_ALLOW_ROUTE_REGEXP", default_value = "^$")]
     pub allow_route_regexp: String,
@@ -118,6 +120,7 @@ impl AgentArgs {
             iptables,
             client,
             transport,
+            prometheus_listen_addr: self.observability.listen_addr(),
         })
     }
 }

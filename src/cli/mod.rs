@@ -85,6 +85,27 @@ impl TlsArgs {
     }
 }
 
+/// `--prometheus-listen-addr` and `--pprof-listen-addr`, shared by `agent` and `server`.
+#[derive(Clone, Debug, Args)]
+pub struct ObservabilityArgs {
+    /// Serve Prometheus metrics at /metrics on this address (e.g. 0.0.0.0:9620); off when empty.
+    #[arg(long, env = "KIAM_PROMETHEUS_LISTEN_ADDR", default_value = "")]
+    pub prometheus_listen_addr: String,
+    /// Accepted for kiam compatibility; there is no pprof endpoint.
+    #[arg(long, env = "KIAM_PPROF_LISTEN_ADDR", default_value = "", hide = true)]
+    pub pprof_listen_addr: String,
+}
+
+impl ObservabilityArgs {
+    /// The metrics address, if any.
+    pub fn listen_addr(&self) -> Option<String> {
+        if !self.pprof_listen_addr.is_empty() {
+            tracing::warn!("--pprof-listen-addr is accepted for compatibility and ignored");
+        }
+        Some(self.prometheus_listen_addr.clone()).filter(|a| !a.is_empty())
+    }
+}
+
 fn existing_file(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
     if path.is_file() { Ok(path) } else { Err(format!("{s}: no such file")) }

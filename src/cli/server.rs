@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{LogArgs, PolicyArgs, TlsArgs, go_duration};
+use super::{LogArgs, ObservabilityArgs, PolicyArgs, TlsArgs, go_duration};
 use crate::aws::StsConfig;
 use crate::creds::Lifetimes;
 use crate::server::{Config, GrpcSettings, Inventory, Settings};
@@ -20,6 +20,8 @@ pub struct ServerArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
     /// gRPC listen address.
     #[arg(long, env = "KIAM_BIND", default_value = "localhost:9610")]
     pub bind: String,
@@ -134,6 +136,7 @@ impl ServerArgs {
                 endpoint: self.sts_endpoint.clone(),
                 assume_role_arn: self.assume_role_arn.clone().filter(|r| !r.is_empty()),
             },
+            prometheus_listen_addr: self.observability.listen_addr(),
         })
     }
 }

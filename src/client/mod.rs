@@ -17,7 +17,7 @@ use tonic::{Code, Status};
 use pool::Pool;
 pub use pool::{Dns, Link, Resolve};
 
-use crate::metrics::TlsGauges;
+use crate::metrics::{GrpcMetrics, TlsGauges, code_name};
 use crate::tls::reload::{Reloading, Side};
 
 use crate::agent::{Backend, BackendError};
@@ -55,6 +55,8 @@ pub struct Transport {
     /// How often the certificate files are checked for rotation.
     pub tls_poll: Duration,
     pub tls_gauges: TlsGauges,
+    /// `grpc_client_*` counters.
+    pub grpc_metrics: GrpcMetrics,
 }
 
 impl Default for Transport {
@@ -69,6 +71,7 @@ impl Default for Transport {
             resolve_every: Duration::from_secs(5),
             tls_poll: Duration::from_secs(2),
             tls_gauges: TlsGauges::default(),
+            grpc_metrics: GrpcMetrics::default(),
         }
     }
 }
@@ -88,6 +91,7 @@ fn is_transport_failure(status: &Status) -> bool {
 pub struct GrpcClient {
     pool: Arc<Pool>,
     call_timeout: Duration,
+    grpc_metrics: GrpcMetrics,
 }
 
 impl std::fmt::Debug for GrpcClient {
@@ -127,12 +131,27 @@ impl GrpcClient {
             tls::client_config(files, &domain)
         })?;
         let pool = Pool::start(host, port, tls, transport.link.clone(), resolver, transport.resolve_every);
-        Ok(GrpcClient { pool, call_timeout: config.call_timeout })
+        Ok(GrpcClient {
+            pool,
+            call_timeout: config.call_timeout,
+            grpc_metrics: transport.grpc_metrics.clone(),
+        })
     }
 
     /// Runs `call` against the pool, again (on another server) after a transport failure, with a
     /// short back-off, while the deadline allows.
-    async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    async fn call<T, F, Fut>(&self, method: &'static str, call: F) -> Result<T, Status>
+    where
+        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let result = self.call_with_retries(call).await;
+        let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
+        self.grpc_metrics.unary(false, method, code);
+        result
+    }
+
+    async fn call_with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
     where
         F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -167,9 +186,11 @@ impl GrpcClient {
 
     /// `GetHealth`.
     pub async fn get_health(&self) -> Result<String, Status> {
-        self.call(|mut c, left| async move { c.get_health(request(pb::GetHealthRequest {}, left)).await })
-            .await
-            .map(|r| r.into_inner().message)
+        self.call("GetHealth", |mut c, left| async move {
+            c.get_health(request(pb::GetHealthRequest {}, left)).await
+        })
+        .await
+        .map(|r| r.into_inner().message)
     }
 }
 
@@ -203,7 +224,7 @@ impl Backend for GrpcClient {
     async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
         let message = pb::GetPodRoleRequest { ip: ip.to_string() };
         let role = self
-            .call(|mut c, left| {
+            .call("GetPodRole", |mut c, left| {
                 let message = message.clone();
                 async move { c.get_pod_role(request(message, left)).await }
             })
@@ -217,7 +238,7 @@ impl Backend for GrpcClient {
     async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
         let message = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
         let c = self
-            .call(|mut c, left| {
+            .call("GetPodCredentials", |mut c, left| {
                 let message = message.clone();
                 async move { c.get_pod_credentials(request(message, left)).await }
             })

@@ -53,9 +53,20 @@ impl Source for KubeSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default());
         let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
-        let pods = drive(pods, "pods", PodFacts::from_pod, |c| cluster.apply_pod(c));
-        let namespaces =
-            drive(namespaces, "namespaces", NamespaceFacts::from_namespace, |c| cluster.apply_namespace(c));
+        let pods = drive(
+            pods,
+            "pods",
+            PodFacts::from_pod,
+            |c| cluster.apply_pod(c),
+            || cluster.note_watch_error(false),
+        );
+        let namespaces = drive(
+            namespaces,
+            "namespaces",
+            NamespaceFacts::from_namespace,
+            |c| cluster.apply_namespace(c),
+            || cluster.note_watch_error(true),
+        );
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = pods => {}
@@ -71,6 +82,7 @@ async fn drive<K, T>(
     kind: &'static str,
     project: fn(&K) -> Option<T>,
     apply: impl Fn(Change<T>),
+    failed: impl Fn(),
 ) {
     let mut stream = std::pin::pin!(stream.default_backoff());
     while let Some(event) = stream.next().await {
@@ -81,6 +93,7 @@ async fn drive<K, T>(
             Ok(watcher::Event::Apply(o)) => project(&o).map(Change::Apply),
             Ok(watcher::Event::Delete(o)) => project(&o).map(Change::Delete),
             Err(error) => {
+                failed();
                 tracing::warn!(kind, %error, "watch failed; serving the last known state while it recovers");
                 None
             }

@@ -77,6 +77,18 @@ pub struct Cluster {
     /// Where new or changed pods with a role are announced for prefetching.
     announce: Option<mpsc::Sender<Arc<PodFacts>>>,
     dropped: AtomicU64,
+    /// Complete relists and watch failures, pods then namespaces.
+    relists: [AtomicU64; 2],
+    watch_errors: [AtomicU64; 2],
+}
+
+/// Counters of the list/watch machinery, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    pub pod_relists: u64,
+    pub namespace_relists: u64,
+    pub pod_watch_errors: u64,
+    pub namespace_watch_errors: u64,
 }
 
 impl Default for Cluster {
@@ -98,12 +110,17 @@ impl Cluster {
             ns_generation: watch::Sender::new(0),
             announce,
             dropped: AtomicU64::new(0),
+            relists: Default::default(),
+            watch_errors: Default::default(),
         }
     }
 
     /// Applies a pod change; `InitDone` marks pods synced.
     pub fn apply_pod(&self, change: Change<PodFacts>) {
         let done = matches!(change, Change::InitDone);
+        if done {
+            self.relists[0].fetch_add(1, Ordering::Relaxed);
+        }
         let announce = self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
         self.generation.send_modify(|g| *g += 1);
         if done {
@@ -116,6 +133,28 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Records a failed watch of pods (`namespaces == false`) or namespaces; the source
+    /// restarts it.
+    pub fn note_watch_error(&self, namespaces: bool) {
+        self.watch_errors[usize::from(namespaces)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Relists and watch failures so far.
+    pub fn watch_stats(&self) -> WatchStats {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WatchStats {
+            pod_relists: load(&self.relists[0]),
+            namespace_relists: load(&self.relists[1]),
+            pod_watch_errors: load(&self.watch_errors[0]),
+            namespace_watch_errors: load(&self.watch_errors[1]),
+        }
+    }
+
+    /// Which kinds have completed a first listing.
+    pub fn synced(&self) -> Synced {
+        *self.synced.borrow()
     }
 
     /// Prefetch announcements dropped because the buffer was full (`kiam_k8s_dropped_pods_total`).
@@ -141,6 +180,9 @@ impl Cluster {
     /// Applies a namespace change; `InitDone` marks namespaces synced.
     pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
         let done = matches!(change, Change::InitDone);
+        if done {
+            self.relists[1].fetch_add(1, Ordering::Relaxed);
+        }
         self.namespaces.write().unwrap_or_else(PoisonError::into_inner).apply(change);
         self.ns_generation.send_modify(|g| *g += 1);
         if done {

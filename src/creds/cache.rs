@@ -126,6 +126,7 @@ pub struct CredentialCache<A> {
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
     clock: Clock,
     stats: CacheStats,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl<A: AssumeRole> CredentialCache<A> {
@@ -143,7 +144,33 @@ impl<A: AssumeRole> CredentialCache<A> {
             entries: Mutex::default(),
             clock,
             stats: CacheStats::default(),
+            metrics: None,
         }
+    }
+
+    /// Also times AssumeRole calls and counts their errors by code in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// One STS call through the gate, timed and counted.
+    async fn assume(&self, identity: &Identity) -> Result<Credentials, StsError> {
+        let started = std::time::Instant::now();
+        let m = self.metrics.as_ref().map(|m| &m.server);
+        if let Some(m) = m {
+            m.assumerole_current.inc();
+        }
+        let result = self.gate.run(self.sts.assume_role(identity, self.lifetimes.session)).await;
+        if let Some(m) = m {
+            m.assumerole_current.dec();
+            m.assumerole_timing.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                let code = e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind));
+                m.sts_errors.get_or_create(&crate::metrics::ErrorCode { code }).inc();
+            }
+        }
+        result
     }
 
     fn entry(&self, identity: &Identity) -> Arc<Entry> {
@@ -198,7 +225,7 @@ impl<A: AssumeRole> CredentialCache<A> {
             }))
         } else {
             self.stats.sts_calls.fetch_add(1, Ordering::Relaxed);
-            self.gate.run(self.sts.assume_role(identity, self.lifetimes.session)).await
+            self.assume(identity).await
         };
         match result {
             Ok(fresh) => {
@@ -212,7 +239,9 @@ impl<A: AssumeRole> CredentialCache<A> {
                     self.stats.sts_errors.fetch_add(1, Ordering::Relaxed);
                     failures.count = failures.count.saturating_add(1);
                     let pause = RETRY_START.saturating_mul(1 << failures.count.min(6)).min(RETRY_MAX);
-                    failures.retry_at = Some(now + jitter(pause));
+                    // From the end of the failed call, which may have taken a while: a caller
+                    // queued behind it must not find the back-off already over.
+                    failures.retry_at = Some((self.clock)() + jitter(pause));
                     failures.last = Some(error.clone());
                     tracing::warn!(role = %identity.role, %error, "AssumeRole failed");
                 }

@@ -1,10 +1,30 @@
-//! Prometheus metrics, under kiam's names so that existing dashboards and alerts keep working.
-//! One [`Metrics`] value is created at start-up and shared; labels have bounded values only
-//! (never a pod name or an IP).
+//! Prometheus metrics, under kiam's names so that existing dashboards and alerts keep working,
+//! plus the ones kiam lacked. One [`Metrics`] value is created at start-up and shared; labels
+//! have bounded values only (never a pod name or an IP). [`serve`] exposes them on
+//! `--prometheus-listen-addr`, a listener of its own, never the agent's metadata port.
+//!
+//! Counters that other modules already keep as atomics (cache hits, dropped announcements, ...)
+//! are copied in by refreshers at scrape time, so those modules need no metrics handle.
 
+mod families;
+mod process;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use families::{
+    AgentMetrics, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics, code_name,
+    latency_histogram,
+};
+pub use process::ProcessMetrics;
 
 /// kiam's `grpc_<side>_tls_certificate_*` gauges for one side of the link.
 #[derive(Clone, Debug, Default)]
@@ -37,30 +57,162 @@ impl TlsGauges {
     }
 }
 
-/// Every metric of the process.
+type Refresher = Box<dyn Fn() + Send + Sync>;
+
+/// Every metric of the process. Both sides' families are registered, so a dashboard's query
+/// finds the series whichever side it scrapes (the other side's stay at zero).
 pub struct Metrics {
     registry: Registry,
+    pub agent: AgentMetrics,
+    pub server: ServerMetrics,
+    pub grpc_server: GrpcMetrics,
+    pub grpc_client: GrpcMetrics,
     pub tls_server: TlsGauges,
     pub tls_client: TlsGauges,
+    pub process: ProcessMetrics,
+    refreshers: Mutex<Vec<Refresher>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let tls_server = TlsGauges::default();
-        let tls_client = TlsGauges::default();
-        tls_server.register(&mut registry, "server");
-        tls_client.register(&mut registry, "client");
-        Metrics { registry, tls_server, tls_client }
+        let m = Metrics {
+            registry: Registry::default(),
+            agent: AgentMetrics::default(),
+            server: ServerMetrics::default(),
+            grpc_server: GrpcMetrics::default(),
+            grpc_client: GrpcMetrics::default(),
+            tls_server: TlsGauges::default(),
+            tls_client: TlsGauges::default(),
+            process: ProcessMetrics::default(),
+            refreshers: Mutex::default(),
+        };
+        m.agent.register(&mut registry);
+        m.server.register(&mut registry);
+        m.grpc_server.register(&mut registry, "server");
+        m.grpc_client.register(&mut registry, "client");
+        m.tls_server.register(&mut registry, "server");
+        m.tls_client.register(&mut registry, "client");
+        m.process.register(&mut registry);
+        Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
-    /// The text exposition of every metric.
+    /// Runs `refresh` before every scrape, to copy in values other modules keep.
+    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
+        self.refreshers.lock().unwrap_or_else(PoisonError::into_inner).push(Box::new(refresh));
+    }
+
+    /// The text exposition of every metric, refreshed.
     pub fn encode(&self) -> String {
+        self.process.refresh();
+        for refresh in self.refreshers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            refresh();
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let app = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                let body = metrics.encode();
+                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+                    .into_response()
+            }
+        }),
+    );
+    if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(%error, "metrics listener failed");
+    }
+}
+
+/// Binds `addr` (`--prometheus-listen-addr`) and serves the metrics in the background.
+pub async fn spawn(addr: &str, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr, "serving metrics");
+    tokio::spawn(serve(listener, metrics, shutdown));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_kiams_names() {
+        let m = Metrics::default();
+        m.agent.success.get_or_create(&Handler { handler: "credentials" }).inc();
+        m.server.cache_hits.inc();
+        m.grpc_server.unary(true, "GetPodCredentials", "OK");
+        m.agent.handler_latency.get_or_create(&Handler { handler: "credentials" }).observe(0.003);
+        let text = m.encode();
+        for name in [
+            "kiam_metadata_success_total{handler=\"credentials\"} 1",
+            "kiam_sts_cache_hit_total 1",
+            "kiam_sts_cacheSize 0",
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"kiam.KiamService\",grpc_method=\"GetPodCredentials\",grpc_code=\"OK\"} 1",
+            "kiam_metadata_handler_latency_seconds_bucket{le=\"0.004\",handler=\"credentials\"} 1",
+            "grpc_client_tls_certificate_expiry_seconds",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(name), "missing {name} in:\n{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// Every metric the shipped Grafana dashboard queries is one this process exposes.
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../dashboards/kiam-rs.json"))
+                .expect("the dashboard is JSON");
+        let metrics = Metrics::default();
+        metrics.agent.touch();
+        metrics.server.touch();
+        metrics.grpc_server.touch();
+        metrics.grpc_client.touch();
+        let exposed: std::collections::HashSet<String> = metrics
+            .encode()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("# TYPE ").and_then(|t| t.split_whitespace().next()).map(str::to_string)
+            })
+            .collect();
+        let panels = dashboard["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 10);
+        let names = regex::Regex::new(r"\b(?:kiam|grpc|process)_[A-Za-z0-9_]+").expect("regex");
+        let mut checked = 0;
+        for target in panels.iter().flat_map(|p| p["targets"].as_array().into_iter().flatten()) {
+            let expr = target["expr"].as_str().expect("expr");
+            for m in names.find_iter(expr) {
+                let name = m.as_str();
+                if matches!(name, "grpc_method" | "grpc_code" | "grpc_type" | "grpc_service") {
+                    continue; // label names, not metrics
+                }
+                let base = ["_bucket", "_sum", "_count", "_total"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                assert!(
+                    exposed.contains(base) || exposed.contains(name),
+                    "the dashboard queries {name}, which is not exposed: {exposed:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 25, "checked {checked} references");
     }
 }

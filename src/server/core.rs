@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::cluster::events::{self, EventSink};
 use crate::cluster::{Cluster, Lookup, PodFacts};
 use crate::creds::{AssumeRole, CredentialCache, Credentials, Identity, StsError};
+use crate::metrics::Metrics;
 use crate::policy::{Denial, Policy, role};
 
 /// Why a request failed; mapped to a gRPC status in exactly one place (`service.rs`).
@@ -45,6 +46,7 @@ pub struct Core<A> {
     default_session: String,
     events: Arc<dyn EventSink>,
     ambiguous: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl<A: AssumeRole> Core<A> {
@@ -56,7 +58,19 @@ impl<A: AssumeRole> Core<A> {
         default_session: String,
         events: Arc<dyn EventSink>,
     ) -> Self {
-        Core { cluster, policy, cache, default_session, events, ambiguous: AtomicU64::new(0) }
+        let metrics = Arc::new(Metrics::default());
+        Core { cluster, policy, cache, default_session, events, ambiguous: AtomicU64::new(0), metrics }
+    }
+
+    /// Counts into `metrics` instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this core counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The cluster view this core answers from.
@@ -78,8 +92,16 @@ impl<A: AssumeRole> Core<A> {
     /// changes, for at most `wait`: a pod created just before its first request gets an answer
     /// instead of "not found".
     pub async fn pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
+        let started = std::time::Instant::now();
+        let result = self.find_pod(ip, wait).await;
+        self.metrics.server.pod_lookup.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn find_pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
         let mut changes = self.cluster.pod_changes();
         let deadline = tokio::time::Instant::now() + wait;
+        let mut waited = false;
         loop {
             match self.cluster.pod_by_ip(ip) {
                 Lookup::Found(pod) => return Ok(pod),
@@ -95,6 +117,9 @@ impl<A: AssumeRole> Core<A> {
                     return Err(Error::AmbiguousIp { ip, count: pods.len() });
                 }
                 Lookup::NotFound => {
+                    if !std::mem::replace(&mut waited, true) {
+                        self.metrics.server.pod_waits.inc();
+                    }
                     let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
                     if !matches!(changed, Ok(Ok(()))) {
                         return Err(Error::PodNotFound(ip));
@@ -168,7 +193,11 @@ impl<A: AssumeRole> Core<A> {
             }
         };
         match self.cache.get(&identity).await {
-            Ok(creds) => Ok((pod, creds)),
+            Ok(creds) => {
+                let left = creds.expiration.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+                self.metrics.server.served_remaining.observe(left.as_secs_f64());
+                Ok((pod, creds))
+            }
             Err(error) => {
                 let note = format!("failed retrieving credentials: {error}");
                 self.events.warn(&pod, events::CREDENTIAL_ERROR, note);

@@ -6,6 +6,7 @@
 
 pub mod core;
 pub mod debug;
+pub mod idle;
 pub mod prefetch;
 pub mod service;
 
@@ -18,9 +19,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::cluster::events::{EventSink, KubeEvents, NoEvents};
+use crate::metrics::{Kind, Metrics};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+
+use self::idle::IdleStream;
 
 pub use self::core::{Core, Error};
 use crate::aws::{Sts, StsConfig};
@@ -83,6 +87,8 @@ pub struct Config {
     pub settings: Settings,
     pub grpc: GrpcSettings,
     pub sts: StsConfig,
+    /// `--prometheus-listen-addr`: where `/metrics` is served.
+    pub prometheus_listen_addr: Option<String>,
 }
 
 /// Why the server could not start or stopped.
@@ -102,8 +108,8 @@ pub enum ServeError {
 
 /// Runs the server process until `shutdown`.
 pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
+    let tls_gauges = crate::metrics::TlsGauges::default();
+    let tls = Reloading::load(&config.tls, Side::Server, tls_gauges.clone(), tls::server_config)?;
     tls.spawn_watch(TLS_POLL, shutdown.clone());
     if config.autodetect_base_arn {
         let base = crate::aws::detect_base_arn()
@@ -135,6 +141,22 @@ pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(),
             start(&config.settings, sts, Arc::new(NoEvents), source, &shutdown)
         }
     };
+    let metrics = Arc::clone(core.metrics());
+    for (gauge, value) in [
+        (&metrics.tls_server.update_error, &tls_gauges.update_error),
+        (&metrics.tls_server.verify_error, &tls_gauges.verify_error),
+        (&metrics.tls_server.expiry_seconds, &tls_gauges.expiry_seconds),
+    ] {
+        let (gauge, value) = (gauge.clone(), value.clone());
+        metrics.on_scrape(move || {
+            gauge.set(value.get());
+        });
+    }
+    if let Some(addr) = &config.prometheus_listen_addr {
+        crate::metrics::spawn(addr, Arc::clone(&metrics), shutdown.clone())
+            .await
+            .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    }
     let listener = TcpListener::bind(&config.bind)
         .await
         .map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
@@ -160,17 +182,41 @@ pub fn start<A: AssumeRole>(
 ) -> Arc<Core<A>> {
     let (announce, announcements) = mpsc::channel(settings.prefetch_buffer.max(1));
     let cluster = Arc::new(Cluster::new(Some(announce)));
-    let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers);
-    let core = Arc::new(Core::new(
-        Arc::clone(&cluster),
-        settings.policy.clone(),
-        cache,
-        settings.session.clone(),
-        events,
-    ));
+    let metrics = Arc::new(Metrics::default());
+    let cache =
+        CredentialCache::new(sts, settings.lifetimes, settings.fetchers).with_metrics(Arc::clone(&metrics));
+    let core =
+        Core::new(Arc::clone(&cluster), settings.policy.clone(), cache, settings.session.clone(), events);
+    let core = Arc::new(core.with_metrics(Arc::clone(&metrics)));
+    metrics.on_scrape(scrape(Arc::downgrade(&core)));
     spawn_source(source, &cluster, shutdown);
     prefetch::spawn(Arc::clone(&core), announcements, settings.fetchers, shutdown.clone());
     core
+}
+
+/// Copies what the core keeps as plain counters into the metrics, at scrape time.
+fn scrape<A: AssumeRole>(core: std::sync::Weak<Core<A>>) -> impl Fn() + Send + Sync + 'static {
+    use std::sync::atomic::Ordering::Relaxed;
+    move || {
+        let Some(core) = core.upgrade() else { return };
+        let (m, stats, cluster) = (&core.metrics().server, core.cache().stats(), core.cluster());
+        m.cache_size.set(core.cache().len() as i64);
+        m.cache_hits.inner().store(stats.hits.load(Relaxed), Relaxed);
+        m.cache_misses.inner().store(stats.misses.load(Relaxed), Relaxed);
+        m.issuing_errors.inner().store(stats.sts_errors.load(Relaxed), Relaxed);
+        m.dropped_pods.inner().store(cluster.dropped_announcements(), Relaxed);
+        m.ambiguous_ips.inner().store(core.ambiguous_lookups(), Relaxed);
+        let (w, synced) = (cluster.watch_stats(), cluster.synced());
+        for (kind, relists, errors, done) in [
+            ("pods", w.pod_relists, w.pod_watch_errors, synced.pods),
+            ("namespaces", w.namespace_relists, w.namespace_watch_errors, synced.namespaces),
+        ] {
+            let kind = Kind { kind };
+            m.relists.get_or_create(&kind).inner().store(relists, Relaxed);
+            m.watch_restarts.get_or_create(&kind).inner().store(errors, Relaxed);
+            m.cache_synced.get_or_create(&kind).set(i64::from(done));
+        }
+    }
 }
 
 /// Runs `source` in the background until `shutdown`.
@@ -193,7 +239,9 @@ pub async fn run<A: AssumeRole>(
     grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let incoming = accept_tls(listener, tls, shutdown.clone());
+    let idle = Some(grpc.max_connection_idle).filter(|d| !d.is_zero());
+    let closed = service.metrics().server.idle_connections_closed.clone();
+    let incoming = accept_tls(listener, tls, idle, closed, shutdown.clone());
     let service = KiamServiceServer::new(service);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(grpc.keepalive_time).filter(|d| !d.is_zero()))
@@ -213,8 +261,10 @@ pub async fn run<A: AssumeRole>(
 fn accept_tls(
     listener: TcpListener,
     tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
+    idle: Option<Duration>,
+    idle_closed: prometheus_client::metrics::counter::Counter,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> impl Stream<Item = Result<IdleStream<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, mut rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -231,10 +281,16 @@ fn accept_tls(
             };
             // Each handshake uses the material current at accept time.
             let (acceptor, tx) = (TlsAcceptor::from(Arc::clone(&*tls.current())), tx.clone());
+            let idle_closed = idle_closed.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
+                        // With no idle limit the watchdog never fires before the connection ends.
+                        let limit = idle.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+                        let stream = IdleStream::new(stream, limit, move || {
+                            idle_closed.inc();
+                        });
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),

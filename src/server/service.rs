@@ -38,10 +38,12 @@ fn status(err: &Error, rpc: Rpc) -> Status {
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
         Error::OtherNode { .. } => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
+            // Never Unavailable: clients read that as "this server is unreachable" and retry
+            // elsewhere, while every server shares the same STS.
             let code = match sts.kind {
-                StsErrorKind::Throttled | StsErrorKind::Unavailable => Code::Unavailable,
+                StsErrorKind::Throttled => Code::ResourceExhausted,
                 StsErrorKind::Denied | StsErrorKind::Invalid => Code::FailedPrecondition,
-                StsErrorKind::Other => Code::Internal,
+                StsErrorKind::Unavailable | StsErrorKind::Other => Code::Internal,
             };
             Status::new(code, err.to_string())
         }
@@ -119,9 +121,13 @@ fn check_node(pod: &crate::cluster::PodFacts, caller: Option<&str>) -> Result<()
     }
 }
 
-#[tonic::async_trait]
-impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
-    async fn get_pod_role(
+impl<A: AssumeRole> KiamService<A> {
+    /// The metrics the service counts into.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        self.core.metrics()
+    }
+
+    async fn pod_role_rpc(
         &self,
         request: Request<pb::GetPodRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
@@ -148,7 +154,7 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
         }
     }
 
-    async fn get_pod_credentials(
+    async fn pod_credentials_rpc(
         &self,
         request: Request<pb::GetPodCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
@@ -193,11 +199,47 @@ impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
         }
     }
 
-    async fn get_health(
+    async fn health_rpc(
         &self,
         _: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::HealthStatus>, Status> {
         Ok(Response::new(pb::HealthStatus { message: "ok".into() }))
+    }
+}
+
+/// Records go-grpc-prometheus's counters for one call.
+fn observe<T>(metrics: &crate::metrics::Metrics, method: &'static str, result: &Result<Response<T>, Status>) {
+    let code = result.as_ref().map_or_else(|s| crate::metrics::code_name(s.code()), |_| "OK");
+    metrics.grpc_server.unary(true, method, code);
+}
+
+#[tonic::async_trait]
+impl<A: AssumeRole> pb::kiam_service_server::KiamService for KiamService<A> {
+    async fn get_pod_role(
+        &self,
+        request: Request<pb::GetPodRoleRequest>,
+    ) -> Result<Response<pb::Role>, Status> {
+        let result = self.pod_role_rpc(request).await;
+        observe(self.core.metrics(), "GetPodRole", &result);
+        result
+    }
+
+    async fn get_pod_credentials(
+        &self,
+        request: Request<pb::GetPodCredentialsRequest>,
+    ) -> Result<Response<pb::Credentials>, Status> {
+        let result = self.pod_credentials_rpc(request).await;
+        observe(self.core.metrics(), "GetPodCredentials", &result);
+        result
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<pb::GetHealthRequest>,
+    ) -> Result<Response<pb::HealthStatus>, Status> {
+        let result = self.health_rpc(request).await;
+        observe(self.core.metrics(), "GetHealth", &result);
+        result
     }
 }
 

@@ -14,6 +14,7 @@ mod failover;
 mod fake_kube_tests;
 mod grpcio;
 mod lookup;
+mod metrics;
 mod netns_agent;
 mod netns_binary;
 mod peers_tests;

@@ -169,3 +169,19 @@ async fn eventually_presented(
         .await
         .expect("new handshakes present the new certificate")
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_the_next_call_reconnects() {
+    let options = Options { max_connection_idle: Duration::from_millis(300), ..Options::default() };
+    let stack = Stack::start_with(options).await;
+    let client = stack.client(&stack.pki.agent());
+    assert_eq!(client.get_health().await.expect("first call"), "ok");
+    let closed = &stack.core.metrics().server.idle_connections_closed;
+    let wait = async {
+        while closed.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the idle connection is closed");
+    assert_eq!(client.get_health().await.expect("a new connection serves the next call"), "ok");
+}

@@ -49,6 +49,8 @@ pub struct Options {
     pub server_tls: Option<CertFiles>,
     /// The PKI to use instead of a fresh one.
     pub pki: Option<TestPki>,
+    /// The server's `--grpc-max-connection-idle-duration`.
+    pub max_connection_idle: Duration,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             node_binding: false,
             server_tls: None,
             pki: None,
+            max_connection_idle: Duration::from_secs(900),
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct Stack {
     pub core: Arc<Core<Sts>>,
     /// The server's TLS gauges.
     pub tls_gauges: kiam::metrics::TlsGauges,
+    /// The agent's metrics (the server's are `core.metrics()`).
+    pub agent_metrics: Arc<kiam::metrics::Metrics>,
     clients: std::sync::Mutex<Vec<GrpcClient>>,
     shutdown: CancellationToken,
 }
@@ -138,7 +143,7 @@ pub async fn start_server(
     let grpc = GrpcSettings {
         keepalive_time: Duration::from_secs(10),
         keepalive_timeout: Duration::from_secs(2),
-        max_connection_idle: Duration::from_secs(900),
+        max_connection_idle: options.max_connection_idle,
         max_connection_age: Duration::from_secs(900),
         max_connection_age_grace: Duration::from_secs(900),
     };
@@ -175,15 +180,24 @@ impl Stack {
         let (core, server_addr, tls_gauges) = (server.core, server.addr, server.tls_gauges);
 
         // Agent.
-        let client = GrpcClient::connect_lazy(&ClientConfig {
+        let agent_metrics = Arc::new(kiam::metrics::Metrics::default());
+        let config = ClientConfig {
             server_address: format!("127.0.0.1:{}", server_addr.port()),
             tls: tls_files(&pki.agent()),
             // As the agent's CLI does: one call may take the whole wait budget.
             call_timeout: options.pod_wait,
-        })
-        .expect("gRPC client");
+        };
+        let transport = kiam::client::Transport {
+            grpc_metrics: agent_metrics.grpc_client.clone(),
+            tls_gauges: agent_metrics.tls_client.clone(),
+            ..kiam::client::Transport::default()
+        };
+        let client =
+            GrpcClient::connect_with(&config, &transport, Arc::new(kiam::client::Dns)).expect("gRPC client");
         let allow = AllowRoutes::new(options.allow_routes).expect("allow-route regexp");
-        let agent = Agent::new(client, allow, &imds.addr().to_string(), options.pod_wait).expect("agent");
+        let agent = Agent::new(client, allow, &imds.addr().to_string(), options.pod_wait)
+            .expect("agent")
+            .metrics(Arc::clone(&agent_metrics));
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await.expect("bind agent");
         let agent_port = listener.local_addr().expect("agent addr").port();
         tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
@@ -197,6 +211,7 @@ impl Stack {
             agent_port,
             core,
             tls_gauges,
+            agent_metrics,
             clients: std::sync::Mutex::default(),
             shutdown,
         }
