@@ -185,3 +185,19 @@ async fn idle_connections_are_closed_and_the_next_call_reconnects() {
     tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the idle connection is closed");
     assert_eq!(client.get_health().await.expect("a new connection serves the next call"), "ok");
 }
+
+#[tokio::test]
+async fn a_ca_bundle_with_two_cas_trusts_both_for_an_overlapping_rotation() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = dir.path().join("ca-bundle.pem");
+    let mut both = std::fs::read_to_string(pki.dir().join("ca.pem")).expect("old CA");
+    both.push_str(&std::fs::read_to_string(pki.dir().join("stranger-ca.pem")).expect("new CA"));
+    std::fs::write(&bundle, both).expect("bundle");
+    let server = pki.server();
+    let files = CertFiles { cert: server.cert, key: server.key, ca: bundle };
+    let stack =
+        Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
+    assert_eq!(stack.client(&stack.pki.agent()).get_health().await.expect("a client of the old CA"), "ok");
+    assert_eq!(stack.client(&stack.pki.stranger()).get_health().await.expect("a client of the new CA"), "ok");
+}
