@@ -19,22 +19,10 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-async fn stack_with_pods(pods: &[(&PodNet, &str, &str)]) -> Stack {
-    let stack = Stack::start().await;
-    stack.kube.apply(namespace("team-a").permitted(".*").build());
-    for (net, name, role) in pods {
-        stack.kube.apply(pod("team-a", name).ip(&net.pod_ip.to_string()).role(role).build());
-    }
-    for (net, _, _) in pods {
-        stack.wait_for_pod(IpAddr::V4(net.pod_ip)).await;
-    }
-    stack
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn boto3_and_awscli_get_their_own_pods_role() {
     let (alpha, beta) = (PodNet::create(), PodNet::create());
-    let stack = stack_with_pods(&[(&alpha, "alpha", "alpha-role"), (&beta, "beta", "beta-role")]).await;
+    let stack = Stack::with_pod_nets(&[(&alpha, "alpha", "alpha-role"), (&beta, "beta", "beta-role")]).await;
     let sts = stack.moto.endpoint();
 
     let a: SdkOutcome =
@@ -55,7 +43,7 @@ async fn boto3_and_awscli_get_their_own_pods_role() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rust_sdk_gets_credentials_through_imdsv2() {
     let net = PodNet::create();
-    let stack = stack_with_pods(&[(&net, "rusty", "rust-role")]).await;
+    let stack = Stack::with_pod_nets(&[(&net, "rusty", "rust-role")]).await;
     let sts = stack.moto.endpoint();
     let out =
         blocking(|| sdk::rust_sdk(&net, &stack.agent_url(net.host_ip), &sts)).expect("aws-config in the pod");

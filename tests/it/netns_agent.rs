@@ -12,7 +12,6 @@ use tokio::task::block_in_place;
 use crate::support::agent_node::{TestAgent, pod_get, wait_until};
 use crate::support::fake_imds::{FakeImds, NODE_ACCESS_KEY_ID, NODE_ROLE};
 use crate::support::netns::{NodeNet, PodNet};
-use crate::support::objects::{namespace, pod};
 use crate::support::sdk::{self, SdkOutcome};
 use crate::support::stack::{ACCOUNT, Stack};
 
@@ -21,18 +20,6 @@ const ROLE_LIST: &str = "http://169.254.169.254/latest/meta-data/iam/security-cr
 
 fn assumed(role: &str) -> String {
     format!("arn:aws:sts::{ACCOUNT}:assumed-role/{role}/kiam-kiam")
-}
-
-async fn stack_with_pods(pods: &[(&PodNet, &str, &str)]) -> Stack {
-    let stack = Stack::start().await;
-    stack.kube.apply(namespace("team-a").permitted(".*").build());
-    for (net, name, role) in pods {
-        stack.kube.apply(pod("team-a", name).ip(&net.pod_ip.to_string()).role(role).build());
-    }
-    for (net, _, _) in pods {
-        stack.wait_for_pod(IpAddr::V4(net.pod_ip)).await;
-    }
-    stack
 }
 
 /// The node's own metadata service, as the pods would find it without interception.
@@ -45,7 +32,7 @@ fn decoy_imds(node: &NodeNet) -> FakeImds {
 async fn sdks_in_pods_get_their_own_credentials_through_the_dnat() {
     let node = NodeNet::create();
     let (alpha, beta, gamma) = (PodNet::create_in(&node), PodNet::create_in(&node), PodNet::create_in(&node));
-    let stack = stack_with_pods(&[
+    let stack = Stack::with_pod_nets(&[
         (&alpha, "alpha", "alpha-role"),
         (&beta, "beta", "beta-role"),
         (&gamma, "gamma", "gamma-role"),
@@ -80,7 +67,7 @@ async fn sdks_in_pods_get_their_own_credentials_through_the_dnat() {
 async fn a_negated_interface_is_not_intercepted() {
     let node = NodeNet::create();
     let (excluded, included) = (PodNet::create_in(&node), PodNet::create_in(&node));
-    let stack = stack_with_pods(&[
+    let stack = Stack::with_pod_nets(&[
         (&excluded, "excluded", "excluded-role"),
         (&included, "included", "included-role"),
     ])
@@ -102,7 +89,7 @@ async fn a_negated_interface_is_not_intercepted() {
 async fn the_check_loop_restores_rules_something_else_deleted() {
     let node = NodeNet::create();
     let net = PodNet::create_in(&node);
-    let stack = stack_with_pods(&[(&net, "app", "app-role")]).await;
+    let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
     let flags = ["--iptables", "--host-interface=kv+", "--iptables-check-interval=200ms"];
     let agent = TestAgent::in_node(&stack, &node, &flags).await;
     let rules = agent.interception.clone().expect("rules");
@@ -128,7 +115,7 @@ async fn the_check_loop_restores_rules_something_else_deleted() {
 async fn shutdown_removes_the_rules_unless_told_to_keep_them() {
     let node = NodeNet::create();
     let net = PodNet::create_in(&node);
-    let stack = stack_with_pods(&[(&net, "app", "app-role")]).await;
+    let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
     let _decoy = decoy_imds(&node);
 
     // --no-iptables-remove: the rules outlive the agent, and the pod reaches nothing at all

@@ -166,6 +166,21 @@ impl Stack {
         Stack::start_with(Options::default()).await
     }
 
+    /// Starts with a namespace `team-a` permitting every role, and one pod per `(net, name, role)`
+    /// at that pod network's IP; returns once the server knows every pod.
+    pub async fn with_pod_nets(pods: &[(&super::netns::PodNet, &str, &str)]) -> Stack {
+        use super::objects::{namespace, pod};
+        let stack = Stack::start().await;
+        stack.kube.apply(namespace("team-a").permitted(".*").build());
+        for (net, name, role) in pods {
+            stack.kube.apply(pod("team-a", name).ip(&net.pod_ip.to_string()).role(role).build());
+        }
+        for (net, _, _) in pods {
+            stack.wait_for_pod(IpAddr::V4(net.pod_ip)).await;
+        }
+        stack
+    }
+
     /// Starts everything and returns once the server's caches have synced.
     pub async fn start_with(mut options: Options) -> Stack {
         kiam::install_crypto_provider();
