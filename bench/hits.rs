@@ -57,6 +57,8 @@ struct Round {
     p99: Duration,
     memory: u64,
     anon: u64,
+    /// CPU time of the target (and the server behind it), per request served.
+    cpu_per_request: Duration,
 }
 
 /// Runs figures 1, 5 and 6.
@@ -87,21 +89,21 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
 
     // A short warm-up for each, then the measured rounds in turns.
     let warm = Load { seconds: 1, ..load.clone() };
-    wrk(&nginx_url, &token, &warm, &script, &mut nginx).await;
-    wrk(&agent_url, &token, &warm, &script, &mut agent).await;
+    wrk(&nginx_url, &token, &warm, &script, &mut nginx, None).await;
+    wrk(&agent_url, &token, &warm, &script, &mut agent, Some(&server)).await;
     let (mut nginx_rounds, mut agent_rounds, mut ping_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..load.rounds {
-        nginx_rounds.push(wrk(&nginx_url, &token, load, &script, &mut nginx).await);
-        agent_rounds.push(wrk(&agent_url, &token, load, &script, &mut agent).await);
+        nginx_rounds.push(wrk(&nginx_url, &token, load, &script, &mut nginx, None).await);
+        agent_rounds.push(wrk(&agent_url, &token, load, &script, &mut agent, Some(&server)).await);
     }
     // The agent's HTTP layer alone: `/ping` is answered without asking the server.
     let ping_url = format!("{base}/ping");
     for _ in 0..load.rounds {
-        ping_rounds.push(wrk(&ping_url, &token, load, &script, &mut agent).await);
+        ping_rounds.push(wrk(&ping_url, &token, load, &script, &mut agent, None).await);
     }
     if let Some(dir) = &load.profile {
         let processes = [("agent", agent.pid()), ("server", server.pid())];
-        let round = wrk(&agent_url, &token, load, &script, &mut agent);
+        let round = wrk(&agent_url, &token, load, &script, &mut agent, Some(&server));
         match crate::profile::record(dir, "fig1", &processes, load.seconds, round).await {
             Ok(paths) => report.note(format!("Figure 1 profiles under wrk: {}", paths.join(", "))),
             Err(error) => report.note(format!("Figure 1 profiles: none ({error})")),
@@ -119,6 +121,15 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
         stats::ratio(a.per_s, n.per_s),
         "≥ 0.80× nginx",
         Verdict::of(throughput >= 0.8),
+    ));
+    report.row(Row::compared(
+        1,
+        "CPU per credential GET (agent + server; baseline: nginx)",
+        format!("{:.1} µs", micros(a.cpu_per_request)),
+        format!("{:.1} µs", micros(n.cpu_per_request)),
+        stats::ratio(micros(a.cpu_per_request), micros(n.cpu_per_request)),
+        "",
+        Verdict::Info,
     ));
     let ping = median_round(&ping_rounds);
     report.row(Row::compared(
@@ -243,8 +254,18 @@ async fn nginx_version() -> String {
     text.trim().trim_start_matches("nginx version: ").to_owned()
 }
 
-/// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs.
-async fn wrk(url: &str, token: &str, load: &Load, script: &Path, target: &mut Child) -> Round {
+/// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs, and counting
+/// the CPU time `target` and `also` (the server behind the agent) spend.
+async fn wrk(
+    url: &str,
+    token: &str,
+    load: &Load,
+    script: &Path,
+    target: &mut Child,
+    also: Option<&Child>,
+) -> Round {
+    let cpu = |target: &Child| target.cpu() + also.map_or(Duration::ZERO, Child::cpu);
+    let cpu_before = cpu(target);
     let args = [
         format!("-t{}", load.threads),
         format!("-c{}", load.connections),
@@ -280,6 +301,7 @@ async fn wrk(url: &str, token: &str, load: &Load, script: &Path, target: &mut Ch
         }
     };
     target.assert_running();
+    let cpu_used = cpu(target).saturating_sub(cpu_before);
     // The high-water mark catches what 50 ms samples miss (it also covers start-up).
     let memory = memory.max(target.memory().peak);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -295,6 +317,7 @@ async fn wrk(url: &str, token: &str, load: &Load, script: &Path, target: &mut Ch
         p99: Duration::from_micros(summary.p99_us),
         memory,
         anon,
+        cpu_per_request: cpu_used / u32::try_from(summary.requests).unwrap_or(u32::MAX),
     }
 }
 
@@ -310,9 +333,17 @@ fn peak(rounds: &[Round]) -> u64 {
 }
 
 fn describe(rounds: &[Round]) -> String {
-    let each: Vec<String> =
-        rounds.iter().map(|r| format!("{:.0}/s p99 {}", r.per_s, stats::ms(r.p99))).collect();
+    let each: Vec<String> = rounds
+        .iter()
+        .map(|r| {
+            format!("{:.0}/s p99 {} CPU {:.1} µs/req", r.per_s, stats::ms(r.p99), micros(r.cpu_per_request))
+        })
+        .collect();
     each.join(", ")
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 /// The stripped size of a copy of the binary, and the size as built.

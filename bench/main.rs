@@ -118,6 +118,8 @@ async fn main() {
         sts::run(&env, &mut report).await;
     }
     report.rows.sort_by_key(|row| row.figure);
+    // Notes start "Figure N" or "Figures N and M"; keep them in figure order too.
+    report.notes.sort_by_key(|note| note.chars().find(char::is_ascii_digit));
     let text = report::markdown(&machine, &report.rows, &report.notes, started.elapsed().as_secs_f64());
     println!("\n{text}");
     std::fs::write(&options.out, &text).expect("write the results file");

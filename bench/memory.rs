@@ -103,7 +103,7 @@ pub async fn run(env: &Env, sizes: &[u32], report: &mut Report) {
         .iter()
         .map(|p| {
             format!(
-                "{} pods: fake filled in {}, list answer {:.1} MiB in {}, ready in {}",
+                "{} pods: fake filled in {}, listed ({:.1} MiB in pages) in {}, ready in {}",
                 thousands(p.pods),
                 stats::ms(p.fill),
                 p.list_bytes as f64 / 1048576.0,
