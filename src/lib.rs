@@ -25,6 +25,7 @@ pub mod creds;
 pub mod explain;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod pb;
 pub mod policy;
 pub mod server;

@@ -42,10 +42,17 @@ async fn pod_role<B: Backend>(
     handler: &'static str,
 ) -> Result<String, AgentError> {
     let label = Handler { handler };
-    let role = with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
-        agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
-        from_backend(e, ip)
-    })?;
+    let role = match agent.roles.get(ip, tokio::time::Instant::now()) {
+        Some(role) => role,
+        None => {
+            let role = with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
+                agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
+                from_backend(e, ip)
+            })?;
+            agent.roles.put(ip, role.clone(), tokio::time::Instant::now());
+            role
+        }
+    };
     role.ok_or_else(|| {
         agent.metrics.agent.empty_role.get_or_create(&label).inc();
         AgentError::NotFound("no role annotated for this pod".into())

@@ -15,6 +15,7 @@ pub mod handlers;
 pub mod http;
 pub mod iptables;
 pub mod proxy;
+pub mod roles;
 pub mod token;
 
 use std::net::{IpAddr, SocketAddr};
@@ -74,6 +75,7 @@ pub struct Agent<B> {
     allow_ip_query: bool,
     limits: Limits,
     metrics: Arc<Metrics>,
+    roles: roles::RoleMemory,
 }
 
 /// Why the agent could not start, or stopped.
@@ -109,6 +111,7 @@ impl<B: Backend> Agent<B> {
             allow_ip_query: false,
             limits: Limits::default(),
             metrics: Arc::new(Metrics::default()),
+            roles: roles::RoleMemory::default(),
         })
     }
 
@@ -224,7 +227,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
             .map_err(|source| AgentStartError::Metrics { addr: addr.clone(), source })?;
     }
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = TcpListener::bind(addr).await.map_err(|source| AgentStartError::Bind { addr, source })?;
+    let listener = crate::net::listen(addr).map_err(|source| AgentStartError::Bind { addr, source })?;
     tracing::info!(%addr, server = %config.client.server_address, "agent listening");
     let interception =
         config.iptables.map(|rules| Arc::new(Interception::new(iptables::Command::default(), rules)));

@@ -137,7 +137,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
 
 /// Binds `addr` (`--prometheus-listen-addr`) and serves the metrics in the background.
 pub async fn spawn(addr: &str, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = crate::net::listen_on(addr).await?;
     tracing::info!(addr, "serving metrics");
     tokio::spawn(serve(listener, metrics, shutdown));
     Ok(())

@@ -157,7 +157,7 @@ pub async fn main(mut config: Config, shutdown: CancellationToken) -> Result<(),
             .await
             .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
     }
-    let listener = TcpListener::bind(&config.bind)
+    let listener = crate::net::listen_on(&config.bind)
         .await
         .map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
     tracing::info!(bind = %config.bind, "waiting for the pod and namespace caches to sync");

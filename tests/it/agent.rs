@@ -214,3 +214,30 @@ async fn health_reports_the_metadata_service_and_with_deep_the_server() {
     let r = health(&no_server, "?deep").await;
     assert_eq!(r.status, 503, "{}", r.body);
 }
+
+/// The agent remembers a pod's role for a second; an IP reused inside that second must still
+/// never get the old pod's credentials (the server checks the pod that has the IP now).
+#[tokio::test]
+async fn a_remembered_role_never_serves_a_reused_ip_the_old_pods_credentials() {
+    let stack = cluster(Options::default()).await;
+    stack.kube.apply(pod("team-a", "old").ip("127.0.0.91").role("app").build());
+    stack.wait_for_pod(ip("127.0.0.91")).await;
+    assert_eq!(get(&stack, "127.0.0.91", &format!("{CREDS}app"), &[]).await.status, 200);
+
+    stack.kube.delete("Pod", Some("team-a"), "old");
+    stack.kube.apply(pod("team-a", "new").ip("127.0.0.91").role("other").build());
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    let mut moved = false;
+    for _ in 0..500 {
+        let role = grpc.get_pod_role(kiam::pb::GetPodRoleRequest { ip: "127.0.0.91".into() }).await;
+        if role.is_ok_and(|r| r.into_inner().name == "other") {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(moved, "the server sees the new pod");
+    let r = get(&stack, "127.0.0.91", &format!("{CREDS}app"), &[]).await;
+    assert_ne!(r.status, 200, "{}", r.body);
+    assert_no_credentials(&r);
+}
