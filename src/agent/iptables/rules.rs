@@ -124,18 +124,24 @@ pub fn command(op: &str, chain: &str, rest: &[String]) -> Vec<String> {
     args
 }
 
+/// A configuration for unit tests: DNAT to 10.0.0.5:8181 on `interface`, checked every 2 s.
+#[cfg(test)]
+pub(crate) fn test_config(interface: &str) -> Config {
+    Config {
+        interface: interface.parse().expect("interface"),
+        target: "10.0.0.5:8181".parse().expect("target"),
+        chain: DEFAULT_CHAIN.into(),
+        remove_at_exit: true,
+        check_interval: Duration::from_secs(2),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn config(interface: &str) -> Config {
-        Config {
-            interface: interface.parse().expect("interface"),
-            target: "10.0.0.5:8181".parse().expect("target"),
-            chain: DEFAULT_CHAIN.into(),
-            remove_at_exit: true,
-            check_interval: Duration::from_secs(5),
-        }
+        test_config(interface)
     }
 
     #[test]

@@ -8,15 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::fake::FakeIptables;
 use super::*;
 
-fn config(interface: &str) -> Config {
-    Config {
-        interface: interface.parse().expect("interface"),
-        target: "10.0.0.5:8181".parse().expect("target"),
-        chain: DEFAULT_CHAIN.into(),
-        remove_at_exit: true,
-        check_interval: Duration::from_secs(2),
-    }
-}
+use super::rules::test_config as config;
 
 fn mutating(log: &[Vec<String>]) -> Vec<String> {
     log.iter().filter(|c| !matches!(c[0].as_str(), "-S" | "-C")).map(|c| c.join(" ")).collect()
