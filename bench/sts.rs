@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use kiam::aws::Sts;
-use kiam::cluster::Cluster;
 use kiam::cluster::events::NoEvents;
 use kiam::cluster::kube::KubeSource;
+use kiam::cluster::{Cluster, Source};
 use kiam::creds::{AssumeRole, Clock, CredentialCache, Credentials, Identity, Lifetimes, StsError};
-use kiam::policy::{BaseArn, Policy};
-use kiam::server::{self, Core, prefetch};
+use kiam::model::BaseArn;
+use kiam::policy::{Caller, Policy};
+use kiam::server::{Ask, Core, prefetch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -64,17 +65,21 @@ pub async fn run(env: &Env, report: &mut Report) {
     };
     let lifetimes = Lifetimes { session: SESSION, refresh_lead: Duration::from_secs(300) };
     let sts = ShiftedSts { sts: deploy::sts(env), offset: Arc::clone(&offset) };
-    let cache = CredentialCache::with_clock(sts, lifetimes, 8, clock);
+    let metrics = Arc::new(kiam::metrics::Metrics::default());
+    let cache = CredentialCache::with_clock(sts, lifetimes, 8, Arc::clone(&metrics), clock);
     let (announce, announcements) = mpsc::channel(1000);
-    let cluster = Arc::new(Cluster::new(Some(announce)));
+    let cluster = Arc::new(Cluster::new(Some(announce), Arc::clone(&metrics)));
     let policy = Policy {
         base_arn: Some(BaseArn::parse(BASE_ARN).expect("the base ARN parses")),
         strict_namespace_regexp: true,
     };
-    let core = Arc::new(Core::new(Arc::clone(&cluster), policy, cache, "kiam".into(), Arc::new(NoEvents)));
+    let core =
+        Arc::new(Core::new(Arc::clone(&cluster), policy, cache, "kiam".into(), Arc::new(NoEvents), metrics));
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    server::spawn_source(KubeSource::from_client(kube.kube_client()), &cluster, &shutdown);
+    let source = KubeSource::from_client(kube.kube_client());
+    let (watched, stop) = (Arc::clone(&cluster), shutdown.clone());
+    tokio::spawn(async move { source.run(watched, stop).await });
     prefetch::spawn(Arc::clone(&core), announcements, 8, shutdown.clone());
     tokio::time::timeout(Duration::from_secs(20), cluster.wait_synced()).await.expect("the caches sync");
 
@@ -99,7 +104,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         periods.push(env.moto.recorded_assume_roles().await.len() - before);
     }
     let total = env.moto.recorded_assume_roles().await.len();
-    let counted = core.cache().stats().sts_calls.load(Ordering::Relaxed);
+    let counted = core.cache().stats().sts_calls.get();
     let refreshed: usize = periods.iter().sum();
     let ideal = 2 * ROLES as usize;
     report.row(Row::compared(
@@ -138,7 +143,7 @@ async fn settle<A: AssumeRole>(core: &Core<A>) {
     let started = Instant::now();
     let (mut last, mut quiet_since) = (u64::MAX, Instant::now());
     while started.elapsed() < Duration::from_secs(30) {
-        let calls = core.cache().stats().sts_calls.load(Ordering::Relaxed);
+        let calls = core.cache().stats().sts_calls.get();
         if calls != last {
             (last, quiet_since) = (calls, Instant::now());
         }
@@ -154,7 +159,8 @@ async fn settle<A: AssumeRole>(core: &Core<A>) {
 /// Asks for every pod's credentials, as its first request would.
 async fn serve_all<A: AssumeRole>(core: &Core<A>, pods: &[(IpAddr, String)]) {
     for (ip, role) in pods {
-        core.pod_credentials(*ip, role, Duration::from_secs(1)).await.expect("every pod is served");
+        let ask = Ask { ip: *ip, caller: Caller::Any, wait: Duration::from_secs(1) };
+        core.pod_credentials(&ask, role).await.expect("every pod is served");
     }
 }
 

@@ -9,7 +9,7 @@ use aws_sdk_sts::config::SharedCredentialsProvider;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 
 use crate::creds::{AssumeRole, Credentials, Identity, StsError, StsErrorKind};
-use crate::policy::BaseArn;
+use crate::model::BaseArn;
 
 /// Where and how STS is called.
 #[derive(Clone, Debug, Default)]
@@ -114,16 +114,7 @@ pub async fn detect_base_arn() -> Result<BaseArn, String> {
         .get("InstanceProfileArn")
         .and_then(serde_json::Value::as_str)
         .ok_or("iam/info has no InstanceProfileArn")?;
-    base_arn_from_instance_profile(profile)
-}
-
-/// `arn:<partition>:iam::<account>:instance-profile/<name>` to `arn:<partition>:iam::<account>:role/`.
-pub fn base_arn_from_instance_profile(profile: &str) -> Result<BaseArn, String> {
-    let fields: Vec<&str> = profile.splitn(6, ':').collect();
-    if fields.len() != 6 || fields[0] != "arn" || fields[2] != "iam" || fields[4].is_empty() {
-        return Err(format!("{profile:?} is not an instance profile ARN"));
-    }
-    BaseArn::parse(&format!("{}:role/", fields[..5].join(":"))).map_err(|e| e.to_string())
+    BaseArn::of_instance_profile(profile).map_err(|e| e.to_string())
 }
 
 /// Maps an SDK error once, into the kinds retries and Events branch on.
@@ -187,9 +178,9 @@ mod tests {
             ("arn:aws-iso:iam::1:instance-profile/x", "arn:aws-iso:iam::1:role/"),
         ];
         for (profile, want) in cases {
-            assert_eq!(base_arn_from_instance_profile(profile).expect(profile).as_str(), want);
+            assert_eq!(BaseArn::of_instance_profile(profile).expect(profile).as_str(), want);
         }
-        assert!(base_arn_from_instance_profile("not-an-arn").is_err());
+        assert!(BaseArn::of_instance_profile("not-an-arn").is_err());
     }
 
     /// `--region` selects the regional STS endpoint, in every partition (kiam hard-coded these).

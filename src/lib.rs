@@ -25,10 +25,12 @@ pub mod creds;
 pub mod explain;
 pub mod health;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod pb;
 pub mod policy;
 pub mod server;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 

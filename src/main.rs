@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => match args.config() {
             Ok(config) => kiam::server::main(config, shutdown).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         },
         Command::Agent(args) => match args.config() {
             Ok(config) => kiam::agent::main(config, shutdown).await.map_err(|e| e.to_string()),

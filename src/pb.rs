@@ -9,3 +9,15 @@ tonic::include_proto!("kiam");
 pub mod debug {
     tonic::include_proto!("kiamrs.debug");
 }
+
+/// kiam's status messages, which agents and servers of either implementation compare verbatim.
+/// They live with the protocol, so that the server and the client share them without importing
+/// each other.
+pub mod status {
+    /// A policy denial.
+    pub const FORBIDDEN: &str = "forbidden by policy";
+    /// An unknown pod, on `GetPodCredentials`.
+    pub const NO_POD_FOUND: &str = "no pod found";
+    /// An unknown pod, on `GetPodRole` (kiam spelled it differently there).
+    pub const POD_NOT_FOUND: &str = "pod not found";
+}

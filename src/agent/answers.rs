@@ -9,10 +9,10 @@ use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
 
 use super::documents::{ExtendedDocument, IamInfo, role_account};
-use super::handlers::{AgentError, from_backend};
+use super::error::{AgentError, from_backend};
 use super::{Agent, Backend, BackendError};
 use crate::metrics::Handler;
-use crate::policy::role::listed_name;
+use crate::model::listed_name;
 
 /// Calls `f` until it succeeds, fails for good, or `budget` runs out: a pod the server has not
 /// seen yet, or a server that is briefly unreachable, is waited for instead of failing at once.

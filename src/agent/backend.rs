@@ -1,5 +1,6 @@
 //! The agent's one seam to whatever decides: roles and credentials for a pod IP. The gRPC client
-//! is one implementation; kube2iam mode plugs the server's core in-process behind the same trait.
+//! ([`super::remote`]) is the one implementation today; the seam exists so that a process that
+//! holds the server's core (the planned kube2iam mode) can answer in-process.
 
 use std::future::Future;
 use std::net::IpAddr;

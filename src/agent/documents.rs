@@ -10,6 +10,7 @@
 use serde::Serialize;
 
 use crate::creds::ImdsDocument;
+use crate::model::Arn;
 
 /// The account and partition of a role annotation that is a full IAM role ARN.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,20 +26,9 @@ pub struct RoleAccount<'a> {
 /// Reads the account out of `annotation` if it is an ARN of the form
 /// `arn:<partition>:iam::<account>:role/[path/]name`; `None` for short names and anything else.
 pub fn role_account(annotation: &str) -> Option<RoleAccount<'_>> {
-    let fields: Vec<&str> = annotation.trim().splitn(6, ':').collect();
-    let [arn, partition, iam, region, account, resource] = fields.as_slice() else {
-        return None;
-    };
-    let path_and_name = resource.strip_prefix("role/")?;
-    let ok = *arn == "arn"
-        && !partition.is_empty()
-        && *iam == "iam"
-        && region.is_empty()
-        && account.len() == 12
-        && account.bytes().all(|b| b.is_ascii_digit())
-        && !path_and_name.is_empty()
-        && !path_and_name.ends_with('/');
-    ok.then_some(RoleAccount { partition, account, path_and_name })
+    let arn = Arn::parse(annotation)?;
+    let path_and_name = arn.iam_role()?;
+    Some(RoleAccount { partition: arn.partition, account: arn.account, path_and_name })
 }
 
 /// The extended credentials document: the legacy one plus `AccountId`.

@@ -4,17 +4,18 @@
 //! refuses the rest. With `--iptables` it also installs and keeps the DNAT rule
 //! ([`iptables`]).
 //!
-//! [`main`] wires the process from a validated [`Config`]; [`serve`] runs a bound listener and
-//! the interception rules until shutdown; [`run`] serves HTTP only; [`app`] is the router, for
-//! tests that need no socket.
+//! [`assemble`] builds and starts an agent from a validated [`Config`] and its [`Deps`]; `main`
+//! and the integration tests both use it. [`app`] is the router, for tests that need no socket.
 
 pub mod answers;
 pub mod backend;
 pub mod documents;
+pub mod error;
 pub mod handlers;
 pub mod http;
 pub mod iptables;
 pub mod proxy;
+pub mod remote;
 pub mod roles;
 pub mod token;
 
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{Backend, BackendError};
@@ -32,7 +34,7 @@ use iptables::{Interception, IptablesError, Runner};
 use proxy::Upstream;
 use token::Tokens;
 
-use crate::client::{ClientConfig, ClientError, GrpcClient};
+use crate::client::{ClientConfig, ClientError, GrpcClient, Resolve};
 use crate::metrics::Metrics;
 use crate::policy::paths::AllowRoutes;
 
@@ -58,10 +60,19 @@ pub struct Config {
     /// `--iptables`: the interception rules to install and keep.
     pub iptables: Option<iptables::Config>,
     pub client: ClientConfig,
-    /// Keepalive, re-resolution and certificate polling of the link to the servers.
+    /// Keepalive and re-resolution of the link to the servers.
     pub transport: crate::client::Transport,
     /// `--prometheus-listen-addr`: where `/metrics` is served, on a listener of its own.
     pub prometheus_listen_addr: Option<String>,
+    /// The HTTP server's limits (not flags).
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The address the agent listens on: `--host:--port`.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
 }
 
 /// The agent's shared state.
@@ -73,7 +84,6 @@ pub struct Agent<B> {
     pod_wait: Duration,
     require_imdsv2: bool,
     allow_ip_query: bool,
-    limits: Limits,
     metrics: Arc<Metrics>,
     roles: roles::RoleMemory,
 }
@@ -84,77 +94,29 @@ pub enum AgentStartError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind { addr: String, source: std::io::Error },
     #[error("cannot create the IMDSv2 token key")]
     TokenKey,
     #[error("iptables: {0}")]
     Iptables(#[from] IptablesError),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics { addr: String, source: std::io::Error },
+    #[error("the agent task failed: {0}")]
+    Task(String),
 }
 
 impl<B: Backend> Agent<B> {
-    /// Assembles an agent around `backend`, answering IMDSv1 and v2, with `?ip=` ignored.
-    pub fn new(
-        backend: B,
-        allow_routes: AllowRoutes,
-        metadata_addr: &str,
-        pod_wait: Duration,
-    ) -> Result<Agent<B>, AgentStartError> {
+    /// An agent for `config` around `backend`, counting into `metrics`.
+    pub fn new(backend: B, config: &Config, metrics: Arc<Metrics>) -> Result<Agent<B>, AgentStartError> {
         Ok(Agent {
             backend,
             tokens: Tokens::new().map_err(|_| AgentStartError::TokenKey)?,
-            upstream: Upstream::new(metadata_addr),
-            allow_routes,
-            pod_wait,
-            require_imdsv2: false,
-            allow_ip_query: false,
-            limits: Limits::default(),
-            metrics: Arc::new(Metrics::default()),
+            upstream: Upstream::new(&config.metadata_addr),
+            allow_routes: config.allow_routes.clone(),
+            pod_wait: config.pod_wait,
+            require_imdsv2: config.require_imdsv2,
+            allow_ip_query: config.allow_ip_query,
+            metrics,
             roles: roles::RoleMemory::default(),
         })
-    }
-
-    /// Assembles an agent for `config` around `backend`.
-    pub fn from_config(backend: B, config: &Config) -> Result<Agent<B>, AgentStartError> {
-        Ok(Agent::new(backend, config.allow_routes.clone(), &config.metadata_addr, config.pod_wait)?
-            .require_imdsv2(config.require_imdsv2)
-            .allow_ip_query(config.allow_ip_query))
-    }
-
-    /// Whether a GET without a token gets 401.
-    pub fn require_imdsv2(mut self, on: bool) -> Agent<B> {
-        self.require_imdsv2 = on;
-        self
-    }
-
-    /// Whether `?ip=` names the caller (development only).
-    pub fn allow_ip_query(mut self, on: bool) -> Agent<B> {
-        self.allow_ip_query = on;
-        self
-    }
-
-    /// Counts into `metrics` instead of a private set.
-    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Agent<B> {
-        self.metrics = metrics;
-        self
-    }
-
-    /// The metrics this agent counts into.
-    pub fn metrics_handle(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// Replaces `--allow-route-regexp`.
-    pub fn allow_routes(mut self, routes: AllowRoutes) -> Agent<B> {
-        self.allow_routes = routes;
-        self
-    }
-
-    /// Replaces the HTTP limits.
-    pub fn limits(mut self, limits: Limits) -> Agent<B> {
-        self.limits = limits;
-        self
     }
 }
 
@@ -164,35 +126,99 @@ pub fn app<B: Backend>(agent: Arc<Agent<B>>) -> Router {
     Router::new().fallback(handlers::handle::<B>).with_state(agent)
 }
 
-/// Serves `agent` on `listener` until `shutdown`.
-pub async fn run<B: Backend>(
-    listener: TcpListener,
-    agent: Arc<Agent<B>>,
-    shutdown: CancellationToken,
-) -> Result<(), AgentStartError> {
-    let limits = agent.limits.clone();
-    http::serve(listener, app(agent), &limits, shutdown).await;
-    Ok(())
+/// What an agent process takes from outside: `main` makes these from the environment, the
+/// tests from their peers.
+pub struct Deps<B, R> {
+    /// Who decides: the servers over gRPC ([`connect`]), or anything else behind the seam.
+    pub backend: B,
+    /// The metadata listener, bound to [`Config::listen_addr`] (or wherever a test likes).
+    pub listener: TcpListener,
+    /// `--prometheus-listen-addr`, bound.
+    pub metrics_listener: Option<TcpListener>,
+    /// The process's one set of metrics.
+    pub metrics: Arc<Metrics>,
+    /// Runs `iptables` when `--iptables` is on.
+    pub iptables: R,
 }
 
-/// Installs the interception rules (if any; a failure stops the agent, which is safer than
-/// serving pods that are not intercepted), keeps them in place while serving `agent` on
-/// `listener` until `shutdown`, and then removes them if configured to.
-pub async fn serve<B: Backend, R: Runner>(
+/// A running agent.
+pub struct Running<R> {
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// The interception rules, when `--iptables` is on.
+    pub interception: Option<Arc<Interception<R>>>,
+    task: JoinHandle<Result<(), AgentStartError>>,
+}
+
+impl<R> Running<R> {
+    /// Waits until the agent stops (after shutdown, or when installing its rules failed).
+    pub async fn wait(self) -> Result<(), AgentStartError> {
+        self.task.await.map_err(|e| AgentStartError::Task(e.to_string()))?
+    }
+}
+
+/// The gRPC backend for `config`: every server behind `--server-address`, found by `resolver`.
+pub fn connect(
+    config: &Config,
+    metrics: &Metrics,
+    resolver: Arc<dyn Resolve>,
+) -> Result<GrpcClient, ClientError> {
+    let transport = crate::client::Transport {
+        tls_gauges: metrics.tls_client.clone(),
+        grpc_metrics: metrics.grpc_client.clone(),
+        ..config.transport.clone()
+    };
+    GrpcClient::connect_with(&config.client, &transport, resolver)
+}
+
+/// Assembles an agent from `config` and `deps` and starts it: metrics, then the interception
+/// rules (if any; a failure stops the agent, which is safer than serving pods that are not
+/// intercepted), then HTTP until `shutdown`, then the rules' removal if configured.
+pub fn assemble<B: Backend, R: Runner>(
+    config: &Config,
+    deps: Deps<B, R>,
+    shutdown: CancellationToken,
+) -> Result<Running<R>, AgentStartError> {
+    if config.allow_ip_query {
+        tracing::warn!(
+            "--allow-ip-query is on: any pod can ask for any other pod's credentials with ?ip=; \
+             use it in development only"
+        );
+    }
+    let Deps { backend, listener, metrics_listener, metrics, iptables: runner } = deps;
+    let addr =
+        listener.local_addr().map_err(|source| AgentStartError::Bind { addr: "agent".into(), source })?;
+    let agent = Arc::new(Agent::new(backend, config, Arc::clone(&metrics))?);
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics), shutdown.clone()));
+    }
+    let interception = config.iptables.clone().map(|rules| {
+        Arc::new(Interception::new(runner, rules).counting_into(metrics.agent.iptables_restorations.clone()))
+    });
+    tracing::info!(%addr, server = %config.client.server_address, "agent listening");
+    let task = tokio::spawn(serve(listener, agent, interception.clone(), config.limits.clone(), shutdown));
+    Ok(Running { addr, interception, task })
+}
+
+/// Installs the interception rules, keeps them in place while serving `agent` on `listener`
+/// until `shutdown`, and then removes them if configured to.
+async fn serve<B: Backend, R: Runner>(
     listener: TcpListener,
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
-        return run(listener, agent, shutdown).await;
+        http::serve(listener, app(agent), &limits, shutdown).await;
+        return Ok(());
     };
     rules.install().await?;
     let iptables = rules.config();
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    let served = run(listener, agent, shutdown).await;
+    http::serve(listener, app(agent), &limits, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {
@@ -201,41 +227,25 @@ pub async fn serve<B: Backend, R: Runner>(
     } else {
         tracing::info!("iptables rules left in place (--no-iptables-remove)");
     }
-    served
+    Ok(())
 }
 
 /// Runs the agent process until `shutdown`. It serves at once, whether or not a server is
 /// reachable yet: the gRPC connection is made on first use.
 pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), AgentStartError> {
-    if config.allow_ip_query {
-        tracing::warn!(
-            "--allow-ip-query is on: any pod can ask for any other pod's credentials with ?ip=; \
-             use it in development only"
-        );
-    }
     let metrics = Arc::new(Metrics::default());
-    let transport = crate::client::Transport {
-        tls_gauges: metrics.tls_client.clone(),
-        grpc_metrics: metrics.grpc_client.clone(),
-        ..config.transport.clone()
+    let backend = connect(&config, &metrics, Arc::new(crate::client::Dns))?;
+    let addr = config.listen_addr();
+    let listener = crate::net::listen(addr)
+        .map_err(|source| AgentStartError::Bind { addr: addr.to_string(), source })?;
+    let metrics_listener = match &config.prometheus_listen_addr {
+        Some(addr) => Some(
+            crate::net::listen_on(addr)
+                .await
+                .map_err(|source| AgentStartError::Bind { addr: addr.clone(), source })?,
+        ),
+        None => None,
     };
-    let backend = GrpcClient::connect_with(&config.client, &transport, Arc::new(crate::client::Dns))?;
-    let agent = Agent::from_config(backend, &config)?.metrics(Arc::clone(&metrics));
-    if let Some(addr) = &config.prometheus_listen_addr {
-        crate::metrics::spawn(addr, Arc::clone(&metrics), shutdown.clone())
-            .await
-            .map_err(|source| AgentStartError::Metrics { addr: addr.clone(), source })?;
-    }
-    let addr = SocketAddr::new(config.host, config.port);
-    let listener = crate::net::listen(addr).map_err(|source| AgentStartError::Bind { addr, source })?;
-    tracing::info!(%addr, server = %config.client.server_address, "agent listening");
-    let interception =
-        config.iptables.map(|rules| Arc::new(Interception::new(iptables::Command::default(), rules)));
-    if let Some(interception) = &interception {
-        let (interception, counter) = (Arc::clone(interception), metrics.agent.iptables_restorations.clone());
-        metrics.on_scrape(move || {
-            counter.inner().store(interception.restorations(), std::sync::atomic::Ordering::Relaxed)
-        });
-    }
-    serve(listener, Arc::new(agent), interception, shutdown).await
+    let deps = Deps { backend, listener, metrics_listener, metrics, iptables: iptables::Command::default() };
+    assemble(&config, deps, shutdown)?.wait().await
 }

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::handlers::AgentError;
+use super::token::{TOKEN_HEADER, TTL_HEADER};
 
 /// How long the upstream gets to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,10 +35,16 @@ const TOKEN_REFRESH_LEAD: Duration = Duration::from_secs(120);
 /// After the node refuses a token, how long the agent goes without before asking again.
 const NO_TOKEN_RETRY: Duration = Duration::from_secs(60);
 
-/// The header carrying an IMDSv2 token.
-pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-/// The header carrying an IMDSv2 token's TTL.
-pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+/// Why forwarding to the node's metadata service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Only GET and HEAD are forwarded.
+    #[error("method not allowed")]
+    Method,
+    /// The node's metadata service failed or did not answer in time.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Request headers passed on to the node: content negotiation and caching, nothing that names
 /// the caller or the connection.
@@ -123,9 +129,9 @@ impl Upstream {
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
-    ) -> Result<Response<Body>, AgentError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         if method != Method::GET && method != Method::HEAD {
-            return Err(AgentError::MethodNotAllowed);
+            return Err(UpstreamError::Method);
         }
         let mut passed = HeaderMap::new();
         for name in FORWARDED_HEADERS {
@@ -145,7 +151,7 @@ impl Upstream {
     }
 
     /// The token to send, asking the node for one when none is held (or `renew`).
-    async fn token(&self, renew: bool) -> Result<Option<HeaderValue>, AgentError> {
+    async fn token(&self, renew: bool) -> Result<Option<HeaderValue>, UpstreamError> {
         let mut state = self.token.lock().await;
         let now = Instant::now();
         match &*state {
@@ -161,7 +167,7 @@ impl Upstream {
             .uri(format!("http://{}/latest/api/token", self.authority))
             .header(TTL_HEADER, TOKEN_TTL_SECONDS)
             .body(Empty::new())
-            .map_err(|e| AgentError::Upstream(e.to_string()))?;
+            .map_err(|e| UpstreamError::Failed(e.to_string()))?;
         let (status, headers, body) = self.exchange(request).await?;
         let value = std::str::from_utf8(&body)
             .ok()
@@ -189,12 +195,12 @@ impl Upstream {
         path_and_query: &str,
         headers: &HeaderMap,
         token: Option<&HeaderValue>,
-    ) -> Result<Response<Body>, AgentError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let mut request = Request::builder()
             .method(method.clone())
             .uri(format!("http://{}{}", self.authority, path_and_query))
             .body(Empty::new())
-            .map_err(|e| AgentError::Upstream(e.to_string()))?;
+            .map_err(|e| UpstreamError::Failed(e.to_string()))?;
         *request.headers_mut() = headers.clone();
         if let Some(token) = token {
             request.headers_mut().insert(TOKEN_HEADER, token.clone());
@@ -209,18 +215,18 @@ impl Upstream {
     async fn exchange(
         &self,
         request: Request<Empty<Bytes>>,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), AgentError> {
-        let timed_out = |_| AgentError::Upstream("metadata service timed out".into());
+    ) -> Result<(StatusCode, HeaderMap, Bytes), UpstreamError> {
+        let timed_out = |_| UpstreamError::Failed("metadata service timed out".into());
         let response = tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(request))
             .await
             .map_err(timed_out)?
-            .map_err(|e| AgentError::Upstream(e.to_string()))?;
+            .map_err(|e| UpstreamError::Failed(e.to_string()))?;
         let (parts, body) = response.into_parts();
         let body = http_body_util::Limited::new(body, MAX_BODY);
         let bytes = tokio::time::timeout(UPSTREAM_TIMEOUT, body.collect())
             .await
             .map_err(timed_out)?
-            .map_err(|e| AgentError::Upstream(e.to_string()))?
+            .map_err(|e| UpstreamError::Failed(e.to_string()))?
             .to_bytes();
         Ok((parts.status, parts.headers, bytes))
     }

@@ -8,6 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{hmac, rand};
 
+/// The header carrying an IMDSv2 token.
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// The header carrying an IMDSv2 token's TTL.
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
 /// The largest TTL the metadata service accepts, in seconds (6 hours).
 pub const MAX_TTL_SECONDS: u64 = 21_600;
 

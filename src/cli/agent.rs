@@ -121,6 +121,7 @@ impl AgentArgs {
             client,
             transport,
             prometheus_listen_addr: self.observability.listen_addr(),
+            limits: crate::agent::Limits::default(),
         })
     }
 }

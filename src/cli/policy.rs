@@ -3,7 +3,8 @@
 
 use clap::Args;
 
-use crate::policy::{BaseArn, Policy};
+use crate::model::BaseArn;
+use crate::policy::Policy;
 
 /// `--role-base-arn[-autodetect]`, `--disable-strict-namespace-regexp`, `--session` and
 /// `--agent-node-binding`.

@@ -8,7 +8,8 @@ use clap::Args;
 use super::{LogArgs, ObservabilityArgs, PolicyArgs, TlsArgs, go_duration};
 use crate::aws::StsConfig;
 use crate::creds::Lifetimes;
-use crate::server::{Config, GrpcSettings, Inventory, Settings};
+use crate::server::config::resolve_assume_role;
+use crate::server::{Config, ConfigError, GrpcSettings, Inventory, Settings, TLS_POLL};
 
 /// STS refuses sessions shorter than this.
 const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -76,28 +77,29 @@ pub struct ServerArgs {
     /// An STS-compatible endpoint URL (a VPC endpoint, or an emulator).
     #[arg(long, env = "KIAM_STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
+    /// The server's own pod (from the downward API), named in the Events it records.
+    #[arg(long, env = "POD_NAME", hide = true)]
+    pub pod_name: Option<String>,
 }
 
 impl ServerArgs {
-    /// Validates the flags into a server configuration.
-    pub fn config(&self) -> Result<Config, String> {
+    /// Validates the flags into a server configuration, resolving everything that needs no
+    /// network: a short `--assume-role-arn` against `--role-base-arn` (with autodetect, once the
+    /// base is known), and the server's own pod name.
+    pub fn config(&self) -> Result<Config, ConfigError> {
         if self.session_duration < MIN_SESSION {
-            return Err(format!(
-                "--session-duration {:?} is shorter than the 15m minimum STS allows",
-                self.session_duration
-            ));
+            return Err(ConfigError::SessionTooShort(self.session_duration));
         }
         if self.session_refresh >= self.session_duration {
-            return Err(format!(
-                "--session-refresh ({:?}) must be shorter than --session-duration ({:?})",
-                self.session_refresh, self.session_duration
-            ));
+            return Err(ConfigError::RefreshTooLong {
+                refresh: self.session_refresh,
+                session: self.session_duration,
+            });
         }
-        let policy = self.policy.policy()?;
-        if policy.base_arn.is_none() && !self.policy.role_base_arn_autodetect {
-            return Err("one of --role-base-arn (e.g. arn:aws:iam::123456789012:role/) or \
-                        --role-base-arn-autodetect is required"
-                .into());
+        let policy = self.policy.policy().map_err(ConfigError::Flag)?;
+        let autodetect = self.policy.role_base_arn_autodetect;
+        if policy.base_arn.is_none() && !autodetect {
+            return Err(ConfigError::NoBaseArn);
         }
         if self.prometheus_sync_interval.is_some() {
             tracing::warn!("--prometheus-sync-interval is deprecated and ignored");
@@ -105,17 +107,30 @@ impl ServerArgs {
         if let Some(endpoint) = &self.sts_endpoint
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
         {
-            return Err(format!("--sts-endpoint {endpoint:?} must be an http:// or https:// URL"));
+            return Err(ConfigError::StsEndpoint(endpoint.clone()));
         }
         let inventory = match (&self.manifest, &self.kubeconfig) {
             (Some(path), _) => Inventory::File(path.clone()),
             (None, path) => Inventory::Kube(path.clone().filter(|p| !p.as_os_str().is_empty())),
         };
+        let assume_role = self.assume_role_arn.clone().filter(|r| !r.trim().is_empty());
+        // With autodetect, a short name waits for the detected base (autodetect wins over
+        // --role-base-arn); a full ARN needs no base.
+        let (assume_role_arn, pending_assume_role) = match assume_role {
+            Some(role) if autodetect && !role.trim().starts_with("arn:") => (None, Some(role)),
+            Some(role) => {
+                let arn = resolve_assume_role(&role, policy.base_arn.as_ref(), self.session_duration)?;
+                (Some(arn.to_string()), None)
+            }
+            None => (None, None),
+        };
         Ok(Config {
             bind: self.bind.clone(),
             tls: self.tls.files(),
+            tls_poll: TLS_POLL,
             inventory,
-            autodetect_base_arn: self.policy.role_base_arn_autodetect,
+            autodetect_base_arn: autodetect,
+            pending_assume_role,
             settings: Settings {
                 policy,
                 lifetimes: Lifetimes { session: self.session_duration, refresh_lead: self.session_refresh },
@@ -134,9 +149,10 @@ impl ServerArgs {
             sts: StsConfig {
                 region: self.region.clone().filter(|r| !r.is_empty()),
                 endpoint: self.sts_endpoint.clone(),
-                assume_role_arn: self.assume_role_arn.clone().filter(|r| !r.is_empty()),
+                assume_role_arn,
             },
             prometheus_listen_addr: self.observability.listen_addr(),
+            pod_name: self.pod_name.clone().filter(|n| !n.is_empty()),
         })
     }
 }

@@ -2,7 +2,7 @@
 //! certificate rotation, every server behind `--server-address` kept in a balanced pool
 //! ([`pool`]), connections made on demand (the agent serves HTTP before any server is
 //! reachable), per-call deadlines, and a failed call retried on another server within its
-//! deadline. It implements the agent's [`Backend`] seam.
+//! deadline. It knows nothing of the agent: the agent adapts it to its `Backend` seam.
 
 pub mod pool;
 
@@ -20,11 +20,8 @@ pub use pool::{Dns, Link, Resolve};
 use crate::metrics::{GrpcMetrics, TlsGauges, code_name};
 use crate::tls::reload::{Reloading, Side};
 
-use crate::agent::{Backend, BackendError};
-use crate::creds::ImdsDocument;
 use crate::pb;
 use crate::pb::kiam_service_client::KiamServiceClient;
-use crate::server::service::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
 use crate::tls::{self, TlsFiles};
 
 /// How the client reaches a server.
@@ -50,10 +47,9 @@ pub enum ClientError {
 #[derive(Clone, Debug)]
 pub struct Transport {
     pub link: Link,
-    /// How often the server name is resolved again.
+    /// How often the server name is resolved again, and the certificate files checked for
+    /// rotation.
     pub resolve_every: Duration,
-    /// How often the certificate files are checked for rotation.
-    pub tls_poll: Duration,
     pub tls_gauges: TlsGauges,
     /// `grpc_client_*` counters.
     pub grpc_metrics: GrpcMetrics,
@@ -69,7 +65,6 @@ impl Default for Transport {
                 connect_timeout: Duration::from_secs(1),
             },
             resolve_every: Duration::from_secs(5),
-            tls_poll: Duration::from_secs(2),
             tls_gauges: TlsGauges::default(),
             grpc_metrics: GrpcMetrics::default(),
         }
@@ -184,6 +179,30 @@ impl GrpcClient {
         self.pool.client()
     }
 
+    /// `GetPodRole`: the role annotation of the pod at `ip` (empty when it has none).
+    pub async fn get_pod_role(&self, ip: IpAddr) -> Result<String, Status> {
+        let message = pb::GetPodRoleRequest { ip: ip.to_string() };
+        let reply = self
+            .call("GetPodRole", |mut c, left| {
+                let message = message.clone();
+                async move { c.get_pod_role(request(message, left)).await }
+            })
+            .await?;
+        Ok(reply.into_inner().name)
+    }
+
+    /// `GetPodCredentials`: credentials for `role`, if the pod at `ip` may have them.
+    pub async fn get_pod_credentials(&self, ip: IpAddr, role: &str) -> Result<pb::Credentials, Status> {
+        let message = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
+        let reply = self
+            .call("GetPodCredentials", |mut c, left| {
+                let message = message.clone();
+                async move { c.get_pod_credentials(request(message, left)).await }
+            })
+            .await?;
+        Ok(reply.into_inner())
+    }
+
     /// `GetHealth`.
     pub async fn get_health(&self) -> Result<String, Status> {
         self.call("GetHealth", |mut c, left| async move {
@@ -194,71 +213,12 @@ impl GrpcClient {
     }
 }
 
-/// Maps a status to the agent's error kinds: by kiam's message text first (what kiam servers
-/// send, all as Unknown), then by code.
-fn backend_error(status: Status) -> BackendError {
-    match status.message() {
-        FORBIDDEN => return BackendError::Forbidden,
-        NO_POD_FOUND | POD_NOT_FOUND => return BackendError::PodNotFound,
-        _ => {}
-    }
-    match status.code() {
-        Code::PermissionDenied => BackendError::Forbidden,
-        Code::NotFound => BackendError::PodNotFound,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-            BackendError::Unavailable(status.message().to_string())
-        }
-        _ => BackendError::Failed(status.message().to_string()),
-    }
-}
-
 /// A request with the time left as its deadline (sent as `grpc-timeout`, which the server uses
 /// to bound its wait for a pod it has not seen yet).
 fn request<T>(message: T, left: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(left);
     request
-}
-
-impl Backend for GrpcClient {
-    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
-        let message = pb::GetPodRoleRequest { ip: ip.to_string() };
-        let role = self
-            .call("GetPodRole", |mut c, left| {
-                let message = message.clone();
-                async move { c.get_pod_role(request(message, left)).await }
-            })
-            .await
-            .map_err(backend_error)?
-            .into_inner()
-            .name;
-        Ok(Some(role).filter(|r| !r.is_empty()))
-    }
-
-    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
-        let message = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
-        let c = self
-            .call("GetPodCredentials", |mut c, left| {
-                let message = message.clone();
-                async move { c.get_pod_credentials(request(message, left)).await }
-            })
-            .await
-            .map_err(backend_error)?
-            .into_inner();
-        Ok(ImdsDocument {
-            code: c.code,
-            last_updated: c.last_updated,
-            kind: c.r#type,
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            token: c.token,
-            expiration: c.expiration,
-        })
-    }
-
-    async fn health(&self) -> Result<String, BackendError> {
-        self.get_health().await.map_err(backend_error)
-    }
 }
 
 #[cfg(test)]
@@ -272,14 +232,5 @@ mod tests {
         assert_eq!(split_address("[::1]:9610"), Some(("::1".into(), 9610)));
         assert_eq!(split_address("kiam-server"), None);
         assert_eq!(split_address(":443"), None);
-    }
-
-    #[test]
-    fn kiam_messages_win_over_codes() {
-        assert_eq!(backend_error(Status::unknown("forbidden by policy")), BackendError::Forbidden);
-        assert_eq!(backend_error(Status::unknown("no pod found")), BackendError::PodNotFound);
-        assert_eq!(backend_error(Status::unknown("pod not found")), BackendError::PodNotFound);
-        assert!(matches!(backend_error(Status::unavailable("down")), BackendError::Unavailable(_)));
-        assert!(matches!(backend_error(Status::internal("x")), BackendError::Failed(_)));
     }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
-use super::PodFacts;
+use crate::model::PodFacts;
+use tokio_util::sync::CancellationToken;
 
 /// The reporting component, as in kiam.
 pub const COMPONENT: &str = "kiam.server";
@@ -75,15 +76,18 @@ impl Limiter {
 pub struct KubeEvents {
     recorder: Arc<Recorder>,
     limiter: Mutex<Limiter>,
+    /// Publishing still in flight stops with it.
+    shutdown: CancellationToken,
 }
 
 impl KubeEvents {
-    /// Records through `client`; `instance` names this server replica.
-    pub fn new(client: kube::Client, instance: Option<String>) -> KubeEvents {
+    /// Records through `client` until `shutdown`; `instance` names this server replica.
+    pub fn new(client: kube::Client, instance: Option<String>, shutdown: CancellationToken) -> KubeEvents {
         let reporter = Reporter { controller: COMPONENT.into(), instance };
         KubeEvents {
             recorder: Arc::new(Recorder::new(client, reporter)),
             limiter: Mutex::new(Limiter::new(Duration::from_secs(60), 300)),
+            shutdown,
         }
     }
 }
@@ -112,7 +116,7 @@ impl EventSink for KubeEvents {
             secondary: None,
         };
         let recorder = Arc::clone(&self.recorder);
-        tokio::spawn(async move {
+        crate::task::spawn_until(&self.shutdown, async move {
             if let Err(error) = recorder.publish(&event, &reference).await {
                 tracing::warn!(%error, "cannot record a Kubernetes event");
             }

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Change, Cluster, NamespaceFacts, PodFacts, Source, SourceError};
+use super::project::{namespace_facts, pod_facts};
+use super::{Change, Cluster, Source, SourceError};
+use crate::model::{NamespaceFacts, PodFacts};
 
 /// Pods and namespaces read from a manifest file.
 pub struct FileSource {
@@ -112,12 +114,12 @@ fn collect(doc: Value, into: &mut Manifest) -> Result<(), String> {
         }
         Some("Pod") => {
             let pod: Pod = serde_json::from_value(doc).map_err(|e| format!("invalid Pod: {e}"))?;
-            let facts = PodFacts::from_pod(&pod).ok_or("a Pod has no metadata.name")?;
+            let facts = pod_facts(&pod).ok_or("a Pod has no metadata.name")?;
             into.pods.push(facts);
         }
         Some("Namespace") => {
             let ns: Namespace = serde_json::from_value(doc).map_err(|e| format!("invalid Namespace: {e}"))?;
-            let facts = NamespaceFacts::from_namespace(&ns).ok_or("a Namespace has no metadata.name")?;
+            let facts = namespace_facts(&ns).ok_or("a Namespace has no metadata.name")?;
             into.namespaces.push(facts);
         }
         Some(_) | None if doc.is_null() => {}
@@ -177,7 +179,7 @@ items:
         let namespace = "kind: Namespace\nmetadata: {name: a}\n";
         std::fs::write(&path, format!("{namespace}{}", pod_doc("one", "10.0.0.1"))).expect("write");
         let source = FileSource::open(&path, Duration::from_millis(20)).expect("opens");
-        let cluster = Arc::new(Cluster::default());
+        let cluster = Arc::new(Cluster::new(None, Arc::new(crate::metrics::Metrics::default())));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(Arc::clone(&cluster), shutdown.clone()));
         let found =

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Change, NamespaceFacts, PodFacts};
+use super::Change;
+use crate::model::{NamespaceFacts, PodFacts};
 
 /// The pods found at one IP.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,7 +198,7 @@ impl NamespaceIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::facts::Phase;
+    use crate::model::Phase;
 
     fn pod(name: &str, ip: &str) -> PodFacts {
         PodFacts::test("ns", name, ip, Some("role"))

@@ -12,7 +12,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::{Change, Cluster, NamespaceFacts, PodFacts, Source, SourceError};
+use super::project::{namespace_facts, pod_facts};
+use super::{Change, Cluster, Source, SourceError};
 
 /// Pods and namespaces from the Kubernetes API.
 pub struct KubeSource {
@@ -53,17 +54,12 @@ impl Source for KubeSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default());
         let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
-        let pods = drive(
-            pods,
-            "pods",
-            PodFacts::from_pod,
-            |c| cluster.apply_pod(c),
-            || cluster.note_watch_error(false),
-        );
+        let pods =
+            drive(pods, "pods", pod_facts, |c| cluster.apply_pod(c), || cluster.note_watch_error(false));
         let namespaces = drive(
             namespaces,
             "namespaces",
-            NamespaceFacts::from_namespace,
+            namespace_facts,
             |c| cluster.apply_namespace(c),
             || cluster.note_watch_error(true),
         );

@@ -5,22 +5,23 @@
 //! [`index`].
 
 pub mod events;
-pub mod facts;
 pub mod file;
 pub mod index;
 pub mod kube;
+pub mod project;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use facts::{NamespaceFacts, Phase, PodFacts};
 pub use index::Lookup;
 use index::{NamespaceIndex, PodIndex};
+
+use crate::metrics::{Kind, Metrics};
+use crate::model::{NamespaceFacts, PodFacts};
 
 /// One list/watch event, in the shape kube's watcher produces: a relist is `Init`, then
 /// `InitApply` for every object, then `InitDone`.
@@ -76,11 +77,13 @@ pub struct Cluster {
     ns_generation: watch::Sender<u64>,
     /// Where new or changed pods with a role are announced for prefetching.
     announce: Option<mpsc::Sender<Arc<PodFacts>>>,
-    dropped: AtomicU64,
-    /// Complete relists and watch failures, pods then namespaces.
-    relists: [AtomicU64; 2],
-    watch_errors: [AtomicU64; 2],
+    /// Dropped announcements, relists, watch failures and sync state are counted here directly.
+    metrics: Arc<Metrics>,
 }
+
+/// The `kind` label of the list/watch metrics.
+const PODS: Kind = Kind { kind: "pods" };
+const NAMESPACES: Kind = Kind { kind: "namespaces" };
 
 /// Counters of the list/watch machinery, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,17 +94,14 @@ pub struct WatchStats {
     pub namespace_watch_errors: u64,
 }
 
-impl Default for Cluster {
-    fn default() -> Self {
-        Cluster::new(None)
-    }
-}
-
 impl Cluster {
     /// A cluster view that announces new or changed pods with a role on `announce`. The send
     /// never blocks: when the channel is full the announcement is dropped and counted, and the
     /// pod's credentials are fetched on its first request instead.
-    pub fn new(announce: Option<mpsc::Sender<Arc<PodFacts>>>) -> Cluster {
+    pub fn new(announce: Option<mpsc::Sender<Arc<PodFacts>>>, metrics: Arc<Metrics>) -> Cluster {
+        for kind in [&PODS, &NAMESPACES] {
+            metrics.server.cache_synced.get_or_create(kind).set(0);
+        }
         Cluster {
             pods: RwLock::default(),
             namespaces: RwLock::default(),
@@ -109,9 +109,7 @@ impl Cluster {
             generation: watch::Sender::new(0),
             ns_generation: watch::Sender::new(0),
             announce,
-            dropped: AtomicU64::new(0),
-            relists: Default::default(),
-            watch_errors: Default::default(),
+            metrics,
         }
     }
 
@@ -119,7 +117,8 @@ impl Cluster {
     pub fn apply_pod(&self, change: Change<PodFacts>) {
         let done = matches!(change, Change::InitDone);
         if done {
-            self.relists[0].fetch_add(1, Ordering::Relaxed);
+            self.metrics.server.relists.get_or_create(&PODS).inc();
+            self.metrics.server.cache_synced.get_or_create(&PODS).set(1);
         }
         let announce = self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
         self.generation.send_modify(|g| *g += 1);
@@ -129,7 +128,7 @@ impl Cluster {
         if let Some(tx) = &self.announce {
             for pod in announce {
                 if tx.try_send(pod).is_err() {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.server.dropped_pods.inc();
                 }
             }
         }
@@ -138,17 +137,18 @@ impl Cluster {
     /// Records a failed watch of pods (`namespaces == false`) or namespaces; the source
     /// restarts it.
     pub fn note_watch_error(&self, namespaces: bool) {
-        self.watch_errors[usize::from(namespaces)].fetch_add(1, Ordering::Relaxed);
+        let kind = if namespaces { &NAMESPACES } else { &PODS };
+        self.metrics.server.watch_restarts.get_or_create(kind).inc();
     }
 
     /// Relists and watch failures so far.
     pub fn watch_stats(&self) -> WatchStats {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let m = &self.metrics.server;
         WatchStats {
-            pod_relists: load(&self.relists[0]),
-            namespace_relists: load(&self.relists[1]),
-            pod_watch_errors: load(&self.watch_errors[0]),
-            namespace_watch_errors: load(&self.watch_errors[1]),
+            pod_relists: m.relists.get_or_create(&PODS).get(),
+            namespace_relists: m.relists.get_or_create(&NAMESPACES).get(),
+            pod_watch_errors: m.watch_restarts.get_or_create(&PODS).get(),
+            namespace_watch_errors: m.watch_restarts.get_or_create(&NAMESPACES).get(),
         }
     }
 
@@ -159,7 +159,7 @@ impl Cluster {
 
     /// Prefetch announcements dropped because the buffer was full (`kiam_k8s_dropped_pods_total`).
     pub fn dropped_announcements(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.metrics.server.dropped_pods.get()
     }
 
     /// A receiver that changes whenever a pod does.
@@ -181,7 +181,8 @@ impl Cluster {
     pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
         let done = matches!(change, Change::InitDone);
         if done {
-            self.relists[1].fetch_add(1, Ordering::Relaxed);
+            self.metrics.server.relists.get_or_create(&NAMESPACES).inc();
+            self.metrics.server.cache_synced.get_or_create(&NAMESPACES).set(1);
         }
         self.namespaces.write().unwrap_or_else(PoisonError::into_inner).apply(change);
         self.ns_generation.send_modify(|g| *g += 1);
@@ -226,7 +227,7 @@ mod tests {
     #[test]
     fn announcements_never_block_and_drops_are_counted() {
         let (tx, mut rx) = mpsc::channel(1);
-        let cluster = Cluster::new(Some(tx));
+        let cluster = Cluster::new(Some(tx), Arc::new(Metrics::default()));
         for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
             cluster.apply_pod(Change::Apply(PodFacts::test("ns", name, ip, Some("role"))));
         }

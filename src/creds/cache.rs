@@ -12,12 +12,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::gate::{Gate, jitter};
 use super::{Credentials, Identity, Lifetimes};
+use crate::metrics::{ErrorCode, Metrics, ServerMetrics};
 
 /// STS AssumeRole, behind a trait so that the cache can be tested without a network.
 pub trait AssumeRole: Send + Sync + 'static {
@@ -61,15 +64,36 @@ const RETRY_START: Duration = Duration::from_secs(1);
 /// The longest such pause.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Counters, read by tests and metrics.
-#[derive(Debug, Default)]
+/// The cache's counters: the process's registered metrics themselves (clones share the value),
+/// so tests and scrapes read the same numbers and nothing is copied at scrape time.
+#[derive(Clone, Debug)]
 pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub sts_calls: AtomicU64,
-    pub sts_errors: AtomicU64,
-    /// Requests answered with still-valid credentials because STS failed.
-    pub stale_served: AtomicU64,
+    /// `kiam_sts_cache_hit_total`.
+    pub hits: Counter,
+    /// `kiam_sts_cache_miss_total`.
+    pub misses: Counter,
+    /// `kiam_sts_assumerole_calls_total`: AssumeRole calls made.
+    pub sts_calls: Counter,
+    /// `kiam_sts_issuing_errors_total`.
+    pub sts_errors: Counter,
+    /// `kiam_sts_stale_served_total`: requests answered with still-valid credentials because
+    /// STS failed.
+    pub stale_served: Counter,
+    /// `kiam_sts_cacheSize`: identities held.
+    size: Gauge,
+}
+
+impl CacheStats {
+    fn of(m: &ServerMetrics) -> CacheStats {
+        CacheStats {
+            hits: m.cache_hits.clone(),
+            misses: m.cache_misses.clone(),
+            sts_calls: m.assumerole_calls.clone(),
+            sts_errors: m.issuing_errors.clone(),
+            stale_served: m.stale_served.clone(),
+            size: m.cache_size.clone(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -126,56 +150,56 @@ pub struct CredentialCache<A> {
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
     clock: Clock,
     stats: CacheStats,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<A: AssumeRole> CredentialCache<A> {
-    /// A cache with the wall clock and at most `concurrency` STS calls in flight.
-    pub fn new(sts: A, lifetimes: Lifetimes, concurrency: usize) -> Self {
-        Self::with_clock(sts, lifetimes, concurrency, Arc::new(SystemTime::now))
+    /// A cache with the wall clock and at most `concurrency` STS calls in flight, counting into
+    /// `metrics`.
+    pub fn new(sts: A, lifetimes: Lifetimes, concurrency: usize, metrics: Arc<Metrics>) -> Self {
+        Self::with_clock(sts, lifetimes, concurrency, metrics, Arc::new(SystemTime::now))
     }
 
     /// As [`new`](Self::new), with the clock injected.
-    pub fn with_clock(sts: A, lifetimes: Lifetimes, concurrency: usize, clock: Clock) -> Self {
+    pub fn with_clock(
+        sts: A,
+        lifetimes: Lifetimes,
+        concurrency: usize,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
         CredentialCache {
             sts,
             lifetimes,
             gate: Gate::new(concurrency),
             entries: Mutex::default(),
             clock,
-            stats: CacheStats::default(),
-            metrics: None,
+            stats: CacheStats::of(&metrics.server),
+            metrics,
         }
-    }
-
-    /// Also times AssumeRole calls and counts their errors by code in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
     }
 
     /// One STS call through the gate, timed and counted.
     async fn assume(&self, identity: &Identity) -> Result<Credentials, StsError> {
         let started = std::time::Instant::now();
-        let m = self.metrics.as_ref().map(|m| &m.server);
-        if let Some(m) = m {
-            m.assumerole_current.inc();
-        }
+        let m = &self.metrics.server;
+        self.stats.sts_calls.inc();
+        m.assumerole_current.inc();
         let result = self.gate.run(self.sts.assume_role(identity, self.lifetimes.session)).await;
-        if let Some(m) = m {
-            m.assumerole_current.dec();
-            m.assumerole_timing.observe(started.elapsed().as_secs_f64());
-            if let Err(e) = &result {
-                let code = e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind));
-                m.sts_errors.get_or_create(&crate::metrics::ErrorCode { code }).inc();
-            }
+        m.assumerole_current.dec();
+        m.assumerole_timing.observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let code = e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind));
+            m.sts_errors.get_or_create(&ErrorCode { code }).inc();
         }
         result
     }
 
     fn entry(&self, identity: &Identity) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(entries.entry(identity.clone()).or_default())
+        let entry = Arc::clone(entries.entry(identity.clone()).or_default());
+        self.stats.size.set(entries.len() as i64);
+        entry
     }
 
     /// Credentials for `identity` fit to serve: cached, or from one STS call, or (when STS fails)
@@ -183,10 +207,10 @@ impl<A: AssumeRole> CredentialCache<A> {
     pub async fn get(&self, identity: &Identity) -> Result<Arc<Credentials>, StsError> {
         let entry = self.entry(identity);
         if let Some(c) = entry.current().filter(|c| self.lifetimes.is_fresh(c, (self.clock)())) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.hits.inc();
             return Ok(c);
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.misses.inc();
         self.fetch(identity, &entry, Want::Serve).await
     }
 
@@ -194,9 +218,9 @@ impl<A: AssumeRole> CredentialCache<A> {
     /// it is not backing off after a failure. Returns whether STS was called.
     pub async fn refresh(&self, identity: &Identity) -> Result<bool, StsError> {
         let entry = self.entry(identity);
-        let before = self.stats.sts_calls.load(Ordering::Relaxed);
-        self.fetch(identity, &entry, Want::Refresh).await?;
-        Ok(self.stats.sts_calls.load(Ordering::Relaxed) != before)
+        let before = entry.current();
+        let after = self.fetch(identity, &entry, Want::Refresh).await?;
+        Ok(before.is_none_or(|b| !Arc::ptr_eq(&b, &after)))
     }
 
     async fn fetch(
@@ -224,7 +248,6 @@ impl<A: AssumeRole> CredentialCache<A> {
                 message: "retrying later".into(),
             }))
         } else {
-            self.stats.sts_calls.fetch_add(1, Ordering::Relaxed);
             self.assume(identity).await
         };
         match result {
@@ -236,7 +259,7 @@ impl<A: AssumeRole> CredentialCache<A> {
             }
             Err(error) => {
                 if !backing_off {
-                    self.stats.sts_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.sts_errors.inc();
                     failures.count = failures.count.saturating_add(1);
                     let pause = RETRY_START.saturating_mul(1 << failures.count.min(6)).min(RETRY_MAX);
                     // From the end of the failed call, which may have taken a while: a caller
@@ -247,7 +270,7 @@ impl<A: AssumeRole> CredentialCache<A> {
                 }
                 match current.filter(|c| self.lifetimes.is_usable(c, now)) {
                     Some(c) if want == Want::Serve => {
-                        self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                        self.stats.stale_served.inc();
                         Ok(c)
                     }
                     _ => Err(error),
@@ -266,6 +289,7 @@ impl<A: AssumeRole> CredentialCache<A> {
         entries.retain(|identity, entry| {
             active.contains(identity) || entry.current().is_some_and(|c| self.lifetimes.is_usable(&c, now))
         });
+        self.stats.size.set(entries.len() as i64);
         active
             .iter()
             .filter(|identity| {

@@ -6,13 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
-use crate::policy::{BaseArn, RoleArn};
+use crate::model::{BaseArn, RoleArn};
 
 const MIN: u64 = 60;
 
 /// Issues credentials valid for one session from the clock's `now`; fails while `down`.
 struct FakeSts {
     calls: AtomicUsize,
+    /// Callers that reached STS, answered or not.
+    entered: AtomicUsize,
     down: AtomicBool,
     clock: Arc<AtomicU64>,
     gate: tokio::sync::Semaphore,
@@ -20,6 +22,7 @@ struct FakeSts {
 
 impl AssumeRole for Arc<FakeSts> {
     async fn assume_role(&self, identity: &Identity, duration: Duration) -> Result<Credentials, StsError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
         let _permit = self.gate.acquire().await.map_err(|_| unavailable())?;
         if self.down.load(Ordering::SeqCst) {
             return Err(unavailable());
@@ -51,6 +54,7 @@ impl Fixture {
         let clock = Arc::new(AtomicU64::new(1_000_000));
         let sts = Arc::new(FakeSts {
             calls: AtomicUsize::new(0),
+            entered: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             clock: Arc::clone(&clock),
             gate: tokio::sync::Semaphore::new(permits),
@@ -59,7 +63,8 @@ impl Fixture {
             Lifetimes { session: Duration::from_secs(60 * MIN), refresh_lead: Duration::from_secs(5 * MIN) };
         let c = Arc::clone(&clock);
         let now: Clock = Arc::new(move || UNIX_EPOCH + Duration::from_secs(c.load(Ordering::SeqCst)));
-        let cache = Arc::new(CredentialCache::with_clock(Arc::clone(&sts), lifetimes, 8, now));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let cache = Arc::new(CredentialCache::with_clock(Arc::clone(&sts), lifetimes, 8, metrics, now));
         Fixture { sts, clock, cache }
     }
 
@@ -90,8 +95,15 @@ async fn concurrent_misses_make_one_call() {
             tokio::spawn(async move { cache.get(&identity("app")).await })
         })
         .collect();
-    // Every task reaches the cache before STS answers.
-    tokio::task::yield_now().await;
+    // Every task has missed (and so waits on the entry's fetch lock, or is the one caller inside
+    // STS) before STS may answer: with single-flight broken, all 50 would be inside STS.
+    let all_waiting = async {
+        while f.cache.stats().misses.get() < 50 || f.sts.entered.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), all_waiting).await.expect("every caller misses");
+    assert_eq!(f.sts.entered.load(Ordering::SeqCst), 1, "one caller inside STS, the others wait for it");
     f.sts.gate.add_permits(1000);
     for t in tasks {
         assert_eq!(t.await.expect("task").expect("credentials").access_key_id, "ASIA0-app");
@@ -136,12 +148,12 @@ async fn sts_down_serves_cached_credentials_and_backs_off() {
     f.cache.get(&id).await.expect("first");
     f.sts.down.store(true, Ordering::SeqCst);
     f.advance(50); // 10 minutes left: below the floor, still valid
-    let before = f.cache.stats().sts_calls.load(Ordering::SeqCst);
+    let before = f.cache.stats().sts_calls.get();
     assert_eq!(f.cache.get(&id).await.expect("stale but valid").access_key_id, "ASIA0-app");
     assert_eq!(f.cache.get(&id).await.expect("again").access_key_id, "ASIA0-app");
-    let after = f.cache.stats().sts_calls.load(Ordering::SeqCst);
+    let after = f.cache.stats().sts_calls.get();
     assert_eq!(after - before, 1, "the second request waits out the back-off instead of calling STS");
-    assert_eq!(f.cache.stats().stale_served.load(Ordering::SeqCst), 2);
+    assert_eq!(f.cache.stats().stale_served.get(), 2);
     // Once the back-off has passed, STS is tried again; when it is back, fresh credentials come.
     f.sts.down.store(false, Ordering::SeqCst);
     f.advance(1);

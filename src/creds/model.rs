@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::RoleArn;
+use crate::model::RoleArn;
 
 /// What STS is asked for: credentials are shared by every pod with the same identity.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use super::find::{Located, Owner};
 use super::{NodeBinding, Settings};
-use crate::cluster::{NamespaceFacts, Phase, PodFacts};
 use crate::creds::Identity;
-use crate::policy::{Denial, RoleArn, role};
+use crate::model::{NamespaceFacts, Phase, PodFacts, RoleArn};
+use crate::policy::{Caller, Denial, check_node, role};
 
 /// Everything explain says about one pod.
 #[derive(Clone, Debug, Serialize)]
@@ -205,26 +205,25 @@ fn lookup(query: &str, located: &Located) -> (LookupView, Option<Verdict>) {
     }
 }
 
-/// The node-binding step, as the server's `check_node` (`server/service.rs`) decides it.
+/// The node-binding step, decided by the server's own [`check_node`].
 fn node(binding: &NodeBinding, pod: &PodFacts) -> (NodeView, Option<Verdict>) {
     let NodeBinding::On { agent_node } = binding else {
         let detail = "off: any agent may ask about any pod".to_string();
         return (NodeView { enabled: false, agent_node: None, allowed: None, detail }, None);
     };
     let asking = agent_node.as_deref().or(pod.node_name.as_deref());
-    let allowed = asking.is_some() && pod.node_name.as_deref() == asking;
+    let verdict = match asking {
+        None => Some(denied("other-node", format!("pod {} is on no node", pod.qualified_name()))),
+        Some(a) => check_node(pod, &Caller::Node(a.to_string()))
+            .err()
+            .map(|denial| denied("other-node", denial.to_string())),
+    };
+    let allowed = verdict.is_none();
     let detail = match (&pod.node_name, asking) {
         (None, _) => "the pod is on no node, so no agent may ask about it".to_string(),
         (Some(n), Some(a)) if allowed => format!("the agent on {a} may ask about a pod on {n}"),
         (Some(n), a) => format!("the agent on {} may not ask about a pod on {n}", a.unwrap_or("?")),
     };
-    let verdict = (!allowed).then(|| {
-        let reason = match asking {
-            Some(a) => format!("pod {} is not on node {a}, the caller's", pod.qualified_name()),
-            None => format!("pod {} is on no node", pod.qualified_name()),
-        };
-        denied("other-node", reason)
-    });
     (NodeView { enabled: true, agent_node: agent_node.clone(), allowed: Some(allowed), detail }, verdict)
 }
 

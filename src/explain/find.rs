@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use crate::cluster::Change;
-use crate::cluster::PodFacts;
 use crate::cluster::index::{Lookup, PodIndex};
+use crate::model::PodFacts;
 
 /// What the server would make of the pod in question.
 #[derive(Clone, Debug)]
@@ -83,7 +83,7 @@ pub fn by_ip(pods: &[PodFacts], ip: IpAddr) -> Located {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Phase;
+    use crate::model::Phase;
 
     fn pod(name: &str, ip: &str) -> PodFacts {
         PodFacts::test("ns", name, ip, Some("role"))

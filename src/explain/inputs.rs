@@ -15,7 +15,8 @@ use super::chain::{self, Explanation};
 use super::find::{self, Located};
 use super::{Settings, Target};
 use crate::cluster::kube::KubeSource;
-use crate::cluster::{NamespaceFacts, PodFacts, SourceError, file};
+use crate::cluster::{SourceError, file, project};
+use crate::model::{NamespaceFacts, PodFacts};
 
 /// Where the pods and namespaces come from.
 #[derive(Clone, Debug)]
@@ -142,7 +143,7 @@ async fn pods_at(client: &Client, ip: IpAddr) -> Result<Vec<PodFacts>, InputErro
     let params = ListParams::default().fields(&format!("status.podIP={ip}"));
     let list =
         Api::<Pod>::all(client.clone()).list(&params).await.map_err(kube_error(format!("pods at {ip}")))?;
-    Ok(list.items.iter().filter_map(PodFacts::from_pod).collect())
+    Ok(list.items.iter().filter_map(project::pod_facts).collect())
 }
 
 /// The pod, the pods sharing its IP, and the namespaces involved.
@@ -153,7 +154,7 @@ pub async fn from_kube(client: Client, target: &Target) -> Result<Snapshot, Inpu
         Target::Pod { namespace, name } => {
             let api = Api::<Pod>::namespaced(client.clone(), namespace);
             let pod = api.get_opt(name).await.map_err(kube_error(format!("pod {namespace}/{name}")))?;
-            let Some(pod) = pod.as_ref().and_then(PodFacts::from_pod) else {
+            let Some(pod) = pod.as_ref().and_then(project::pod_facts) else {
                 return Ok(snapshot);
             };
             if let Some(ip) = pod.ip {
@@ -169,7 +170,7 @@ pub async fn from_kube(client: Client, target: &Target) -> Result<Snapshot, Inpu
     let api = Api::<Namespace>::all(client);
     for name in names {
         let ns = api.get_opt(name).await.map_err(kube_error(format!("namespace {name}")))?;
-        snapshot.namespaces.extend(ns.as_ref().and_then(NamespaceFacts::from_namespace));
+        snapshot.namespaces.extend(ns.as_ref().and_then(project::namespace_facts));
     }
     Ok(snapshot)
 }

@@ -143,7 +143,11 @@ pub async fn run(mut config: Config) -> Result<Report, Error> {
     let snapshot = inputs::read(&config.inventory, &config.target, config.timeout).await?;
     let mut explanations = snapshot.explain(&config.settings, &config.target, config.requested.as_deref());
     if let Some(server) = &config.server {
-        remote::annotate(server, config.timeout, &mut explanations).await;
+        let identities: Vec<_> = explanations.iter().map(|e| e.identity.as_ref()).collect();
+        let views = remote::views(server, config.timeout, &identities).await;
+        for (explanation, view) in explanations.iter_mut().zip(views) {
+            explanation.server = view;
+        }
     }
     Ok(Report { explanations, single: config.target != Target::Every, output: config.output })
 }

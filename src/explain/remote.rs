@@ -9,7 +9,6 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use super::ServerQuery;
-use super::chain::Explanation;
 use crate::creds::Identity;
 use crate::pb::debug::debug_client::DebugClient;
 use crate::pb::debug::{CacheStateReply, CacheStateRequest};
@@ -131,10 +130,14 @@ async fn cache_state(
     Ok(reply.into_inner().into())
 }
 
-/// Adds the server's view to every explanation that has an identity (a pod whose role
-/// resolves). Failures are recorded in the explanations, not returned: the rest of the answer
+/// The server's view of each identity, in order; `None` where there is no identity (a pod whose
+/// role does not resolve). Failures are part of the views, not returned: the rest of the answer
 /// stands without them.
-pub async fn annotate(server: &ServerQuery, timeout: Duration, explanations: &mut [Explanation]) {
+pub async fn views(
+    server: &ServerQuery,
+    timeout: Duration,
+    identities: &[Option<&Identity>],
+) -> Vec<Option<ServerView>> {
     let view = |result: Result<CacheView, String>| {
         let (cache, error) = match result {
             Ok(cache) => (Some(cache), None),
@@ -143,14 +146,19 @@ pub async fn annotate(server: &ServerQuery, timeout: Duration, explanations: &mu
         ServerView { address: server.address.clone(), error, cache }
     };
     let mut client = client(server, timeout).map_err(|e| e.to_string());
-    for explanation in explanations.iter_mut() {
-        let Some(identity) = &explanation.identity else { continue };
+    let mut out = Vec::with_capacity(identities.len());
+    for identity in identities {
+        let Some(identity) = identity else {
+            out.push(None);
+            continue;
+        };
         let result = match &mut client {
             Ok(client) => cache_state(client, identity, timeout).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         };
-        explanation.server = Some(view(result));
+        out.push(Some(view(result)));
     }
+    out
 }
 
 #[cfg(test)]

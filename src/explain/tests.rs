@@ -4,8 +4,7 @@
 use super::chain::explain;
 use super::find::{by_ip, by_name};
 use super::*;
-use crate::cluster::{NamespaceFacts, PodFacts};
-use crate::policy::{BaseArn, Permitted};
+use crate::model::{BaseArn, NamespaceFacts, Permitted, PodFacts};
 
 const ARN: &str = "arn:aws:iam::123456789012:role/app";
 

@@ -131,6 +131,10 @@ pub struct ServerMetrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub issuing_errors: Counter,
+    /// New: AssumeRole calls made (single-flight makes this one per identity and refresh).
+    pub assumerole_calls: Counter,
+    /// New: requests answered with still-valid credentials while STS failed.
+    pub stale_served: Counter,
     pub assumerole_timing: Histogram,
     pub assumerole_current: Gauge,
     pub dropped_pods: Counter,
@@ -160,6 +164,8 @@ impl Default for ServerMetrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             issuing_errors: Counter::default(),
+            assumerole_calls: Counter::default(),
+            stale_served: Counter::default(),
             assumerole_timing: latency_histogram(),
             assumerole_current: Gauge::default(),
             dropped_pods: Counter::default(),
@@ -198,6 +204,12 @@ impl ServerMetrics {
             self.cache_misses.clone(),
         );
         r.register("kiam_sts_issuing_errors", "AssumeRole failures", self.issuing_errors.clone());
+        r.register("kiam_sts_assumerole_calls", "AssumeRole calls made", self.assumerole_calls.clone());
+        r.register(
+            "kiam_sts_stale_served",
+            "Requests answered with still-valid cached credentials because STS failed",
+            self.stale_served.clone(),
+        );
         r.register(
             "kiam_sts_assumerole_timing_seconds",
             "AssumeRole latency",

@@ -3,13 +3,14 @@
 //! have bounded values only (never a pod name or an IP). [`serve`] exposes them on
 //! `--prometheus-listen-addr`, a listener of its own, never the agent's metadata port.
 //!
-//! Counters that other modules already keep as atomics (cache hits, dropped announcements, ...)
-//! are copied in by refreshers at scrape time, so those modules need no metrics handle.
+//! Every component counts into the one [`Metrics`] it is given (clones of a counter share its
+//! value), so nothing is copied in at scrape time; only the `process_*` collector reads the
+//! kernel's numbers then.
 
 mod families;
 mod process;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::header;
@@ -57,8 +58,6 @@ impl TlsGauges {
     }
 }
 
-type Refresher = Box<dyn Fn() + Send + Sync>;
-
 /// Every metric of the process. Both sides' families are registered, so a dashboard's query
 /// finds the series whichever side it scrapes (the other side's stay at zero).
 pub struct Metrics {
@@ -70,7 +69,6 @@ pub struct Metrics {
     pub tls_server: TlsGauges,
     pub tls_client: TlsGauges,
     pub process: ProcessMetrics,
-    refreshers: Mutex<Vec<Refresher>>,
 }
 
 impl Default for Metrics {
@@ -85,7 +83,6 @@ impl Default for Metrics {
             tls_server: TlsGauges::default(),
             tls_client: TlsGauges::default(),
             process: ProcessMetrics::default(),
-            refreshers: Mutex::default(),
         };
         m.agent.register(&mut registry);
         m.server.register(&mut registry);
@@ -99,17 +96,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Runs `refresh` before every scrape, to copy in values other modules keep.
-    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
-        self.refreshers.lock().unwrap_or_else(PoisonError::into_inner).push(Box::new(refresh));
-    }
-
     /// The text exposition of every metric, refreshed.
     pub fn encode(&self) -> String {
         self.process.refresh();
-        for refresh in self.refreshers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            refresh();
-        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -135,14 +124,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
     }
 }
 
-/// Binds `addr` (`--prometheus-listen-addr`) and serves the metrics in the background.
-pub async fn spawn(addr: &str, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
-    let listener = crate::net::listen_on(addr).await?;
-    tracing::info!(addr, "serving metrics");
-    tokio::spawn(serve(listener, metrics, shutdown));
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +144,7 @@ mod tests {
             "kiam_metadata_handler_latency_seconds_bucket{le=\"0.004\",handler=\"credentials\"} 1",
             "grpc_client_tls_certificate_expiry_seconds",
             "process_resident_memory_bytes",
+            "# TYPE process_cpu_seconds counter",
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }

@@ -5,14 +5,13 @@
 //! ARNs, and the namespace's `iam.amazonaws.com/permitted` expression must match that ARN. A
 //! namespace without the annotation permits nothing.
 
+pub mod node;
 pub mod paths;
 pub mod role;
 
-use regex::Regex;
+pub use node::{Caller, NodeDenial, check_node};
 
-pub use role::{BaseArn, RoleArn, RoleError};
-
-use crate::cluster::{NamespaceFacts, PodFacts};
+use crate::model::{BaseArn, NamespaceFacts, PodFacts, RoleArn, RoleError};
 
 /// The server's policy settings.
 #[derive(Clone, Debug)]
@@ -22,29 +21,6 @@ pub struct Policy {
     /// Anchor the namespace expression as `^(?:expr)$` (kiam v4's default). With
     /// `--disable-strict-namespace-regexp` it is matched anywhere in the ARN, as in kiam v3.
     pub strict_namespace_regexp: bool,
-}
-
-/// A namespace's `permitted` expression, compiled once when the namespace is seen.
-#[derive(Clone, Debug)]
-pub struct Permitted {
-    /// The annotation text, for explanations.
-    pub expr: String,
-    strict: Result<Regex, String>,
-    loose: Result<Regex, String>,
-}
-
-impl Permitted {
-    /// Compiles `expr` both anchored and unanchored, so that facts need not know the server's flags.
-    /// kiam anchored by plain concatenation (`^a|b$`), which lets `b` match anywhere; the group
-    /// here makes the anchors apply to every alternative.
-    pub fn new(expr: &str) -> Permitted {
-        let compile = |re: String| Regex::new(&re).map_err(|e| e.to_string());
-        Permitted {
-            expr: expr.to_string(),
-            strict: compile(format!("^(?:{expr})$")),
-            loose: compile(expr.to_string()),
-        }
-    }
 }
 
 /// Why a pod may not have the role it asked for. The display text is the explanation logged
@@ -96,10 +72,9 @@ impl Policy {
         let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.clone()))?;
         let permitted = namespace.permitted.as_ref().filter(|p| !p.expr.trim().is_empty());
         let permitted = permitted.ok_or_else(|| Denial::NamespaceUnset(annotated_arn.to_string()))?;
-        let regex = if self.strict_namespace_regexp { &permitted.strict } else { &permitted.loose };
-        match regex {
+        match permitted.regex(self.strict_namespace_regexp) {
             Err(error) => {
-                Err(Denial::NamespaceInvalid { expr: permitted.expr.clone(), error: error.clone() })
+                Err(Denial::NamespaceInvalid { expr: permitted.expr.clone(), error: error.to_string() })
             }
             Ok(re) if re.is_match(annotated_arn.as_str()) => Ok(annotated_arn),
             Ok(_) => {
@@ -112,6 +87,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Permitted;
 
     fn policy(strict: bool) -> Policy {
         Policy {

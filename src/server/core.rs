@@ -1,18 +1,19 @@
-//! The server's request path, free of gRPC: find the pod by IP, apply the policy, and get
-//! credentials from the cache. The gRPC service is a thin wrapper over this, and kube2iam mode
-//! will call it in-process through the agent's [`Backend`](crate::agent::Backend) seam.
+//! The server's request path, free of gRPC. One function answers each request, top to bottom,
+//! on one lookup of the pod: lookup → node check → namespace → policy decision → cache. The gRPC
+//! service is a thin wrapper over it; a check and the action it guards are never made on two
+//! reads of the cluster.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::cluster::events::{self, EventSink};
-use crate::cluster::{Cluster, Lookup, PodFacts};
+use crate::cluster::{Cluster, Lookup};
 use crate::creds::{AssumeRole, CredentialCache, Credentials, Identity, StsError};
 use crate::metrics::Metrics;
-use crate::policy::{Denial, Policy, role};
+use crate::model::PodFacts;
+use crate::policy::{Caller, Denial, NodeDenial, Policy, check_node, role};
 
 /// Why a request failed; mapped to a gRPC status in exactly one place (`service.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -26,15 +27,23 @@ pub enum Error {
     /// Several live pods claim the IP.
     #[error("multiple running pods found for IP {ip} ({count})")]
     AmbiguousIp { ip: IpAddr, count: usize },
+    /// Node binding refuses the caller this pod.
+    #[error(transparent)]
+    Node(#[from] NodeDenial),
     /// The policy denied the request.
     #[error("pod {pod} is forbidden: {denial}")]
     Forbidden { pod: String, denial: Denial },
-    /// Node binding is on and the pod is not on the caller's node.
-    #[error("pod {pod} is not on node {node}, the caller's")]
-    OtherNode { pod: String, node: String },
     /// STS failed.
     #[error("error fetching credentials: {0}")]
     Sts(#[from] StsError),
+}
+
+/// One request: who asks, about which IP, and how long it may wait for a pod not seen yet.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    pub ip: IpAddr,
+    pub caller: Caller,
+    pub wait: Duration,
 }
 
 /// Lookup, policy and credentials.
@@ -45,27 +54,20 @@ pub struct Core<A> {
     /// `--session`: the session-name suffix for pods without the annotation.
     default_session: String,
     events: Arc<dyn EventSink>,
-    ambiguous: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
 impl<A: AssumeRole> Core<A> {
-    /// Assembles the core.
+    /// Assembles the core; it counts into `metrics`, the process's one set.
     pub fn new(
         cluster: Arc<Cluster>,
         policy: Policy,
         cache: CredentialCache<A>,
         default_session: String,
         events: Arc<dyn EventSink>,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::default());
-        Core { cluster, policy, cache, default_session, events, ambiguous: AtomicU64::new(0), metrics }
-    }
-
-    /// Counts into `metrics` instead of a private set.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
+        Core { cluster, policy, cache, default_session, events, metrics }
     }
 
     /// The metrics this core counts into.
@@ -83,15 +85,72 @@ impl<A: AssumeRole> Core<A> {
         &self.cache
     }
 
-    /// Requests refused because several live pods claimed the caller's IP.
-    pub fn ambiguous_lookups(&self) -> u64 {
-        self.ambiguous.load(Ordering::Relaxed)
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
-    /// The pod that owns `ip`. A pod the watch has not delivered yet is waited for, woken by pod
-    /// changes, for at most `wait`: a pod created just before its first request gets an answer
-    /// instead of "not found".
-    pub async fn pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
+    /// Requests refused because several live pods claimed the caller's IP.
+    pub fn ambiguous_lookups(&self) -> u64 {
+        self.metrics.server.ambiguous_ips.get()
+    }
+
+    /// `GetPodRole`: the role annotation of the pod at `ask.ip`, if the caller may ask about it
+    /// (kiam applies no other policy here).
+    pub async fn pod_role(&self, ask: &Ask) -> Result<(Arc<PodFacts>, Option<String>), Error> {
+        let pod = self.authorised_pod(ask).await?;
+        let role = pod.role.clone().filter(|r| !r.trim().is_empty());
+        Ok((pod, role))
+    }
+
+    /// `GetPodCredentials`: credentials for `requested`, if the pod at `ask.ip` may have them.
+    /// The pod is looked up once; the node check, the decision and the credentials all concern
+    /// that one pod.
+    pub async fn pod_credentials(
+        &self,
+        ask: &Ask,
+        requested: &str,
+    ) -> Result<(Arc<PodFacts>, Arc<Credentials>), Error> {
+        let deadline = tokio::time::Instant::now() + ask.wait;
+        let pod = self.authorised_pod(ask).await?;
+        self.wait_namespace(&pod.namespace, deadline).await;
+        let identity = match self.identity_for(&pod, requested) {
+            Ok(identity) => identity,
+            Err(denial) => {
+                let note = format!("failed assuming role \"{requested}\": {denial}");
+                self.events.warn(&pod, events::ROLE_FORBIDDEN, note);
+                return Err(Error::Forbidden { pod: pod.qualified_name(), denial });
+            }
+        };
+        match self.cache.get(&identity).await {
+            Ok(creds) => {
+                let left = creds.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+                self.metrics.server.served_remaining.observe(left.as_secs_f64());
+                Ok((pod, creds))
+            }
+            Err(error) => {
+                let note = format!("failed retrieving credentials: {error}");
+                self.events.warn(&pod, events::CREDENTIAL_ERROR, note);
+                Err(Error::Sts(error))
+            }
+        }
+    }
+
+    /// The one lookup of a request, then the node check on the pod it found. A caller that
+    /// proved no node is refused before anything is looked up.
+    async fn authorised_pod(&self, ask: &Ask) -> Result<Arc<PodFacts>, Error> {
+        if ask.caller == Caller::Unnamed {
+            return Err(NodeDenial::Unnamed.into());
+        }
+        let pod = self.pod(ask.ip, ask.wait).await?;
+        check_node(&pod, &ask.caller)?;
+        Ok(pod)
+    }
+
+    /// The pod that owns `ip`, timed. A pod the watch has not delivered yet is waited for, woken
+    /// by pod changes, for at most `wait`: a pod created just before its first request gets an
+    /// answer instead of "not found".
+    async fn pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
         let started = std::time::Instant::now();
         let result = self.find_pod(ip, wait).await;
         self.metrics.server.pod_lookup.observe(started.elapsed().as_secs_f64());
@@ -106,7 +165,7 @@ impl<A: AssumeRole> Core<A> {
             match self.cluster.pod_by_ip(ip) {
                 Lookup::Found(pod) => return Ok(pod),
                 Lookup::Ambiguous(pods) => {
-                    self.ambiguous.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.server.ambiguous_ips.inc();
                     for pod in &pods {
                         let note = format!(
                             "{} live pods claim IP {ip}; refusing to guess which one is asking",
@@ -141,17 +200,6 @@ impl<A: AssumeRole> Core<A> {
         }
     }
 
-    /// The role annotation of the pod at `ip` (kiam applies no policy here).
-    pub async fn pod_role(
-        &self,
-        ip: IpAddr,
-        wait: Duration,
-    ) -> Result<(Arc<PodFacts>, Option<String>), Error> {
-        let pod = self.pod(ip, wait).await?;
-        let role = pod.role.clone().filter(|r| !r.trim().is_empty());
-        Ok((pod, role))
-    }
-
     /// The identity `pod` may assume for `requested`, if the policy allows it.
     pub fn identity_for(&self, pod: &PodFacts, requested: &str) -> Result<Identity, Denial> {
         let namespace = self.cluster.namespace(&pod.namespace);
@@ -173,41 +221,13 @@ impl<A: AssumeRole> Core<A> {
         });
         active
     }
-
-    /// Credentials for `requested`, if the pod at `ip` may have them.
-    pub async fn pod_credentials(
-        &self,
-        ip: IpAddr,
-        requested: &str,
-        wait: Duration,
-    ) -> Result<(Arc<PodFacts>, Arc<Credentials>), Error> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let pod = self.pod(ip, wait).await?;
-        self.wait_namespace(&pod.namespace, deadline).await;
-        let identity = match self.identity_for(&pod, requested) {
-            Ok(identity) => identity,
-            Err(denial) => {
-                let note = format!("failed assuming role \"{requested}\": {denial}");
-                self.events.warn(&pod, events::ROLE_FORBIDDEN, note);
-                return Err(Error::Forbidden { pod: pod.qualified_name(), denial });
-            }
-        };
-        match self.cache.get(&identity).await {
-            Ok(creds) => {
-                let left = creds.expiration.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-                self.metrics.server.served_remaining.observe(left.as_secs_f64());
-                Ok((pod, creds))
-            }
-            Err(error) => {
-                let note = format!("failed retrieving credentials: {error}");
-                self.events.warn(&pod, events::CREDENTIAL_ERROR, note);
-                Err(Error::Sts(error))
-            }
-        }
-    }
 }
 
 /// Parses the IP of a request.
 pub fn parse_ip(ip: &str) -> Result<IpAddr, Error> {
     ip.trim().parse().map_err(|_| Error::InvalidIp(ip.to_string()))
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -14,8 +14,8 @@ use tonic::{Request, Response, Status};
 use super::core::Core;
 use crate::creds::cache::EntryState;
 use crate::creds::{Identity, time};
+use crate::model::RoleArn;
 use crate::pb::debug::{CacheStateReply, CacheStateRequest, debug_server};
-use crate::policy::RoleArn;
 
 /// The `Debug` service over a server's [`Core`].
 pub struct DebugService<A> {

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -80,17 +81,31 @@ pub struct IdleStream<S> {
 }
 
 impl<S> IdleStream<S> {
-    /// Wraps `inner` and starts its watchdog; `on_close` runs when it is closed for idleness.
-    pub fn new(inner: S, idle: Duration, on_close: impl FnOnce() + Send + 'static) -> IdleStream<S> {
+    /// Wraps `inner` and, with an `idle` limit, starts its watchdog, which stops when the
+    /// connection ends or at `shutdown`; `on_close` runs when it is closed for idleness. Without
+    /// a limit nothing is spawned.
+    pub fn new(
+        inner: S,
+        idle: Option<Duration>,
+        on_close: impl FnOnce() + Send + 'static,
+        shutdown: &CancellationToken,
+    ) -> IdleStream<S> {
         let shared =
             Arc::new(Mutex::new(Shared { last_activity: Instant::now(), closed: false, reader: None }));
+        let Some(idle) = idle else {
+            return IdleStream { inner, scanner: FrameScanner::default(), shared };
+        };
         let watched = Arc::downgrade(&shared);
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let Some(shared) = watched.upgrade() else { return };
                 let deadline = shared.lock().unwrap_or_else(PoisonError::into_inner).last_activity + idle;
                 drop(shared);
-                tokio::time::sleep_until(deadline).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(deadline) => {}
+                }
                 let Some(shared) = watched.upgrade() else { return };
                 let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
                 if s.last_activity + idle <= Instant::now() {

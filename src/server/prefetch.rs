@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Core;
-use crate::cluster::PodFacts;
 use crate::creds::{AssumeRole, Identity};
+use crate::model::PodFacts;
 
 /// How long an announced pod's prefetch waits for its namespace to arrive.
 const NAMESPACE_WAIT: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ pub fn refresh_interval(session: Duration) -> Duration {
     (session / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Runs the workers and the refresher until `shutdown`.
+/// Runs the workers and the refresher until `shutdown`; every fetch they start stops with it.
 pub fn spawn<A: AssumeRole>(
     core: Arc<Core<A>>,
     mut announcements: mpsc::Receiver<Arc<PodFacts>>,
@@ -50,11 +50,11 @@ pub fn spawn<A: AssumeRole>(
                     let (core, permits) = (Arc::clone(&core), Arc::clone(&permits));
                     if core.cluster().namespace(&pod.namespace).is_some() {
                         let Ok(permit) = permits.acquire_owned().await else { return };
-                        tokio::spawn(async move { warm(&core, &pod).await; drop(permit) });
+                        crate::task::spawn_until(&shutdown, async move { warm(&core, &pod).await; drop(permit) });
                     } else {
                         // The pod's namespace is still on its way (a separate watch): wait for it
                         // without holding a worker.
-                        tokio::spawn(async move {
+                        crate::task::spawn_until(&shutdown, async move {
                             core.wait_namespace(&pod.namespace, Instant::now() + NAMESPACE_WAIT).await;
                             let Ok(permit) = permits.acquire_owned().await else { return };
                             warm(&core, &pod).await;
@@ -66,7 +66,7 @@ pub fn spawn<A: AssumeRole>(
                     for identity in due(&core) {
                         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
                         let core = Arc::clone(&core);
-                        tokio::spawn(async move {
+                        crate::task::spawn_until(&shutdown, async move {
                             if let Err(error) = core.cache().refresh(&identity).await {
                                 tracing::info!(role = %identity.role, %error, "refresh failed; cached credentials stay in use");
                             }

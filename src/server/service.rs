@@ -8,16 +8,11 @@ use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 
-use super::core::{Core, Error, parse_ip};
+use super::core::{Ask, Core, Error, parse_ip};
 use crate::creds::{AssumeRole, StsErrorKind};
 use crate::pb;
-
-/// The message kiam agents match for a policy denial.
-pub const FORBIDDEN: &str = "forbidden by policy";
-/// The message kiam agents match for an unknown pod on `GetPodCredentials`.
-pub const NO_POD_FOUND: &str = "no pod found";
-/// kiam's message for an unknown pod on `GetPodRole`.
-pub const POD_NOT_FOUND: &str = "pod not found";
+use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
+use crate::policy::Caller;
 
 /// Which RPC an error came from: kiam spelled "pod not found" differently in each.
 #[derive(Clone, Copy)]
@@ -36,7 +31,7 @@ fn status(err: &Error, rpc: Rpc) -> Status {
         }),
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
-        Error::OtherNode { .. } => Status::permission_denied(err.to_string()),
+        Error::Node(_) => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             // Never Unavailable: clients read that as "this server is unreachable" and retry
             // elsewhere, while every server shares the same STS.
@@ -67,7 +62,8 @@ fn pod_wait<T>(request: &Request<T>) -> Duration {
         .min(MAX_POD_WAIT)
 }
 
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+/// Parses a `grpc-timeout` value: digits and a unit (H, M, S, m, u, n). The protocol allows at
+/// most 8 digits; longer values are accepted too, and the wait is capped by [`MAX_POD_WAIT`].
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -95,29 +91,19 @@ impl<A> KiamService<A> {
         KiamService { core, node_binding }
     }
 
-    /// The node the caller may ask about, when node binding is on.
-    fn caller_node<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+    /// Who asks, as node binding sees it: the node its client certificate names.
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
         if !self.node_binding {
-            return Ok(None);
+            return Caller::Any;
         }
         let certs = request.peer_certs();
         let node = certs.as_ref().and_then(|c| c.first()).and_then(|leaf| crate::tls::x509::node_name(leaf));
-        match node {
-            Some(node) => Ok(Some(node)),
-            None => Err(Status::permission_denied(
-                "node binding is on and the client certificate names no node (urn:kiam:node:<name>)",
-            )),
-        }
+        node.map_or(Caller::Unnamed, Caller::Node)
     }
-}
 
-/// Refuses a pod on another node than the caller's.
-fn check_node(pod: &crate::cluster::PodFacts, caller: Option<&str>) -> Result<(), Error> {
-    match caller {
-        Some(node) if pod.node_name.as_deref() != Some(node) => {
-            Err(Error::OtherNode { pod: pod.qualified_name(), node: node.to_string() })
-        }
-        _ => Ok(()),
+    /// The request's IP, caller and wait, or why the IP is not one.
+    fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
+        Ok(Ask { ip: parse_ip(ip)?, caller: self.caller(request), wait: pod_wait(request) })
     }
 }
 
@@ -132,14 +118,11 @@ impl<A: AssumeRole> KiamService<A> {
         request: Request<pb::GetPodRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
         let started = Instant::now();
-        let wait = pod_wait(&request);
-        let caller = self.caller_node(&request)?;
-        let ip = request.into_inner().ip;
-        let result = match parse_ip(&ip) {
-            Ok(addr) => self.core.pod_role(addr, wait).await,
+        let ip = request.get_ref().ip.clone();
+        let result = match self.ask(&request, &ip) {
+            Ok(ask) => self.core.pod_role(&ask).await,
             Err(err) => Err(err),
         };
-        let result = result.and_then(|(pod, role)| check_node(&pod, caller.as_deref()).map(|()| (pod, role)));
         match result {
             Ok((pod, role)) => {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
@@ -159,17 +142,9 @@ impl<A: AssumeRole> KiamService<A> {
         request: Request<pb::GetPodCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
         let started = Instant::now();
-        let wait = pod_wait(&request);
-        let caller = self.caller_node(&request)?;
-        let pb::GetPodCredentialsRequest { ip, role } = request.into_inner();
-        let result = match parse_ip(&ip) {
-            // The node is checked before any credentials are fetched for the pod.
-            Ok(addr) => {
-                match self.core.pod(addr, wait).await.and_then(|pod| check_node(&pod, caller.as_deref())) {
-                    Ok(()) => self.core.pod_credentials(addr, &role, wait).await,
-                    Err(err) => Err(err),
-                }
-            }
+        let pb::GetPodCredentialsRequest { ip, role } = request.get_ref().clone();
+        let result = match self.ask(&request, &ip) {
+            Ok(ask) => self.core.pod_credentials(&ask, &role).await,
             Err(err) => Err(err),
         };
         let duration_ms = started.elapsed().as_millis() as u64;

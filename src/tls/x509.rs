@@ -1,9 +1,12 @@
-//! The two facts kiam-rs reads from certificates, with a minimal DER walker: when a certificate
-//! expires (for the `…_tls_certificate_expiry_seconds` gauges), and the node name an agent's
-//! certificate is bound to (a `urn:kiam:node:<name>` URI SAN, for node binding). Anything that
-//! does not parse yields `None`; rustls does the real validation.
+//! The two facts kiam-rs reads from certificates: the node name an agent's certificate is bound
+//! to (a `urn:kiam:node:<name>` URI SAN, for node binding), read by rustls-webpki; and when a
+//! certificate expires (for the `…_tls_certificate_expiry_seconds` gauges), read by a minimal DER
+//! walker, because nothing in the dependency tree exposes `notAfter` (webpki keeps its validity
+//! field private). Anything that does not parse yields `None`; rustls does the real validation.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
 
 /// The URI SAN prefix that binds an agent certificate to a node.
 pub const NODE_URI_PREFIX: &str = "urn:kiam:node:";
@@ -67,35 +70,12 @@ pub fn not_after(cert: &[u8]) -> Option<SystemTime> {
     crate::creds::time::parse(&stamp)
 }
 
-/// The URI subject alternative names.
+/// The URI subject alternative names, as rustls-webpki (the verifier rustls itself uses) reads
+/// them; none when the certificate does not parse.
 pub fn uri_sans(cert: &[u8]) -> Vec<String> {
-    let mut uris = Vec::new();
-    let Some(fields) = tbs_fields(cert) else { return uris };
-    let Some((_, extensions)) = fields.iter().find(|(tag, _)| *tag == 0xa3) else { return uris };
-    let Some((_, mut list, _)) = element(extensions) else { return uris };
-    // id-ce-subjectAltName, 2.5.29.17
-    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
-    while let Some((_, extension, next)) = element(list) {
-        list = next;
-        let Some((0x06, oid, mut rest)) = element(extension) else { continue };
-        if oid != SAN {
-            continue;
-        }
-        if let Some((0x01, _, after)) = element(rest) {
-            rest = after; // the optional `critical` flag
-        }
-        let Some((0x04, value, _)) = element(rest) else { continue };
-        let Some((_, mut names, _)) = element(value) else { continue };
-        while let Some((tag, name, next)) = element(names) {
-            names = next;
-            if tag == 0x86
-                && let Ok(uri) = std::str::from_utf8(name)
-            {
-                uris.push(uri.to_string());
-            }
-        }
-    }
-    uris
+    let der = CertificateDer::from(cert);
+    let Ok(parsed) = webpki::EndEntityCert::try_from(&der) else { return Vec::new() };
+    parsed.valid_uri_names().map(str::to_string).collect()
 }
 
 /// The node an agent certificate is bound to, if it names exactly one.

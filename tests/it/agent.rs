@@ -161,7 +161,7 @@ async fn the_agent_uses_imdsv2_towards_a_node_that_requires_it() {
     let stack = Stack::start().await;
     let node = FakeImds::start_v2_only().await;
     let allow = AllowRoutes::new("^/latest/meta-data/instance-id$").expect("regexp");
-    let agent = TestAgent::on_loopback(&stack, node.addr(), |a| a.allow_routes(allow)).await;
+    let agent = TestAgent::on_loopback(&stack, node.addr(), |c| c.allow_routes = allow).await;
     let fetch = || async {
         let url = format!("{}/latest/meta-data/instance-id", agent.url());
         request("GET", &url, &[("x-forwarded-for", "10.9.9.9")], "", Some(ip("127.0.0.11")))
@@ -199,17 +199,17 @@ async fn health_reports_the_metadata_service_and_with_deep_the_server() {
         let url = format!("{}/health{query}", agent.url());
         async move { request("GET", &url, &[], "", None).await.expect("health answers") }
     };
-    let up = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a).await;
+    let up = TestAgent::on_loopback(&stack, stack.imds.addr(), |_| ()).await;
     assert_eq!(health(&up, "").await.status, 200);
     let deep = health(&up, "?deep=1").await;
     assert_eq!((deep.status, deep.body.as_str()), (200, "metadata: ok, server: ok"));
 
     // Nothing listens at `dead`.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let no_metadata = TestAgent::on_loopback(&stack, dead, |a| a).await;
+    let no_metadata = TestAgent::on_loopback(&stack, dead, |_| ()).await;
     let r = health(&no_metadata, "").await;
     assert_eq!(r.status, 503, "{}", r.body);
-    let no_server = TestAgent::on_loopback_with_server(&stack, dead, stack.imds.addr(), |a| a).await;
+    let no_server = TestAgent::on_loopback_with_server(&stack, dead, stack.imds.addr(), |_| ()).await;
     assert_eq!(health(&no_server, "").await.status, 200, "shallow health does not ask the server");
     let r = health(&no_server, "?deep").await;
     assert_eq!(r.status, 503, "{}", r.body);
@@ -226,17 +226,15 @@ async fn a_remembered_role_never_serves_a_reused_ip_the_old_pods_credentials() {
 
     stack.kube.delete("Pod", Some("team-a"), "old");
     stack.kube.apply(pod("team-a", "new").ip("127.0.0.91").role("other").build());
-    let mut grpc = stack.client(&stack.pki.agent()).service();
-    let mut moved = false;
-    for _ in 0..500 {
-        let role = grpc.get_pod_role(kiam::pb::GetPodRoleRequest { ip: "127.0.0.91".into() }).await;
-        if role.is_ok_and(|r| r.into_inner().name == "other") {
-            moved = true;
-            break;
+    let grpc = stack.client(&stack.pki.agent()).service();
+    crate::support::wait::until("the server sees the new pod", std::time::Duration::from_secs(10), || {
+        let mut grpc = grpc.clone();
+        async move {
+            let role = grpc.get_pod_role(kiam::pb::GetPodRoleRequest { ip: "127.0.0.91".into() }).await;
+            role.is_ok_and(|r| r.into_inner().name == "other")
         }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert!(moved, "the server sees the new pod");
+    })
+    .await;
     let r = get(&stack, "127.0.0.91", &format!("{CREDS}app"), &[]).await;
     assert_ne!(r.status, 200, "{}", r.body);
     assert_no_credentials(&r);

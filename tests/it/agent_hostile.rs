@@ -66,8 +66,8 @@ async fn hostile_requests_get_their_expected_answers_and_never_the_nodes_credent
     let stack = cluster().await;
     // The widest allow-list an operator might write: guarded paths must stay guarded anyway.
     let wide = AllowRoutes::new("^/latest/.*").expect("regexp");
-    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a.allow_routes(wide)).await;
-    let strict = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a.require_imdsv2(true)).await;
+    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |c| c.allow_routes = wide).await;
+    let strict = TestAgent::on_loopback(&stack, stack.imds.addr(), |c| c.require_imdsv2 = true).await;
     let token = {
         let put = "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 60";
         let r = raw_http::send(ip(SHORT), agent.addr, put).await;
@@ -202,7 +202,7 @@ async fn hostile_requests_get_their_expected_answers_and_never_the_nodes_credent
 #[tokio::test]
 async fn the_pods_own_role_is_served_on_the_extended_and_info_paths_and_ip_query_is_ignored() {
     let stack = cluster().await;
-    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a).await;
+    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |_| ()).await;
     let get = |from: &'static str, path: String| async move {
         raw_http::get(ip(from), agent.addr, &path, &[]).await
     };
@@ -228,7 +228,7 @@ async fn the_pods_own_role_is_served_on_the_extended_and_info_paths_and_ip_query
     assert_node_saw_nothing_sensitive(&stack, &stack.imds);
 
     // With it (development only), `?ip=` names the pod.
-    let dev = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a.allow_ip_query(true)).await;
+    let dev = TestAgent::on_loopback(&stack, stack.imds.addr(), |c| c.allow_ip_query = true).await;
     let other = raw_http::get(ip(NOBODY), dev.addr, &format!("{CREDS}?ip={FULL}"), &[]).await;
     assert_eq!((other.status, other.body()), (Some(200), "full-app"));
     let bad = raw_http::get(ip(NOBODY), dev.addr, &format!("{CREDS}?ip=not-an-ip"), &[]).await;
@@ -238,7 +238,7 @@ async fn the_pods_own_role_is_served_on_the_extended_and_info_paths_and_ip_query
 #[tokio::test]
 async fn oversized_heads_are_refused_and_the_agent_keeps_serving() {
     let stack = cluster().await;
-    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a).await;
+    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |_| ()).await;
     let big = "x".repeat(64 * 1024);
     let r = raw_http::get(ip(SHORT), agent.addr, CREDS, &[("X-Padding", &big)]).await;
     assert_eq!(r.status, Some(431), "{}", &r.text[..r.text.len().min(200)]);
@@ -257,7 +257,7 @@ async fn oversized_heads_are_refused_and_the_agent_keeps_serving() {
 async fn a_slow_client_is_cut_off_without_holding_up_others() {
     let stack = cluster().await;
     let limits = Limits { header_read_timeout: Duration::from_millis(800), ..Limits::default() };
-    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |a| a.limits(limits)).await;
+    let agent = TestAgent::on_loopback(&stack, stack.imds.addr(), |c| c.limits = limits).await;
     let started = tokio::time::Instant::now();
 
     // Slowloris: a head that starts and then trickles in a byte every 100 ms, never finishing.

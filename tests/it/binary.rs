@@ -54,14 +54,9 @@ async fn health(server: &str, tls: &CertFiles, timeout: &str, log: &Path) -> boo
 }
 
 async fn wait_for_ping(url: &str) {
-    let up = async {
-        while request("GET", &format!("{url}/ping"), &[], "", None).await.map(|r| r.body).ok().as_deref()
-            != Some("pong")
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), up).await.expect("agent answers /ping within 15 s");
+    let ping = format!("{url}/ping");
+    let up = || async { request("GET", &ping, &[], "", None).await.is_ok_and(|r| r.body == "pong") };
+    crate::support::wait::until("the agent answers /ping", Duration::from_secs(15), up).await;
 }
 
 #[tokio::test]
@@ -219,14 +214,9 @@ async fn autodetected_base_arn_and_a_chained_server_role() {
 }
 
 async fn wait_for_calls(moto: &Moto, n: usize) -> Vec<crate::support::moto::AssumeRoleCall> {
-    let wait = async {
-        loop {
-            let calls = moto.recorded_assume_roles().await;
-            if calls.len() >= n {
-                return calls;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let recorded = || async {
+        let calls = moto.recorded_assume_roles().await;
+        (calls.len() >= n).then_some(calls)
     };
-    tokio::time::timeout(Duration::from_secs(20), wait).await.expect("moto records the calls")
+    crate::support::wait::eventually("moto records the calls", Duration::from_secs(20), recorded).await
 }

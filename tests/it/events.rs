@@ -7,26 +7,18 @@ use serde_json::Value;
 
 use crate::support::objects::{namespace, pod};
 use crate::support::stack::Stack;
+use crate::support::wait::eventually;
 
 fn creds(ip: &str, role: &str) -> pb::GetPodCredentialsRequest {
     pb::GetPodCredentialsRequest { ip: ip.into(), role: role.into() }
 }
 
 async fn wait_for_event(stack: &Stack, reason: &str, pod: &str) -> Value {
-    let wait = async {
-        loop {
-            let found = stack
-                .kube
-                .events()
-                .into_iter()
-                .find(|e| e["reason"] == reason && e["regarding"]["name"] == pod);
-            if let Some(e) = found {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let found = || {
+        let events = stack.kube.events();
+        async move { events.into_iter().find(|e| e["reason"] == reason && e["regarding"]["name"] == pod) }
     };
-    tokio::time::timeout(Duration::from_secs(10), wait).await.unwrap_or_else(|_| panic!("{reason} on {pod}"))
+    eventually(&format!("{reason} on {pod}"), Duration::from_secs(10), found).await
 }
 
 #[tokio::test]

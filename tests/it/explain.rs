@@ -7,7 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use kiam::explain::{self, Config, Inventory, NodeBinding, Output, Report, ServerQuery, Settings, Target};
-use kiam::policy::{BaseArn, Policy};
+use kiam::model::BaseArn;
+use kiam::policy::Policy;
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -329,17 +330,13 @@ async fn the_server_reports_its_cache_and_last_sts_error() {
     let mut grpc = stack.client(&stack.pki.agent()).service();
     grpc.get_pod_credentials(request).await.expect_err("STS is down");
     cfg.target = target("team-a/unlucky");
-    let failed = async {
-        loop {
-            let report = explain::run(cfg.clone()).await.expect("reads");
-            let cache = report.explanations[0].server.as_ref().and_then(|s| s.cache.clone());
-            match cache {
-                Some(c) if !c.fetching && c.failures > 0 => return c,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+    let failed = || async {
+        let report = explain::run(cfg.clone()).await.expect("reads");
+        let cache = report.explanations[0].server.as_ref().and_then(|s| s.cache.clone());
+        cache.filter(|c| !c.fetching && c.failures > 0)
     };
-    let cache = tokio::time::timeout(Duration::from_secs(10), failed).await.expect("the failure is reported");
+    let cache =
+        crate::support::wait::eventually("the failure is reported", Duration::from_secs(10), failed).await;
     assert!(cache.known && !cache.has_credentials && cache.last_error.is_some(), "{cache:?}");
 
     // Only certificates from the server's client CA may ask.

@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiam::agent::Agent;
 use kiam::client::{ClientConfig, GrpcClient, Resolve, Transport};
-use kiam::policy::paths::AllowRoutes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::agent_node::agent_config;
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
 use crate::support::fake_kube::FakeKube;
@@ -44,11 +43,7 @@ impl Resolve for Name {
 }
 
 fn transport() -> Transport {
-    Transport {
-        resolve_every: Duration::from_millis(100),
-        tls_poll: Duration::from_millis(100),
-        ..Transport::default()
-    }
+    Transport { resolve_every: Duration::from_millis(100), ..Transport::default() }
 }
 
 fn client(cert: &CertFiles, port: u16, name: &Arc<Name>) -> GrpcClient {
@@ -122,19 +117,12 @@ impl Load {
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let wait = async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), wait)
-        .await
-        .unwrap_or_else(|_| panic!("{what} within 15 s"));
+    let check = move || std::future::ready(check());
+    crate::support::wait::until(what, Duration::from_secs(15), check).await;
 }
 
 fn hits(server: &TestServer) -> u64 {
-    server.core.cache().stats().hits.load(Ordering::SeqCst)
-        + server.core.cache().stats().misses.load(Ordering::SeqCst)
+    server.core.cache().stats().hits.get() + server.core.cache().stats().misses.get()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,18 +164,36 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     let name = Arc::new(Name::default());
     name.set(&[server_addr]);
     // As the agent's CLI does: one call may take the whole wait budget.
-    let backend = client_with_timeout(&c.pki.agent(), server_addr.port(), &name, Duration::from_millis(500));
-    let agent = Agent::new(
-        backend,
-        AllowRoutes::new("").expect("re"),
-        &imds.addr().to_string(),
-        Duration::from_millis(500),
-    )
-    .expect("agent");
+    // As the agent's CLI does: one call may take the whole wait budget.
+    let server = format!("kiam-server:{}", server_addr.port());
+    let upstream = imds.addr().to_string();
+    let flags = [
+        "--host",
+        "127.0.0.1",
+        "--server-address",
+        &server,
+        "--metadata-addr",
+        &upstream,
+        "--pod-wait-timeout",
+        "500ms",
+        "--server-resolve-interval",
+        "100ms",
+    ];
+    let config = agent_config(&c.pki.agent(), &flags);
+    let metrics = Arc::new(kiam::metrics::Metrics::default());
+    let backend =
+        kiam::agent::connect(&config, &metrics, Arc::clone(&name) as Arc<dyn Resolve>).expect("client");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let stop = CancellationToken::new();
-    tokio::spawn(kiam::agent::run(listener, Arc::new(agent), stop.clone()));
+    let deps = kiam::agent::Deps {
+        backend,
+        listener,
+        metrics_listener: None,
+        metrics,
+        iptables: kiam::agent::iptables::Command::default(),
+    };
+    let _agent = kiam::agent::assemble(&config, deps, stop.clone()).expect("agent");
     let pod: IpAddr = "127.0.0.61".parse().expect("ip");
 
     assert_eq!(request("GET", &format!("{url}/ping"), &[], "", None).await.expect("ping").body, "pong");
@@ -198,16 +204,10 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     assert_eq!(early.status, 503, "{}", early.body);
 
     let _server = server_on(&c, server_addr, &Options::default()).await;
-    let mut ready = false;
-    for _ in 0..300 {
-        if request("GET", &format!("{url}/health?deep=1"), &[], "", None).await.is_ok_and(|r| r.status == 200)
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the agent becomes ready once a server appears, without a restart");
+    let health = format!("{url}/health?deep=1");
+    let ready = || async { request("GET", &health, &[], "", None).await.is_ok_and(|r| r.status == 200) };
+    let what = "the agent becomes ready once a server appears, without a restart";
+    crate::support::wait::until(what, Duration::from_secs(15), ready).await;
     let served = request("GET", &creds_url, &[], "", Some(pod)).await.expect("answer");
     assert_eq!(served.status, 200, "{}", served.body);
     stop.cancel();
@@ -262,15 +262,13 @@ async fn the_agent_certificate_rotates_under_load_and_broken_files_keep_the_old_
 
     let load = Load::start(client.clone(), "");
     publish(dir.path(), "2", &c.pki.agent_for_node("agent-b", "node-b"));
-    let mut rotated = false;
-    for _ in 0..300 {
-        if client.pod_credentials("127.0.0.62".parse().expect("ip"), "app").await.is_ok() {
-            rotated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(rotated, "new connections present the new certificate");
+    let rotated = || async { client.pod_credentials("127.0.0.62".parse().expect("ip"), "app").await.is_ok() };
+    crate::support::wait::until(
+        "new connections present the new certificate",
+        Duration::from_secs(15),
+        rotated,
+    )
+    .await;
 
     let broken = dir.path().join("..3");
     std::fs::create_dir_all(&broken).expect("dir");

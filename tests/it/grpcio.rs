@@ -5,22 +5,17 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
-use kiam::agent::Agent;
-use kiam::client::{ClientConfig, GrpcClient};
-use kiam::policy::paths::AllowRoutes;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+use crate::support::agent_node::{TestAgent, agent_config};
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
 use crate::support::http::request;
 use crate::support::moto::venv_bin;
 use crate::support::objects::{namespace, pod};
-use crate::support::stack::{Stack, tls_files};
+use crate::support::stack::Stack;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/kiam_grpc.py");
 
@@ -90,24 +85,13 @@ async fn our_agent_is_served_by_a_grpcio_server_speaking_kiam_v4() {
         BufReader::new(stdout).read_line(&mut line).expect("PORT line");
         line.trim().strip_prefix("PORT ").and_then(|p| p.parse::<u16>().ok()).expect("a port")
     });
-    let backend = GrpcClient::connect_lazy(&ClientConfig {
-        server_address: format!("127.0.0.1:{port}"),
-        tls: tls_files(&pki.agent()),
-        call_timeout: Duration::from_secs(2),
-    })
-    .expect("client");
-    let agent = Agent::new(
-        backend,
-        AllowRoutes::new("").expect("re"),
-        &imds.addr().to_string(),
-        Duration::from_secs(2),
-    )
-    .expect("agent");
+    let server = format!("127.0.0.1:{port}");
+    let upstream = imds.addr().to_string();
+    let flags = ["--host", "127.0.0.1", "--server-address", &server, "--metadata-addr", &upstream];
+    let config = agent_config(&pki.agent(), &flags);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url =
-        format!("http://{}/latest/meta-data/iam/security-credentials/", listener.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    tokio::spawn(kiam::agent::run(listener, Arc::new(agent), stop.clone()));
+    let agent = TestAgent::assemble(&config, listener, kiam::agent::iptables::Command::default());
+    let url = format!("{}/latest/meta-data/iam/security-credentials/", agent.url());
     let from = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
 
     let listed = request("GET", &url, &[], "", from("127.0.0.71")).await.expect("answer");
@@ -121,7 +105,7 @@ async fn our_agent_is_served_by_a_grpcio_server_speaking_kiam_v4() {
     assert_eq!(denied.status, 403, "{}", denied.body);
     let unknown = request("GET", &url, &[], "", from("127.0.0.73")).await.expect("answer");
     assert_eq!(unknown.status, 404, "{}", unknown.body);
-    stop.cancel();
+    drop(agent);
     drop(child.stdin.take());
     let _ = child.kill();
     let _ = child.wait();

@@ -30,14 +30,8 @@ async fn stack() -> Stack {
 
 /// Waits (bounded) until `check` holds.
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let wait = async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .unwrap_or_else(|_| panic!("{what} within 10 s"));
+    let check = move || std::future::ready(check());
+    crate::support::wait::until(what, Duration::from_secs(10), check).await;
 }
 
 #[tokio::test]
@@ -67,15 +61,11 @@ async fn a_reused_ip_belongs_to_the_new_pod_only() {
     grpc.get_pod_credentials(creds("10.61.0.1", "old-role")).await.expect("terminating pod still served");
 
     stack.kube.apply(pod("team-a", "new").ip("10.61.0.1").role("new-role").build());
-    let mut seen_new = false;
-    for _ in 0..500 {
-        if grpc.get_pod_role(role_of("10.61.0.1")).await.expect("role").into_inner().name == "new-role" {
-            seen_new = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen_new, "the new pod owns the IP");
+    crate::support::wait::until("the new pod owns the IP", Duration::from_secs(10), || {
+        let mut grpc = grpc.clone();
+        async move { grpc.get_pod_role(role_of("10.61.0.1")).await.expect("role").into_inner().name == "new-role" }
+    })
+    .await;
     let old = grpc.get_pod_credentials(creds("10.61.0.1", "old-role")).await.expect_err("old role");
     assert_eq!(old.code(), Code::PermissionDenied);
     grpc.get_pod_credentials(creds("10.61.0.1", "new-role")).await.expect("new pod served");

@@ -6,6 +6,7 @@
 
 mod agent;
 mod agent_hostile;
+mod architecture;
 mod binary;
 mod e2e;
 mod events;

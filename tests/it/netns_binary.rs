@@ -50,14 +50,10 @@ async fn run_and_terminate(node: &NodeNet, net: &PodNet, extra: &[&str]) -> (boo
     };
     wait_until("kiam agent installs its rules", Duration::from_secs(20), installed).await;
     let url = "http://169.254.169.254/ping";
-    let intercepted = async {
-        while tokio::task::block_in_place(|| pod_get(net, url)).map(|r| r.body).ok().as_deref()
-            != Some("pong")
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let intercepted = || {
+        std::future::ready(tokio::task::block_in_place(|| pod_get(net, url)).is_ok_and(|r| r.body == "pong"))
     };
-    tokio::time::timeout(Duration::from_secs(15), intercepted).await.expect("the pod reaches the agent");
+    wait_until("the pod reaches the agent", Duration::from_secs(15), intercepted).await;
 
     let pid = child.id().expect("running") as libc::pid_t;
     // SAFETY: kill(2) on the pid of a child we spawned (`ip netns exec` execs kiam in place).

@@ -138,12 +138,8 @@ async fn the_server_certificate_rotates_under_load_without_a_restart() {
         .expect("write");
     }
     swap_data(dir.path(), "3");
-    let wait = async {
-        while stack.tls_gauges.update_error.get() != 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the failed reload is reported");
+    let reported = || std::future::ready(stack.tls_gauges.update_error.get() == 1);
+    crate::support::wait::until("the failed reload is reported", Duration::from_secs(10), reported).await;
     assert_eq!(presented(&stack).await, second, "the old certificate stays in use");
 
     stop.store(true, Ordering::SeqCst);
@@ -156,18 +152,16 @@ async fn eventually_presented(
     stack: &Stack,
     changed: impl Fn(&CertificateDer<'static>) -> bool,
 ) -> CertificateDer<'static> {
-    let wait = async {
-        loop {
-            let cert = presented(stack).await;
-            if changed(&cert) {
-                return cert;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let probe = || async {
+        let cert = presented(stack).await;
+        changed(&cert).then_some(cert)
     };
-    tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("new handshakes present the new certificate")
+    crate::support::wait::eventually(
+        "new handshakes present the new certificate",
+        Duration::from_secs(10),
+        probe,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -177,12 +171,8 @@ async fn idle_connections_are_closed_and_the_next_call_reconnects() {
     let client = stack.client(&stack.pki.agent());
     assert_eq!(client.get_health().await.expect("first call"), "ok");
     let closed = &stack.core.metrics().server.idle_connections_closed;
-    let wait = async {
-        while closed.get() == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the idle connection is closed");
+    let idle = || std::future::ready(closed.get() > 0);
+    crate::support::wait::until("the idle connection is closed", Duration::from_secs(10), idle).await;
     assert_eq!(client.get_health().await.expect("a new connection serves the next call"), "ok");
 }
 

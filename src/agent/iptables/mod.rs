@@ -15,10 +15,10 @@
 mod fake;
 pub mod rules;
 
+use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -110,13 +110,14 @@ pub struct Interception<R> {
     runner: R,
     rules: Rules,
     config: Config,
-    restorations: AtomicU64,
+    /// `kiam_agent_iptables_restorations_total`, counted directly.
+    restorations: Counter,
 }
 
 impl<R: Runner> Interception<R> {
     /// Rules for `config`, changed through `runner`.
     pub fn new(runner: R, config: Config) -> Interception<R> {
-        Interception { runner, rules: Rules::new(&config), config, restorations: AtomicU64::new(0) }
+        Interception { runner, rules: Rules::new(&config), config, restorations: Counter::default() }
     }
 
     /// The configuration.
@@ -131,7 +132,13 @@ impl<R: Runner> Interception<R> {
 
     /// How many times the check loop found the rules missing or changed and put them back.
     pub fn restorations(&self) -> u64 {
-        self.restorations.load(Ordering::Relaxed)
+        self.restorations.get()
+    }
+
+    /// Counts restorations into `counter` (the process's registered metric).
+    pub fn counting_into(mut self, counter: Counter) -> Interception<R> {
+        self.restorations = counter;
+        self
     }
 
     async fn must(&self, args: Vec<String>) -> Result<Outcome, IptablesError> {
@@ -239,7 +246,7 @@ impl<R: Runner> Interception<R> {
             match self.install().await {
                 Ok(false) => {}
                 Ok(true) => {
-                    let n = self.restorations.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = self.restorations.inc() + 1;
                     tracing::warn!(chain = %self.rules.chain, restorations = n, "iptables rules were missing or changed; restored");
                 }
                 Err(error) => tracing::error!(%error, "cannot check the iptables rules"),

@@ -2,9 +2,9 @@
 //! flags: on loopback, in front of any upstream metadata service, or inside a [`NodeNet`] with
 //! `--iptables`, where pods reach them through 169.254.169.254 as on a real node.
 //!
-//! An agent in a node is wired as `kiam::agent::main` wires it, from real `kiam agent` flags,
-//! with two differences: its listening socket is made inside the node's namespace, and its
-//! `iptables` commands run there (`ip netns exec`). Its gRPC and upstream connections leave from
+//! Every agent is assembled by `kiam::agent::assemble`, as `kiam agent` assembles it, from real
+//! `kiam agent` flags. An agent in a node differs in two ways: its listening socket is made
+//! inside the node's namespace, and its `iptables` commands run there (`ip netns exec`). Its gRPC and upstream connections leave from
 //! the test's own namespace, so it reaches the stack's server and fake metadata service on
 //! loopback.
 
@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use kiam::agent::iptables::{self, Interception};
-use kiam::agent::{Agent, AgentStartError, Config};
+use kiam::agent::{self as agent, AgentStartError, Config, Running};
 use kiam::cli::{Cli, Command};
-use kiam::client::GrpcClient;
+use kiam::client::Dns;
+use kiam::metrics::Metrics;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::certs::CertFiles;
@@ -36,7 +36,7 @@ pub struct TestAgent {
     /// Its interception rules, when started with `--iptables`.
     pub interception: Option<Arc<Interception<iptables::Command>>>,
     shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), AgentStartError>>>,
+    running: Option<Running<iptables::Command>>,
 }
 
 /// Parses `kiam agent` flags (with the stack's agent certificate) into a configuration.
@@ -58,7 +58,7 @@ impl TestAgent {
     pub async fn on_loopback(
         stack: &Stack,
         upstream: SocketAddr,
-        configure: impl FnOnce(Agent<GrpcClient>) -> Agent<GrpcClient>,
+        configure: impl FnOnce(&mut Config),
     ) -> TestAgent {
         TestAgent::on_loopback_with_server(stack, stack.server_addr, upstream, configure).await
     }
@@ -68,7 +68,7 @@ impl TestAgent {
         stack: &Stack,
         server: SocketAddr,
         upstream: SocketAddr,
-        configure: impl FnOnce(Agent<GrpcClient>) -> Agent<GrpcClient>,
+        configure: impl FnOnce(&mut Config),
     ) -> TestAgent {
         let (server, upstream) = (server.to_string(), upstream.to_string());
         let flags = [
@@ -81,14 +81,21 @@ impl TestAgent {
             "--pod-wait-timeout",
             "1s",
         ];
-        let config = agent_config(&stack.pki.agent(), &flags);
-        let client = GrpcClient::connect_lazy(&config.client).expect("gRPC client");
-        let agent = configure(Agent::from_config(client, &config).expect("agent"));
+        let mut config = agent_config(&stack.pki.agent(), &flags);
+        configure(&mut config);
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind agent");
-        let addr = listener.local_addr().expect("agent addr");
+        TestAgent::assemble(&config, listener, iptables::Command::default())
+    }
+
+    /// Assembles and starts an agent for `config` on `listener`.
+    pub fn assemble(config: &Config, listener: TcpListener, runner: iptables::Command) -> TestAgent {
+        let metrics = Arc::new(Metrics::default());
+        let backend = agent::connect(config, &metrics, Arc::new(Dns)).expect("gRPC client");
+        let deps = agent::Deps { backend, listener, metrics_listener: None, metrics, iptables: runner };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
-        TestAgent { addr, interception: None, shutdown, task: Some(task) }
+        let running = agent::assemble(config, deps, shutdown.clone()).expect("agent");
+        let (addr, interception) = (running.addr, running.interception.clone());
+        TestAgent { addr, interception, shutdown, running: Some(running) }
     }
 
     /// An agent inside `node`, from `kiam agent` `flags` (which should include `--iptables` and
@@ -101,22 +108,11 @@ impl TestAgent {
             vec!["--host", &host, "--port", &port, "--server-address", &server, "--metadata-addr", &upstream];
         all.extend_from_slice(flags);
         let config = agent_config(&stack.pki.agent(), &all);
-        let client = GrpcClient::connect_lazy(&config.client).expect("gRPC client");
-        let agent = Agent::from_config(client, &config).expect("agent");
         let addr = SocketAddr::new(IpAddr::V4(node.agent_ip), NODE_AGENT_PORT);
         let listener = TcpListener::from_std(node.listen(addr)).expect("adopt the node's listener");
-        let rules = config.iptables.clone().expect("in_node needs --iptables");
         let runner = iptables::Command::with_program(node.iptables_program());
-        let interception = Arc::new(Interception::new(runner, rules));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(kiam::agent::serve(
-            listener,
-            Arc::new(agent),
-            Some(Arc::clone(&interception)),
-            shutdown.clone(),
-        ));
-        let agent =
-            TestAgent { addr, interception: Some(Arc::clone(&interception)), shutdown, task: Some(task) };
+        let agent = TestAgent::assemble(&config, listener, runner);
+        let interception = Arc::clone(agent.interception.as_ref().expect("in_node needs --iptables"));
         wait_until("the agent's iptables rules are installed", Duration::from_secs(20), || async {
             interception.is_installed().await.unwrap_or(false)
         })
@@ -132,11 +128,10 @@ impl TestAgent {
     /// Stops it and returns how `serve` ended (rule removal included).
     pub async fn stop(mut self) -> Result<(), AgentStartError> {
         self.shutdown.cancel();
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(30), task)
+        let running = self.running.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), running.wait())
             .await
             .expect("the agent stops within 30 s")
-            .expect("the agent task does not panic")
     }
 }
 
@@ -146,21 +141,7 @@ impl Drop for TestAgent {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds; panics with `what` after `limit`.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let polling = async {
-        while !condition().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(limit, polling)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"));
-}
+pub use super::wait::until as wait_until;
 
 /// A GET from inside `net` (a pod), on a runtime of its own in the pod's namespace. Blocking:
 /// call it through `tokio::task::block_in_place` from a multi-thread test.

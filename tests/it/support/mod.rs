@@ -12,3 +12,4 @@ pub mod objects;
 pub mod raw_http;
 pub mod sdk;
 pub mod stack;
+pub mod wait;

@@ -9,20 +9,17 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiam::agent::Agent;
-use kiam::aws::{Sts, StsConfig};
+use clap::Parser;
+use kiam::agent;
+use kiam::aws::Sts;
+use kiam::cli::{Cli, Command};
 use kiam::client::{ClientConfig, GrpcClient};
-use kiam::cluster::events::KubeEvents;
-use kiam::cluster::kube::KubeSource;
-use kiam::creds::Lifetimes;
-use kiam::policy::paths::AllowRoutes;
-use kiam::policy::{BaseArn, Policy};
-use kiam::server::{self, Core, GrpcSettings, Settings};
+use kiam::server::{self, Core};
 use kiam::tls::TlsFiles;
-use kiam::tls::reload::{Reloading, Side};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::agent_node::agent_config;
 use super::certs::{CertFiles, TestPki};
 use super::fake_imds::FakeImds;
 use super::fake_kube::FakeKube;
@@ -96,7 +93,54 @@ pub struct TestServer {
     pub shutdown: CancellationToken,
 }
 
-/// Starts a server on `listener` and returns once its caches have synced.
+/// `kiam server` flags in the test's defaults: the fake API server through a kubeconfig, moto
+/// for STS, and `options`.
+pub fn server_config(kube: &FakeKube, moto: &Moto, pki: &TestPki, options: &Options) -> server::Config {
+    let kubeconfig = kube.write_kubeconfig(pki.dir());
+    let tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
+    let (cert, key, ca) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy(), tls.ca.to_string_lossy());
+    let (kubeconfig, endpoint) = (kubeconfig.to_string_lossy().to_string(), moto.endpoint());
+    let prefetch = options.prefetch_buffer.to_string();
+    let idle = format!("{}ms", options.max_connection_idle.as_millis());
+    let mut argv = vec![
+        "kiam",
+        "server",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--ca",
+        &ca,
+        "--kubeconfig",
+        &kubeconfig,
+        "--role-base-arn",
+        BASE_ARN,
+        "--region",
+        options.region,
+        "--sts-endpoint",
+        &endpoint,
+        "--prefetch-buffer-size",
+        &prefetch,
+        "--grpc-max-connection-idle-duration",
+        &idle,
+    ];
+    if options.node_binding {
+        argv.push("--agent-node-binding");
+    }
+    let Command::Server(args) =
+        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command
+    else {
+        panic!("not a server command line: {argv:?}")
+    };
+    let mut config = args.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    // Rotation tests should not wait two seconds per step.
+    config.tls_poll = Duration::from_millis(100);
+    config
+}
+
+/// Starts a server on `listener`, assembled as `kiam server` assembles it (only STS's own
+/// credentials differ: static ones, since moto checks none), and returns once its caches have
+/// synced.
 pub async fn start_server(
     kube: &FakeKube,
     moto: &Moto,
@@ -106,52 +150,23 @@ pub async fn start_server(
     shutdown: CancellationToken,
 ) -> TestServer {
     kiam::install_crypto_provider();
-    let kubeconfig = kube.write_kubeconfig(pki.dir());
-    let source = KubeSource::connect(Some(kubeconfig)).await.expect("kube client from kubeconfig");
-    let events = Arc::new(KubeEvents::new(source.client(), None));
+    let config = server_config(kube, moto, pki, options);
     let sdk = aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(options.region))
         .credentials_provider(aws_sdk_sts::config::SharedCredentialsProvider::new(
             aws_sdk_sts::config::Credentials::new("AKIDSERVER", "server-secret", None, None, "test"),
         ))
         .build();
-    let sts =
-        Sts::from_sdk_config(&sdk, &StsConfig { endpoint: Some(moto.endpoint()), ..StsConfig::default() });
-    let settings = Settings {
-        policy: Policy {
-            base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
-            strict_namespace_regexp: true,
-        },
-        lifetimes: Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) },
-        session: "kiam".into(),
-        fetchers: 8,
-        prefetch_buffer: options.prefetch_buffer,
-        node_binding: options.node_binding,
-    };
-    let core = server::start(&settings, sts, events, source, &shutdown);
-    tokio::time::timeout(Duration::from_secs(20), core.cluster().wait_synced())
-        .await
-        .expect("server caches sync within 20 s");
-    let addr = listener.local_addr().expect("server addr");
-    let server_tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
-    let tls_gauges = kiam::metrics::TlsGauges::default();
-    let tls =
-        Reloading::load(&tls_files(&server_tls), Side::Server, tls_gauges.clone(), kiam::tls::server_config)
-            .expect("server TLS");
-    tls.spawn_watch(Duration::from_millis(100), shutdown.clone());
-    let grpc = GrpcSettings {
-        keepalive_time: Duration::from_secs(10),
-        keepalive_timeout: Duration::from_secs(2),
-        max_connection_idle: options.max_connection_idle,
-        max_connection_age: Duration::from_secs(900),
-        max_connection_age_grace: Duration::from_secs(900),
-    };
-    let service = server::service::KiamService::new(Arc::clone(&core), options.node_binding);
-    let debug = server::debug::DebugService::new(Arc::clone(&core));
-    let stop = shutdown.clone();
-    tokio::spawn(async move { server::run(listener, tls, service, debug, &grpc, stop).await });
-    TestServer { core, addr, tls_gauges, shutdown }
+    let sts = Sts::from_sdk_config(&sdk, &config.sts);
+    let (source, events) = server::open_inventory(&config, &shutdown).await.expect("the fake API server");
+    let metrics = Arc::new(kiam::metrics::Metrics::default());
+    let tls_gauges = metrics.tls_server.clone();
+    let deps = server::Deps { sts, source, events, listener, metrics_listener: None, metrics };
+    let assembled =
+        tokio::time::timeout(Duration::from_secs(20), server::assemble(&config, deps, shutdown.clone()));
+    let server =
+        assembled.await.expect("server caches sync within 20 s").expect("server starts").expect("running");
+    TestServer { core: Arc::clone(&server.core), addr: server.addr, tls_gauges, shutdown }
 }
 
 /// TLS file paths in the library's shape.
@@ -194,28 +209,35 @@ impl Stack {
         let server = start_server(&kube, &moto, &pki, listener, &options, shutdown.child_token()).await;
         let (core, server_addr, tls_gauges) = (server.core, server.addr, server.tls_gauges);
 
-        // Agent.
+        // Agent, from `kiam agent` flags, assembled as `kiam agent` assembles it.
+        let (server, upstream) = (format!("127.0.0.1:{}", server_addr.port()), imds.addr().to_string());
+        let wait = format!("{}ms", options.pod_wait.as_millis());
+        let flags = [
+            "--host",
+            "0.0.0.0",
+            "--server-address",
+            &server,
+            "--metadata-addr",
+            &upstream,
+            "--pod-wait-timeout",
+            &wait,
+            "--allow-route-regexp",
+            options.allow_routes,
+        ];
+        let config = agent_config(&pki.agent(), &flags);
         let agent_metrics = Arc::new(kiam::metrics::Metrics::default());
-        let config = ClientConfig {
-            server_address: format!("127.0.0.1:{}", server_addr.port()),
-            tls: tls_files(&pki.agent()),
-            // As the agent's CLI does: one call may take the whole wait budget.
-            call_timeout: options.pod_wait,
-        };
-        let transport = kiam::client::Transport {
-            grpc_metrics: agent_metrics.grpc_client.clone(),
-            tls_gauges: agent_metrics.tls_client.clone(),
-            ..kiam::client::Transport::default()
-        };
-        let client =
-            GrpcClient::connect_with(&config, &transport, Arc::new(kiam::client::Dns)).expect("gRPC client");
-        let allow = AllowRoutes::new(options.allow_routes).expect("allow-route regexp");
-        let agent = Agent::new(client, allow, &imds.addr().to_string(), options.pod_wait)
-            .expect("agent")
-            .metrics(Arc::clone(&agent_metrics));
+        let backend =
+            agent::connect(&config, &agent_metrics, Arc::new(kiam::client::Dns)).expect("gRPC client");
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await.expect("bind agent");
-        let agent_port = listener.local_addr().expect("agent addr").port();
-        tokio::spawn(kiam::agent::run(listener, Arc::new(agent), shutdown.clone()));
+        let deps = agent::Deps {
+            backend,
+            listener,
+            metrics_listener: None,
+            metrics: Arc::clone(&agent_metrics),
+            iptables: kiam::agent::iptables::Command::default(),
+        };
+        let running = agent::assemble(&config, deps, shutdown.clone()).expect("agent");
+        let agent_port = running.addr.port();
 
         Stack {
             pki,
@@ -240,30 +262,18 @@ impl Stack {
     /// Waits (bounded) until the server knows the pod at `ip`, so that a test does not race the
     /// watch that delivers it.
     pub async fn wait_for_pod(&self, ip: IpAddr) {
-        use kiam::agent::Backend;
         let client = self.client(&self.pki.agent());
-        let known = async {
-            while client.pod_role(ip).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), known)
-            .await
-            .expect("the server learns of the pod within 10 s");
+        let known = || async { client.get_pod_role(ip).await.is_ok() };
+        super::wait::until("the server learns of the pod", Duration::from_secs(10), known).await;
     }
 
     /// Waits (bounded) until moto has recorded `n` AssumeRole calls, and returns them.
     pub async fn wait_for_sts_calls(&self, n: usize) -> Vec<crate::support::moto::AssumeRoleCall> {
-        let wait = async {
-            loop {
-                let calls = self.moto.recorded_assume_roles().await;
-                if calls.len() >= n {
-                    return calls;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        let recorded = || async {
+            let calls = self.moto.recorded_assume_roles().await;
+            (calls.len() >= n).then_some(calls)
         };
-        tokio::time::timeout(Duration::from_secs(20), wait).await.expect("moto records the calls within 20 s")
+        super::wait::eventually("moto records the calls", Duration::from_secs(20), recorded).await
     }
 
     /// A gRPC client of the server presenting `cert`. The stack keeps it alive, so that the raw

@@ -1,12 +1,11 @@
-//! The lean projections of Pods and Namespaces that the server keeps: only what lookup and
-//! policy need, so that memory stays small in large clusters (kiam kept whole objects, #260).
+//! What the server knows of a pod and of a namespace: only what lookup and policy need, so that
+//! memory stays small in large clusters (kiam kept whole objects, #260). The Kubernetes
+//! projections into these types live beside the watcher, in `cluster::project`.
 
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-
-use crate::policy::Permitted;
+use super::Permitted;
 
 /// The pod annotation naming its role.
 pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
@@ -28,7 +27,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn parse(s: Option<&str>) -> Phase {
+    /// Reads `status.phase`; anything unrecognised (or absent) is `Unknown`.
+    pub fn parse(s: Option<&str>) -> Phase {
         match s {
             Some("Pending") => Phase::Pending,
             Some("Running") => Phase::Running,
@@ -65,27 +65,6 @@ pub struct PodFacts {
 }
 
 impl PodFacts {
-    /// Projects a Kubernetes Pod. Returns `None` for an object without a name.
-    pub fn from_pod(pod: &Pod) -> Option<PodFacts> {
-        let meta = &pod.metadata;
-        let annotation = |key: &str| meta.annotations.as_ref()?.get(key).cloned();
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
-        Some(PodFacts {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone()?,
-            uid: meta.uid.clone().unwrap_or_default(),
-            ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()),
-            phase: Phase::parse(status.and_then(|s| s.phase.as_deref())),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            node_name: spec.and_then(|s| s.node_name.clone()),
-            terminating: meta.deletion_timestamp.is_some(),
-            role: annotation(ROLE_ANNOTATION),
-            session_name: annotation(SESSION_NAME_ANNOTATION),
-            external_id: annotation(EXTERNAL_ID_ANNOTATION),
-        })
-    }
-
     /// `namespace/name`, for logs and messages.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -132,38 +111,4 @@ pub struct NamespaceFacts {
     pub name: String,
     /// The compiled `iam.amazonaws.com/permitted` expression, if annotated.
     pub permitted: Option<Permitted>,
-}
-
-impl NamespaceFacts {
-    /// Projects a Kubernetes Namespace. Returns `None` for an object without a name.
-    pub fn from_namespace(ns: &Namespace) -> Option<NamespaceFacts> {
-        let permitted = ns.metadata.annotations.as_ref().and_then(|a| a.get(PERMITTED_ANNOTATION));
-        Some(NamespaceFacts {
-            name: ns.metadata.name.clone()?,
-            permitted: permitted.map(|expr| Permitted::new(expr)),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn projects_a_pod() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "a", "name": "p", "uid": "u1",
-                "deletionTimestamp": "2026-01-01T00:00:00Z",
-                "annotations": {ROLE_ANNOTATION: "r", EXTERNAL_ID_ANNOTATION: "s3cret"}},
-            "spec": {"containers": [{"name": "c"}], "nodeName": "n1", "hostNetwork": true},
-            "status": {"podIP": "10.1.2.3", "phase": "Running"}
-        }))
-        .expect("valid pod");
-        let facts = PodFacts::from_pod(&pod).expect("named");
-        assert_eq!(facts.ip, Some("10.1.2.3".parse().expect("ip")));
-        assert_eq!(facts.role.as_deref(), Some("r"));
-        assert!(facts.terminating && facts.host_network);
-        assert_eq!(facts.phase, Phase::Running);
-        assert!(!format!("{facts:?}").contains("s3cret"));
-    }
 }

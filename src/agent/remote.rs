@@ -1,0 +1,67 @@
+//! The agent's [`Backend`] over gRPC: the kiam servers behind `--server-address`, reached with
+//! [`GrpcClient`]. Statuses become the agent's error kinds here, by kiam's message texts first
+//! (kiam servers send every error as Unknown), then by code.
+
+use std::net::IpAddr;
+
+use tonic::{Code, Status};
+
+use super::backend::{Backend, BackendError};
+use crate::client::GrpcClient;
+use crate::creds::ImdsDocument;
+use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
+
+/// Maps a status to the agent's error kinds.
+fn backend_error(status: Status) -> BackendError {
+    match status.message() {
+        FORBIDDEN => return BackendError::Forbidden,
+        NO_POD_FOUND | POD_NOT_FOUND => return BackendError::PodNotFound,
+        _ => {}
+    }
+    match status.code() {
+        Code::PermissionDenied => BackendError::Forbidden,
+        Code::NotFound => BackendError::PodNotFound,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+            BackendError::Unavailable(status.message().to_string())
+        }
+        _ => BackendError::Failed(status.message().to_string()),
+    }
+}
+
+impl Backend for GrpcClient {
+    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
+        let role = self.get_pod_role(ip).await.map_err(backend_error)?;
+        Ok(Some(role).filter(|r| !r.is_empty()))
+    }
+
+    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
+        let c = self.get_pod_credentials(ip, role).await.map_err(backend_error)?;
+        Ok(ImdsDocument {
+            code: c.code,
+            last_updated: c.last_updated,
+            kind: c.r#type,
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            token: c.token,
+            expiration: c.expiration,
+        })
+    }
+
+    async fn health(&self) -> Result<String, BackendError> {
+        self.get_health().await.map_err(backend_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kiam_messages_win_over_codes() {
+        assert_eq!(backend_error(Status::unknown("forbidden by policy")), BackendError::Forbidden);
+        assert_eq!(backend_error(Status::unknown("no pod found")), BackendError::PodNotFound);
+        assert_eq!(backend_error(Status::unknown("pod not found")), BackendError::PodNotFound);
+        assert!(matches!(backend_error(Status::unavailable("down")), BackendError::Unavailable(_)));
+        assert!(matches!(backend_error(Status::internal("x")), BackendError::Failed(_)));
+    }
+}

@@ -1,0 +1,16 @@
+//! The domain model, the ground floor of the crate: pod and namespace facts, a pod's phase,
+//! the compiled `permitted` expression, and ARNs (parsed once, by one parser). Plain data and
+//! pure functions only: this module imports nothing with I/O, no Kubernetes, gRPC, AWS or async
+//! types, so that [`crate::policy`] on top of it is pure by construction. Adapters
+//! (`cluster::project`, `aws`, `agent`) convert into these types at the edges.
+
+pub mod arn;
+pub mod permitted;
+pub mod pod;
+
+pub use arn::{Arn, BaseArn, RoleArn, RoleError, listed_name};
+pub use permitted::Permitted;
+pub use pod::{
+    EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Phase, PodFacts, ROLE_ANNOTATION,
+    SESSION_NAME_ANNOTATION,
+};

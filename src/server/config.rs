@@ -1,0 +1,130 @@
+//! The server's validated configuration, and its typed errors. Flags become a [`Config`] in
+//! `cli::server`; what needs the network to resolve (`--role-base-arn-autodetect`, and then a
+//! short `--assume-role-arn`) is resolved by [`Config::autodetect`] before assembly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::aws::StsConfig;
+use crate::creds::Lifetimes;
+use crate::model::{BaseArn, RoleArn, RoleError};
+use crate::policy::Policy;
+use crate::tls::TlsFiles;
+
+/// Where the server learns about pods and namespaces.
+#[derive(Clone, Debug)]
+pub enum Inventory {
+    /// The Kubernetes API: a kubeconfig file, or in-cluster configuration when `None`.
+    Kube(Option<PathBuf>),
+    /// A manifest file, re-read when it changes (`--manifest`, for local development).
+    File(PathBuf),
+}
+
+/// How the server decides and caches: everything but its listener, TLS and sources.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    pub lifetimes: Lifetimes,
+    /// `--session`: the session-name suffix for pods without the annotation.
+    pub session: String,
+    /// `--fetchers`: prefetch workers, and the bound on STS calls in flight.
+    pub fetchers: usize,
+    /// `--prefetch-buffer-size`: announcements waiting for a worker.
+    pub prefetch_buffer: usize,
+    /// `--agent-node-binding`: answer an agent only about pods on the node its certificate names.
+    pub node_binding: bool,
+}
+
+/// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).
+#[derive(Clone, Debug)]
+pub struct GrpcSettings {
+    pub keepalive_time: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connection_idle: Duration,
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+}
+
+/// The validated server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: String,
+    pub tls: TlsFiles,
+    /// How often the certificate files are checked for rotation (not a flag).
+    pub tls_poll: Duration,
+    pub inventory: Inventory,
+    /// `--role-base-arn-autodetect`: take the base ARN from the instance profile at start-up.
+    pub autodetect_base_arn: bool,
+    /// A short `--assume-role-arn` that can only be resolved once the base ARN is detected.
+    pub pending_assume_role: Option<String>,
+    pub settings: Settings,
+    pub grpc: GrpcSettings,
+    /// STS, with `--assume-role-arn` already resolved to a full ARN.
+    pub sts: StsConfig,
+    /// `--prometheus-listen-addr`: where `/metrics` is served.
+    pub prometheus_listen_addr: Option<String>,
+    /// `POD_NAME`: the server's own pod, named as the instance in the Events it records.
+    pub pod_name: Option<String>,
+}
+
+/// Why the server's configuration is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// STS refuses sessions under 15 minutes.
+    #[error("--session-duration {0:?} is shorter than the 15m minimum STS allows")]
+    SessionTooShort(Duration),
+    /// Refreshing at or after the end of a session would serve expired credentials.
+    #[error("--session-refresh ({refresh:?}) must be shorter than --session-duration ({session:?})")]
+    RefreshTooLong { refresh: Duration, session: Duration },
+    /// Short role names need a base ARN.
+    #[error(
+        "one of --role-base-arn (e.g. arn:aws:iam::123456789012:role/) or --role-base-arn-autodetect is required"
+    )]
+    NoBaseArn,
+    /// `--sts-endpoint` is not a URL.
+    #[error("--sts-endpoint {0:?} must be an http:// or https:// URL")]
+    StsEndpoint(String),
+    /// `--assume-role-arn` cannot be resolved.
+    #[error("--assume-role-arn: {0}")]
+    AssumeRole(RoleError),
+    /// The instance profile could not be read.
+    #[error("--role-base-arn-autodetect: {0}")]
+    Autodetect(String),
+    /// Another flag is invalid (the message names it).
+    #[error("{0}")]
+    Flag(String),
+}
+
+/// Resolves `--assume-role-arn` against the base ARN, warning about the chained-session cap.
+pub fn resolve_assume_role(
+    role: &str,
+    base: Option<&BaseArn>,
+    session: Duration,
+) -> Result<RoleArn, ConfigError> {
+    let arn = RoleArn::resolve(role, base).map_err(ConfigError::AssumeRole)?;
+    if session > Duration::from_secs(3600) {
+        tracing::warn!(
+            ?session,
+            "--assume-role-arn chains roles, and AWS caps chained sessions at 1h: STS will refuse longer ones"
+        );
+    }
+    Ok(arn)
+}
+
+impl Config {
+    /// With `--role-base-arn-autodetect`, reads the base ARN from the instance profile (over
+    /// IMDSv2) and resolves a short `--assume-role-arn` against it; otherwise returns `self`.
+    pub async fn autodetect(mut self) -> Result<Config, ConfigError> {
+        if !self.autodetect_base_arn {
+            return Ok(self);
+        }
+        let base = crate::aws::detect_base_arn().await.map_err(ConfigError::Autodetect)?;
+        tracing::info!(base_arn = base.as_str(), "role base ARN detected from the instance profile");
+        if let Some(role) = self.pending_assume_role.take() {
+            let arn = resolve_assume_role(&role, Some(&base), self.settings.lifetimes.session)?;
+            self.sts.assume_role_arn = Some(arn.to_string());
+        }
+        self.settings.policy.base_arn = Some(base);
+        Ok(self)
+    }
+}

@@ -1,0 +1,83 @@
+//! The request path on a core with a scripted STS: one lookup per request, and the node check
+//! made on the pod the credentials are issued for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::cluster::Change;
+use crate::cluster::events::NoEvents;
+use crate::creds::Lifetimes;
+use crate::metrics::Metrics;
+use crate::model::{BaseArn, NamespaceFacts, Permitted};
+
+/// Counts calls and issues credentials named after the role.
+#[derive(Default)]
+struct CountingSts(AtomicUsize);
+
+impl AssumeRole for Arc<CountingSts> {
+    async fn assume_role(&self, identity: &Identity, duration: Duration) -> Result<Credentials, StsError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let issued = SystemTime::now();
+        Ok(Credentials {
+            access_key_id: format!("ASIA-{}", identity.role.name()),
+            secret_access_key: "s".into(),
+            session_token: "t".into(),
+            expiration: issued + duration,
+            issued,
+        })
+    }
+}
+
+fn core(sts: &Arc<CountingSts>, metrics: &Arc<Metrics>) -> Core<Arc<CountingSts>> {
+    let cluster = Arc::new(Cluster::new(None, Arc::clone(metrics)));
+    cluster.apply_namespace(Change::Apply(NamespaceFacts {
+        name: "ns".into(),
+        permitted: Some(Permitted::new(".*")),
+    }));
+    cluster.apply_pod(Change::Apply(PodFacts::test("ns", "web", "10.0.0.5", Some("app"))));
+    let policy = Policy {
+        base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
+        strict_namespace_regexp: true,
+    };
+    let lifetimes = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
+    let cache = CredentialCache::new(Arc::clone(sts), lifetimes, 4, Arc::clone(metrics));
+    Core::new(cluster, policy, cache, "kiam".into(), Arc::new(NoEvents), Arc::clone(metrics))
+}
+
+/// How many pod lookups the core has timed (`kiam_server_pod_lookup_seconds_count`).
+fn lookups(metrics: &Metrics) -> u64 {
+    let text = metrics.encode();
+    let line = text.lines().find(|l| l.starts_with("kiam_server_pod_lookup_seconds_count"));
+    line.and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).expect("lookup count")
+}
+
+fn ask(caller: Caller) -> Ask {
+    Ask { ip: "10.0.0.5".parse().expect("ip"), caller, wait: Duration::from_millis(10) }
+}
+
+#[tokio::test]
+async fn one_lookup_decides_the_node_and_the_credentials() {
+    let (sts, metrics) = (Arc::default(), Arc::new(Metrics::default()));
+    let core = core(&sts, &metrics);
+    let (pod, creds) =
+        core.pod_credentials(&ask(Caller::Node("node-1".into())), "app").await.expect("allowed");
+    assert_eq!((pod.name.as_str(), creds.access_key_id.as_str()), ("web", "ASIA-app"));
+    assert_eq!(lookups(&metrics), 1, "the node check and the credentials share one lookup");
+    core.pod_role(&ask(Caller::Node("node-1".into()))).await.expect("role");
+    assert_eq!(lookups(&metrics), 2);
+}
+
+#[tokio::test]
+async fn another_nodes_caller_gets_nothing_and_costs_no_sts_call() {
+    let (sts, metrics) = (Arc::<CountingSts>::default(), Arc::new(Metrics::default()));
+    let core = core(&sts, &metrics);
+    let err = core.pod_credentials(&ask(Caller::Node("node-2".into())), "app").await.expect_err("other node");
+    assert!(matches!(err, Error::Node(NodeDenial::OtherNode { .. })), "{err}");
+    assert_eq!(lookups(&metrics), 1);
+    let err = core.pod_credentials(&ask(Caller::Unnamed), "app").await.expect_err("no node");
+    assert!(matches!(err, Error::Node(NodeDenial::Unnamed)), "{err}");
+    assert_eq!(lookups(&metrics), 1, "a caller that names no node is refused before any lookup");
+    assert_eq!(sts.0.load(Ordering::SeqCst), 0);
+}
