@@ -11,7 +11,7 @@ use kiam::client::{ClientConfig, GrpcClient, Resolve, Transport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::agent_node::agent_config;
+use crate::support::agent_node::{TestAgent, agent_config};
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
 use crate::support::fake_kube::FakeKube;
@@ -164,7 +164,6 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     let name = Arc::new(Name::default());
     name.set(&[server_addr]);
     // As the agent's CLI does: one call may take the whole wait budget.
-    // As the agent's CLI does: one call may take the whole wait budget.
     let server = format!("kiam-server:{}", server_addr.port());
     let upstream = imds.addr().to_string();
     let flags = [
@@ -180,20 +179,10 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
         "100ms",
     ];
     let config = agent_config(&c.pki.agent(), &flags);
-    let metrics = Arc::new(kiam::metrics::Metrics::default());
-    let backend =
-        kiam::agent::connect(&config, &metrics, Arc::clone(&name) as Arc<dyn Resolve>).expect("client");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    let deps = kiam::agent::Deps {
-        backend,
-        listener,
-        metrics_listener: None,
-        metrics,
-        iptables: kiam::agent::iptables::Command::default(),
-    };
-    let _agent = kiam::agent::assemble(&config, deps, stop.clone()).expect("agent");
+    let runner = kiam::agent::iptables::Command::default();
+    let agent = TestAgent::assemble_with(&config, listener, runner, Arc::clone(&name) as Arc<dyn Resolve>);
+    let url = agent.url();
     let pod: IpAddr = "127.0.0.61".parse().expect("ip");
 
     assert_eq!(request("GET", &format!("{url}/ping"), &[], "", None).await.expect("ping").body, "pong");
@@ -210,7 +199,7 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     crate::support::wait::until(what, Duration::from_secs(15), ready).await;
     let served = request("GET", &creds_url, &[], "", Some(pod)).await.expect("answer");
     assert_eq!(served.status, 200, "{}", served.body);
-    stop.cancel();
+    drop(agent);
 }
 
 /// Lays the agent's files out as kubelet does (`name -> ..data/name`, `..data -> ..<version>`).

@@ -16,7 +16,7 @@ use clap::Parser;
 use kiam::agent::iptables::{self, Interception};
 use kiam::agent::{self as agent, AgentStartError, Config, Running};
 use kiam::cli::{Cli, Command};
-use kiam::client::Dns;
+use kiam::client::{Dns, Resolve};
 use kiam::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -89,8 +89,18 @@ impl TestAgent {
 
     /// Assembles and starts an agent for `config` on `listener`.
     pub fn assemble(config: &Config, listener: TcpListener, runner: iptables::Command) -> TestAgent {
+        TestAgent::assemble_with(config, listener, runner, Arc::new(Dns))
+    }
+
+    /// [`TestAgent::assemble`], finding the servers with `resolver`.
+    pub fn assemble_with(
+        config: &Config,
+        listener: TcpListener,
+        runner: iptables::Command,
+        resolver: Arc<dyn Resolve>,
+    ) -> TestAgent {
         let metrics = Arc::new(Metrics::default());
-        let backend = agent::connect(config, &metrics, Arc::new(Dns)).expect("gRPC client");
+        let backend = agent::connect(config, &metrics, resolver).expect("gRPC client");
         let deps = agent::Deps { backend, listener, metrics_listener: None, metrics, iptables: runner };
         let shutdown = CancellationToken::new();
         let running = agent::assemble(config, deps, shutdown.clone()).expect("agent");
