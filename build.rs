@@ -1,7 +1,8 @@
 //! Compiles the gRPC contracts with protox, so that no `protoc` is needed on the build machine:
-//! kiam's `KiamService` (wire-compatible with kiam v4) and kiam-rs's own `Debug` service.
+//! kiam's `KiamService` (wire-compatible with kiam v4) and kiam-rs's own `Debug` and `NodeView`
+//! services.
 
-const PROTOS: [&str; 2] = ["kiam/service.proto", "kiamrs/debug.proto"];
+const PROTOS: [&str; 3] = ["kiam/service.proto", "kiamrs/debug.proto", "kiamrs/node.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -104,6 +104,7 @@ impl Env {
             server_address: format!("127.0.0.1:{server_port}"),
             tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
             call_timeout: Duration::from_secs(5),
+            token_file: None,
         })
         .expect("build the gRPC client")
     }

@@ -159,7 +159,7 @@ async fn settle<A: AssumeRole>(core: &Core<A>) {
 /// Asks for every pod's credentials, as its first request would.
 async fn serve_all<A: AssumeRole>(core: &Core<A>, pods: &[(IpAddr, String)]) {
     for (ip, role) in pods {
-        let ask = Ask { ip: *ip, caller: Caller::Any, wait: Duration::from_secs(1) };
+        let ask = Ask::new(*ip, Caller::Any, Duration::from_secs(1));
         core.pod_credentials(&ask, role).await.expect("every pod is served");
     }
 }

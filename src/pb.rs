@@ -5,6 +5,11 @@
 
 tonic::include_proto!("kiam");
 
+/// `kiamrs.node` (from `proto/kiamrs/node.proto`): the node view the server streams to agents.
+pub mod node {
+    tonic::include_proto!("kiamrs.node");
+}
+
 /// `kiamrs.debug` (from `proto/kiamrs/debug.proto`): the server's cache state for `kiam explain`.
 pub mod debug {
     tonic::include_proto!("kiamrs.debug");

@@ -12,6 +12,8 @@
 pub mod certs;
 #[path = "../../tests/it/support/fake_kube.rs"]
 pub mod fake_kube;
+#[path = "../../tests/it/support/fake_kube_auth.rs"]
+pub mod fake_kube_auth;
 #[path = "../../tests/it/support/fake_kube_http.rs"]
 mod fake_kube_http;
 #[path = "../../tests/it/support/fake_kube_watch.rs"]

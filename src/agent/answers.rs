@@ -1,5 +1,7 @@
 //! The answers the agent writes itself: the pod's role, its credentials (legacy and extended),
-//! `iam/info`, and `/health`. Each asks the [`Backend`] within the request's budget.
+//! `iam/info`, and `/health`. Each is answered from the node view when the pod is in it (one
+//! lookup of the view per request: role, verdict and credentials all come from that entry), and
+//! otherwise asks the [`Backend`] within the request's budget.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -8,9 +10,14 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
 
+use std::sync::Arc;
+
 use super::documents::{ExtendedDocument, IamInfo, role_account};
 use super::error::{AgentError, from_backend};
+use super::view::sync::fetch;
+use super::view::{Lookup, ViewEntry};
 use super::{Agent, Backend, BackendError};
+use crate::creds::ImdsDocument;
 use crate::metrics::Handler;
 use crate::model::listed_name;
 
@@ -35,28 +42,64 @@ where
     }
 }
 
+/// What answers for one request: the pod's entry in the node view, or the backend.
+enum Source {
+    Entry(Arc<ViewEntry>),
+    Backend,
+}
+
+/// Looks the caller up in the node view once. A live view waits (bounded) for a pod it does not
+/// have yet and then says there is none; a view that is not synced, or is down and lacks the IP,
+/// defers to the backend.
+async fn source<B>(agent: &Agent<B>, ip: IpAddr) -> Result<Source, AgentError> {
+    let Some(node) = &agent.view else { return Ok(Source::Backend) };
+    if !node.view.ever_synced() {
+        return Ok(Source::Backend);
+    }
+    match node.view.lookup(ip, tokio::time::Instant::now() + agent.pod_wait).await {
+        Lookup::Entry(entry) => Ok(Source::Entry(entry)),
+        Lookup::NoPod => Err(AgentError::NotFound(format!("no pod found for IP {ip}"))),
+        Lookup::Unknown => Ok(Source::Backend),
+    }
+}
+
 /// The pod's role; `handler` labels kiam's `find_role_errors` and `empty_role` counters.
 async fn pod_role<B: Backend>(
     agent: &Agent<B>,
     ip: IpAddr,
+    source: &Source,
     handler: &'static str,
 ) -> Result<String, AgentError> {
     let label = Handler { handler };
-    let role = match agent.roles.get(ip, tokio::time::Instant::now()) {
-        Some(role) => role,
-        None => {
-            let role = with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
-                agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
-                from_backend(e, ip)
-            })?;
-            agent.roles.put(ip, role.clone(), tokio::time::Instant::now());
-            role
-        }
+    let role = match source {
+        Source::Entry(entry) => entry.role().map(str::to_string),
+        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
+            agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
+            from_backend(e, ip)
+        })?,
     };
     role.ok_or_else(|| {
         agent.metrics.agent.empty_role.get_or_create(&label).inc();
         AgentError::NotFound("no role annotated for this pod".into())
     })
+}
+
+/// Credentials for `role` from the pod's view entry: held ones when fresh (a hit, no network
+/// call), else fetched now for exactly that pod.
+async fn entry_credentials<B>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    entry: &ViewEntry,
+) -> Result<ImdsDocument, BackendError> {
+    if !entry.pod.allowed {
+        return Err(BackendError::Forbidden);
+    }
+    if let Some(document) = entry.credentials(SystemTime::now()) {
+        agent.metrics.agent.view_hits.inc();
+        return Ok(document);
+    }
+    let Some(node) = &agent.view else { return Err(BackendError::Unavailable("no node view".into())) };
+    fetch(&node.client, ip, entry).await.map_err(super::remote::backend_error)
 }
 
 /// The 404 for the extended path and `iam/info` when the role's account is not known to the
@@ -71,7 +114,8 @@ pub async fn role_list<B: Backend>(
     ip: IpAddr,
     extended: bool,
 ) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip, "roleName").await?;
+    let source = source(agent, ip).await?;
+    let role = pod_role(agent, ip, &source, "roleName").await?;
     if extended && role_account(&role).is_none() {
         return Err(no_account());
     }
@@ -85,7 +129,8 @@ pub async fn credentials<B: Backend>(
     requested: &str,
     extended: bool,
 ) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip, "credentials").await?;
+    let source = source(agent, ip).await?;
+    let role = pod_role(agent, ip, &source, "credentials").await?;
     // SDKs list the role, then ask for that name; any other name is not this pod's (404, so
     // that SDKs which pin a profile name rediscover it).
     if requested != listed_name(&role) && requested != role.trim().trim_start_matches('/') {
@@ -96,11 +141,14 @@ pub async fn credentials<B: Backend>(
         false => None,
     };
     let label = Handler { handler: "credentials" };
-    let document =
-        with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await.map_err(|e| {
-            agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
-            from_backend(e, ip)
-        })?;
+    let document = match &source {
+        Source::Entry(entry) => entry_credentials(agent, ip, entry).await,
+        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await,
+    }
+    .map_err(|e| {
+        agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
+        from_backend(e, ip)
+    })?;
     let body = match account {
         Some(account_id) => serde_json::to_vec(&ExtendedDocument { credentials: &document, account_id }),
         None => serde_json::to_vec(&document),
@@ -114,7 +162,8 @@ pub async fn credentials<B: Backend>(
 
 /// `iam/info` for the pod's role, never the node's.
 pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Response, AgentError> {
-    let role = pod_role(agent, ip, "iamInfo").await?;
+    let source = source(agent, ip).await?;
+    let role = pod_role(agent, ip, &source, "iamInfo").await?;
     let account = role_account(&role).ok_or_else(no_account)?;
     let info = IamInfo::new(&account, crate::creds::time::format(SystemTime::now()));
     let body = serde_json::to_vec(&info).map_err(|e| AgentError::Internal(e.to_string()))?;
@@ -141,7 +190,19 @@ pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result
         if message != "ok" {
             return Err(AgentError::Unavailable(format!("kiam server: {message}")));
         }
-        return Ok(format!("metadata: ok, server: {message}").into_response());
+        let view = match &agent.view {
+            None => "off".to_string(),
+            Some(node) => {
+                let h = node.view.health();
+                let age =
+                    h.age.map_or_else(|| "never synced".to_string(), |a| format!("{}s stale", a.as_secs()));
+                match h.live {
+                    true => format!("live, node {}, {} entries", h.node, h.entries),
+                    false => format!("down ({age}), {} entries held", h.entries),
+                }
+            }
+        };
+        return Ok(format!("metadata: ok, server: {message}, node view: {view}").into_response());
     }
     Ok("metadata: ok".into_response())
 }

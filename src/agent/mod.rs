@@ -16,8 +16,8 @@ pub mod http;
 pub mod iptables;
 pub mod proxy;
 pub mod remote;
-pub mod roles;
 pub mod token;
+pub mod view;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -66,6 +66,11 @@ pub struct Config {
     pub prometheus_listen_addr: Option<String>,
     /// The HTTP server's limits (not flags).
     pub limits: Limits,
+    /// Follow the servers' node view (`--disable-node-view` turns it off).
+    pub node_view: bool,
+    /// `--node-name` (`NODE_NAME`): the node the agent says it is on; servers check it against
+    /// what its certificate or token proves.
+    pub node_name: Option<String>,
 }
 
 impl Config {
@@ -85,7 +90,14 @@ pub struct Agent<B> {
     require_imdsv2: bool,
     allow_ip_query: bool,
     metrics: Arc<Metrics>,
-    roles: roles::RoleMemory,
+    /// The node view and the client that keeps it, when the servers stream one.
+    view: Option<NodeViewLink>,
+}
+
+/// The node view and the client it fetches credentials with.
+pub struct NodeViewLink {
+    pub view: Arc<view::NodeView>,
+    pub client: GrpcClient,
 }
 
 /// Why the agent could not start, or stopped.
@@ -115,7 +127,7 @@ impl<B: Backend> Agent<B> {
             require_imdsv2: config.require_imdsv2,
             allow_ip_query: config.allow_ip_query,
             metrics,
-            roles: roles::RoleMemory::default(),
+            view: None,
         })
     }
 }
@@ -139,6 +151,8 @@ pub struct Deps<B, R> {
     pub metrics: Arc<Metrics>,
     /// Runs `iptables` when `--iptables` is on.
     pub iptables: R,
+    /// The client the node view is streamed and fetched through (the backend's own, in `main`).
+    pub view_client: Option<GrpcClient>,
 }
 
 /// A running agent.
@@ -185,10 +199,16 @@ pub fn assemble<B: Backend, R: Runner>(
              use it in development only"
         );
     }
-    let Deps { backend, listener, metrics_listener, metrics, iptables: runner } = deps;
+    let Deps { backend, listener, metrics_listener, metrics, iptables: runner, view_client } = deps;
     let addr =
         listener.local_addr().map_err(|source| AgentStartError::Bind { addr: "agent".into(), source })?;
-    let agent = Arc::new(Agent::new(backend, config, Arc::clone(&metrics))?);
+    let mut agent = Agent::new(backend, config, Arc::clone(&metrics))?;
+    if let Some(client) = view_client.filter(|_| config.node_view) {
+        let view = Arc::new(view::NodeView::new(Arc::clone(&metrics)));
+        view::sync::spawn(Arc::clone(&view), client.clone(), config.node_name.clone(), &shutdown);
+        agent.view = Some(NodeViewLink { view, client });
+    }
+    let agent = Arc::new(agent);
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics), shutdown.clone()));
     }
@@ -246,6 +266,8 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
         ),
         None => None,
     };
-    let deps = Deps { backend, listener, metrics_listener, metrics, iptables: iptables::Command::default() };
+    let view_client = Some(backend.clone());
+    let iptables = iptables::Command::default();
+    let deps = Deps { backend, listener, metrics_listener, metrics, iptables, view_client };
     assemble(&config, deps, shutdown)?.wait().await
 }

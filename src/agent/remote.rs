@@ -11,8 +11,8 @@ use crate::client::GrpcClient;
 use crate::creds::ImdsDocument;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
 
-/// Maps a status to the agent's error kinds.
-fn backend_error(status: Status) -> BackendError {
+/// Maps a status to the agent's error kinds (a pod that changed under the view is not found).
+pub fn backend_error(status: Status) -> BackendError {
     match status.message() {
         FORBIDDEN => return BackendError::Forbidden,
         NO_POD_FOUND | POD_NOT_FOUND => return BackendError::PodNotFound,
@@ -20,6 +20,9 @@ fn backend_error(status: Status) -> BackendError {
     }
     match status.code() {
         Code::PermissionDenied => BackendError::Forbidden,
+        Code::NotFound | Code::FailedPrecondition if status.message().contains("no longer") => {
+            BackendError::PodNotFound
+        }
         Code::NotFound => BackendError::PodNotFound,
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
             BackendError::Unavailable(status.message().to_string())

@@ -76,6 +76,14 @@ pub struct AgentArgs {
     pub require_imdsv2: bool,
     #[arg(long, hide = true, overrides_with = "require_imdsv2")]
     pub no_require_imdsv2: bool,
+    /// Ask for credentials on every request (as kiam agents do) instead of following the
+    /// servers' node view.
+    #[arg(long, env = "KIAM_DISABLE_NODE_VIEW")]
+    pub disable_node_view: bool,
+    /// The node this agent runs on (from the downward API); servers refuse a view whose node
+    /// differs from the one the agent's certificate or token proves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 impl AgentArgs {
@@ -122,6 +130,8 @@ impl AgentArgs {
             transport,
             prometheus_listen_addr: self.observability.listen_addr(),
             limits: crate::agent::Limits::default(),
+            node_view: !self.disable_node_view,
+            node_name: self.node_name.clone().filter(|n| !n.is_empty()),
         })
     }
 }

@@ -28,6 +28,10 @@ pub struct ClientArgs {
     /// Also ping connections that carry no call.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_PERMIT_WITHOUT_STREAM")]
     pub grpc_keepalive_permit_without_stream: bool,
+    /// A projected ServiceAccount token (audience `--agent-token-audience` of the server) that
+    /// proves the agent's node to servers with node binding, instead of a per-node certificate.
+    #[arg(long, env = "KIAM_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Deprecated and ignored (kiam's Helm chart still passes it).
     #[arg(long, env = "KIAM_SERVER_ADDRESS_REFRESH", value_parser = go_duration, hide = true)]
     pub server_address_refresh: Option<Duration>,
@@ -50,8 +54,12 @@ impl ClientArgs {
         if self.prometheus_sync_interval.is_some() {
             tracing::warn!("--prometheus-sync-interval is deprecated and ignored");
         }
-        let config =
-            ClientConfig { server_address: self.server_address.clone(), tls: tls.files(), call_timeout };
+        let config = ClientConfig {
+            server_address: self.server_address.clone(),
+            tls: tls.files(),
+            call_timeout,
+            token_file: self.token_file.clone(),
+        };
         let transport = Transport {
             link: Link {
                 keepalive_time: self.grpc_keepalive_time_duration,

@@ -77,6 +77,15 @@ pub struct ServerArgs {
     /// An STS-compatible endpoint URL (a VPC endpoint, or an emulator).
     #[arg(long, env = "KIAM_STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
+    /// Do not serve agents the node view (they then ask for every request, as kiam agents do).
+    #[arg(long, env = "KIAM_DISABLE_NODE_VIEW")]
+    pub disable_node_view: bool,
+    /// The audience of the projected ServiceAccount tokens agents prove their node with.
+    #[arg(long, env = "KIAM_AGENT_TOKEN_AUDIENCE", default_value = "kiam")]
+    pub agent_token_audience: String,
+    /// The agents' ServiceAccount, `namespace:name`: only its tokens prove a node.
+    #[arg(long, env = "KIAM_AGENT_SERVICE_ACCOUNT", default_value = "kube-system:kiam-agent")]
+    pub agent_service_account: String,
     /// The server's own pod (from the downward API), named in the Events it records.
     #[arg(long, env = "POD_NAME", hide = true)]
     pub pod_name: Option<String>,
@@ -138,6 +147,9 @@ impl ServerArgs {
                 fetchers: usize::from(self.fetchers),
                 prefetch_buffer: self.prefetch_buffer_size as usize,
                 node_binding: self.policy.agent_node_binding,
+                node_view: !self.disable_node_view,
+                agent_token_audience: self.agent_token_audience.clone(),
+                agent_service_account: self.agent_service_account.clone(),
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

@@ -22,6 +22,7 @@ use crate::tls::reload::{Reloading, Side};
 
 use crate::pb;
 use crate::pb::kiam_service_client::KiamServiceClient;
+use crate::pb::node::node_view_client::NodeViewClient;
 use crate::tls::{self, TlsFiles};
 
 /// How the client reaches a server.
@@ -32,6 +33,8 @@ pub struct ClientConfig {
     pub tls: TlsFiles,
     /// Deadline of one call.
     pub call_timeout: Duration,
+    /// `--token-file`: the agent's projected ServiceAccount token, which proves its node.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Why the client could not be built.
@@ -81,12 +84,52 @@ fn is_transport_failure(status: &Status) -> bool {
         || (status.code() == Code::Unknown && status.message().starts_with("transport error"))
 }
 
-/// A client of `kiam.KiamService`.
+/// A projected ServiceAccount token, re-read from its file at most every [`TOKEN_REREAD`]
+/// (kubelet rotates it well before it expires).
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    current: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+/// How long a token read from its file is reused.
+const TOKEN_REREAD: Duration = Duration::from_secs(30);
+
+impl TokenFile {
+    /// The token at `path`.
+    pub fn new(path: impl Into<std::path::PathBuf>) -> TokenFile {
+        TokenFile { path: path.into(), current: std::sync::Mutex::default() }
+    }
+
+    /// The token, or `None` when the file cannot be read (logged).
+    pub fn token(&self) -> Option<String> {
+        let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, token)) = current.as_ref()
+            && at.elapsed() < TOKEN_REREAD
+        {
+            return Some(token.clone());
+        }
+        match std::fs::read_to_string(&self.path) {
+            Ok(token) => {
+                let token = token.trim().to_string();
+                *current = Some((std::time::Instant::now(), token.clone()));
+                Some(token)
+            }
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "cannot read the agent's token");
+                None
+            }
+        }
+    }
+}
+
+/// A client of `kiam.KiamService` (and of kiam-rs's `NodeView`).
 #[derive(Clone)]
 pub struct GrpcClient {
     pool: Arc<Pool>,
     call_timeout: Duration,
     grpc_metrics: GrpcMetrics,
+    /// Sent as `authorization: Bearer` so that the server can bind the agent to its node.
+    token: Option<Arc<TokenFile>>,
 }
 
 impl std::fmt::Debug for GrpcClient {
@@ -130,6 +173,7 @@ impl GrpcClient {
             pool,
             call_timeout: config.call_timeout,
             grpc_metrics: transport.grpc_metrics.clone(),
+            token: config.token_file.clone().map(|path| Arc::new(TokenFile::new(path))),
         })
     }
 
@@ -185,7 +229,8 @@ impl GrpcClient {
         let reply = self
             .call("GetPodRole", |mut c, left| {
                 let message = message.clone();
-                async move { c.get_pod_role(request(message, left)).await }
+                let request = self.authorised(request(message, left));
+                async move { c.get_pod_role(request).await }
             })
             .await?;
         Ok(reply.into_inner().name)
@@ -197,7 +242,8 @@ impl GrpcClient {
         let reply = self
             .call("GetPodCredentials", |mut c, left| {
                 let message = message.clone();
-                async move { c.get_pod_credentials(request(message, left)).await }
+                let request = self.authorised(request(message, left));
+                async move { c.get_pod_credentials(request).await }
             })
             .await?;
         Ok(reply.into_inner())
@@ -219,6 +265,48 @@ fn request<T>(message: T, left: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(left);
     request
+}
+
+impl GrpcClient {
+    /// Adds the agent's token, when it has one, to `request`.
+    fn authorised<T>(&self, mut request: tonic::Request<T>) -> tonic::Request<T> {
+        let token = self.token.as_ref().and_then(|t| t.token());
+        if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+
+    /// Opens the node view stream; `messages` are what the agent sends (Subscribe, then Acks).
+    pub async fn watch_node(
+        &self,
+        messages: impl futures::Stream<Item = pb::node::AgentMessage> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::node::ViewMessage>, Status> {
+        let mut client = NodeViewClient::new(self.pool.channel());
+        let response = client.watch(self.authorised(tonic::Request::new(messages))).await?;
+        Ok(response.into_inner())
+    }
+
+    /// `NodeView.Credentials`: the pod at `ip`'s credentials, only while it is pod `uid`.
+    pub async fn node_credentials(
+        &self,
+        ip: IpAddr,
+        uid: &str,
+        role: &str,
+    ) -> Result<pb::node::CredentialsReply, Status> {
+        let message =
+            pb::node::CredentialsRequest { ip: ip.to_string(), uid: uid.to_string(), role: role.to_string() };
+        let result = self
+            .call_with_retries(|_, left| {
+                let mut client = NodeViewClient::new(self.pool.channel());
+                let request = self.authorised(request(message.clone(), left));
+                async move { client.credentials(request).await }
+            })
+            .await;
+        let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
+        self.grpc_metrics.unary(false, "Credentials", code);
+        Ok(result?.into_inner())
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub struct Link {
 
 /// The live channel and the sender that adds and removes its servers.
 struct Live {
-    client: KiamServiceClient<Channel>,
+    channel: Channel,
     changes: Sender<Change<SocketAddr, Endpoint>>,
     servers: HashSet<SocketAddr>,
     tls_generation: u64,
@@ -63,7 +63,7 @@ struct Live {
 
 /// Servers behind one name.
 pub struct Pool {
-    client: ArcSwap<KiamServiceClient<Channel>>,
+    channel: ArcSwap<Channel>,
     /// Stops the maintenance task when the pool goes.
     _stop: tokio_util::sync::DropGuard,
 }
@@ -81,7 +81,7 @@ impl Pool {
         let stop = CancellationToken::new();
         let live = fresh(&tls, &link, &HashSet::new());
         let pool = Arc::new(Pool {
-            client: ArcSwap::from_pointee(live.client.clone()),
+            channel: ArcSwap::from_pointee(live.channel.clone()),
             _stop: stop.clone().drop_guard(),
         });
         let weak = Arc::downgrade(&pool);
@@ -107,7 +107,7 @@ impl Pool {
                 };
                 if tls.generation() != live.tls_generation {
                     live = fresh(&tls, &link, &servers);
-                    pool.client.store(Arc::new(live.client.clone()));
+                    pool.channel.store(Arc::new(live.channel.clone()));
                     tracing::info!("client certificate changed; new connections use it");
                 } else {
                     update(&mut live, &tls, &link, servers).await;
@@ -119,7 +119,12 @@ impl Pool {
 
     /// A client on the current channel.
     pub fn client(&self) -> KiamServiceClient<Channel> {
-        (**self.client.load()).clone()
+        KiamServiceClient::new(self.channel())
+    }
+
+    /// The current channel, balanced over every server.
+    pub fn channel(&self) -> Channel {
+        (**self.channel.load()).clone()
     }
 }
 
@@ -145,12 +150,7 @@ fn fresh(tls: &Reloading<ClientTlsConfig>, link: &Link, servers: &HashSet<Socket
             let _ = changes.try_send(Change::Insert(*addr, e));
         }
     }
-    Live {
-        client: KiamServiceClient::new(channel),
-        changes,
-        servers: servers.clone(),
-        tls_generation: tls.generation(),
-    }
+    Live { channel, changes, servers: servers.clone(), tls_generation: tls.generation() }
 }
 
 /// Adds new servers and removes gone ones.

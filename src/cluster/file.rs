@@ -41,7 +41,7 @@ impl FileSource {
 impl Source for FileSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
         let FileSource { path, poll, mut contents } = self;
-        apply(&cluster, parse(&contents).map_err(|m| file_error(&path, m))?);
+        apply(&cluster, parse(&contents).map_err(|m| file_error(&path, m))?).await;
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -62,7 +62,7 @@ impl Source for FileSource {
             match parse(&latest) {
                 Ok(manifest) => {
                     tracing::info!(path = %path.display(), pods = manifest.pods.len(), namespaces = manifest.namespaces.len(), "manifest reloaded");
-                    apply(&cluster, manifest);
+                    apply(&cluster, manifest).await;
                 }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error, "manifest is invalid; keeping the last state");
@@ -73,17 +73,17 @@ impl Source for FileSource {
     }
 }
 
-fn apply(cluster: &Cluster, manifest: Manifest) {
-    cluster.apply_namespace(Change::Init);
+async fn apply(cluster: &Cluster, manifest: Manifest) {
+    cluster.change_namespace(Change::Init).await;
     for ns in manifest.namespaces {
-        cluster.apply_namespace(Change::InitApply(ns));
+        cluster.change_namespace(Change::InitApply(ns)).await;
     }
-    cluster.apply_namespace(Change::InitDone);
-    cluster.apply_pod(Change::Init);
+    cluster.change_namespace(Change::InitDone).await;
+    cluster.change_pod(Change::Init).await;
     for pod in manifest.pods {
-        cluster.apply_pod(Change::InitApply(pod));
+        cluster.change_pod(Change::InitApply(pod)).await;
     }
-    cluster.apply_pod(Change::InitDone);
+    cluster.change_pod(Change::InitDone).await;
 }
 
 fn read(path: &Path) -> Result<String, SourceError> {

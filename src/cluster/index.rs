@@ -2,7 +2,7 @@
 //! list/watch changes, like kube's `reflector::Writer`: changes between `Init` and `InitDone`
 //! are buffered and swapped in whole, so a relist never leaves a half-empty index behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -62,11 +62,12 @@ impl<T> Relist<T> {
     }
 }
 
-/// Pods by `(namespace, name)` and by IP.
+/// Pods by `(namespace, name)`, by IP and by node.
 #[derive(Default)]
 pub struct PodIndex {
     pods: HashMap<PodKey, Arc<PodFacts>>,
     by_ip: HashMap<IpAddr, Vec<PodKey>>,
+    by_node: HashMap<String, HashSet<PodKey>>,
     relist: Relist<PodFacts>,
 }
 
@@ -83,6 +84,7 @@ impl PodIndex {
             Step::Replace(pods) => {
                 let old = std::mem::take(&mut self.pods);
                 self.by_ip.clear();
+                self.by_node.clear();
                 for pod in pods {
                     let before = old.get(&(pod.namespace.clone(), pod.name.clone())).cloned();
                     announce.extend(self.upsert(pod, before));
@@ -99,6 +101,9 @@ impl PodIndex {
         if let Some(ip) = pod.ip {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
+        if let Some(node) = &pod.node_name {
+            self.by_node.entry(node.clone()).or_default().insert(key.clone());
+        }
         let pod = Arc::new(pod);
         self.pods.insert(key, Arc::clone(&pod));
         worth_announcing(before.as_deref(), &pod).then_some(pod)
@@ -106,10 +111,22 @@ impl PodIndex {
 
     fn remove(&mut self, key: &PodKey) -> Option<Arc<PodFacts>> {
         let old = self.pods.remove(key)?;
-        if let Some(keys) = old.ip.and_then(|ip| self.by_ip.get_mut(&ip)) {
+        // Only this pod's own slots are touched: a change costs the same at 100 pods and at
+        // 100,000 (the whole map was once swept on every removal).
+        if let Some(ip) = old.ip
+            && let Some(keys) = self.by_ip.get_mut(&ip)
+        {
             keys.retain(|k| k != key);
             if keys.is_empty() {
-                self.by_ip.retain(|_, keys| !keys.is_empty());
+                self.by_ip.remove(&ip);
+            }
+        }
+        if let Some(node) = &old.node_name
+            && let Some(keys) = self.by_node.get_mut(node)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_node.remove(node);
             }
         }
         Some(old)
@@ -140,6 +157,82 @@ impl PodIndex {
             (0, _) => Lookup::Ambiguous(candidates.into_iter().cloned().collect()),
             _ => Lookup::Ambiguous(live.into_iter().map(|p| Arc::clone(p)).collect()),
         }
+    }
+
+    /// The IPs of pods on `node`, each with the pod [`lookup`](Self::lookup) finds there (which
+    /// may be none, or on another node, when pods disagree about an IP).
+    pub fn node_ips(&self, node: &str) -> Vec<(IpAddr, Lookup)> {
+        let ips: HashSet<IpAddr> =
+            self.by_node.get(node).into_iter().flatten().filter_map(|k| self.pods.get(k)?.ip).collect();
+        ips.into_iter().map(|ip| (ip, self.lookup(ip))).collect()
+    }
+
+    /// The `(node, IP)` slots whose answer `change` may alter, computed before it is applied: the
+    /// changed pod's old IP, and the current owners of the IP it moves to. Unchanged pods alter
+    /// nothing.
+    pub fn invalidated_by(&self, change: &Change<PodFacts>) -> Vec<(String, IpAddr)> {
+        let mut out = Vec::new();
+        let mut slot = |pod: &PodFacts| {
+            if let (Some(node), Some(ip)) = (&pod.node_name, pod.ip) {
+                out.push((node.clone(), ip));
+            }
+        };
+        match change {
+            Change::Apply(pod) | Change::InitApply(pod) if self.relist.0.is_none() => {
+                let key = (pod.namespace.clone(), pod.name.clone());
+                let old = self.pods.get(&key);
+                if old.is_some_and(|old| **old == *pod) {
+                    return out;
+                }
+                old.inspect(|old| slot(old));
+                let owners = pod.ip.and_then(|ip| self.by_ip.get(&ip)).into_iter().flatten();
+                owners.filter(|k| **k != key).filter_map(|k| self.pods.get(k)).for_each(|p| slot(p));
+            }
+            Change::Delete(pod) => {
+                self.pods.get(&(pod.namespace.clone(), pod.name.clone())).inspect(|old| slot(old));
+            }
+            Change::InitDone => {
+                let fresh: HashMap<PodKey, &PodFacts> = self
+                    .relist
+                    .0
+                    .iter()
+                    .flatten()
+                    .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+                    .collect();
+                for (key, old) in &self.pods {
+                    if fresh.get(key).is_none_or(|new| **new != **old) {
+                        slot(old);
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// The nodes whose pods `change` touches: the pod's old and new node, or every node for a
+    /// relist.
+    pub fn nodes_touched(&self, change: &Change<PodFacts>) -> Vec<String> {
+        match change {
+            Change::Apply(pod) | Change::Delete(pod) | Change::InitApply(pod) => {
+                let old = self.pods.get(&(pod.namespace.clone(), pod.name.clone()));
+                let old = old.and_then(|p| p.node_name.clone());
+                [pod.node_name.clone(), old].into_iter().flatten().collect()
+            }
+            Change::InitDone => self
+                .by_node
+                .keys()
+                .cloned()
+                .chain(self.relist.0.iter().flatten().filter_map(|p| p.node_name.clone()))
+                .collect(),
+            Change::Init => Vec::new(),
+        }
+    }
+
+    /// Every live pod of `namespace` that is on a node: what a namespace change may alter.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<(String, IpAddr)> {
+        let pods = self.pods.values().filter(|p| p.namespace == namespace || namespace.is_empty());
+        pods.filter_map(|p| Some((p.node_name.clone()?, p.ip?))).collect()
     }
 
     /// How many pods are indexed.

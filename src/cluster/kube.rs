@@ -55,12 +55,12 @@ impl Source for KubeSource {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default());
         let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
         let pods =
-            drive(pods, "pods", pod_facts, |c| cluster.apply_pod(c), || cluster.note_watch_error(false));
+            drive(pods, "pods", pod_facts, |c| cluster.change_pod(c), || cluster.note_watch_error(false));
         let namespaces = drive(
             namespaces,
             "namespaces",
             namespace_facts,
-            |c| cluster.apply_namespace(c),
+            |c| cluster.change_namespace(c),
             || cluster.note_watch_error(true),
         );
         tokio::select! {
@@ -73,13 +73,15 @@ impl Source for KubeSource {
 }
 
 /// Feeds one watcher stream, projected by `project`, into `apply` until the stream ends.
-async fn drive<K, T>(
+async fn drive<'a, K, T, F>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
     kind: &'static str,
     project: fn(&K) -> Option<T>,
-    apply: impl Fn(Change<T>),
+    apply: impl Fn(Change<T>) -> F,
     failed: impl Fn(),
-) {
+) where
+    F: std::future::Future<Output = ()> + 'a,
+{
     let mut stream = std::pin::pin!(stream.default_backoff());
     while let Some(event) = stream.next().await {
         let change = match event {
@@ -95,7 +97,7 @@ async fn drive<K, T>(
             }
         };
         if let Some(change) = change {
-            apply(change);
+            apply(change).await;
         }
     }
 }

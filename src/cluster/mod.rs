@@ -10,9 +10,11 @@ pub mod index;
 pub mod kube;
 pub mod project;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,25 @@ pub enum SourceError {
     File { path: String, message: String },
 }
 
+/// Whatever must stop answering from a pod slot before the cluster view changes it: the
+/// node-view hub, which fences the agents that hold the slot.
+pub trait Fence: Send + Sync + 'static {
+    /// Called with the `(node, IP)` slots a change is about to alter; resolves once every agent
+    /// holding one has stopped answering from it (or a bound has passed). The returned guard is
+    /// held until the change is applied.
+    fn fence(&self, slots: Vec<(String, IpAddr)>) -> Pin<Box<dyn Future<Output = FenceGuard> + Send + '_>>;
+}
+
+/// Held while a fenced change is applied; dropping it lets the fenced views catch up.
+pub struct FenceGuard(#[allow(dead_code)] Vec<Box<dyn Send>>);
+
+impl FenceGuard {
+    /// A guard holding `parts` (lock guards, typically) until the change is applied.
+    pub fn holding(parts: Vec<Box<dyn Send>>) -> FenceGuard {
+        FenceGuard(parts)
+    }
+}
+
 /// Which kinds have completed their first listing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Synced {
@@ -79,6 +100,11 @@ pub struct Cluster {
     announce: Option<mpsc::Sender<Arc<PodFacts>>>,
     /// Dropped announcements, relists, watch failures and sync state are counted here directly.
     metrics: Arc<Metrics>,
+    /// Told before a change alters a slot some agent may be answering from.
+    fence: OnceLock<Arc<dyn Fence>>,
+    /// Bumped per node on every pod change there, so that each node's view recomputes only
+    /// when its own pods change.
+    node_generations: RwLock<HashMap<String, u64>>,
 }
 
 /// The `kind` label of the list/watch metrics.
@@ -110,7 +136,67 @@ impl Cluster {
             ns_generation: watch::Sender::new(0),
             announce,
             metrics,
+            fence: OnceLock::new(),
+            node_generations: RwLock::default(),
         }
+    }
+
+    /// Installs the fence (once; later calls are ignored).
+    pub fn set_fence(&self, fence: Arc<dyn Fence>) {
+        let _ = self.fence.set(fence);
+    }
+
+    /// Applies a pod change as sources do: agents holding a slot the change alters are fenced
+    /// first, so none answers from it after the server would answer differently.
+    pub async fn change_pod(&self, change: Change<PodFacts>) {
+        let _guard = match self.fence.get() {
+            Some(fence) => {
+                let slots = self.pods.read().unwrap_or_else(PoisonError::into_inner).invalidated_by(&change);
+                if slots.is_empty() { None } else { Some(fence.fence(slots).await) }
+            }
+            None => None,
+        };
+        self.apply_pod(change);
+    }
+
+    /// Applies a namespace change as sources do, fencing the slots of the namespace's pods when
+    /// its policy changes.
+    pub async fn change_namespace(&self, change: Change<NamespaceFacts>) {
+        let _guard = match self.fence.get() {
+            Some(fence) => {
+                let altered = match &change {
+                    Change::Apply(ns) | Change::Delete(ns) => {
+                        let now = self.namespace(&ns.name);
+                        let same = matches!(&change, Change::Apply(_))
+                            && now.is_some_and(|n| {
+                                n.permitted.as_ref().map(|p| &p.expr)
+                                    == ns.permitted.as_ref().map(|p| &p.expr)
+                            });
+                        (!same).then(|| ns.name.clone())
+                    }
+                    Change::InitDone => Some(String::new()),
+                    _ => None,
+                };
+                let slots = altered
+                    .map(|name| self.pods.read().unwrap_or_else(PoisonError::into_inner).in_namespace(&name));
+                match slots {
+                    Some(slots) if !slots.is_empty() => Some(fence.fence(slots).await),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        self.apply_namespace(change);
+    }
+
+    /// The generation of `node`'s pods: it changes whenever one of them does.
+    pub fn node_generation(&self, node: &str) -> u64 {
+        self.node_generations.read().unwrap_or_else(PoisonError::into_inner).get(node).copied().unwrap_or(0)
+    }
+
+    /// The IPs of pods on `node`, each with the pod a lookup finds there.
+    pub fn node_ips(&self, node: &str) -> Vec<(IpAddr, Lookup)> {
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).node_ips(node)
     }
 
     /// Applies a pod change; `InitDone` marks pods synced.
@@ -120,7 +206,16 @@ impl Cluster {
             self.metrics.server.relists.get_or_create(&PODS).inc();
             self.metrics.server.cache_synced.get_or_create(&PODS).set(1);
         }
-        let announce = self.pods.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        let announce = {
+            let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+            let nodes = pods.nodes_touched(&change);
+            let announce = pods.apply(change);
+            let mut generations = self.node_generations.write().unwrap_or_else(PoisonError::into_inner);
+            for node in nodes {
+                *generations.entry(node).or_default() += 1;
+            }
+            announce
+        };
         self.generation.send_modify(|g| *g += 1);
         if done {
             self.synced.send_if_modified(|s| !std::mem::replace(&mut s.pods, true));

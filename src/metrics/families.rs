@@ -39,6 +39,18 @@ pub struct AgentMetrics {
     pub proxy_requests_blocked: Counter,
     /// New: DNAT rules restored after something else deleted them.
     pub iptables_restorations: Counter,
+    /// New: 1 while the node view's stream is live.
+    pub view_live: Gauge,
+    /// New: entries in the node view.
+    pub view_entries: Gauge,
+    /// New: when the node view stopped being known current (seconds since the epoch; 0 while live).
+    pub view_down_since: Gauge,
+    /// New: node-view entries dropped by a Remove or a Fence.
+    pub view_invalidations: Counter,
+    /// New: credential requests answered from the node view with no network call.
+    pub view_hits: Counter,
+    /// New: node-view streams the servers refused (the agent then uses unary calls).
+    pub view_refusals: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -53,6 +65,12 @@ impl Default for AgentMetrics {
             responses: Family::default(),
             proxy_requests_blocked: Counter::default(),
             iptables_restorations: Counter::default(),
+            view_live: Gauge::default(),
+            view_entries: Gauge::default(),
+            view_down_since: Gauge::default(),
+            view_invalidations: Counter::default(),
+            view_hits: Counter::default(),
+            view_refusals: Counter::default(),
         }
     }
 }
@@ -108,6 +126,28 @@ impl AgentMetrics {
             "kiam_agent_iptables_restorations",
             "DNAT rules restored after being deleted",
             self.iptables_restorations.clone(),
+        );
+        r.register("kiam_agent_view_live", "Whether the node view's stream is live", self.view_live.clone());
+        r.register("kiam_agent_view_entries", "Pod IPs in the node view", self.view_entries.clone());
+        r.register(
+            "kiam_agent_view_down_since_seconds",
+            "When the node view stopped being known current, in seconds since the epoch (0 while live)",
+            self.view_down_since.clone(),
+        );
+        r.register(
+            "kiam_agent_view_invalidations",
+            "Node-view entries dropped by a removal or a fence",
+            self.view_invalidations.clone(),
+        );
+        r.register(
+            "kiam_agent_view_hits",
+            "Credential requests answered from the node view without a network call",
+            self.view_hits.clone(),
+        );
+        r.register(
+            "kiam_agent_view_refusals",
+            "Node-view streams the servers refused (the agent then asks with unary calls)",
+            self.view_refusals.clone(),
         );
     }
 }

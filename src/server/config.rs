@@ -31,8 +31,14 @@ pub struct Settings {
     pub fetchers: usize,
     /// `--prefetch-buffer-size`: announcements waiting for a worker.
     pub prefetch_buffer: usize,
-    /// `--agent-node-binding`: answer an agent only about pods on the node its certificate names.
+    /// `--agent-node-binding`: answer an agent only about pods on the node it proves.
     pub node_binding: bool,
+    /// Serve agents the node view (`--disable-node-view` turns it off).
+    pub node_view: bool,
+    /// `--agent-token-audience`: the audience agents' projected tokens are for.
+    pub agent_token_audience: String,
+    /// `--agent-service-account`: `namespace:name` of the agents' ServiceAccount.
+    pub agent_service_account: String,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).

@@ -33,6 +33,9 @@ pub enum Error {
     /// The policy denied the request.
     #[error("pod {pod} is forbidden: {denial}")]
     Forbidden { pod: String, denial: Denial },
+    /// The pod at the IP is not the one the caller named (its view is behind).
+    #[error("the pod at {0} is no longer the one asked about")]
+    PodChanged(IpAddr),
     /// STS failed.
     #[error("error fetching credentials: {0}")]
     Sts(#[from] StsError),
@@ -44,6 +47,15 @@ pub struct Ask {
     pub ip: IpAddr,
     pub caller: Caller,
     pub wait: Duration,
+    /// The pod UID the caller believes owns the IP (an agent's node view); `None` for kiam's calls.
+    pub uid: Option<String>,
+}
+
+impl Ask {
+    /// A request about `ip` from `caller`, for whichever pod owns it.
+    pub fn new(ip: IpAddr, caller: Caller, wait: Duration) -> Ask {
+        Ask { ip, caller, wait, uid: None }
+    }
 }
 
 /// Lookup, policy and credentials.
@@ -144,6 +156,9 @@ impl<A: AssumeRole> Core<A> {
         }
         let pod = self.pod(ask.ip, ask.wait).await?;
         check_node(&pod, &ask.caller)?;
+        if ask.uid.as_ref().is_some_and(|uid| *uid != pod.uid) {
+            return Err(Error::PodChanged(ask.ip));
+        }
         Ok(pod)
     }
 

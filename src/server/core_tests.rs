@@ -54,7 +54,7 @@ fn lookups(metrics: &Metrics) -> u64 {
 }
 
 fn ask(caller: Caller) -> Ask {
-    Ask { ip: "10.0.0.5".parse().expect("ip"), caller, wait: Duration::from_millis(10) }
+    Ask::new("10.0.0.5".parse().expect("ip"), caller, Duration::from_millis(10))
 }
 
 #[tokio::test]

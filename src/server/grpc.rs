@@ -15,20 +15,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::GrpcSettings;
 use super::idle::IdleStream;
+use super::node_service::NodeViewService;
 use super::{ServeError, debug, service};
 use crate::creds::AssumeRole;
 use crate::pb::kiam_service_server::KiamServiceServer;
+use crate::pb::node::node_view_server::NodeViewServer;
 use crate::tls::reload::Reloading;
 
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `service` and `debug` over mutual TLS on `listener` until `shutdown`.
+/// Serves `service`, `debug` and (unless disabled) the node view over mutual TLS on `listener` until `shutdown`.
 pub async fn run<A: AssumeRole>(
     listener: TcpListener,
     tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
     service: service::KiamService<A>,
     debug: debug::DebugService<A>,
+    view: Option<NodeViewService<A>>,
     grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -42,6 +45,7 @@ pub async fn run<A: AssumeRole>(
         .max_connection_age_grace(grpc.max_connection_age_grace)
         .add_service(KiamServiceServer::new(service))
         .add_service(debug::server(debug))
+        .add_optional_service(view.map(NodeViewServer::new))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -8,9 +8,12 @@ pub mod config;
 pub mod core;
 pub mod debug;
 pub mod grpc;
+pub mod identity;
 pub mod idle;
+pub mod node_service;
 pub mod prefetch;
 pub mod service;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +35,14 @@ use crate::creds::{AssumeRole, CredentialCache};
 use crate::metrics::Metrics;
 use crate::tls::reload::{Reloading, Side};
 use crate::tls::{self};
+use identity::{Identities, TokenVerifier};
+use node_service::NodeViewService;
+use view::Hub;
+
+/// How long a node-view fence waits for an agent's acknowledgement before dropping its stream.
+const FENCE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The most node-view streams one node may hold at once.
+const STREAMS_PER_NODE: usize = 4;
 
 /// How often the certificate files are checked for rotation, by default.
 pub const TLS_POLL: Duration = Duration::from_secs(2);
@@ -68,21 +79,37 @@ impl Source for AnySource {
     }
 }
 
-/// Opens the source of pods and namespaces `config` names, and where Events about pods go:
-/// the API server for a cluster, nowhere for a manifest file.
+/// What the server reads the cluster through: the pod and namespace source, where Events go, and
+/// (with an API server) the checker of agents' tokens.
+pub struct Inventoried {
+    pub source: AnySource,
+    pub events: Arc<dyn EventSink>,
+    pub tokens: Option<TokenVerifier>,
+}
+
+/// Opens the source of pods and namespaces `config` names: the API server for a cluster (Events
+/// and TokenReview through the same client), or a manifest file (no Events, no tokens).
 pub async fn open_inventory(
     config: &Config,
     shutdown: &CancellationToken,
-) -> Result<(AnySource, Arc<dyn EventSink>), ServeError> {
+) -> Result<Inventoried, ServeError> {
     Ok(match &config.inventory {
         Inventory::Kube(path) => {
             let source = KubeSource::connect(path.clone()).await?;
             let events = KubeEvents::new(source.client(), config.pod_name.clone(), shutdown.clone());
-            (AnySource::Kube(source), Arc::new(events))
+            let settings = &config.settings;
+            let tokens = TokenVerifier::new(
+                source.client(),
+                &settings.agent_token_audience,
+                &settings.agent_service_account,
+            );
+            Inventoried { source: AnySource::Kube(source), events: Arc::new(events), tokens: Some(tokens) }
         }
-        Inventory::File(path) => {
-            (AnySource::File(FileSource::open(path, Duration::from_secs(1))?), Arc::new(NoEvents))
-        }
+        Inventory::File(path) => Inventoried {
+            source: AnySource::File(FileSource::open(path, Duration::from_secs(1))?),
+            events: Arc::new(NoEvents),
+            tokens: None,
+        },
     })
 }
 
@@ -95,6 +122,8 @@ pub struct Deps<A, S> {
     pub source: S,
     /// Where Events about pods go.
     pub events: Arc<dyn EventSink>,
+    /// Checks agents' tokens (node binding and the node view by token); `None` without an API.
+    pub tokens: Option<TokenVerifier>,
     /// The gRPC listener, bound to `--bind` (or wherever a test likes).
     pub listener: TcpListener,
     /// `--prometheus-listen-addr`, bound.
@@ -127,7 +156,7 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     deps: Deps<A, S>,
     shutdown: CancellationToken,
 ) -> Result<Option<Server<A>>, ServeError> {
-    let Deps { sts, source, events, listener, metrics_listener, metrics } = deps;
+    let Deps { sts, source, events, tokens, listener, metrics_listener, metrics } = deps;
     let addr =
         listener.local_addr().map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
     let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
@@ -146,6 +175,10 @@ pub async fn assemble<A: AssumeRole, S: Source>(
         Arc::clone(&metrics),
     );
     let core = Arc::new(core);
+    let hub = Arc::new(Hub::new(FENCE_TIMEOUT, STREAMS_PER_NODE));
+    if settings.node_view {
+        cluster.set_fence(Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
+    }
     let source_stop = shutdown.clone();
     crate::task::spawn_until(&shutdown, async move {
         if let Err(error) = source.run(cluster, source_stop).await {
@@ -162,11 +195,17 @@ pub async fn assemble<A: AssumeRole, S: Source>(
         () = shutdown.cancelled() => return Ok(None),
     }
     tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
+    let identities = Arc::new(Identities::new(tokens));
     let debug = debug::DebugService::new(Arc::clone(&core));
-    let service = service::KiamService::new(Arc::clone(&core), settings.node_binding);
+    let service =
+        service::KiamService::new(Arc::clone(&core), settings.node_binding, Arc::clone(&identities));
+    let view = settings
+        .node_view
+        .then(|| NodeViewService::new(Arc::clone(&core), hub, identities, shutdown.clone()));
     let grpc_settings = config.grpc.clone();
-    let task =
-        tokio::spawn(async move { grpc::run(listener, tls, service, debug, &grpc_settings, shutdown).await });
+    let task = tokio::spawn(async move {
+        grpc::run(listener, tls, service, debug, view, &grpc_settings, shutdown).await
+    });
     Ok(Some(Server { core, addr, task }))
 }
 
@@ -175,7 +214,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
     let config = config.autodetect().await?;
     let metrics = Arc::new(Metrics::default());
     let sts = Sts::from_env(&config.sts).await;
-    let (source, events) = open_inventory(&config, &shutdown).await?;
+    let Inventoried { source, events, tokens } = open_inventory(&config, &shutdown).await?;
     let listener = crate::net::listen_on(&config.bind)
         .await
         .map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
@@ -187,7 +226,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
         ),
         None => None,
     };
-    let deps = Deps { sts, source, events, listener, metrics_listener, metrics };
+    let deps = Deps { sts, source, events, tokens, listener, metrics_listener, metrics };
     match assemble(&config, deps, shutdown).await? {
         Some(server) => server.wait().await,
         None => Ok(()),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tonic::{Code, Request, Response, Status};
 
 use super::core::{Ask, Core, Error, parse_ip};
+use super::identity::Identities;
 use crate::creds::{AssumeRole, StsErrorKind};
 use crate::pb;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
@@ -16,13 +17,13 @@ use crate::policy::Caller;
 
 /// Which RPC an error came from: kiam spelled "pod not found" differently in each.
 #[derive(Clone, Copy)]
-enum Rpc {
+pub enum Rpc {
     Role,
     Credentials,
 }
 
 /// The one place server errors become gRPC statuses.
-fn status(err: &Error, rpc: Rpc) -> Status {
+pub fn status(err: &Error, rpc: Rpc) -> Status {
     match err {
         Error::InvalidIp(_) => Status::invalid_argument(err.to_string()),
         Error::PodNotFound(_) => Status::not_found(match rpc {
@@ -31,6 +32,7 @@ fn status(err: &Error, rpc: Rpc) -> Status {
         }),
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
+        Error::PodChanged(_) => Status::failed_precondition(err.to_string()),
         Error::Node(_) => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             // Never Unavailable: clients read that as "this server is unreachable" and retry
@@ -52,7 +54,7 @@ const DEFAULT_POD_WAIT: Duration = Duration::from_secs(1);
 const MAX_POD_WAIT: Duration = Duration::from_secs(10);
 /// How long to wait for an unknown pod: the caller's `grpc-timeout` less a margin (a tenth of
 /// it, between 50 and 500 ms) to send the answer back before the caller gives up.
-fn pod_wait<T>(request: &Request<T>) -> Duration {
+pub fn pod_wait<T>(request: &Request<T>) -> Duration {
     let header = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok());
     let margin = |t: Duration| (t / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
     header
@@ -82,28 +84,34 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 pub struct KiamService<A> {
     core: Arc<Core<A>>,
     node_binding: bool,
+    identities: Arc<Identities>,
 }
 
 impl<A> KiamService<A> {
-    /// Serves `core`; with `node_binding`, an agent may ask only about pods on the node its
-    /// client certificate names (a `urn:kiam:node:<name>` URI SAN).
-    pub fn new(core: Arc<Core<A>>, node_binding: bool) -> Self {
-        KiamService { core, node_binding }
+    /// Serves `core`; with `node_binding`, an agent may ask only about pods on the node it
+    /// proves (its certificate's `urn:kiam:node:<name>` URI SAN, or its token).
+    pub fn new(core: Arc<Core<A>>, node_binding: bool, identities: Arc<Identities>) -> Self {
+        KiamService { core, node_binding, identities }
     }
 
-    /// Who asks, as node binding sees it: the node its client certificate names.
-    fn caller<T>(&self, request: &Request<T>) -> Caller {
+    /// Who asks, as node binding sees it.
+    async fn caller<T>(&self, request: &Request<T>) -> Caller {
         if !self.node_binding {
             return Caller::Any;
         }
-        let certs = request.peer_certs();
-        let node = certs.as_ref().and_then(|c| c.first()).and_then(|leaf| crate::tls::x509::node_name(leaf));
-        node.map_or(Caller::Unnamed, Caller::Node)
+        match self.identities.node(request).await {
+            Ok(node) => Caller::Node(node),
+            Err(error) => {
+                tracing::info!(%error, "node binding: the caller proves no node");
+                Caller::Unnamed
+            }
+        }
     }
 
     /// The request's IP, caller and wait, or why the IP is not one.
-    fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
-        Ok(Ask { ip: parse_ip(ip)?, caller: self.caller(request), wait: pod_wait(request) })
+    async fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
+        let ip = parse_ip(ip)?;
+        Ok(Ask::new(ip, self.caller(request).await, pod_wait(request)))
     }
 }
 
@@ -119,7 +127,7 @@ impl<A: AssumeRole> KiamService<A> {
     ) -> Result<Response<pb::Role>, Status> {
         let started = Instant::now();
         let ip = request.get_ref().ip.clone();
-        let result = match self.ask(&request, &ip) {
+        let result = match self.ask(&request, &ip).await {
             Ok(ask) => self.core.pod_role(&ask).await,
             Err(err) => Err(err),
         };
@@ -143,7 +151,7 @@ impl<A: AssumeRole> KiamService<A> {
     ) -> Result<Response<pb::Credentials>, Status> {
         let started = Instant::now();
         let pb::GetPodCredentialsRequest { ip, role } = request.get_ref().clone();
-        let result = match self.ask(&request, &ip) {
+        let result = match self.ask(&request, &ip).await {
             Ok(ask) => self.core.pod_credentials(&ask, &role).await,
             Err(err) => Err(err),
         };

@@ -22,10 +22,10 @@ use crate::support::stack::{Options, TestServer, start_server, tls_files};
 
 /// A name whose addresses the test sets.
 #[derive(Default)]
-struct Name(Mutex<Vec<SocketAddr>>);
+pub(crate) struct Name(Mutex<Vec<SocketAddr>>);
 
 impl Name {
-    fn set(&self, addrs: &[SocketAddr]) {
+    pub(crate) fn set(&self, addrs: &[SocketAddr]) {
         *self.0.lock().expect("lock") = addrs.to_vec();
     }
 }
@@ -51,8 +51,12 @@ fn client(cert: &CertFiles, port: u16, name: &Arc<Name>) -> GrpcClient {
 }
 
 fn client_with_timeout(cert: &CertFiles, port: u16, name: &Arc<Name>, call_timeout: Duration) -> GrpcClient {
-    let config =
-        ClientConfig { server_address: format!("kiam-server:{port}"), tls: tls_files(cert), call_timeout };
+    let config = ClientConfig {
+        server_address: format!("kiam-server:{port}"),
+        tls: tls_files(cert),
+        call_timeout,
+        token_file: None,
+    };
     GrpcClient::connect_with(&config, &transport(), Arc::clone(name) as Arc<dyn Resolve>).expect("client")
 }
 
@@ -240,6 +244,7 @@ async fn the_agent_certificate_rotates_under_load_and_broken_files_keep_the_old_
         server_address: format!("kiam-server:{}", server.addr.port()),
         tls: tls_files(&files),
         call_timeout: Duration::from_secs(5),
+        token_file: None,
     };
     let gauges = kiam::metrics::TlsGauges::default();
     let transport = Transport { tls_gauges: gauges.clone(), ..transport() };

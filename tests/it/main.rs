@@ -18,6 +18,7 @@ mod lookup;
 mod metrics;
 mod netns_agent;
 mod netns_binary;
+mod node_view;
 mod peers_tests;
 mod prefetch;
 mod server;

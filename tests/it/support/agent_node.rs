@@ -35,6 +35,8 @@ pub struct TestAgent {
     pub addr: SocketAddr,
     /// Its interception rules, when started with `--iptables`.
     pub interception: Option<Arc<Interception<iptables::Command>>>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     running: Option<Running<iptables::Command>>,
 }
@@ -70,6 +72,17 @@ impl TestAgent {
         upstream: SocketAddr,
         configure: impl FnOnce(&mut Config),
     ) -> TestAgent {
+        TestAgent::on_loopback_as(&stack.pki.agent(), server, upstream, &[], configure).await
+    }
+
+    /// An agent on loopback presenting `cert`, with `extra` flags.
+    pub async fn on_loopback_as(
+        cert: &CertFiles,
+        server: SocketAddr,
+        upstream: SocketAddr,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Config),
+    ) -> TestAgent {
         let (server, upstream) = (server.to_string(), upstream.to_string());
         let flags = [
             "--host",
@@ -81,7 +94,8 @@ impl TestAgent {
             "--pod-wait-timeout",
             "1s",
         ];
-        let mut config = agent_config(&stack.pki.agent(), &flags);
+        let flags: Vec<&str> = flags.iter().chain(extra).copied().collect();
+        let mut config = agent_config(cert, &flags);
         configure(&mut config);
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind agent");
         TestAgent::assemble(&config, listener, iptables::Command::default())
@@ -101,11 +115,19 @@ impl TestAgent {
     ) -> TestAgent {
         let metrics = Arc::new(Metrics::default());
         let backend = agent::connect(config, &metrics, resolver).expect("gRPC client");
-        let deps = agent::Deps { backend, listener, metrics_listener: None, metrics, iptables: runner };
+        let view_client = Some(backend.clone());
+        let deps = agent::Deps {
+            backend,
+            listener,
+            metrics_listener: None,
+            metrics: Arc::clone(&metrics),
+            iptables: runner,
+            view_client,
+        };
         let shutdown = CancellationToken::new();
         let running = agent::assemble(config, deps, shutdown.clone()).expect("agent");
         let (addr, interception) = (running.addr, running.interception.clone());
-        TestAgent { addr, interception, shutdown, running: Some(running) }
+        TestAgent { addr, interception, metrics, shutdown, running: Some(running) }
     }
 
     /// An agent inside `node`, from `kiam agent` `flags` (which should include `--iptables` and

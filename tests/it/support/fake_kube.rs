@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::fake_kube_auth::TokenIdentity;
 use super::fake_kube_http;
 use super::objects;
 
@@ -45,6 +46,7 @@ impl FakeKube {
             requests: Vec::new(),
             watch_stop: shutdown.child_token(),
             next_uid: 0,
+            tokens: std::collections::HashMap::new(),
         };
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
@@ -80,6 +82,11 @@ impl FakeKube {
         );
         std::fs::write(&path, text).expect("write the fake kubeconfig");
         path
+    }
+
+    /// Makes TokenReview accept `token` as `identity`.
+    pub fn issue_token(&self, token: &str, identity: TokenIdentity) {
+        self.shared.lock().tokens.insert(token.to_string(), identity);
     }
 
     /// A kube client pointed at this server (must be called inside a tokio runtime).
@@ -252,6 +259,8 @@ pub(crate) struct Store {
     /// Cancelled (and replaced) by `compact()`; every watch holds a clone.
     pub(crate) watch_stop: CancellationToken,
     next_uid: u64,
+    /// Tokens TokenReview knows.
+    pub(crate) tokens: std::collections::HashMap<String, TokenIdentity>,
 }
 
 impl Store {

@@ -50,6 +50,8 @@ enum Target {
     /// A collection, optionally limited to one namespace.
     Collection(Resource, Option<String>),
     Object(Key),
+    /// TokenReview.
+    TokenReview,
 }
 
 pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -84,6 +86,7 @@ fn serve(
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     match (target, method.as_str()) {
         (Target::Document(document), "GET") => Ok(respond(200, &document)),
+        (Target::TokenReview, "POST") => super::fake_kube_auth::token_review(shared, headers, body),
         (Target::Collection(resource, namespace), "GET") if watching => {
             watch::watch(shared, resource, namespace, query)
         }
@@ -124,6 +127,7 @@ fn route(path: &str, headers: &HeaderMap) -> Option<Target> {
             let host = headers.get(header::HOST).and_then(|value| value.to_str().ok()).unwrap_or_default();
             return discovery(path.trim_matches('/'), host).map(Target::Document);
         }
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => return Some(Target::TokenReview),
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", "events.k8s.io", "v1", rest @ ..] => ("events.k8s.io", rest),
         _ => return None,

@@ -3,6 +3,7 @@ pub mod agent_node;
 pub mod certs;
 pub mod fake_imds;
 pub mod fake_kube;
+pub mod fake_kube_auth;
 mod fake_kube_http;
 mod fake_kube_watch;
 pub mod http;

@@ -42,6 +42,8 @@ pub struct Options {
     pub region: &'static str,
     /// The server's `--agent-node-binding`.
     pub node_binding: bool,
+    /// The server's node view (`--disable-node-view` when false).
+    pub node_view: bool,
     /// The server's `--cert/--key/--ca`, when not the PKI's own files (rotation tests).
     pub server_tls: Option<CertFiles>,
     /// The PKI to use instead of a fresh one.
@@ -58,6 +60,7 @@ impl Default for Options {
             prefetch_buffer: 1000,
             region: "us-east-1",
             node_binding: false,
+            node_view: true,
             server_tls: None,
             pki: None,
             max_connection_idle: Duration::from_secs(900),
@@ -127,6 +130,9 @@ pub fn server_config(kube: &FakeKube, moto: &Moto, pki: &TestPki, options: &Opti
     if options.node_binding {
         argv.push("--agent-node-binding");
     }
+    if !options.node_view {
+        argv.push("--disable-node-view");
+    }
     let Command::Server(args) =
         Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command
     else {
@@ -158,10 +164,11 @@ pub async fn start_server(
         ))
         .build();
     let sts = Sts::from_sdk_config(&sdk, &config.sts);
-    let (source, events) = server::open_inventory(&config, &shutdown).await.expect("the fake API server");
+    let server::Inventoried { source, events, tokens } =
+        server::open_inventory(&config, &shutdown).await.expect("the fake API server");
     let metrics = Arc::new(kiam::metrics::Metrics::default());
     let tls_gauges = metrics.tls_server.clone();
-    let deps = server::Deps { sts, source, events, listener, metrics_listener: None, metrics };
+    let deps = server::Deps { sts, source, events, tokens, listener, metrics_listener: None, metrics };
     let assembled =
         tokio::time::timeout(Duration::from_secs(20), server::assemble(&config, deps, shutdown.clone()));
     let server =
@@ -230,6 +237,7 @@ impl Stack {
             agent::connect(&config, &agent_metrics, Arc::new(kiam::client::Dns)).expect("gRPC client");
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await.expect("bind agent");
         let deps = agent::Deps {
+            view_client: Some(backend.clone()),
             backend,
             listener,
             metrics_listener: None,
@@ -262,8 +270,8 @@ impl Stack {
     /// Waits (bounded) until the server knows the pod at `ip`, so that a test does not race the
     /// watch that delivers it.
     pub async fn wait_for_pod(&self, ip: IpAddr) {
-        let client = self.client(&self.pki.agent());
-        let known = || async { client.get_pod_role(ip).await.is_ok() };
+        let cluster = Arc::clone(self.core.cluster());
+        let known = || std::future::ready(matches!(cluster.pod_by_ip(ip), kiam::cluster::Lookup::Found(_)));
         super::wait::until("the server learns of the pod", Duration::from_secs(10), known).await;
     }
 
@@ -283,6 +291,7 @@ impl Stack {
             server_address: format!("127.0.0.1:{}", self.server_addr.port()),
             tls: tls_files(cert),
             call_timeout: Duration::from_secs(5),
+            token_file: None,
         })
         .expect("gRPC client");
         self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client.clone());

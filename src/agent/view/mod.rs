@@ -1,0 +1,254 @@
+//! The agent's node view: the pods of its own node, by IP, as the server streams them
+//! ([`sync`]), each with the policy's verdict and, once fetched, its credentials. A hit is
+//! answered from here with no network call.
+//!
+//! Credentials live inside their entry, so an entry that is fenced, removed or replaced (an IP
+//! given to another pod, a role or policy change) takes its credentials with it: a new pod on a
+//! reused IP can never be answered with the old pod's. While no server answers, entries and
+//! credentials already held keep being served until the credentials near expiry (static
+//! stability); a pod not in the view is never answered from a guess.
+
+pub mod sync;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::creds::ImdsDocument;
+use crate::creds::lifetimes::SDK_REFRESH_WINDOW;
+use crate::metrics::Metrics;
+use crate::pb::node as pb;
+
+/// One pod IP of the node.
+pub struct ViewEntry {
+    /// What the server sent.
+    pub pod: pb::Entry,
+    creds: RwLock<Option<Held>>,
+    /// One fetch at a time per entry.
+    pub fetching: tokio::sync::Mutex<()>,
+}
+
+/// Credentials held for an entry.
+#[derive(Clone)]
+struct Held {
+    document: ImdsDocument,
+    issued: SystemTime,
+    expiration: SystemTime,
+    /// When to ask the server again (half-life, or later after a fetch that changed nothing).
+    renew_at: SystemTime,
+}
+
+impl ViewEntry {
+    fn new(pod: pb::Entry) -> ViewEntry {
+        ViewEntry { pod, creds: RwLock::default(), fetching: tokio::sync::Mutex::default() }
+    }
+
+    /// The pod's role annotation, `None` when it has none.
+    pub fn role(&self) -> Option<&str> {
+        Some(self.pod.role.as_str()).filter(|r| !r.is_empty())
+    }
+
+    /// Credentials fit to serve at `now`: with more left than the floor the server serves with
+    /// (the SDKs' 15-minute window, or half the session when it is shorter).
+    pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
+        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner).clone()?;
+        let lifetime = held.expiration.duration_since(held.issued).unwrap_or_default();
+        let floor = SDK_REFRESH_WINDOW.min(lifetime / 2);
+        let left = held.expiration.duration_since(now).unwrap_or_default();
+        (left > floor).then_some(held.document)
+    }
+
+    /// Whether the background fetcher should ask for (new) credentials at `now`.
+    pub fn due(&self, now: SystemTime) -> bool {
+        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
+        self.pod.allowed && held.as_ref().is_none_or(|h| now >= h.renew_at)
+    }
+
+    /// Stores what the server answered. A document that changed nothing (the server has not
+    /// renewed yet) is asked for again a minute later rather than at once.
+    pub fn store(&self, document: ImdsDocument, now: SystemTime) {
+        let parse = |t: &str| crate::creds::time::parse(t);
+        let (Some(expiration), issued) = (parse(&document.expiration), parse(&document.last_updated)) else {
+            return;
+        };
+        let issued = issued.unwrap_or(now).min(now);
+        let mut held = self.creds.write().unwrap_or_else(PoisonError::into_inner);
+        let same = held.as_ref().is_some_and(|h| h.expiration == expiration);
+        let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
+        let renew_at =
+            if same { now + Duration::from_secs(60) } else { half_life.max(now + Duration::from_secs(1)) };
+        *held = Some(Held { document, issued, expiration, renew_at });
+    }
+
+    /// After a failed fetch, when to try again.
+    pub fn backoff(&self, now: SystemTime, pause: Duration) {
+        if let Some(held) = self.creds.write().unwrap_or_else(PoisonError::into_inner).as_mut() {
+            held.renew_at = now + pause;
+        }
+    }
+}
+
+/// The view's state, swapped under one lock.
+#[derive(Default)]
+struct State {
+    entries: HashMap<IpAddr, Arc<ViewEntry>>,
+    /// A snapshot has arrived on the current stream, and the stream is still open.
+    live: bool,
+    /// The node the server says this is.
+    node: String,
+    /// Since when the view has not been known current (the stream went down); `None` while live.
+    down_since: Option<Instant>,
+    /// Whether any snapshot ever arrived (the agent then answers from the view).
+    ever_synced: bool,
+}
+
+/// What the view says about one IP.
+pub enum Lookup {
+    /// The pod's entry.
+    Entry(Arc<ViewEntry>),
+    /// The view is live and has no pod at this IP (after waiting for one).
+    NoPod,
+    /// The view cannot say: not synced yet, or stale and without this IP. Ask the server.
+    Unknown,
+}
+
+/// The node's pods, as far as the agent knows.
+pub struct NodeView {
+    state: RwLock<State>,
+    changes: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+/// Health of the view, for `/health?deep` and metrics.
+#[derive(Clone, Debug)]
+pub struct ViewHealth {
+    /// A snapshot arrived on the current stream and it is still open.
+    pub live: bool,
+    /// Entries held.
+    pub entries: usize,
+    /// How long the view has not been known current (zero while live; `None` before any sync).
+    pub age: Option<Duration>,
+    /// The node the server says this is.
+    pub node: String,
+}
+
+impl NodeView {
+    /// An empty view counting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> NodeView {
+        NodeView { state: RwLock::default(), changes: watch::Sender::new(0), metrics }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            f(&mut state);
+            let m = &self.metrics.agent;
+            m.view_entries.set(state.entries.len() as i64);
+            m.view_live.set(i64::from(state.live));
+        }
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Replaces everything with a snapshot; the view is live from now on.
+    pub fn replace(&self, snapshot: pb::Snapshot) {
+        self.update(|state| {
+            let old = std::mem::take(&mut state.entries);
+            for entry in snapshot.entries {
+                let Ok(ip) = entry.ip.parse() else { continue };
+                // An identical entry keeps its credentials across a resync.
+                let kept = old.get(&ip).filter(|e| e.pod == entry).cloned();
+                state.entries.insert(ip, kept.unwrap_or_else(|| Arc::new(ViewEntry::new(entry))));
+            }
+            state.node = snapshot.node;
+            state.live = true;
+            state.ever_synced = true;
+            state.down_since = None;
+            self.metrics.agent.view_down_since.set(0);
+        });
+    }
+
+    /// Adds or replaces one entry (a changed entry starts without credentials).
+    pub fn upsert(&self, entry: pb::Entry) {
+        let Ok(ip) = entry.ip.parse::<IpAddr>() else { return };
+        self.update(|state| {
+            if state.entries.get(&ip).is_none_or(|e| e.pod != entry) {
+                state.entries.insert(ip, Arc::new(ViewEntry::new(entry)));
+            }
+        });
+    }
+
+    /// Drops the entries of `ips` (a Remove, or a Fence before the server changes them).
+    pub fn remove(&self, ips: &[String]) {
+        self.metrics.agent.view_invalidations.inc_by(ips.len() as u64);
+        self.update(|state| {
+            for ip in ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                state.entries.remove(&ip);
+            }
+        });
+    }
+
+    /// Counts a stream the servers refused.
+    pub fn refused(&self) {
+        self.metrics.agent.view_refusals.inc();
+    }
+
+    /// Marks the stream down (entries are kept: static stability).
+    pub fn set_down(&self) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.live = false;
+        if state.down_since.is_none() && state.ever_synced {
+            state.down_since = Some(Instant::now());
+            let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            self.metrics.agent.view_down_since.set(i64::try_from(epoch.as_secs()).unwrap_or(i64::MAX));
+        }
+        self.metrics.agent.view_live.set(0);
+    }
+
+    /// Every entry, for the fetcher.
+    pub fn entries(&self) -> Vec<(IpAddr, Arc<ViewEntry>)> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.entries.iter().map(|(ip, e)| (*ip, Arc::clone(e))).collect()
+    }
+
+    /// The entry for `ip`. While the view is live, a pod not in it yet is waited for until
+    /// `deadline`, woken by the stream.
+    pub async fn lookup(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Lookup {
+        let mut changes = self.changes.subscribe();
+        loop {
+            {
+                let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+                if let Some(entry) = state.entries.get(&ip) {
+                    return Lookup::Entry(Arc::clone(entry));
+                }
+                if !state.live {
+                    return Lookup::Unknown;
+                }
+            }
+            if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                return Lookup::NoPod;
+            }
+        }
+    }
+
+    /// Whether the view has ever synced (the agent then answers hits from it).
+    pub fn ever_synced(&self) -> bool {
+        self.state.read().unwrap_or_else(PoisonError::into_inner).ever_synced
+    }
+
+    /// Live, size and age.
+    pub fn health(&self) -> ViewHealth {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        ViewHealth {
+            live: state.live,
+            entries: state.entries.len(),
+            age: match (state.live, state.down_since) {
+                (true, _) => Some(Duration::ZERO),
+                (false, since) => since.map(|t| t.elapsed()),
+            },
+            node: state.node.clone(),
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The server side of the node view: what each agent's view holds ([`entries`]), and the [`Hub`]
+//! of subscribed agents. Each subscriber has a task that recomputes its node's entries when that
+//! node's pods (or any namespace) change and sends the difference. The hub is the cluster's
+//! [`Fence`]: before a change alters a slot an agent holds, the hub sends that agent a Fence and
+//! waits (bounded) for its Ack, holding the subscriber's state until the change is applied, so no
+//! stale entry can be re-sent after it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::core::Core;
+use crate::cluster::{Fence, FenceGuard, Lookup};
+use crate::creds::AssumeRole;
+use crate::pb::node::{self as pb, view_message::Kind};
+
+/// What one subscriber's stream carries.
+pub type Outgoing = Result<pb::ViewMessage, Status>;
+
+/// The entries of `node`'s view, by IP: every IP whose lookup finds a pod on that node, with
+/// the pod's role and the policy's verdict. A pod whose namespace is not known yet is left out
+/// (the agent waits for it, or asks), never sent as denied.
+pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb::Entry> {
+    let mut out = HashMap::new();
+    for (ip, lookup) in core.cluster().node_ips(node) {
+        let Lookup::Found(pod) = lookup else { continue };
+        if pod.node_name.as_deref() != Some(node) {
+            continue;
+        }
+        let role = pod.role.clone().filter(|r| !r.trim().is_empty());
+        if role.is_some() && core.cluster().namespace(&pod.namespace).is_none() {
+            continue;
+        }
+        let (allowed, denial, role_arn) = match role.as_deref().map(|r| core.identity_for(&pod, r)) {
+            None => (false, "pod has no iam.amazonaws.com/role annotation".to_string(), String::new()),
+            Some(Ok(identity)) => (true, String::new(), identity.role.to_string()),
+            Some(Err(denial)) => (false, denial.to_string(), String::new()),
+        };
+        let entry = pb::Entry {
+            ip: ip.to_string(),
+            uid: pod.uid.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            role: role.unwrap_or_default(),
+            allowed,
+            denial,
+            role_arn,
+        };
+        out.insert(entry.ip.clone(), entry);
+    }
+    out
+}
+
+/// One subscribed agent.
+pub struct Subscriber {
+    id: u64,
+    node: String,
+    tx: mpsc::Sender<Outgoing>,
+    /// The entries sent so far; locked while a diff is sent, and by a fence until its change is
+    /// applied.
+    sent: Arc<tokio::sync::Mutex<HashMap<String, pb::Entry>>>,
+    acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Stops the subscriber's tasks (and so ends its stream).
+    pub cancel: CancellationToken,
+}
+
+impl Subscriber {
+    /// Routes an Ack from the agent to the fence waiting for it.
+    pub fn ack(&self, fence: u64) {
+        if let Some(waiter) = self.acks.lock().unwrap_or_else(PoisonError::into_inner).remove(&fence) {
+            let _ = waiter.send(());
+        }
+    }
+
+    async fn send(&self, message: Kind) -> bool {
+        let message = Ok(pb::ViewMessage { kind: Some(message) });
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            sent = self.tx.send(message) => sent.is_ok(),
+        }
+    }
+}
+
+/// The agents subscribed to each node.
+pub struct Hub {
+    nodes: Mutex<HashMap<String, Vec<Arc<Subscriber>>>>,
+    next: AtomicU64,
+    /// How long a fence waits for an agent before dropping its stream.
+    ack_timeout: Duration,
+    /// Most streams one node may hold at once.
+    per_node: usize,
+}
+
+impl Hub {
+    /// A hub whose fences wait at most `ack_timeout` per agent.
+    pub fn new(ack_timeout: Duration, per_node: usize) -> Hub {
+        Hub { nodes: Mutex::default(), next: AtomicU64::new(1), ack_timeout, per_node }
+    }
+
+    /// Registers an agent of `node`; `None` when the node already holds its most streams.
+    pub fn subscribe(
+        &self,
+        node: &str,
+        tx: mpsc::Sender<Outgoing>,
+        shutdown: &CancellationToken,
+    ) -> Option<Arc<Subscriber>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = nodes.entry(node.to_string()).or_default();
+        list.retain(|s| !s.cancel.is_cancelled());
+        if list.len() >= self.per_node {
+            return None;
+        }
+        let subscriber = Arc::new(Subscriber {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            node: node.to_string(),
+            tx,
+            sent: Arc::default(),
+            acks: Mutex::default(),
+            cancel: shutdown.child_token(),
+        });
+        list.push(Arc::clone(&subscriber));
+        Some(subscriber)
+    }
+
+    /// Forgets `subscriber` and ends its stream.
+    pub fn drop_subscriber(&self, subscriber: &Subscriber) {
+        subscriber.cancel.cancel();
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = nodes.get_mut(&subscriber.node) {
+            list.retain(|s| s.id != subscriber.id);
+            if list.is_empty() {
+                nodes.remove(&subscriber.node);
+            }
+        }
+    }
+
+    /// How many agents are subscribed.
+    pub fn subscribers(&self) -> usize {
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner).values().map(Vec::len).sum()
+    }
+
+    async fn fence_slots(&self, slots: Vec<(String, IpAddr)>) -> FenceGuard {
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+        for (node, ip) in slots {
+            by_node.entry(node).or_default().push(ip.to_string());
+        }
+        let targets: Vec<(Arc<Subscriber>, Vec<String>)> = {
+            let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            by_node
+                .into_iter()
+                .flat_map(|(node, ips)| {
+                    nodes.get(&node).into_iter().flatten().map(move |s| (Arc::clone(s), ips.clone()))
+                })
+                .collect()
+        };
+        let mut held: Vec<Box<dyn Send>> = Vec::new();
+        let mut waits = Vec::new();
+        for (subscriber, ips) in targets {
+            let Ok(mut sent) =
+                tokio::time::timeout(self.ack_timeout, Arc::clone(&subscriber.sent).lock_owned()).await
+            else {
+                tracing::warn!(node = %subscriber.node, "node view: an agent's stream is stuck; dropping it");
+                self.drop_subscriber(&subscriber);
+                continue;
+            };
+            for ip in &ips {
+                sent.remove(ip);
+            }
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let (ack, acked) = oneshot::channel();
+            subscriber.acks.lock().unwrap_or_else(PoisonError::into_inner).insert(id, ack);
+            let fence = Kind::Fence(pb::Fence { id, ips });
+            if tokio::time::timeout(self.ack_timeout, subscriber.send(fence)).await.unwrap_or(false) {
+                waits.push((subscriber, acked));
+            } else {
+                self.drop_subscriber(&subscriber);
+            }
+            held.push(Box::new(sent));
+        }
+        for (subscriber, acked) in waits {
+            if !matches!(tokio::time::timeout(self.ack_timeout, acked).await, Ok(Ok(()))) {
+                tracing::warn!(node = %subscriber.node, "node view: an agent did not acknowledge a fence; dropping its stream");
+                self.drop_subscriber(&subscriber);
+            }
+        }
+        FenceGuard::holding(held)
+    }
+}
+
+impl Fence for Hub {
+    fn fence(&self, slots: Vec<(String, IpAddr)>) -> Pin<Box<dyn Future<Output = FenceGuard> + Send + '_>> {
+        Box::pin(self.fence_slots(slots))
+    }
+}
+
+/// Keeps `subscriber`'s agent current until its stream ends: a snapshot, then the difference
+/// each time its node's pods or any namespace change.
+pub async fn feed<A: AssumeRole>(core: Arc<Core<A>>, hub: Arc<Hub>, subscriber: Arc<Subscriber>) {
+    let cluster = Arc::clone(core.cluster());
+    let (mut pods, mut namespaces) = (cluster.pod_changes(), cluster.namespace_changes());
+    let mut seen: Option<(u64, u64)> = None;
+    loop {
+        pods.borrow_and_update();
+        let now = (cluster.node_generation(&subscriber.node), *namespaces.borrow_and_update());
+        if seen != Some(now) {
+            let mut sent = tokio::select! {
+                () = subscriber.cancel.cancelled() => break,
+                sent = Arc::clone(&subscriber.sent).lock_owned() => sent,
+            };
+            let current = entries(&core, &subscriber.node);
+            let ok = if seen.is_none() {
+                let snapshot = pb::Snapshot {
+                    node: subscriber.node.clone(),
+                    entries: current.values().cloned().collect(),
+                };
+                subscriber.send(Kind::Snapshot(snapshot)).await
+            } else {
+                send_difference(&subscriber, &sent, &current).await
+            };
+            if !ok {
+                break;
+            }
+            *sent = current;
+            seen = Some(now);
+        }
+        tokio::select! {
+            () = subscriber.cancel.cancelled() => break,
+            _ = pods.changed() => {}
+            _ = namespaces.changed() => {}
+        }
+    }
+    hub.drop_subscriber(&subscriber);
+}
+
+async fn send_difference(
+    subscriber: &Subscriber,
+    before: &HashMap<String, pb::Entry>,
+    after: &HashMap<String, pb::Entry>,
+) -> bool {
+    for ip in before.keys().filter(|ip| !after.contains_key(*ip)) {
+        if !subscriber.send(Kind::Remove(pb::Remove { ip: ip.clone() })).await {
+            return false;
+        }
+    }
+    for (ip, entry) in after {
+        if before.get(ip) != Some(entry) && !subscriber.send(Kind::Upsert(entry.clone())).await {
+            return false;
+        }
+    }
+    true
+}
