@@ -7,6 +7,8 @@
 mod agent;
 mod agent_hostile;
 mod binary;
+mod deploy;
+mod deploy_cases;
 mod e2e;
 mod events;
 mod explain;
