@@ -166,7 +166,7 @@ fn chart_and_manifests_render_lint_validate_and_parse() {
     let report = render();
     let pki = tempfile::tempdir().expect("temp dir");
     std::fs::write(pki.path().join("file"), "").expect("a stand-in file");
-    let all = report.cases.iter().chain(report.kustomize.iter().map(|(k, v)| (k, v)));
+    let all = report.cases.iter().chain(report.kustomize.iter());
     for (name, rendered) in all {
         for component in ["agent", "server"] {
             if !rendered.has(&format!("ServiceAccount/kiam-{component}")) {

@@ -7,6 +7,7 @@
 mod agent;
 mod agent_hostile;
 mod binary;
+mod certs;
 mod deploy;
 mod deploy_cases;
 mod e2e;
