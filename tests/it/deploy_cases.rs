@@ -239,6 +239,15 @@ fn server_only_high_port(r: &Rendered) {
     assert_eq!(server_user(r), Some(65532));
 }
 
+/// The `helm install`/`helm upgrade` commands of docs/, their --set values merged.
+fn docs_install(r: &Rendered) {
+    let agent = r.args("agent");
+    assert!(has(&agent, "--iptables") && has(&agent, "--host-interface=cali+"), "{agent:?}");
+    assert_eq!(r.container("agent").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
+    assert!(has(&r.args("server"), "--role-base-arn=arn:aws:iam::123456789012:role/"));
+    assert!(r.kinds("Secret").is_empty(), "the guide's secrets are named, so none is generated");
+}
+
 pub fn check(report: &Report) {
     let case = |name: &str| report.cases.get(name).unwrap_or_else(|| panic!("no case {name}"));
     default(case("default"));
@@ -249,7 +258,8 @@ pub fn check(report: &Report) {
     tls_files(case("tls-files"));
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
-    assert_eq!(report.cases.len(), 8, "a case without assertions");
+    docs_install(case("docs-install"));
+    assert_eq!(report.cases.len(), 9, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

@@ -1,7 +1,7 @@
 """Renders, lints and validates the deploy artifacts, for tests/it/deploy.rs.
 
 `deploy_check.py OUT.json` renders the Helm chart deploy/helm/kiam-rs with real Helm (the
-helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES, lints it, renders the
+helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for the `helm` commands of docs/*.md, lints it, renders the
 kustomize base and overlays with `kubectl kustomize`, validates every object strictly against
 the Kubernetes OpenAPI schemas of a current version (kubernetes-validate), and checks that the
 committed kustomize base is what the chart renders and that each overlay equals the chart with
@@ -104,6 +104,45 @@ CASES = {
     "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
 }
 
+DOCS = ROOT / "docs"
+
+
+def docs_values(errors):
+    """The --set values of the `helm install`/`helm upgrade` commands in docs/*.md, merged, so
+    the install guide's command is rendered, linted and validated like any case. Every key must
+    exist in values.yaml: Helm would accept a misspelt one silently."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    values = {}
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if "helm install" not in line and "helm upgrade" not in line:
+                continue
+            if "deploy/helm/kiam-rs" not in line:
+                errors.append(f"{doc.name}: a helm command not naming deploy/helm/kiam-rs: {line.strip()}")
+            words = line.split()
+            for i, word in enumerate(words[:-1]):
+                if word == "--set":
+                    parsed = helm_python.parse_set_string(words[i + 1])
+                    for path in leaf_paths(parsed):
+                        node = defaults
+                        for key in path:
+                            if not isinstance(node, dict) or key not in node:
+                                errors.append(f"{doc.name}: --set {'.'.join(path)} is not a chart value")
+                                break
+                            node = node[key]
+                    values = merge(values, parsed)
+    return values
+
+
+def leaf_paths(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaf_paths(value, prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
 # Custom resources: no upstream schema; checked for their required shape here instead.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ["selector", "endpoints"],
@@ -171,7 +210,8 @@ def base_text():
 def check(out_path):
     version = kubernetes_validate.latest_version()
     errors, cases, overlays = [], {}, {}
-    for name, values in CASES.items():
+    all_cases = dict(CASES, **{"docs-install": docs_values(errors)})
+    for name, values in all_cases.items():
         lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
         errors.extend(f"lint {name}: {e}" for e in lint.get("errors") or [])
         errors.extend(f"lint {name}: {m}" for m in lint.get("messages") or [] if m.get("severity", 0) > 1)
