@@ -12,12 +12,14 @@
 //!   Kubernetes watch, or a manifest file).
 //! - [`explain`]: `kiam explain`, the server's decision chain for one pod, from the cluster or
 //!   from manifests, plus the server's cache state through [`server::debug`].
-//! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf.
+//! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf;
+//!   [`certs`] makes and inspects the certificates (`kiam certs`).
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod aws;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -15,6 +15,7 @@ async fn main() -> ExitCode {
         Command::Server(s) => &s.log,
         Command::Health(h) => &h.log,
         Command::Explain(e) => &e.log,
+        Command::Certs(c) => &c.log,
     };
     kiam::telemetry::init(log.json_log, log.level);
     let shutdown = CancellationToken::new();
@@ -30,6 +31,7 @@ async fn main() -> ExitCode {
         },
         Command::Health(args) => health(args).await,
         Command::Explain(args) => return explain(args).await,
+        Command::Certs(args) => return args.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! validated, typed configurations, so that a bad value fails at start-up with a clear message.
 
 mod agent;
+mod certs;
 mod client;
 pub mod duration;
 mod explain;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use agent::AgentArgs;
+pub use certs::{CertsArgs, CertsCommand, GenerateArgs, InspectArgs};
 pub use client::ClientArgs;
 pub use explain::ExplainArgs;
 pub use health::HealthArgs;
@@ -43,6 +45,8 @@ pub enum Command {
     /// Why a pod does or does not get its role: the server's decision chain, from the cluster or
     /// from manifests. Exit 0 allowed, 1 denied, 3 when something could not be read.
     Explain(ExplainArgs),
+    /// Make the mutual-TLS certificates (a CA, server, agents, per-node agents) or inspect them.
+    Certs(CertsArgs),
 }
 
 /// Log level names, as kiam's `--level`.

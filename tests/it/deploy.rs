@@ -1,0 +1,190 @@
+//! The Helm chart and the kustomize manifests (issue 13).
+//!
+//! `py/deploy_check.py` renders the chart with real Helm for a table of value sets, lints it,
+//! renders the kustomize base and overlays with `kubectl kustomize`, validates every object
+//! strictly against a current Kubernetes version's schemas, and checks that the kustomize
+//! manifests equal the chart. Here every object is parsed as its k8s-openapi type, every
+//! container command line is parsed by the binary's own flag parser, and each value set is
+//! checked for what it must change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kiam::cli::{Cli, Command as Sub};
+use serde_json::Value;
+
+use crate::support::moto::venv_bin;
+
+/// One rendered object, parsed as its type (custom resources stay JSON). Parsing is the check;
+/// most typed values are read only where a case needs them.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub enum Object {
+    DaemonSet(Box<DaemonSet>),
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
+    ServiceAccount(Box<ServiceAccount>),
+    Secret(Box<Secret>),
+    ClusterRole(Box<ClusterRole>),
+    ClusterRoleBinding(Box<ClusterRoleBinding>),
+    PodDisruptionBudget(Box<PodDisruptionBudget>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    Custom(Value),
+}
+
+fn parse(value: &Value) -> Object {
+    fn typed<T: serde::de::DeserializeOwned>(value: &Value) -> Box<T> {
+        Box::new(serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}")))
+    }
+    match value["kind"].as_str().expect("every object has a kind") {
+        "DaemonSet" => Object::DaemonSet(typed(value)),
+        "Deployment" => Object::Deployment(typed(value)),
+        "Service" => Object::Service(typed(value)),
+        "ServiceAccount" => Object::ServiceAccount(typed(value)),
+        "Secret" => Object::Secret(typed(value)),
+        "ClusterRole" => Object::ClusterRole(typed(value)),
+        "ClusterRoleBinding" => Object::ClusterRoleBinding(typed(value)),
+        "PodDisruptionBudget" => Object::PodDisruptionBudget(typed(value)),
+        "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
+        "ServiceMonitor" | "Certificate" | "Issuer" => Object::Custom(value.clone()),
+        other => panic!("the chart renders a kind the tests do not know: {other}"),
+    }
+}
+
+/// Every object of one rendering, with the JSON it came from, keyed by `Kind/name`.
+pub struct Rendered(pub BTreeMap<String, (Value, Object)>);
+
+impl Rendered {
+    fn new(values: &[Value]) -> Rendered {
+        let mut map = BTreeMap::new();
+        for value in values {
+            let key = format!("{}/{}", value["kind"].as_str().unwrap_or(""), value["metadata"]["name"]);
+            let key = key.replace('"', "");
+            assert!(map.insert(key.clone(), (value.clone(), parse(value))).is_none(), "duplicate {key}");
+        }
+        Rendered(map)
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    pub fn json(&self, key: &str) -> &Value {
+        &self.0.get(key).unwrap_or_else(|| panic!("no {key} in {:?}", self.0.keys())).0
+    }
+
+    pub fn kinds(&self, kind: &str) -> Vec<&Value> {
+        self.0.iter().filter(|(k, _)| k.starts_with(&format!("{kind}/"))).map(|(_, (v, _))| v).collect()
+    }
+
+    /// The pod spec of the agent DaemonSet or the server DaemonSet/Deployment.
+    pub fn pod(&self, component: &str) -> &PodSpec {
+        let found = ["DaemonSet", "Deployment"]
+            .iter()
+            .find_map(|kind| self.0.get(&format!("{kind}/kiam-{component}")));
+        let template = match found.map(|(_, o)| o) {
+            Some(Object::DaemonSet(d)) => d.spec.as_ref().map(|s| &s.template),
+            Some(Object::Deployment(d)) => d.spec.as_ref().map(|s| &s.template),
+            _ => panic!("no workload kiam-{component}"),
+        };
+        template.and_then(|t| t.spec.as_ref()).expect("a pod spec")
+    }
+
+    pub fn container(&self, component: &str) -> &Container {
+        &self.pod(component).containers[0]
+    }
+
+    pub fn args(&self, component: &str) -> Vec<String> {
+        self.container(component).args.clone().unwrap_or_default()
+    }
+}
+
+/// What the Python side produced, checked for problems and parsed.
+pub struct Report {
+    pub cases: BTreeMap<String, Rendered>,
+    pub kustomize: BTreeMap<String, Rendered>,
+}
+
+fn render() -> Report {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("deploy.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/py/deploy_check.py");
+    let status =
+        Command::new(venv_bin("python")).arg(&script).arg(&out).status().expect("run deploy_check.py");
+    assert!(status.success(), "deploy_check.py failed: {status}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).expect("read report")).expect("JSON");
+    let errors: Vec<&str> =
+        report["errors"].as_array().expect("errors").iter().filter_map(Value::as_str).collect();
+    assert!(errors.is_empty(), "lint, schema or equivalence problems:\n{}", errors.join("\n"));
+    assert!(report["kubernetes_version"].as_str().is_some_and(|v| v >= "1.33"), "a current version");
+    let group = |name: &str| -> BTreeMap<String, Rendered> {
+        let object = report[name].as_object().expect("a map of renderings");
+        object.iter().map(|(k, v)| (k.clone(), Rendered::new(v.as_array().expect("objects")))).collect()
+    };
+    Report { cases: group("cases"), kustomize: group("kustomize") }
+}
+
+/// Parses a container's command line with the binary's own parser, TLS paths pointed at real
+/// files, so a flag the binary lacks, a bad value or a rejected combination fails here.
+pub fn parse_command(container: &Container, pki: &Path) -> Sub {
+    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
+    argv.extend(container.args.clone().unwrap_or_default());
+    parse_argv(argv, pki)
+}
+
+pub fn parse_argv(argv: Vec<String>, pki: &Path) -> Sub {
+    assert_eq!(argv.first().map(String::as_str), Some("/kiam"), "{argv:?}");
+    let mut argv: Vec<String> = argv
+        .into_iter()
+        .map(|a| match a.split_once("=/etc/kiam/tls/") {
+            Some((flag, _)) => format!("{flag}={}", pki.join("file").display()),
+            None => a,
+        })
+        .collect();
+    if argv.get(1).map(String::as_str) == Some("agent") {
+        argv.push("--host=10.0.0.1".into()); // HOST_IP, from the downward API in a cluster
+    }
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}:\n{e}"));
+    match &cli.command {
+        Sub::Agent(a) => drop(a.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"))),
+        Sub::Server(s) => drop(s.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"))),
+        Sub::Health(h) => drop(h.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"))),
+        other => panic!("no workload runs {other:?}"),
+    }
+    cli.command
+}
+
+#[test]
+fn chart_and_manifests_render_lint_validate_and_parse() {
+    let report = render();
+    let pki = tempfile::tempdir().expect("temp dir");
+    std::fs::write(pki.path().join("file"), "").expect("a stand-in file");
+    let all = report.cases.iter().chain(report.kustomize.iter());
+    for (name, rendered) in all {
+        for component in ["agent", "server"] {
+            if !rendered.has(&format!("ServiceAccount/kiam-{component}")) {
+                continue;
+            }
+            let container = rendered.container(component);
+            let command = parse_command(container, pki.path());
+            assert!(
+                matches!((&command, component), (Sub::Agent(_), "agent") | (Sub::Server(_), "server")),
+                "{name}: {component} runs {command:?}"
+            );
+            for probe in [&container.liveness_probe, &container.readiness_probe].into_iter().flatten() {
+                if let Some(exec) = &probe.exec {
+                    let argv = exec.command.clone().unwrap_or_default();
+                    assert!(matches!(parse_argv(argv, pki.path()), Sub::Health(_)), "{name}: probe");
+                }
+            }
+        }
+    }
+    crate::deploy_cases::check(&report);
+}

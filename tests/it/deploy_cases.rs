@@ -1,0 +1,279 @@
+//! What each chart value set and each kustomize overlay must change, on the objects
+//! `deploy.rs` rendered and parsed. Each assertion fails if the feature it names were wrong.
+
+use k8s_openapi::api::core::v1::Container;
+use serde_json::{Value, json};
+
+use crate::deploy::{Object, Rendered, Report};
+
+fn has(args: &[String], flag: &str) -> bool {
+    args.iter().any(|a| a == flag)
+}
+
+fn caps_added(c: &Container) -> Vec<String> {
+    let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref());
+    caps.and_then(|c| c.add.clone()).unwrap_or_default()
+}
+
+fn run_as(c: &Container, pod_level: Option<i64>) -> Option<i64> {
+    c.security_context.as_ref().and_then(|s| s.run_as_user).or(pod_level)
+}
+
+fn server_user(r: &Rendered) -> Option<i64> {
+    run_as(r.container("server"), r.pod("server").security_context.as_ref().and_then(|s| s.run_as_user))
+}
+
+fn secret_keys(r: &Rendered, name: &str) -> Vec<String> {
+    let data = r.json(&format!("Secret/{name}"))["data"].as_object().cloned().unwrap_or_default();
+    data.keys().cloned().collect()
+}
+
+fn default(r: &Rendered) {
+    // The agent: host network, no API access, no privileges without iptables.
+    let pod = r.pod("agent");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let agent = r.container("agent");
+    assert!(caps_added(agent).is_empty(), "NET_ADMIN only with iptables");
+    assert_eq!(run_as(agent, None), Some(65532));
+    let args = r.args("agent");
+    assert!(!has(&args, "--iptables") && !has(&args, "--require-imdsv2"), "{args:?}");
+    for flag in ["--server-address=kiam-server:443", "--port=8181", "--host-interface=cali+"] {
+        assert!(has(&args, flag), "{flag} in {args:?}");
+    }
+    let env = agent.env.clone().unwrap_or_default();
+    let host_ip = env.iter().find(|e| e.name == "HOST_IP").and_then(|e| e.value_from.as_ref());
+    let field = host_ip.and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.podIP"));
+    // The server: non-root, no capabilities, port 443 through the unprivileged-port sysctl.
+    let server = r.args("server");
+    for flag in ["--bind=0.0.0.0:443", "--role-base-arn-autodetect"] {
+        assert!(has(&server, flag), "{flag} in {server:?}");
+    }
+    assert!(!has(&server, "--agent-node-binding"));
+    assert!(caps_added(r.container("server")).is_empty());
+    assert_eq!(server_user(r), Some(65532));
+    let sysctls =
+        r.pod("server").security_context.as_ref().and_then(|s| s.sysctls.clone()).unwrap_or_default();
+    assert!(sysctls.iter().any(|s| s.name == "net.ipv4.ip_unprivileged_port_start" && s.value == "0"));
+    assert_eq!(r.json("DaemonSet/kiam-server")["kind"], "DaemonSet", "a DaemonSet, as kiam's chart");
+    // Headless service named as kiam's, so kiam agents find kiam-rs servers.
+    assert_eq!(r.json("Service/kiam-server")["spec"]["clusterIP"], "None");
+    assert_eq!(r.json("Service/kiam-server")["spec"]["ports"][0]["port"], 443);
+    rbac(r);
+    // TLS generated at install, one CA for both, under kiam's secret names and keys.
+    for name in ["kiam-agent", "kiam-server"] {
+        assert_eq!(secret_keys(r, name), ["ca", "cert", "key"]);
+    }
+    assert_eq!(r.json("Secret/kiam-agent")["data"]["ca"], r.json("Secret/kiam-server")["data"]["ca"]);
+    assert!(r.has("PodDisruptionBudget/kiam-server"));
+    assert!(!r.has("NetworkPolicy/kiam-server") && r.kinds("ServiceMonitor").is_empty());
+}
+
+/// Exactly: the server reads pods and namespaces and writes events; nothing is bound to the agent.
+fn rbac(r: &Rendered) {
+    let rules = |name: &str| match &r.0[&format!("ClusterRole/{name}")].1 {
+        Object::ClusterRole(role) => role.rules.clone().unwrap_or_default(),
+        _ => unreachable!(),
+    };
+    let read = rules("kiam-read");
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].api_groups.as_deref(), Some(&[String::new()][..]));
+    assert_eq!(read[0].resources.as_deref(), Some(&["namespaces".to_string(), "pods".into()][..]));
+    assert_eq!(read[0].verbs, ["get", "list", "watch"]);
+    let write = rules("kiam-write");
+    assert_eq!(write.len(), 1);
+    assert_eq!(write[0].api_groups.as_deref(), Some(&["events.k8s.io".to_string()][..]));
+    assert_eq!(write[0].resources.as_deref(), Some(&["events".to_string()][..]));
+    assert_eq!(write[0].verbs, ["create", "patch"]);
+    assert_eq!(r.kinds("ClusterRole").len(), 2);
+    assert!(r.kinds("Role").is_empty() && r.kinds("RoleBinding").is_empty());
+    for binding in r.kinds("ClusterRoleBinding") {
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "kiam-server", "namespace": "kube-system"}])
+        );
+    }
+}
+
+fn kiam_values(r: &Rendered) {
+    let agent = r.container("agent");
+    assert_eq!(caps_added(agent), ["NET_ADMIN"], "iptables needs NET_ADMIN");
+    assert_eq!(run_as(agent, None), Some(0));
+    assert_eq!(agent.image.as_deref(), Some("registry.example/kiam-rs:v1"));
+    let args = r.args("agent");
+    for flag in [
+        "--iptables",
+        "--no-iptables-remove",
+        "--host-interface=!eth0",
+        "--allow-route-regexp=^/latest/meta-data/placement/",
+        "--grpc-keepalive-time-duration=10s",
+        "--grpc-keepalive-permit-without-stream",
+        "--iptables-check-interval=10s",
+        "--grpc-keepalive-timeout-duration=3s",
+    ] {
+        assert!(has(&args, flag), "{flag} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.contains("allow-ip-query")), "false extraArgs are left out");
+    let path = &r.json("DaemonSet/kiam-agent")["spec"]["template"]["spec"]["containers"][0]["livenessProbe"];
+    assert_eq!(path["httpGet"]["path"], "/health?deep=1");
+    let mounts: Vec<_> = agent.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert!(mounts.contains(&"/run/xtables.lock"));
+    let pod = r.pod("agent");
+    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert_eq!(pod.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()), Some("regcred"));
+    // The server as a Deployment, with kiam's server values.
+    let deployment = r.json("Deployment/kiam-server");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let server = r.args("server");
+    for flag in [
+        "--role-base-arn=arn:aws:iam::123456789012:role/",
+        "--assume-role-arn=arn:aws:iam::123456789012:role/kiam-server",
+        "--session-duration=15m",
+        "--session-refresh=2m",
+        "--grpc-max-connection-age-duration=10m",
+        "--grpc-keepalive-timeout-duration=3s",
+    ] {
+        assert!(has(&server, flag), "{flag} in {server:?}");
+    }
+    assert!(!has(&server, "--role-base-arn-autodetect"));
+    let env = r.container("server").env.clone().unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "AWS_STS_REGIONAL_ENDPOINTS" && e.value.as_deref() == Some("regional"))
+    );
+    let sa = r.json("ServiceAccount/kiam-server");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/kiam-server"
+    );
+    // Secrets named by the user: the chart makes none.
+    assert!(r.kinds("Secret").is_empty());
+    let volumes = r.pod("agent").volumes.clone().unwrap_or_default();
+    let tls = volumes.iter().find(|v| v.name == "tls").and_then(|v| v.secret.as_ref());
+    assert_eq!(tls.and_then(|s| s.secret_name.as_deref()), Some("kiam-agent-tls"));
+}
+
+fn node_binding(r: &Rendered) {
+    assert!(has(&r.args("server"), "--agent-node-binding"));
+    assert!(has(&r.args("agent"), "--require-imdsv2"));
+    let volumes = r.pod("agent").volumes.clone().unwrap_or_default();
+    let tls = volumes.iter().find(|v| v.name == "tls").expect("a tls volume");
+    assert_eq!(
+        tls.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/etc/kiam/tls"),
+        "each node's own cert"
+    );
+    assert!(tls.secret.is_none());
+}
+
+fn servicemonitor(r: &Rendered) {
+    let monitors = r.kinds("ServiceMonitor");
+    assert_eq!(monitors.len(), 2);
+    for component in ["agent", "server"] {
+        let monitor = r.json(&format!("ServiceMonitor/kiam-{component}"));
+        let service = r.json(&format!("Service/kiam-{component}"));
+        let labels = service["metadata"]["labels"].as_object().expect("labels");
+        for (k, v) in monitor["spec"]["selector"]["matchLabels"].as_object().expect("a selector") {
+            assert_eq!(labels.get(k), Some(v), "the monitor selects the {component} service");
+        }
+        let ports: Vec<&Value> =
+            service["spec"]["ports"].as_array().expect("ports").iter().map(|p| &p["name"]).collect();
+        assert!(ports.contains(&&json!("metrics")));
+        assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    }
+    assert_eq!(r.json("ServiceMonitor/kiam-agent")["metadata"]["labels"]["release"], "prom");
+    assert_eq!(r.json("ServiceMonitor/kiam-server")["spec"]["endpoints"][0]["interval"], "30s");
+}
+
+fn cert_manager(r: &Rendered) {
+    assert!(r.kinds("Secret").is_empty(), "cert-manager writes the secrets");
+    assert_eq!(r.kinds("Issuer").len(), 2);
+    assert_eq!(r.json("Certificate/kiam-ca")["spec"]["isCA"], true);
+    let server = &r.json("Certificate/kiam-server")["spec"];
+    assert_eq!(server["secretName"], "kiam-server");
+    let names = server["dnsNames"].as_array().expect("dnsNames");
+    for name in ["kiam-server", "kiam-server.kube-system.svc", "kiam.example"] {
+        assert!(names.contains(&json!(name)), "{name}");
+    }
+    assert_eq!(server["ipAddresses"], json!(["127.0.0.1"]), "the probes connect to 127.0.0.1");
+    assert!(server["usages"].as_array().is_some_and(|u| u.contains(&json!("server auth"))));
+    let agent = &r.json("Certificate/kiam-agent")["spec"];
+    assert_eq!(agent["usages"], json!(["digital signature", "client auth"]));
+    assert_eq!(agent["issuerRef"], json!({"name": "kiam-ca", "kind": "Issuer"}));
+    for component in ["agent", "server"] {
+        let args = r.args(component);
+        for flag in
+            ["--cert=/etc/kiam/tls/tls.crt", "--key=/etc/kiam/tls/tls.key", "--ca=/etc/kiam/tls/ca.crt"]
+        {
+            assert!(has(&args, flag), "{component}: {flag} in {args:?}");
+        }
+    }
+}
+
+fn tls_files(r: &Rendered) {
+    for name in ["kiam-agent", "kiam-server"] {
+        let data = &r.json(&format!("Secret/{name}"))["data"];
+        assert_eq!(data["cert"], "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==");
+    }
+}
+
+fn hardened(r: &Rendered) {
+    // A port below 1024 on the host network: root, with NET_BIND_SERVICE and nothing else.
+    assert_eq!(r.pod("server").host_network, Some(true));
+    assert_eq!(server_user(r), Some(0));
+    assert_eq!(caps_added(r.container("server")), ["NET_BIND_SERVICE"]);
+    assert_eq!(r.pod("server").priority_class_name.as_deref(), Some("system-cluster-critical"));
+    assert_eq!(r.json("PodDisruptionBudget/kiam-server")["spec"]["maxUnavailable"], 2);
+    let ingress = &r.json("NetworkPolicy/kiam-server")["spec"]["ingress"];
+    assert_eq!(ingress[0]["ports"], json!([{"port": 443, "protocol": "TCP"}]));
+    assert_eq!(ingress[0]["from"], json!([{"ipBlock": {"cidr": "10.0.0.0/16"}}]));
+    assert_eq!(ingress[1]["ports"], json!([{"port": 9620, "protocol": "TCP"}]));
+    assert!(!r.has("Service/kiam-agent"), "no metrics, no agent service");
+    assert!(!r.args("agent").iter().any(|a| a.starts_with("--prometheus-listen-addr")));
+}
+
+fn server_only_high_port(r: &Rendered) {
+    assert!(r.0.keys().all(|k| !k.contains("agent")), "{:?}", r.0.keys());
+    assert!(has(&r.args("server"), "--bind=0.0.0.0:9610"));
+    assert!(r.pod("server").security_context.as_ref().and_then(|s| s.sysctls.as_ref()).is_none());
+    assert_eq!(server_user(r), Some(65532));
+}
+
+/// The `helm install`/`helm upgrade` commands of docs/, their --set values merged.
+fn docs_install(r: &Rendered) {
+    let agent = r.args("agent");
+    assert!(has(&agent, "--iptables") && has(&agent, "--host-interface=cali+"), "{agent:?}");
+    assert_eq!(r.container("agent").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
+    assert!(has(&r.args("server"), "--role-base-arn=arn:aws:iam::123456789012:role/"));
+    assert!(r.kinds("Secret").is_empty(), "the guide's secrets are named, so none is generated");
+}
+
+pub fn check(report: &Report) {
+    let case = |name: &str| report.cases.get(name).unwrap_or_else(|| panic!("no case {name}"));
+    default(case("default"));
+    kiam_values(case("kiam-values"));
+    node_binding(case("node-binding"));
+    servicemonitor(case("servicemonitor"));
+    cert_manager(case("cert-manager"));
+    tls_files(case("tls-files"));
+    hardened(case("hardened"));
+    server_only_high_port(case("server-only-high-port"));
+    docs_install(case("docs-install"));
+    assert_eq!(report.cases.len(), 9, "a case without assertions");
+    // Kustomize: TLS from the user's secrets; each overlay does what its name says.
+    let base = &report.kustomize["base"];
+    assert!(base.kinds("Secret").is_empty());
+    assert!(caps_added(base.container("agent")).is_empty());
+    rbac(base);
+    let iptables = &report.kustomize["iptables"];
+    assert_eq!(caps_added(iptables.container("agent")), ["NET_ADMIN"]);
+    assert!(has(&iptables.args("agent"), "--iptables"));
+    node_binding(&report.kustomize["node-binding"]);
+    for rendered in report.kustomize.values() {
+        for value in rendered.0.values().map(|(v, _)| v) {
+            if value["kind"] != "ClusterRole" && value["kind"] != "ClusterRoleBinding" {
+                assert_eq!(value["metadata"]["namespace"], "kube-system", "{}", value["metadata"]["name"]);
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+"""Renders, lints and validates the deploy artifacts, for tests/it/deploy.rs.
+
+`deploy_check.py OUT.json` renders the Helm chart deploy/helm/kiam-rs with real Helm (the
+helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for the `helm` commands of docs/*.md, lints it, renders the
+kustomize base and overlays with `kubectl kustomize`, validates every object strictly against
+the Kubernetes OpenAPI schemas of a current version (kubernetes-validate), and checks that the
+committed kustomize base is what the chart renders and that each overlay equals the chart with
+the overlay's values. It writes the objects and every problem found to OUT.json; the Rust test
+parses the objects as k8s-openapi types and asserts on them.
+
+`deploy_check.py --write-base` regenerates deploy/kustomize/base/kiam-rs.yaml from the chart.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "deploy/helm/kiam-rs"
+KUSTOMIZE = ROOT / "deploy/kustomize"
+BASE_FILE = KUSTOMIZE / "base/kiam-rs.yaml"
+RELEASE, NAMESPACE = "kiam", "kube-system"
+
+# The kustomize base: the chart's defaults, with TLS from secrets the user creates (as kiam's
+# deploy/ manifests: kiam-agent-tls and kiam-server-tls), so that nothing random is rendered.
+BASE_VALUES = {"agent": {"tlsSecret": "kiam-agent-tls"}, "server": {"tlsSecret": "kiam-server-tls"}}
+
+# Each overlay equals the chart rendered with the base values merged with these.
+OVERLAY_VALUES = {
+    "iptables": {"agent": {"host": {"iptables": True}}},
+    "node-binding": {
+        "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
+        "server": {"agentNodeBinding": True},
+    },
+}
+
+B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
+
+CASES = {
+    "default": {},
+    # A values file written for the community kiam chart.
+    "kiam-values": {
+        "extraArgs": {"grpc-keepalive-timeout-duration": "3s"},
+        "imagePullSecrets": "regcred",
+        "agent": {
+            "image": {"repository": "registry.example/kiam-rs", "tag": "v1"},
+            "whiteListRouteRegexp": "^/latest/meta-data/placement/",
+            "host": {"iptables": True, "interface": "!eth0", "port": 8181},
+            "keepaliveParams": {"time": "10s", "permitWithoutStream": True},
+            "extraArgs": {"iptables-check-interval": "10s", "allow-ip-query": False},
+            "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}],
+            "tlsSecret": "kiam-agent-tls",
+            "deepLivenessProbe": True,
+            "priorityClassName": "system-node-critical",
+            "tolerations": [{"operator": "Exists"}],
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        },
+        "server": {
+            "deployment": {"enabled": True, "replicas": 2},
+            "roleBaseArn": "arn:aws:iam::123456789012:role/",
+            "assumeRoleArn": "arn:aws:iam::123456789012:role/kiam-server",
+            "sessionDuration": "15m",
+            "tlsSecret": "kiam-server-tls",
+            "keepaliveParams": {"maxConnectionAge": "10m", "maxConnectionAgeGrace": "1m"},
+            "extraArgs": {"session-refresh": "2m"},
+            "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"},
+            "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+            "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}],
+            "sslCertHostPath": "/etc/pki/ca-trust/extracted/pem",
+        },
+        "serviceAccounts": {"server": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"}}},
+    },
+    "node-binding": {
+        "server": {"agentNodeBinding": True},
+        "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
+    },
+    "servicemonitor": {
+        "agent": {"prometheus": {"servicemonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+        "server": {"prometheus": {"servicemonitor": {"enabled": True, "interval": "30s"}}},
+    },
+    "cert-manager": {"certManager": {"enabled": True, "serverDnsNames": ["kiam.example"]}},
+    "tls-files": {
+        "agent": {"tlsFiles": {"ca": B64, "cert": B64, "key": B64}},
+        "server": {"tlsFiles": {"ca": B64, "cert": B64, "key": B64}},
+    },
+    "hardened": {
+        "server": {
+            "useHostNetwork": True,
+            "priorityClassName": "system-cluster-critical",
+            "podDisruptionBudget": {"maxUnavailable": 2},
+            "networkPolicy": {
+                "enabled": True,
+                "grpcFrom": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            },
+        },
+        "agent": {"prometheus": {"scrape": False}},
+    },
+    "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
+}
+
+DOCS = ROOT / "docs"
+
+
+def docs_values(errors):
+    """The --set values of the `helm install`/`helm upgrade` commands in docs/*.md, merged, so
+    the install guide's command is rendered, linted and validated like any case. Every key must
+    exist in values.yaml: Helm would accept a misspelt one silently."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    values = {}
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if "helm install" not in line and "helm upgrade" not in line:
+                continue
+            if "deploy/helm/kiam-rs" not in line:
+                errors.append(f"{doc.name}: a helm command not naming deploy/helm/kiam-rs: {line.strip()}")
+            words = line.split()
+            for i, word in enumerate(words[:-1]):
+                if word == "--set":
+                    parsed = helm_python.parse_set_string(words[i + 1])
+                    for path in leaf_paths(parsed):
+                        node = defaults
+                        for key in path:
+                            if not isinstance(node, dict) or key not in node:
+                                errors.append(f"{doc.name}: --set {'.'.join(path)} is not a chart value")
+                                break
+                            node = node[key]
+                    values = merge(values, parsed)
+    return values
+
+
+def leaf_paths(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaf_paths(value, prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
+# Custom resources: no upstream schema; checked for their required shape here instead.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ["selector", "endpoints"],
+    ("cert-manager.io/v1", "Certificate"): ["secretName", "issuerRef"],
+    ("cert-manager.io/v1", "Issuer"): [],
+}
+
+
+def merge(base, extra):
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def render_chart(values):
+    files = helm_python.Chart.load(str(CHART)).render(values=values, name=RELEASE, namespace=NAMESPACE)
+    docs = []
+    for name in sorted(files):
+        if name.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(files[name]) if d)
+    return docs
+
+
+def kustomize(path):
+    out = subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def validate(objects, version, where, errors):
+    for obj in objects:
+        label = f"{where}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        custom = CUSTOM_KINDS.get((obj.get("apiVersion"), obj.get("kind")))
+        if custom is not None:
+            missing = [k for k in custom if k not in obj.get("spec", {})]
+            if missing or not obj.get("metadata", {}).get("name"):
+                errors.append(f"{label}: missing {missing or 'metadata.name'}")
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{label}: {'.'.join(map(str, e.path))}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{label}: no schema for {obj.get('apiVersion')}")
+
+
+def comparable(objects):
+    """Objects keyed by kind/name, without the namespace kustomize adds."""
+    out = {}
+    for obj in objects:
+        obj = json.loads(json.dumps(obj))
+        obj.get("metadata", {}).pop("namespace", None)
+        out[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
+    return out
+
+
+def base_text():
+    header = (
+        "# Generated from deploy/helm/kiam-rs by `bash scripts/render-manifests`; do not edit.\n"
+        "# tests/it/deploy.rs fails when this file and the chart disagree.\n"
+    )
+    return header + yaml.safe_dump_all(render_chart(BASE_VALUES), sort_keys=True)
+
+
+def check(out_path):
+    version = kubernetes_validate.latest_version()
+    errors, cases, overlays = [], {}, {}
+    all_cases = dict(CASES, **{"docs-install": docs_values(errors)})
+    for name, values in all_cases.items():
+        lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
+        errors.extend(f"lint {name}: {e}" for e in lint.get("errors") or [])
+        errors.extend(f"lint {name}: {m}" for m in lint.get("messages") or [] if m.get("severity", 0) > 1)
+        objects = render_chart(values)
+        validate(objects, version, f"chart {name}", errors)
+        cases[name] = objects
+    if BASE_FILE.read_text() != base_text():
+        errors.append("deploy/kustomize/base/kiam-rs.yaml is stale: run bash scripts/render-manifests")
+    base = kustomize(KUSTOMIZE / "base")
+    validate(base, version, "kustomize base", errors)
+    overlays["base"] = base
+    if comparable(base) != comparable(render_chart(BASE_VALUES)):
+        errors.append("kustomize base differs from the chart with the base values")
+    for name, extra in OVERLAY_VALUES.items():
+        objects = kustomize(KUSTOMIZE / "overlays" / name)
+        validate(objects, version, f"kustomize {name}", errors)
+        overlays[name] = objects
+        want, got = comparable(render_chart(merge(BASE_VALUES, extra))), comparable(objects)
+        for key in sorted(set(want) | set(got)):
+            if want.get(key) != got.get(key):
+                errors.append(f"overlay {name}: {key} differs from the chart with {json.dumps(extra)}")
+    report = {"kubernetes_version": version, "errors": errors, "cases": cases, "kustomize": overlays}
+    Path(out_path).write_text(json.dumps(report))
+
+
+def main():
+    if sys.argv[1:] == ["--write-base"]:
+        BASE_FILE.write_text(base_text())
+    elif len(sys.argv) == 2:
+        check(sys.argv[1])
+    else:
+        sys.exit("usage: deploy_check.py OUT.json | --write-base")
+
+
+if __name__ == "__main__":
+    main()
