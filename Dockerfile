@@ -1,7 +1,7 @@
 # kiam-rs: one image for every mode.
 #   /kiam agent|server|health|explain|certs   (kiam's manifests and chart: command: [/kiam])
-#   /usr/local/bin/kube2iam                    (kube2iam's entrypoint name; kube2iam mode will
-#                                               dispatch on it, and ENTRYPOINT will then be it)
+#   kube2iam [kube2iam's flags]                (the ENTRYPOINT: kube2iam's manifests give only
+#                                               args; the binary runs kube2iam mode by that name)
 # It carries iptables in both nft and legacy modes (deploy/image/iptables picks the node's) and
 # runs as an unprivileged user: only the agent with --iptables needs root and NET_ADMIN, which
 # the Helm chart and manifests grant to exactly that case.
@@ -22,4 +22,4 @@ COPY deploy/image/iptables /usr/local/sbin/iptables
 RUN ln -s /kiam /usr/local/bin/kiam && ln -s /kiam /usr/local/bin/kube2iam
 
 USER 65532:65532
-ENTRYPOINT ["/kiam"]
+ENTRYPOINT ["/usr/local/bin/kube2iam"]

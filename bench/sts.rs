@@ -72,6 +72,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     let policy = Policy {
         base_arn: Some(BaseArn::parse(BASE_ARN).expect("the base ARN parses")),
         strict_namespace_regexp: true,
+        kube2iam: None,
     };
     let core =
         Arc::new(Core::new(Arc::clone(&cluster), policy, cache, "kiam".into(), Arc::new(NoEvents), metrics));

@@ -117,6 +117,18 @@ pub async fn detect_base_arn() -> Result<BaseArn, String> {
     BaseArn::of_instance_profile(profile).map_err(|e| e.to_string())
 }
 
+/// The name of the instance profile's own role, from the metadata service's credentials listing
+/// over IMDSv2 (kube2iam's `--auto-discover-default-role`).
+pub async fn detect_instance_role() -> Result<String, String> {
+    let client = aws_config::imds::Client::builder().build();
+    let listing = client
+        .get("/latest/meta-data/iam/security-credentials/")
+        .await
+        .map_err(|e| aws_smithy_error_text(&e))?;
+    let role = listing.as_ref().lines().next().map(str::trim).unwrap_or_default().to_string();
+    if role.is_empty() { Err("the instance has no role".into()) } else { Ok(role) }
+}
+
 /// Maps an SDK error once, into the kinds retries and Events branch on.
 fn map_error<E: ProvideErrorMetadata + std::error::Error + 'static>(err: SdkError<E>) -> StsError {
     match &err {

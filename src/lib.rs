@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod creds;
 pub mod explain;
 pub mod health;
+pub mod kube2iam;
 pub mod metrics;
 pub mod model;
 pub mod net;

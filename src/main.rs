@@ -9,8 +9,14 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     kiam::install_crypto_provider();
+    // kube2iam's image runs the binary by that name with kube2iam's flags only.
+    let invoked_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if invoked_as.as_deref().and_then(std::path::Path::file_name).is_some_and(|name| name == "kube2iam") {
+        return kube2iam(kiam::kube2iam::Kube2iamCli::parse().args).await;
+    }
     let cli = Cli::parse();
     let log = match &cli.command {
+        Command::Kube2iam(args) => return kube2iam(args.clone()).await,
         Command::Agent(a) => &a.log,
         Command::Server(s) => &s.log,
         Command::Health(h) => &h.log,
@@ -32,8 +38,42 @@ async fn main() -> ExitCode {
         Command::Health(args) => health(args).await,
         Command::Explain(args) => return explain(args).await,
         Command::Certs(args) => return args.run(),
+        Command::Kube2iam(_) => unreachable_kube2iam(),
     };
     match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Dispatched before logging starts, above; kept so the match stays exhaustive.
+fn unreachable_kube2iam() -> Result<(), String> {
+    Err("kube2iam mode is dispatched before the other commands".into())
+}
+
+/// kube2iam mode, with kube2iam's logging flags.
+async fn kube2iam(args: kiam::kube2iam::Kube2iamArgs) -> ExitCode {
+    let (json, level) = match args.logging() {
+        Ok(logging) => logging,
+        Err(error) => {
+            eprintln!("kube2iam: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    kiam::telemetry::init(json, level);
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "invalid flags");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match kiam::kube2iam::main(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "exiting");

@@ -207,6 +207,32 @@ pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result
     Ok("metadata: ok".into_response())
 }
 
+/// kube2iam's `/healthz` (kube2iam mode): 200 with `{"hostIP", "instanceId"}` when the node's
+/// metadata service answers `instance-id`, 500 with the reason otherwise. Elsewhere: 404.
+pub async fn healthz<B>(agent: &Agent<B>) -> Result<Response, AgentError> {
+    let Some(host) = agent.healthz else {
+        return Err(AgentError::NotFound("/healthz is kube2iam mode's; use /health or /ping".into()));
+    };
+    let status = |up: bool| {
+        if let Some(k) = &agent.metrics.kube2iam {
+            k.healthcheck_status.set(i64::from(up));
+        }
+    };
+    let answer =
+        agent.upstream.forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new()).await;
+    let instance = match answer {
+        Ok(r) if r.status().is_success() => axum::body::to_bytes(r.into_body(), 4096).await.ok(),
+        _ => None,
+    };
+    let Some(instance) = instance.and_then(|b| String::from_utf8(b.to_vec()).ok()) else {
+        status(false);
+        return Err(AgentError::Internal("the metadata service did not answer instance-id".into()));
+    };
+    status(true);
+    let body = serde_json::json!({"hostIP": host.to_string(), "instanceId": instance.trim()});
+    Ok(([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};

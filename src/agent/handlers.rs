@@ -16,6 +16,7 @@ use super::error::AgentError;
 use super::token::{TOKEN_HEADER, TTL_HEADER, parse_ttl};
 use super::{Agent, Backend};
 use crate::metrics::Handler;
+use crate::metrics::kube2iam::HttpCall;
 use crate::policy::paths::{Route, classify};
 
 /// Every request comes through here.
@@ -37,7 +38,16 @@ pub async fn handle<B: Backend>(
         Err(err) => err.into_response(),
     };
     let status = response.status().as_u16();
-    record(&agent.metrics.agent, handler_of(&classify(&path)), status, started.elapsed());
+    let route = classify(&path);
+    record(&agent.metrics.agent, handler_of(&route), status, started.elapsed());
+    if let Some(k) = &agent.metrics.kube2iam {
+        let call = HttpCall {
+            code: status.to_string(),
+            method: method.to_string(),
+            handler: kube2iam_handler(&route),
+        };
+        k.http_request_duration.get_or_create(&call).observe(started.elapsed().as_secs_f64());
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     if status < 400 {
         tracing::debug!(pod.ip = %ip, %method, %path, status, duration_ms, "request");
@@ -57,6 +67,18 @@ fn handler_of(route: &Route<'_>) -> &'static str {
         Route::Token => "token",
         Route::Ping => "ping",
         _ => "proxy",
+    }
+}
+
+/// kube2iam's `handler` label for a route (its handler function names).
+fn kube2iam_handler(route: &Route<'_>) -> &'static str {
+    match route {
+        Route::RoleList | Route::CredentialsRedirect | Route::ExtendedRoleList => {
+            "securityCredentialsHandler"
+        }
+        Route::Credentials(_) | Route::ExtendedCredentials(_) => "roleHandler",
+        Route::Healthz | Route::Health => "healthHandler",
+        _ => "reverseProxyHandler",
     }
 }
 
@@ -98,6 +120,7 @@ async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> 
     match route {
         Route::Ping => return Ok("pong".into_response()),
         Route::Health => return answers::health(agent, request.uri.query()).await,
+        Route::Healthz => return answers::healthz(agent).await,
         _ => {}
     }
     check_token(agent, ip, headers)?;

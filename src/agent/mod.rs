@@ -59,7 +59,8 @@ pub struct Config {
     pub allow_ip_query: bool,
     /// `--iptables`: the interception rules to install and keep.
     pub iptables: Option<iptables::Config>,
-    pub client: ClientConfig,
+    /// The link to the servers; `None` when the backend is in-process (kube2iam mode).
+    pub client: Option<ClientConfig>,
     /// Keepalive and re-resolution of the link to the servers.
     pub transport: crate::client::Transport,
     /// `--prometheus-listen-addr`: where `/metrics` is served, on a listener of its own.
@@ -71,6 +72,8 @@ pub struct Config {
     /// `--node-name` (`NODE_NAME`): the node the agent says it is on; servers check it against
     /// what its certificate or token proves.
     pub node_name: Option<String>,
+    /// kube2iam mode: answer `/healthz` as kube2iam does, naming this host IP.
+    pub healthz_host: Option<IpAddr>,
 }
 
 impl Config {
@@ -92,6 +95,8 @@ pub struct Agent<B> {
     metrics: Arc<Metrics>,
     /// The node view and the client that keeps it, when the servers stream one.
     view: Option<NodeViewLink>,
+    /// kube2iam mode's `/healthz` answers with this host IP.
+    healthz: Option<IpAddr>,
 }
 
 /// The node view and the client it fetches credentials with.
@@ -128,6 +133,7 @@ impl<B: Backend> Agent<B> {
             allow_ip_query: config.allow_ip_query,
             metrics,
             view: None,
+            healthz: config.healthz_host,
         })
     }
 }
@@ -182,7 +188,9 @@ pub fn connect(
         grpc_metrics: metrics.grpc_client.clone(),
         ..config.transport.clone()
     };
-    GrpcClient::connect_with(&config.client, &transport, resolver)
+    let client =
+        config.client.as_ref().ok_or_else(|| ClientError::Address("none (in-process backend)".into()))?;
+    GrpcClient::connect_with(client, &transport, resolver)
 }
 
 /// Assembles an agent from `config` and `deps` and starts it: metrics, then the interception
@@ -215,7 +223,8 @@ pub fn assemble<B: Backend, R: Runner>(
     let interception = config.iptables.clone().map(|rules| {
         Arc::new(Interception::new(runner, rules).counting_into(metrics.agent.iptables_restorations.clone()))
     });
-    tracing::info!(%addr, server = %config.client.server_address, "agent listening");
+    let server = config.client.as_ref().map_or("in-process", |c| c.server_address.as_str());
+    tracing::info!(%addr, server, "agent listening");
     let task = tokio::spawn(serve(listener, agent, interception.clone(), config.limits.clone(), shutdown));
     Ok(Running { addr, interception, task })
 }

@@ -126,12 +126,13 @@ impl AgentArgs {
             require_imdsv2: self.require_imdsv2 && !self.no_require_imdsv2,
             allow_ip_query: self.allow_ip_query && !self.no_allow_ip_query,
             iptables,
-            client,
+            client: Some(client),
             transport,
             prometheus_listen_addr: self.observability.listen_addr(),
             limits: crate::agent::Limits::default(),
             node_view: !self.disable_node_view,
             node_name: self.node_name.clone().filter(|n| !n.is_empty()),
+            healthz_host: None,
         })
     }
 }

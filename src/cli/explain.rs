@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::{LogArgs, PolicyArgs, existing_file, go_duration};
 use crate::explain::{self, Config, Inventory, NodeBinding, Output, ServerQuery, Settings, Target};
+use crate::policy::kube2iam::{PatternFormat, Rules};
 use crate::tls::TlsFiles;
 
 /// `--output`.
@@ -65,6 +66,19 @@ pub struct ExplainArgs {
     /// Bounds each read of the cluster and each call to the server.
     #[arg(long, env = "KIAM_TIMEOUT", default_value = "10s", value_parser = go_duration)]
     pub timeout: Duration,
+    /// Decide as kube2iam mode does (its default role and allowed-roles restrictions) instead
+    /// of as kiam's server does.
+    #[arg(long)]
+    pub kube2iam: bool,
+    /// kube2iam mode's --default-role.
+    #[arg(long, requires = "kube2iam")]
+    pub default_role: Option<String>,
+    /// kube2iam mode's --namespace-restrictions.
+    #[arg(long, requires = "kube2iam")]
+    pub namespace_restrictions: bool,
+    /// kube2iam mode's --namespace-restriction-format: glob or regexp.
+    #[arg(long, requires = "kube2iam", default_value = "glob")]
+    pub namespace_restriction_format: String,
 }
 
 impl ExplainArgs {
@@ -100,12 +114,22 @@ impl ExplainArgs {
             true => NodeBinding::On { agent_node: self.node.clone().filter(|n| !n.is_empty()) },
             false => NodeBinding::Off,
         };
+        let mut policy = self.policy.policy()?;
+        if self.kube2iam {
+            let restrictions = match (self.namespace_restrictions, self.namespace_restriction_format.as_str())
+            {
+                (false, _) => None,
+                (true, "glob") => Some(PatternFormat::Glob),
+                (true, "regexp") => Some(PatternFormat::Regexp),
+                (true, other) => {
+                    return Err(format!("--namespace-restriction-format {other:?}: glob or regexp"));
+                }
+            };
+            let default_role = self.default_role.clone().filter(|r| !r.trim().is_empty());
+            policy.kube2iam = Some(Rules { default_role, restrictions });
+        }
         Ok(Config {
-            settings: Settings {
-                policy: self.policy.policy()?,
-                default_session: self.policy.session.clone(),
-                node_binding,
-            },
+            settings: Settings { policy, default_session: self.policy.session.clone(), node_binding },
             autodetect_base_arn: self.policy.role_base_arn_autodetect,
             inventory,
             target,

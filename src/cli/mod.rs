@@ -47,6 +47,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Make the mutual-TLS certificates (a CA, server, agents, per-node agents) or inspect them.
     Certs(CertsArgs),
+    /// kube2iam mode: one process per node, with kube2iam's flags (also run as `kube2iam`).
+    Kube2iam(crate::kube2iam::Kube2iamArgs),
 }
 
 /// Log level names, as kiam's `--level`.
@@ -115,7 +117,8 @@ fn existing_file(s: &str) -> Result<PathBuf, String> {
     if path.is_file() { Ok(path) } else { Err(format!("{s}: no such file")) }
 }
 
-fn go_duration(s: &str) -> Result<std::time::Duration, String> {
+/// Parses a Go duration (`1m30s`), as kiam's and kube2iam's flags take them.
+pub fn go_duration(s: &str) -> Result<std::time::Duration, String> {
     duration::parse(s)
 }
 

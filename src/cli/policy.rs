@@ -34,6 +34,10 @@ impl PolicyArgs {
     pub fn policy(&self) -> Result<Policy, String> {
         let base = self.role_base_arn.as_deref().filter(|s| !s.is_empty());
         let base_arn = base.map(BaseArn::parse).transpose().map_err(|e| format!("--role-base-arn: {e}"))?;
-        Ok(Policy { base_arn, strict_namespace_regexp: !self.disable_strict_namespace_regexp })
+        Ok(Policy {
+            base_arn,
+            strict_namespace_regexp: !self.disable_strict_namespace_regexp,
+            kube2iam: None,
+        })
     }
 }

@@ -286,6 +286,11 @@ impl NamespaceIndex {
     pub fn get(&self, name: &str) -> Option<Arc<NamespaceFacts>> {
         self.namespaces.get(name).cloned()
     }
+
+    /// Every namespace.
+    pub fn all(&self) -> Vec<Arc<NamespaceFacts>> {
+        self.namespaces.values().cloned().collect()
+    }
 }
 
 #[cfg(test)]

@@ -12,12 +12,25 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::project::{namespace_facts, pod_facts};
+use super::project::Projection;
 use super::{Change, Cluster, Source, SourceError};
 
 /// Pods and namespaces from the Kubernetes API.
 pub struct KubeSource {
     client: Client,
+    /// Which annotations the projections read.
+    projection: Projection,
+    /// Only pods on this node (`spec.nodeName`), as kube2iam's `--node` does.
+    node: Option<String>,
+}
+
+/// How to reach the API server.
+#[derive(Clone, Debug)]
+pub enum KubeAccess {
+    /// A kubeconfig file, or in-cluster configuration (then the usual discovery) when `None`.
+    Kubeconfig(Option<PathBuf>),
+    /// A URL and a bearer token (kube2iam's `--api-server` and `--api-token`).
+    Server { url: String, token: String },
 }
 
 impl KubeSource {
@@ -36,7 +49,7 @@ impl KubeSource {
             None => kube::Config::infer().await.map_err(|e| SourceError::Kubeconfig(e.to_string()))?,
         };
         let client = Client::try_from(config).map_err(SourceError::Kube)?;
-        Ok(KubeSource { client })
+        Ok(KubeSource::from_client(client))
     }
 
     /// The client, for writing Events with the same credentials.
@@ -46,20 +59,79 @@ impl KubeSource {
 
     /// Wraps an existing client.
     pub fn from_client(client: Client) -> KubeSource {
-        KubeSource { client }
+        KubeSource { client, projection: Projection::default(), node: None }
+    }
+
+    /// Connects as `access` says; `insecure` skips verifying the API server's certificate.
+    pub async fn connect_with(access: &KubeAccess, insecure: bool) -> Result<KubeSource, SourceError> {
+        let mut config = match access {
+            KubeAccess::Kubeconfig(path) => {
+                return KubeSource::connect_insecure(path.clone(), insecure).await;
+            }
+            KubeAccess::Server { url, token } => {
+                let url =
+                    url.parse().map_err(|e| SourceError::Kubeconfig(format!("--api-server {url:?}: {e}")))?;
+                let mut config = kube::Config::new(url);
+                config.auth_info.token = Some(token.clone().into());
+                config
+            }
+        };
+        config.accept_invalid_certs = insecure;
+        Ok(KubeSource::from_client(Client::try_from(config).map_err(SourceError::Kube)?))
+    }
+
+    async fn connect_insecure(path: Option<PathBuf>, insecure: bool) -> Result<KubeSource, SourceError> {
+        let source = KubeSource::connect(path.clone()).await?;
+        if !insecure {
+            return Ok(source);
+        }
+        let mut config = match path {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                    .map_err(|e| SourceError::Kubeconfig(format!("{}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| SourceError::Kubeconfig(format!("{}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| SourceError::Kubeconfig(e.to_string()))?,
+        };
+        config.accept_invalid_certs = true;
+        Ok(KubeSource::from_client(Client::try_from(config).map_err(SourceError::Kube)?))
+    }
+
+    /// Reads annotations with `projection`'s keys.
+    pub fn with_projection(mut self, projection: Projection) -> KubeSource {
+        self.projection = projection;
+        self
+    }
+
+    /// Watches only the pods on `node`.
+    pub fn on_node(mut self, node: Option<String>) -> KubeSource {
+        self.node = node.filter(|n| !n.is_empty());
+        self
     }
 }
 
 impl Source for KubeSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
-        let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default());
+        let mut selector = watcher::Config::default();
+        if let Some(node) = &self.node {
+            selector = selector.fields(&format!("spec.nodeName={node}"));
+        }
+        let pods = watcher(Api::<Pod>::all(self.client.clone()), selector);
         let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
-        let pods =
-            drive(pods, "pods", pod_facts, |c| cluster.change_pod(c), || cluster.note_watch_error(false));
+        let projection = &self.projection;
+        let pods = drive(
+            pods,
+            "pods",
+            |p| projection.pod(p),
+            |c| cluster.change_pod(c),
+            || cluster.note_watch_error(false),
+        );
         let namespaces = drive(
             namespaces,
             "namespaces",
-            namespace_facts,
+            |n| projection.namespace(n),
             |c| cluster.change_namespace(c),
             || cluster.note_watch_error(true),
         );
@@ -76,7 +148,7 @@ impl Source for KubeSource {
 async fn drive<'a, K, T, F>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
     kind: &'static str,
-    project: fn(&K) -> Option<T>,
+    project: impl Fn(&K) -> Option<T>,
     apply: impl Fn(Change<T>) -> F,
     failed: impl Fn(),
 ) where

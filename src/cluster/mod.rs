@@ -272,6 +272,11 @@ impl Cluster {
         self.pods.read().unwrap_or_else(PoisonError::into_inner).for_each_live(f);
     }
 
+    /// Every namespace.
+    pub fn namespaces(&self) -> Vec<Arc<NamespaceFacts>> {
+        self.namespaces.read().unwrap_or_else(PoisonError::into_inner).all()
+    }
+
     /// Applies a namespace change; `InitDone` marks namespaces synced.
     pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
         let done = matches!(change, Change::InitDone);

@@ -4,12 +4,63 @@
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::model::{
-    EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Permitted, Phase, PodFacts,
-    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Permitted, Phase,
+    PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
 };
 
-/// Projects a Kubernetes Pod. Returns `None` for an object without a name.
+/// Which annotations the projections read: kiam's keys by default; kube2iam mode takes its
+/// `--iam-role-key`, `--iam-external-id` and `--namespace-key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Projection {
+    pub role_key: String,
+    pub external_id_key: String,
+    pub session_name_key: String,
+    pub permitted_key: String,
+    pub allowed_roles_key: String,
+}
+
+impl Default for Projection {
+    fn default() -> Self {
+        Projection {
+            role_key: ROLE_ANNOTATION.into(),
+            external_id_key: EXTERNAL_ID_ANNOTATION.into(),
+            session_name_key: SESSION_NAME_ANNOTATION.into(),
+            permitted_key: PERMITTED_ANNOTATION.into(),
+            allowed_roles_key: ALLOWED_ROLES_ANNOTATION.into(),
+        }
+    }
+}
+
+/// Projects a Kubernetes Pod with kiam's annotation keys.
 pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
+    Projection::default().pod(pod)
+}
+
+/// Projects a Kubernetes Namespace with kiam's annotation keys.
+pub fn namespace_facts(ns: &Namespace) -> Option<NamespaceFacts> {
+    Projection::default().namespace(ns)
+}
+
+impl Projection {
+    /// Projects a Kubernetes Pod. Returns `None` for an object without a name.
+    pub fn pod(&self, pod: &Pod) -> Option<PodFacts> {
+        project_pod(self, pod)
+    }
+
+    /// Projects a Kubernetes Namespace. Returns `None` for an object without a name.
+    pub fn namespace(&self, ns: &Namespace) -> Option<NamespaceFacts> {
+        let annotations = ns.metadata.annotations.as_ref();
+        let permitted = annotations.and_then(|a| a.get(&self.permitted_key));
+        let allowed = annotations.and_then(|a| a.get(&self.allowed_roles_key));
+        Some(NamespaceFacts {
+            name: ns.metadata.name.clone()?,
+            permitted: permitted.map(|expr| Permitted::new(expr)),
+            allowed_roles: allowed.map(|text| crate::policy::kube2iam::parse_allowed_roles(text)),
+        })
+    }
+}
+
+fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
     let meta = &pod.metadata;
     let annotation = |key: &str| meta.annotations.as_ref()?.get(key).cloned();
     let spec = pod.spec.as_ref();
@@ -23,18 +74,9 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         node_name: spec.and_then(|s| s.node_name.clone()),
         terminating: meta.deletion_timestamp.is_some(),
-        role: annotation(ROLE_ANNOTATION),
-        session_name: annotation(SESSION_NAME_ANNOTATION),
-        external_id: annotation(EXTERNAL_ID_ANNOTATION),
-    })
-}
-
-/// Projects a Kubernetes Namespace. Returns `None` for an object without a name.
-pub fn namespace_facts(ns: &Namespace) -> Option<NamespaceFacts> {
-    let permitted = ns.metadata.annotations.as_ref().and_then(|a| a.get(PERMITTED_ANNOTATION));
-    Some(NamespaceFacts {
-        name: ns.metadata.name.clone()?,
-        permitted: permitted.map(|expr| Permitted::new(expr)),
+        role: annotation(&keys.role_key),
+        session_name: annotation(&keys.session_name_key),
+        external_id: annotation(&keys.external_id_key),
     })
 }
 

@@ -258,7 +258,8 @@ pub fn explain(
         };
     };
     let policy = &settings.policy;
-    let annotation = pod.role.as_deref().filter(|r| !r.trim().is_empty());
+    // kube2iam mode: the default role stands in for a missing annotation.
+    let annotation = policy.effective_role(pod);
     let requested = requested.or(annotation).unwrap_or("").to_string();
     let resolved = annotation.map(|a| RoleArn::resolve(a, policy.base_arn.as_ref()));
     let decision = policy.decide(pod, namespace, &requested);
@@ -276,7 +277,13 @@ pub fn explain(
             _ => Some(true),
         },
     };
-    let permitted = namespace.and_then(|n| n.permitted.as_ref()).map(|p| p.expr.clone());
+    let permitted = match &policy.kube2iam {
+        None => namespace.and_then(|n| n.permitted.as_ref()).map(|p| p.expr.clone()),
+        Some(_) => namespace.and_then(|n| n.allowed_roles.as_ref()).map(|roles| match roles {
+            Ok(list) => format!("allowed-roles {list:?}"),
+            Err(e) => format!("allowed-roles (invalid: {e})"),
+        }),
+    };
     let (matches, detail) = match &for_annotation {
         None => (None, "not evaluated: the pod has no role".to_string()),
         Some(Ok(arn)) => (Some(true), format!("permits {arn}")),

@@ -13,6 +13,7 @@ fn settings(node_binding: NodeBinding) -> Settings {
         policy: Policy {
             base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
             strict_namespace_regexp: true,
+            kube2iam: None,
         },
         default_session: "kiam".into(),
         node_binding,
@@ -24,7 +25,7 @@ fn pod(role: Option<&str>) -> PodFacts {
 }
 
 fn ns(permitted: Option<&str>) -> NamespaceFacts {
-    NamespaceFacts { name: "team-a".into(), permitted: permitted.map(Permitted::new) }
+    NamespaceFacts { name: "team-a".into(), permitted: permitted.map(Permitted::new), allowed_roles: None }
 }
 
 fn run(pods: &[PodFacts], ns: Option<&NamespaceFacts>, requested: Option<&str>) -> Explanation {

@@ -8,6 +8,7 @@
 //! kernel's numbers then.
 
 mod families;
+pub mod kube2iam;
 mod process;
 
 use std::sync::Arc;
@@ -69,6 +70,8 @@ pub struct Metrics {
     pub tls_server: TlsGauges,
     pub tls_client: TlsGauges,
     pub process: ProcessMetrics,
+    /// kube2iam's families, in kube2iam mode only.
+    pub kube2iam: Option<kube2iam::Kube2iamMetrics>,
 }
 
 impl Default for Metrics {
@@ -83,6 +86,7 @@ impl Default for Metrics {
             tls_server: TlsGauges::default(),
             tls_client: TlsGauges::default(),
             process: ProcessMetrics::default(),
+            kube2iam: None,
         };
         m.agent.register(&mut registry);
         m.server.register(&mut registry);
@@ -96,6 +100,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, plus kube2iam's `kube2iam_*` families (kube2iam mode).
+    pub fn with_kube2iam() -> Metrics {
+        let mut metrics = Metrics::default();
+        let families = kube2iam::Kube2iamMetrics::default();
+        families.register(&mut metrics.registry);
+        let info = kube2iam::Info { version: env!("CARGO_PKG_VERSION"), build_date: "", commit_hash: "" };
+        families.info.get_or_create(&info).set(1);
+        metrics.kube2iam = Some(families);
+        metrics
+    }
+
     /// The text exposition of every metric, refreshed.
     pub fn encode(&self) -> String {
         self.process.refresh();
@@ -106,9 +121,9 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let app = Router::new().route(
+/// `GET /metrics`, as a router other listeners can extend.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = Arc::clone(&metrics);
@@ -118,7 +133,17 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
                     .into_response()
             }
         }),
-    );
+    )
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    serve_app(listener, router(metrics), shutdown).await;
+}
+
+/// Serves `app` (with the caller's address as `ConnectInfo`) on `listener` until `shutdown`.
+pub async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(%error, "metrics listener failed");
     }

@@ -11,6 +11,6 @@ pub mod pod;
 pub use arn::{Arn, BaseArn, RoleArn, RoleError, listed_name};
 pub use permitted::Permitted;
 pub use pod::{
-    EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Phase, PodFacts, ROLE_ANNOTATION,
-    SESSION_NAME_ANNOTATION,
+    ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Phase, PodFacts,
+    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
 };

@@ -13,6 +13,8 @@ pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 /// The pod annotation carrying the STS external ID.
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// kube2iam's namespace annotation listing the roles its pods may have (a JSON array).
+pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
 /// The namespace annotation with the expression of the roles its pods may have.
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 
@@ -111,4 +113,6 @@ pub struct NamespaceFacts {
     pub name: String,
     /// The compiled `iam.amazonaws.com/permitted` expression, if annotated.
     pub permitted: Option<Permitted>,
+    /// kube2iam mode: the namespace's allowed-roles annotation, parsed (or why it does not parse).
+    pub allowed_roles: Option<Result<Vec<String>, String>>,
 }

@@ -5,6 +5,7 @@
 //! ARNs, and the namespace's `iam.amazonaws.com/permitted` expression must match that ARN. A
 //! namespace without the annotation permits nothing.
 
+pub mod kube2iam;
 pub mod node;
 pub mod paths;
 pub mod role;
@@ -21,6 +22,8 @@ pub struct Policy {
     /// Anchor the namespace expression as `^(?:expr)$` (kiam v4's default). With
     /// `--disable-strict-namespace-regexp` it is matched anywhere in the ARN, as in kiam v3.
     pub strict_namespace_regexp: bool,
+    /// kube2iam mode's rules instead of kiam's (default role, allowed-roles restrictions).
+    pub kube2iam: Option<kube2iam::Rules>,
 }
 
 /// Why a pod may not have the role it asked for. The display text is the explanation logged
@@ -51,6 +54,15 @@ pub enum Denial {
 }
 
 impl Policy {
+    /// The role `pod` uses: its annotation (kiam), or in kube2iam mode its annotation or the
+    /// default role.
+    pub fn effective_role<'a>(&'a self, pod: &'a PodFacts) -> Option<&'a str> {
+        match &self.kube2iam {
+            Some(rules) => rules.effective_role(pod).map(|(role, _)| role),
+            None => pod.role.as_deref().filter(|r| !r.trim().is_empty()),
+        }
+    }
+
     /// Decides whether `pod` may have `requested`. On success returns the resolved ARN to assume.
     pub fn decide(
         &self,
@@ -58,6 +70,9 @@ impl Policy {
         namespace: Option<&NamespaceFacts>,
         requested: &str,
     ) -> Result<RoleArn, Denial> {
+        if let Some(rules) = &self.kube2iam {
+            return rules.decide(self.base_arn.as_ref(), pod, namespace, requested);
+        }
         let annotated = pod.role.as_deref().filter(|r| !r.trim().is_empty());
         let annotated = annotated.ok_or(Denial::NoRoleAnnotation)?;
         let base = self.base_arn.as_ref();
@@ -93,6 +108,7 @@ mod tests {
         Policy {
             base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
             strict_namespace_regexp: strict,
+            kube2iam: None,
         }
     }
 
@@ -101,7 +117,11 @@ mod tests {
     }
 
     fn ns(permitted: Option<&str>) -> NamespaceFacts {
-        NamespaceFacts { name: "team-a".into(), permitted: permitted.map(Permitted::new) }
+        NamespaceFacts {
+            name: "team-a".into(),
+            permitted: permitted.map(Permitted::new),
+            allowed_roles: None,
+        }
     }
 
     #[test]

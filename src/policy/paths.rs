@@ -16,6 +16,8 @@ pub enum Route<'a> {
     Ping,
     /// `/health`.
     Health,
+    /// `/healthz`: kube2iam's health answer (kube2iam mode only).
+    Healthz,
     /// `/{version}/api/token`: IMDSv2 token issue.
     Token,
     /// `/{version}/meta-data/iam/security-credentials`: redirected to the listing.
@@ -45,6 +47,7 @@ pub fn classify(path: &str) -> Route<'_> {
     match path {
         "/ping" => return Route::Ping,
         "/health" => return Route::Health,
+        "/healthz" => return Route::Healthz,
         _ => {}
     }
     if is_malformed(path) {

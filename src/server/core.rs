@@ -111,7 +111,7 @@ impl<A: AssumeRole> Core<A> {
     /// (kiam applies no other policy here).
     pub async fn pod_role(&self, ask: &Ask) -> Result<(Arc<PodFacts>, Option<String>), Error> {
         let pod = self.authorised_pod(ask).await?;
-        let role = pod.role.clone().filter(|r| !r.trim().is_empty());
+        let role = self.policy.effective_role(&pod).map(str::to_string);
         Ok((pod, role))
     }
 
@@ -230,7 +230,9 @@ impl<A: AssumeRole> Core<A> {
     pub fn active_identities(&self) -> HashSet<Identity> {
         let mut active = HashSet::new();
         self.cluster.for_each_live_pod(|pod| {
-            if let Some(Ok(identity)) = pod.role.as_deref().map(|role| self.identity_for(pod, role)) {
+            if let Some(Ok(identity)) =
+                self.policy.effective_role(pod).map(|role| self.identity_for(pod, role))
+            {
                 active.insert(identity);
             }
         });

@@ -162,30 +162,9 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
     tls.spawn_watch(config.tls_poll, shutdown.clone());
     let settings = &config.settings;
-    let (announce, announcements) = mpsc::channel(settings.prefetch_buffer.max(1));
-    let cluster = Arc::new(Cluster::new(Some(announce), Arc::clone(&metrics)));
-    let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers, Arc::clone(&metrics));
-    let policy = settings.policy.clone();
-    let core = Core::new(
-        Arc::clone(&cluster),
-        policy,
-        cache,
-        settings.session.clone(),
-        events,
-        Arc::clone(&metrics),
-    );
-    let core = Arc::new(core);
     let hub = Arc::new(Hub::new(FENCE_TIMEOUT, STREAMS_PER_NODE));
-    if settings.node_view {
-        cluster.set_fence(Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
-    }
-    let source_stop = shutdown.clone();
-    crate::task::spawn_until(&shutdown, async move {
-        if let Err(error) = source.run(cluster, source_stop).await {
-            tracing::error!(%error, "pod/namespace source stopped");
-        }
-    });
-    prefetch::spawn(Arc::clone(&core), announcements, settings.fetchers, shutdown.clone());
+    let fence = settings.node_view.then(|| Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
+    let core = start_core(settings, sts, source, events, Arc::clone(&metrics), fence, &shutdown);
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics), shutdown.clone()));
     }
@@ -207,6 +186,37 @@ pub async fn assemble<A: AssumeRole, S: Source>(
         grpc::run(listener, tls, service, debug, view, &grpc_settings, shutdown).await
     });
     Ok(Some(Server { core, addr, task }))
+}
+
+/// Builds the core (cluster view, cache, policy) and starts what feeds it: the source of pods
+/// and namespaces and the prefetcher. Used by [`assemble`] and by kube2iam mode, which runs
+/// the same core in every node's process. The caller serves it once its cluster has synced.
+pub fn start_core<A: AssumeRole, S: Source>(
+    settings: &Settings,
+    sts: A,
+    source: S,
+    events: Arc<dyn EventSink>,
+    metrics: Arc<Metrics>,
+    fence: Option<Arc<dyn crate::cluster::Fence>>,
+    shutdown: &CancellationToken,
+) -> Arc<Core<A>> {
+    let (announce, announcements) = mpsc::channel(settings.prefetch_buffer.max(1));
+    let cluster = Arc::new(Cluster::new(Some(announce), Arc::clone(&metrics)));
+    if let Some(fence) = fence {
+        cluster.set_fence(fence);
+    }
+    let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers, Arc::clone(&metrics));
+    let policy = settings.policy.clone();
+    let core = Core::new(Arc::clone(&cluster), policy, cache, settings.session.clone(), events, metrics);
+    let core = Arc::new(core);
+    let source_stop = shutdown.clone();
+    crate::task::spawn_until(shutdown, async move {
+        if let Err(error) = source.run(cluster, source_stop).await {
+            tracing::error!(%error, "pod/namespace source stopped");
+        }
+    });
+    prefetch::spawn(Arc::clone(&core), announcements, settings.fetchers, shutdown.clone());
+    core
 }
 
 /// Runs the server process until `shutdown`.

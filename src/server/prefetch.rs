@@ -82,7 +82,7 @@ pub fn spawn<A: AssumeRole>(
 /// Fetches the credentials `pod` will ask for, if the policy allows them: never AssumeRole what
 /// will not be served.
 async fn warm<A: AssumeRole>(core: &Core<A>, pod: &PodFacts) {
-    let Some(role) = pod.role.as_deref() else { return };
+    let Some(role) = core.policy().effective_role(pod) else { return };
     let Ok(identity) = core.identity_for(pod, role) else { return };
     if let Err(error) = core.cache().get(&identity).await {
         tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");

@@ -35,7 +35,7 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
         if pod.node_name.as_deref() != Some(node) {
             continue;
         }
-        let role = pod.role.clone().filter(|r| !r.trim().is_empty());
+        let role = core.policy().effective_role(&pod).map(str::to_string);
         if role.is_some() && core.cluster().namespace(&pod.namespace).is_none() {
             continue;
         }

@@ -17,6 +17,7 @@ mod explain;
 mod failover;
 mod fake_kube_tests;
 mod grpcio;
+mod kube2iam;
 mod lookup;
 mod metrics;
 mod netns_agent;

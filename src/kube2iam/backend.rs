@@ -1,0 +1,65 @@
+//! The agent's [`Backend`] in-process: kube2iam mode answers from the server's core in its own
+//! process, with no gRPC and no certificates. Core errors become the agent's error kinds here,
+//! counted under kube2iam's metric names.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::{Backend, BackendError};
+use crate::creds::{AssumeRole, ImdsDocument};
+use crate::metrics::Metrics;
+use crate::policy::Caller;
+use crate::server::{Ask, Core, Error};
+
+/// The core, asked directly.
+pub struct InProcess<A> {
+    core: Arc<Core<A>>,
+    metrics: Arc<Metrics>,
+    /// How long a request waits for a pod the watch has not delivered yet.
+    wait: Duration,
+}
+
+impl<A> InProcess<A> {
+    /// Answers from `core`, waiting at most `wait` for a pod not seen yet.
+    pub fn new(core: Arc<Core<A>>, metrics: Arc<Metrics>, wait: Duration) -> InProcess<A> {
+        InProcess { core, metrics, wait }
+    }
+
+    fn error(&self, error: Error) -> BackendError {
+        let k = self.metrics.kube2iam.as_ref();
+        match error {
+            Error::PodNotFound(_) | Error::PodChanged(_) => {
+                if let Some(k) = k {
+                    k.pod_not_in_pod_cache.inc();
+                }
+                BackendError::PodNotFound
+            }
+            Error::AmbiguousIp { .. } => {
+                if let Some(k) = k {
+                    k.dup_req_count.inc();
+                }
+                BackendError::Failed(error.to_string())
+            }
+            Error::Forbidden { .. } | Error::Node(_) => BackendError::Forbidden,
+            Error::InvalidIp(_) | Error::Sts(_) => BackendError::Failed(error.to_string()),
+        }
+    }
+}
+
+impl<A: AssumeRole> Backend for InProcess<A> {
+    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
+        let ask = Ask::new(ip, Caller::Any, self.wait);
+        self.core.pod_role(&ask).await.map(|(_, role)| role).map_err(|e| self.error(e))
+    }
+
+    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
+        let ask = Ask::new(ip, Caller::Any, self.wait);
+        let (_, creds) = self.core.pod_credentials(&ask, role).await.map_err(|e| self.error(e))?;
+        Ok(creds.to_document())
+    }
+
+    async fn health(&self) -> Result<String, BackendError> {
+        Ok("ok".into())
+    }
+}
