@@ -79,6 +79,9 @@ pub struct NamespaceView {
     /// Whether it permits the annotated role's ARN; `None` when not evaluated.
     pub matches: Option<bool>,
     pub detail: String,
+    /// The ARN form to write when the expression could only ever match role names, never an
+    /// ARN (the kiam v4 migration pitfall); `None` otherwise.
+    pub arn_form: Option<String>,
 }
 
 /// The STS session the role would be assumed with.
@@ -276,7 +279,9 @@ pub fn explain(
             _ => Some(true),
         },
     };
-    let permitted = namespace.and_then(|n| n.permitted.as_ref()).map(|p| p.expr.clone());
+    let permitted_facts = namespace.and_then(|n| n.permitted.as_ref());
+    let permitted = permitted_facts.map(|p| p.expr.clone());
+    let arn_form = permitted_facts.and_then(|p| policy.name_only(p));
     let (matches, detail) = match &for_annotation {
         None => (None, "not evaluated: the pod has no role".to_string()),
         Some(Ok(arn)) => (Some(true), format!("permits {arn}")),
@@ -290,6 +295,7 @@ pub fn explain(
         anchored: policy.strict_namespace_regexp,
         matches: if namespace.is_some() { matches } else { None },
         detail,
+        arn_form,
     };
     let session_name = role::session_name(pod.session_name.as_deref(), &settings.default_session);
     let from_annotation = pod.session_name.as_deref().is_some_and(|s| !s.trim().is_empty());

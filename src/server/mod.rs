@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod identity;
 pub mod idle;
 pub mod node_service;
+pub mod pitfalls;
 pub mod prefetch;
 pub mod service;
 pub mod view;
@@ -179,6 +180,10 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     if settings.node_view {
         cluster.set_fence(Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
     }
+    let warnings = pitfalls::NameOnlyWarnings::new(settings.policy.clone());
+    cluster.set_namespace_check(Arc::new(move |ns| {
+        warnings.check(ns);
+    }));
     let source_stop = shutdown.clone();
     crate::task::spawn_until(&shutdown, async move {
         if let Err(error) = source.run(cluster, source_stop).await {
