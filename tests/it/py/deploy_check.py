@@ -33,10 +33,8 @@ BASE_VALUES = {"agent": {"tlsSecret": "kiam-agent-tls"}, "server": {"tlsSecret":
 # Each overlay equals the chart rendered with the base values merged with these.
 OVERLAY_VALUES = {
     "iptables": {"agent": {"host": {"iptables": True}}},
-    "node-binding": {
-        "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
-        "server": {"agentNodeBinding": True},
-    },
+    "node-certificates": {"agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True}},
+    "mixed-fleet": {"server": {"agentNodeBinding": False}},
 }
 
 B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
@@ -75,10 +73,18 @@ CASES = {
         },
         "serviceAccounts": {"server": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"}}},
     },
-    "node-binding": {
+    # Per-node certificates prove the node instead of tokens.
+    "node-certificates": {
         "server": {"agentNodeBinding": True},
         "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
     },
+    # Tokens with another audience and lifetime, for an agent ServiceAccount named by the user.
+    "node-token": {
+        "agent": {"nodeToken": {"audience": "kiam.example", "expirationSeconds": 7200}},
+        "serviceAccounts": {"agent": {"name": "node-agent"}},
+    },
+    # No node proof and no binding: kiam's behaviour, as while kiam agents still run.
+    "no-node-binding": {"server": {"agentNodeBinding": False}, "agent": {"nodeToken": {"enabled": False}}},
     "servicemonitor": {
         "agent": {"prometheus": {"servicemonitor": {"enabled": True, "labels": {"release": "prom"}}}},
         "server": {"prometheus": {"servicemonitor": {"enabled": True, "interval": "30s"}}},
