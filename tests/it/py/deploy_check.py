@@ -5,13 +5,14 @@ helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for th
 kustomize base and overlays with `kubectl kustomize`, validates every object strictly against
 the Kubernetes OpenAPI schemas of a current version (kubernetes-validate), and checks that the
 committed kustomize base is what the chart renders and that each overlay equals the chart with
-the overlay's values. It writes the objects and every problem found to OUT.json; the Rust test
+the overlay's values, and that the guides' JSON blocks parse and the overlays they name exist. It writes the objects and every problem found to OUT.json; the Rust test
 parses the objects as k8s-openapi types and asserts on them.
 
 `deploy_check.py --write-base` regenerates deploy/kustomize/base/kiam-rs.yaml from the chart.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,20 @@ def docs_values(errors):
     return values
 
 
+def docs_references(errors):
+    """Every ```json block of docs/*.md parses, and every kustomize overlay the guides name exists."""
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text()
+        for block in re.findall(r"```json\n(.*?)```", text, re.S):
+            try:
+                json.loads(block)
+            except json.JSONDecodeError as e:
+                errors.append(f"{doc.name}: a JSON block does not parse: {e}")
+        for overlay in re.findall(r"deploy/kustomize/overlays/([A-Za-z0-9_-]+)", text):
+            if not (KUSTOMIZE / "overlays" / overlay / "kustomization.yaml").is_file():
+                errors.append(f"{doc.name}: no overlay deploy/kustomize/overlays/{overlay}")
+
+
 def leaf_paths(tree, prefix=()):
     for key, value in tree.items():
         if isinstance(value, dict) and value:
@@ -217,6 +232,7 @@ def check(out_path):
     version = kubernetes_validate.latest_version()
     errors, cases, overlays = [], {}, {}
     all_cases = dict(CASES, **{"docs-install": docs_values(errors)})
+    docs_references(errors)
     for name, values in all_cases.items():
         lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
         errors.extend(f"lint {name}: {e}" for e in lint.get("errors") or [])
