@@ -350,4 +350,21 @@ mod tests {
         cluster.apply_pod(Change::Apply(PodFacts::test("ns", "d", "10.0.0.4", None)));
         assert_eq!(cluster.dropped_announcements(), 2);
     }
+
+    #[test]
+    fn the_namespace_check_sees_every_namespace_listed_or_changed() {
+        let cluster = Cluster::new(None, Arc::new(Metrics::default()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        cluster.set_namespace_check(Arc::new(move |ns: &NamespaceFacts| {
+            record.lock().unwrap_or_else(PoisonError::into_inner).push(ns.name.clone());
+        }));
+        let ns = |name: &str| NamespaceFacts { name: name.into(), permitted: None };
+        cluster.apply_namespace(Change::Init);
+        cluster.apply_namespace(Change::InitApply(ns("a")));
+        cluster.apply_namespace(Change::InitDone);
+        cluster.apply_namespace(Change::Apply(ns("b")));
+        cluster.apply_namespace(Change::Delete(ns("a")));
+        assert_eq!(*seen.lock().unwrap_or_else(PoisonError::into_inner), ["a", "b"]);
+    }
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
 use crate::model::NamespaceFacts;
-use crate::policy::{Policy, name_only_advice};
+use crate::policy::Policy;
 
 /// The most (namespace, expression) pairs remembered; past it the memory starts over, so a
 /// namespace whose expression flaps warns again rather than memory growing without bound.
@@ -47,8 +47,8 @@ impl NameOnlyWarnings {
             namespace = %namespace.name,
             permitted = %permitted.expr,
             arn_form = %form,
-            "namespace's iam.amazonaws.com/permitted expression {}",
-            name_only_advice(&form)
+            "iam.amazonaws.com/permitted can only match role names, but kiam v4 matches the role's full \
+             ARN, so this namespace denies every role: write arn_form instead"
         );
         Some(form)
     }
