@@ -70,6 +70,10 @@ pub trait Fence: Send + Sync + 'static {
     fn fence(&self, slots: Vec<(String, IpAddr)>) -> Pin<Box<dyn Future<Output = FenceGuard> + Send + '_>>;
 }
 
+/// Shown each namespace as it is applied (the server's warning about `permitted` expressions
+/// that can only match role names).
+pub type NamespaceCheck = Arc<dyn Fn(&NamespaceFacts) + Send + Sync>;
+
 /// Held while a fenced change is applied; dropping it lets the fenced views catch up.
 pub struct FenceGuard(#[allow(dead_code)] Vec<Box<dyn Send>>);
 
@@ -102,6 +106,8 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Told before a change alters a slot some agent may be answering from.
     fence: OnceLock<Arc<dyn Fence>>,
+    /// Shown every namespace applied or listed.
+    namespace_check: OnceLock<NamespaceCheck>,
     /// Bumped per node on every pod change there, so that each node's view recomputes only
     /// when its own pods change.
     node_generations: RwLock<HashMap<String, u64>>,
@@ -137,6 +143,7 @@ impl Cluster {
             announce,
             metrics,
             fence: OnceLock::new(),
+            namespace_check: OnceLock::new(),
             node_generations: RwLock::default(),
         }
     }
@@ -144,6 +151,11 @@ impl Cluster {
     /// Installs the fence (once; later calls are ignored).
     pub fn set_fence(&self, fence: Arc<dyn Fence>) {
         let _ = self.fence.set(fence);
+    }
+
+    /// Installs the namespace check (once; later calls are ignored).
+    pub fn set_namespace_check(&self, check: NamespaceCheck) {
+        let _ = self.namespace_check.set(check);
     }
 
     /// Applies a pod change as sources do: agents holding a slot the change alters are fenced
@@ -280,6 +292,11 @@ impl Cluster {
     /// Applies a namespace change; `InitDone` marks namespaces synced.
     pub fn apply_namespace(&self, change: Change<NamespaceFacts>) {
         let done = matches!(change, Change::InitDone);
+        if let (Change::Apply(ns) | Change::InitApply(ns), Some(check)) =
+            (&change, self.namespace_check.get())
+        {
+            check(ns);
+        }
         if done {
             self.metrics.server.relists.get_or_create(&NAMESPACES).inc();
             self.metrics.server.cache_synced.get_or_create(&NAMESPACES).set(1);
@@ -337,5 +354,22 @@ mod tests {
         // A pod without a role is never announced, so never dropped either.
         cluster.apply_pod(Change::Apply(PodFacts::test("ns", "d", "10.0.0.4", None)));
         assert_eq!(cluster.dropped_announcements(), 2);
+    }
+
+    #[test]
+    fn the_namespace_check_sees_every_namespace_listed_or_changed() {
+        let cluster = Cluster::new(None, Arc::new(Metrics::default()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        cluster.set_namespace_check(Arc::new(move |ns: &NamespaceFacts| {
+            record.lock().unwrap_or_else(PoisonError::into_inner).push(ns.name.clone());
+        }));
+        let ns = |name: &str| NamespaceFacts { name: name.into(), permitted: None, allowed_roles: None };
+        cluster.apply_namespace(Change::Init);
+        cluster.apply_namespace(Change::InitApply(ns("a")));
+        cluster.apply_namespace(Change::InitDone);
+        cluster.apply_namespace(Change::Apply(ns("b")));
+        cluster.apply_namespace(Change::Delete(ns("a")));
+        assert_eq!(*seen.lock().unwrap_or_else(PoisonError::into_inner), ["a", "b"]);
     }
 }

@@ -79,6 +79,9 @@ pub struct NamespaceView {
     /// Whether it permits the annotated role's ARN; `None` when not evaluated.
     pub matches: Option<bool>,
     pub detail: String,
+    /// The ARN form to write when the expression could only ever match role names, never an
+    /// ARN (the kiam v4 migration pitfall); `None` otherwise.
+    pub arn_form: Option<String>,
 }
 
 /// The STS session the role would be assumed with.
@@ -277,12 +280,16 @@ pub fn explain(
             _ => Some(true),
         },
     };
-    let permitted = match &policy.kube2iam {
-        None => namespace.and_then(|n| n.permitted.as_ref()).map(|p| p.expr.clone()),
-        Some(_) => namespace.and_then(|n| n.allowed_roles.as_ref()).map(|roles| match roles {
-            Ok(list) => format!("allowed-roles {list:?}"),
-            Err(e) => format!("allowed-roles (invalid: {e})"),
-        }),
+    let permitted_facts = namespace.and_then(|n| n.permitted.as_ref());
+    let (permitted, arn_form) = match &policy.kube2iam {
+        None => (permitted_facts.map(|p| p.expr.clone()), permitted_facts.and_then(|p| policy.name_only(p))),
+        Some(_) => (
+            namespace.and_then(|n| n.allowed_roles.as_ref()).map(|roles| match roles {
+                Ok(list) => format!("allowed-roles {list:?}"),
+                Err(e) => format!("allowed-roles (invalid: {e})"),
+            }),
+            None,
+        ),
     };
     let (matches, detail) = match &for_annotation {
         None => (None, "not evaluated: the pod has no role".to_string()),
@@ -297,6 +304,7 @@ pub fn explain(
         anchored: policy.strict_namespace_regexp,
         matches: if namespace.is_some() { matches } else { None },
         detail,
+        arn_form,
     };
     let session_name = role::session_name(pod.session_name.as_deref(), &settings.default_session);
     let from_annotation = pod.session_name.as_deref().is_some_and(|s| !s.trim().is_empty());

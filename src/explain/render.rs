@@ -138,6 +138,10 @@ fn one(lines: &mut Lines, e: &Explanation) {
             None => "",
         };
         lines.sub("matches", format!("{matches}{}", ns.detail));
+        // Said once: a denial by this expression already carries the advice.
+        if let Some(form) = ns.arn_form.as_deref().filter(|f| !ns.detail.contains(*f)) {
+            lines.sub("pitfall", crate::policy::name_only_advice(form));
+        }
     }
     if let Some(session) = &e.session {
         let source = match session.source {

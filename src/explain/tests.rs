@@ -172,3 +172,31 @@ fn pod_targets() {
         assert!(parse_pod(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_role_name_expression_is_called_out_with_the_arn_form() {
+    let form = "arn:aws:iam::123456789012:role/k8s-production-.*";
+    let e = run(&[pod(Some("k8s-production-web"))], Some(&ns(Some("k8s-production-.*"))), None);
+    assert_eq!(e.verdict.code, "namespace-forbids");
+    assert!(e.verdict.reason.contains(&format!("write '{form}'")), "{}", e.verdict.reason);
+    assert_eq!(e.namespace.as_ref().and_then(|n| n.arn_form.as_deref()), Some(form));
+    let text = render::text(std::slice::from_ref(&e));
+    assert_eq!(text.matches(form).count(), 2, "in the namespace step and the verdict:\n{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&render::json(std::slice::from_ref(&e), true)).expect("JSON");
+    assert_eq!(json["namespace"]["arn_form"], form);
+    // A pod without a role is not denied by the expression, but the namespace still says so.
+    let e = run(&[pod(None)], Some(&ns(Some("k8s-production-.*"))), None);
+    assert_eq!(e.verdict.code, "no-role-annotation");
+    let text = render::text(std::slice::from_ref(&e));
+    assert!(text.contains("pitfall") && text.contains(form), "{text}");
+    // An ARN-shaped expression, or matching anywhere in the ARN: nothing to say.
+    let e = run(&[pod(Some("app"))], Some(&ns(Some("arn:aws:iam::123456789012:role/web"))), None);
+    assert_eq!(e.namespace.as_ref().and_then(|n| n.arn_form.clone()), None);
+    let mut loose = settings(NodeBinding::Off);
+    loose.policy.strict_namespace_regexp = false;
+    let located = by_name(&[pod(Some("k8s-production-web"))], "team-a", "web");
+    let namespace = ns(Some("k8s-production-.*"));
+    let e = explain(&loose, "team-a/web".into(), &located, Some(&namespace), None);
+    assert!(e.verdict.allowed && e.namespace.as_ref().is_some_and(|n| n.arn_form.is_none()));
+}

@@ -85,7 +85,7 @@ impl Rules {
                 return Ok(arn);
             }
         }
-        Err(Denial::NamespaceForbids { expr: patterns.join(", "), arn: arn.to_string() })
+        Err(Denial::NamespaceForbids { expr: patterns.join(", "), arn: arn.to_string(), hint: None })
     }
 }
 

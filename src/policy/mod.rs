@@ -8,11 +8,12 @@
 pub mod kube2iam;
 pub mod node;
 pub mod paths;
+pub mod pitfall;
 pub mod role;
 
 pub use node::{Caller, NodeDenial, check_node};
 
-use crate::model::{BaseArn, NamespaceFacts, PodFacts, RoleArn, RoleError};
+use crate::model::{BaseArn, NamespaceFacts, Permitted, PodFacts, RoleArn, RoleError};
 
 /// The server's policy settings.
 #[derive(Clone, Debug)]
@@ -48,9 +49,23 @@ pub enum Denial {
     /// The expression does not compile.
     #[error("namespace policy expression '{expr}' is invalid: {error}")]
     NamespaceInvalid { expr: String, error: String },
-    /// The expression does not match the role's ARN.
-    #[error("namespace policy expression '{expr}' forbids role '{arn}'")]
-    NamespaceForbids { expr: String, arn: String },
+    /// The expression does not match the role's ARN. `hint` is the ARN form to write when the
+    /// expression could only ever match role names ([`pitfall::name_only`]).
+    #[error("namespace policy expression '{expr}' forbids role '{arn}'{}", name_only_note(.hint.as_deref()))]
+    NamespaceForbids { expr: String, arn: String, hint: Option<String> },
+}
+
+/// What a denial adds when the expression can only match role names.
+fn name_only_note(hint: Option<&str>) -> String {
+    hint.map(|h| format!("; {}", name_only_advice(h))).unwrap_or_default()
+}
+
+/// The advice for an expression that can only match role names, with the ARN form `suggestion`.
+pub fn name_only_advice(suggestion: &str) -> String {
+    format!(
+        "it can only match role names, but kiam v4 matches the role's full ARN, so it denies every role: \
+         write '{suggestion}'"
+    )
 }
 
 impl Policy {
@@ -61,6 +76,16 @@ impl Policy {
             Some(rules) => rules.effective_role(pod).map(|(role, _)| role),
             None => pod.role.as_deref().filter(|r| !r.trim().is_empty()),
         }
+    }
+
+    /// The ARN form to write when `permitted`, anchored as this policy anchors it, could only
+    /// ever match role names, never an ARN (the kiam v4 migration pitfall). Unanchored
+    /// (`--disable-strict-namespace-regexp`) a role name matches inside the ARN, so then `None`.
+    pub fn name_only(&self, permitted: &Permitted) -> Option<String> {
+        if !self.strict_namespace_regexp {
+            return None;
+        }
+        pitfall::name_only(&permitted.expr, self.base_arn.as_ref())
     }
 
     /// Decides whether `pod` may have `requested`. On success returns the resolved ARN to assume.
@@ -92,9 +117,11 @@ impl Policy {
                 Err(Denial::NamespaceInvalid { expr: permitted.expr.clone(), error: error.to_string() })
             }
             Ok(re) if re.is_match(annotated_arn.as_str()) => Ok(annotated_arn),
-            Ok(_) => {
-                Err(Denial::NamespaceForbids { expr: permitted.expr.clone(), arn: annotated_arn.to_string() })
-            }
+            Ok(_) => Err(Denial::NamespaceForbids {
+                expr: permitted.expr.clone(),
+                arn: annotated_arn.to_string(),
+                hint: self.name_only(permitted),
+            }),
         }
     }
 }
@@ -166,6 +193,33 @@ mod tests {
         // when anchored at the end; with the group both branches are anchored at both ends.
         let got = policy(true).decide(&pod(Some("app")), Some(&ns(Some("role/app|nothing"))), "app");
         assert!(matches!(got, Err(Denial::NamespaceForbids { .. })), "{got:?}");
+    }
+
+    #[test]
+    fn a_role_name_expression_is_denied_with_the_arn_form() {
+        let got = policy(true).decide(
+            &pod(Some("k8s-production-web")),
+            Some(&ns(Some("k8s-production-.*"))),
+            "k8s-production-web",
+        );
+        let Err(denial @ Denial::NamespaceForbids { .. }) = got else { panic!("{got:?}") };
+        assert_eq!(
+            denial.to_string(),
+            "namespace policy expression 'k8s-production-.*' forbids role \
+             'arn:aws:iam::123456789012:role/k8s-production-web'; it can only match role names, but kiam v4 \
+             matches the role's full ARN, so it denies every role: write \
+             'arn:aws:iam::123456789012:role/k8s-production-.*'"
+        );
+        // Unanchored, the same expression matches inside the ARN: no pitfall.
+        let loose = policy(false).decide(
+            &pod(Some("k8s-production-web")),
+            Some(&ns(Some("k8s-production-.*"))),
+            "k8s-production-web",
+        );
+        assert!(loose.is_ok(), "{loose:?}");
+        // An ARN-shaped expression that denies says nothing more.
+        let other = policy(true).decide(&pod(Some("app")), Some(&ns(Some("arn:.*:role/web"))), "app");
+        assert!(matches!(other, Err(Denial::NamespaceForbids { hint: None, .. })), "{other:?}");
     }
 
     #[test]

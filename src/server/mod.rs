@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod identity;
 pub mod idle;
 pub mod node_service;
+pub mod pitfalls;
 pub mod prefetch;
 pub mod service;
 pub mod view;
@@ -204,6 +205,12 @@ pub fn start_core<A: AssumeRole, S: Source>(
     let cluster = Arc::new(Cluster::new(Some(announce), Arc::clone(&metrics)));
     if let Some(fence) = fence {
         cluster.set_fence(fence);
+    }
+    if settings.policy.kube2iam.is_none() {
+        let warnings = pitfalls::NameOnlyWarnings::new(settings.policy.clone());
+        cluster.set_namespace_check(Arc::new(move |ns| {
+            warnings.check(ns);
+        }));
     }
     let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers, Arc::clone(&metrics));
     let policy = settings.policy.clone();

@@ -169,7 +169,8 @@ fn chart_and_manifests_render_lint_validate_and_parse() {
     let all = report.cases.iter().chain(report.kustomize.iter());
     for (name, rendered) in all {
         for component in ["agent", "server"] {
-            if !rendered.has(&format!("ServiceAccount/kiam-{component}")) {
+            let workload = ["DaemonSet", "Deployment"].map(|kind| format!("{kind}/kiam-{component}"));
+            if !workload.iter().any(|key| rendered.has(key)) {
                 continue;
             }
             let container = rendered.container(component);

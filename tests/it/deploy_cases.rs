@@ -23,6 +23,54 @@ fn server_user(r: &Rendered) -> Option<i64> {
     run_as(r.container("server"), r.pod("server").security_context.as_ref().and_then(|s| s.run_as_user))
 }
 
+/// The agent's projected node token: (audience, expirationSeconds), if it has one.
+fn node_token(r: &Rendered) -> Option<(String, i64)> {
+    let volumes = r.pod("agent").volumes.clone().unwrap_or_default();
+    let volume = volumes.into_iter().find(|v| v.name == "node-token")?;
+    let sources = volume.projected.and_then(|p| p.sources).unwrap_or_default();
+    let token = sources.into_iter().find_map(|s| s.service_account_token).expect("a token source");
+    assert_eq!(token.path, "token");
+    Some((token.audience.unwrap_or_default(), token.expiration_seconds.unwrap_or_default()))
+}
+
+/// Node proof by token, end to end: the agent's projected token (`audience`, `lifetime`), mounted
+/// where `--token-file` reads it; the server checking that audience and the agent's
+/// `service_account`, with TokenReview in its RBAC.
+fn proves_node_by_token(r: &Rendered, audience: &str, lifetime: i64, service_account: &str) {
+    assert_eq!(node_token(r), Some((audience.to_string(), lifetime)));
+    assert!(has(&r.args("agent"), "--token-file=/var/run/secrets/kiam/token"), "{:?}", r.args("agent"));
+    let mounts = r.container("agent").volume_mounts.clone().unwrap_or_default();
+    let mount = mounts.iter().find(|m| m.name == "node-token").expect("the token is mounted");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/var/run/secrets/kiam", Some(true)));
+    assert_eq!(r.pod("agent").automount_service_account_token, Some(false), "no API token for the agent");
+    let server = r.args("server");
+    for flag in
+        [format!("--agent-token-audience={audience}"), format!("--agent-service-account={service_account}")]
+    {
+        assert!(has(&server, &flag), "{flag} in {server:?}");
+    }
+    let sa = service_account.split_once(':').map(|(_, name)| name);
+    assert_eq!(r.pod("agent").service_account_name.as_deref(), sa, "the server names the agents' account");
+    rbac(r, true);
+}
+
+/// No tokens: none projected or sent, none checked, no TokenReview permission.
+fn proves_no_node_by_token(r: &Rendered) {
+    assert_eq!(node_token(r), None);
+    assert!(!r.args("agent").iter().any(|a| a.starts_with("--token-file")));
+    assert!(!r.args("server").iter().any(|a| a.starts_with("--agent-token-audience")));
+    assert!(!r.args("server").iter().any(|a| a.starts_with("--agent-service-account")));
+    rbac(r, false);
+}
+
+/// NODE_NAME comes from the downward API: the agent's own node, for the node view.
+fn knows_its_node(r: &Rendered) {
+    let env = r.container("agent").env.clone().unwrap_or_default();
+    let node = env.iter().find(|e| e.name == "NODE_NAME").and_then(|e| e.value_from.as_ref());
+    let field = node.and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("spec.nodeName"));
+}
+
 fn secret_keys(r: &Rendered, name: &str) -> Vec<String> {
     let data = r.json(&format!("Secret/{name}"))["data"].as_object().cloned().unwrap_or_default();
     data.keys().cloned().collect()
@@ -45,12 +93,15 @@ fn default(r: &Rendered) {
     let host_ip = env.iter().find(|e| e.name == "HOST_IP").and_then(|e| e.value_from.as_ref());
     let field = host_ip.and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
     assert_eq!(field, Some("status.podIP"));
+    // Node binding by token, the default.
+    knows_its_node(r);
+    proves_node_by_token(r, "kiam", 3600, "kube-system:kiam-agent");
     // The server: non-root, no capabilities, port 443 through the unprivileged-port sysctl.
     let server = r.args("server");
     for flag in ["--bind=0.0.0.0:443", "--role-base-arn-autodetect"] {
         assert!(has(&server, flag), "{flag} in {server:?}");
     }
-    assert!(!has(&server, "--agent-node-binding"));
+    assert!(has(&server, "--agent-node-binding"), "node binding is on by default");
     assert!(caps_added(r.container("server")).is_empty());
     assert_eq!(server_user(r), Some(65532));
     let sysctls =
@@ -60,7 +111,6 @@ fn default(r: &Rendered) {
     // Headless service named as kiam's, so kiam agents find kiam-rs servers.
     assert_eq!(r.json("Service/kiam-server")["spec"]["clusterIP"], "None");
     assert_eq!(r.json("Service/kiam-server")["spec"]["ports"][0]["port"], 443);
-    rbac(r);
     // TLS generated at install, one CA for both, under kiam's secret names and keys.
     for name in ["kiam-agent", "kiam-server"] {
         assert_eq!(secret_keys(r, name), ["ca", "cert", "key"]);
@@ -70,8 +120,9 @@ fn default(r: &Rendered) {
     assert!(!r.has("NetworkPolicy/kiam-server") && r.kinds("ServiceMonitor").is_empty());
 }
 
-/// Exactly: the server reads pods and namespaces and writes events; nothing is bound to the agent.
-fn rbac(r: &Rendered) {
+/// Exactly: the server reads pods and namespaces, writes events, and reviews tokens when agents
+/// send them (`tokens`); nothing is bound to the agent.
+fn rbac(r: &Rendered, tokens: bool) {
     let rules = |name: &str| match &r.0[&format!("ClusterRole/{name}")].1 {
         Object::ClusterRole(role) => role.rules.clone().unwrap_or_default(),
         _ => unreachable!(),
@@ -82,7 +133,12 @@ fn rbac(r: &Rendered) {
     assert_eq!(read[0].resources.as_deref(), Some(&["namespaces".to_string(), "pods".into()][..]));
     assert_eq!(read[0].verbs, ["get", "list", "watch"]);
     let write = rules("kiam-write");
-    assert_eq!(write.len(), 1);
+    assert_eq!(write.len(), if tokens { 2 } else { 1 }, "{write:?}");
+    if tokens {
+        assert_eq!(write[1].api_groups.as_deref(), Some(&["authentication.k8s.io".to_string()][..]));
+        assert_eq!(write[1].resources.as_deref(), Some(&["tokenreviews".to_string()][..]));
+        assert_eq!(write[1].verbs, ["create"]);
+    }
     assert_eq!(write[0].api_groups.as_deref(), Some(&["events.k8s.io".to_string()][..]));
     assert_eq!(write[0].resources.as_deref(), Some(&["events".to_string()][..]));
     assert_eq!(write[0].verbs, ["create", "patch"]);
@@ -153,8 +209,11 @@ fn kiam_values(r: &Rendered) {
     assert_eq!(tls.and_then(|s| s.secret_name.as_deref()), Some("kiam-agent-tls"));
 }
 
-fn node_binding(r: &Rendered) {
+/// Per-node certificates instead of tokens.
+fn node_certificates(r: &Rendered) {
     assert!(has(&r.args("server"), "--agent-node-binding"));
+    knows_its_node(r);
+    proves_no_node_by_token(r);
     assert!(has(&r.args("agent"), "--require-imdsv2"));
     let volumes = r.pod("agent").volumes.clone().unwrap_or_default();
     let tls = volumes.iter().find(|v| v.name == "tls").expect("a tls volume");
@@ -164,6 +223,19 @@ fn node_binding(r: &Rendered) {
         "each node's own cert"
     );
     assert!(tls.secret.is_none());
+}
+
+/// Tokens for another audience and lifetime, and an agent ServiceAccount the user named.
+fn node_token_values(r: &Rendered) {
+    assert!(has(&r.args("server"), "--agent-node-binding"));
+    proves_node_by_token(r, "kiam.example", 7200, "kube-system:node-agent");
+    assert!(r.has("ServiceAccount/node-agent"));
+}
+
+/// kiam's behaviour: no binding, no token.
+fn no_node_binding(r: &Rendered) {
+    assert!(!has(&r.args("server"), "--agent-node-binding"));
+    proves_no_node_by_token(r);
 }
 
 fn servicemonitor(r: &Rendered) {
@@ -252,23 +324,29 @@ pub fn check(report: &Report) {
     let case = |name: &str| report.cases.get(name).unwrap_or_else(|| panic!("no case {name}"));
     default(case("default"));
     kiam_values(case("kiam-values"));
-    node_binding(case("node-binding"));
+    node_certificates(case("node-certificates"));
+    node_token_values(case("node-token"));
+    no_node_binding(case("no-node-binding"));
     servicemonitor(case("servicemonitor"));
     cert_manager(case("cert-manager"));
     tls_files(case("tls-files"));
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
     docs_install(case("docs-install"));
-    assert_eq!(report.cases.len(), 9, "a case without assertions");
+    assert_eq!(report.cases.len(), 11, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());
     assert!(caps_added(base.container("agent")).is_empty());
-    rbac(base);
+    proves_node_by_token(base, "kiam", 3600, "kube-system:kiam-agent");
+    assert!(has(&base.args("server"), "--agent-node-binding"));
     let iptables = &report.kustomize["iptables"];
     assert_eq!(caps_added(iptables.container("agent")), ["NET_ADMIN"]);
     assert!(has(&iptables.args("agent"), "--iptables"));
-    node_binding(&report.kustomize["node-binding"]);
+    node_certificates(&report.kustomize["node-certificates"]);
+    let mixed = &report.kustomize["mixed-fleet"];
+    assert!(!has(&mixed.args("server"), "--agent-node-binding"), "kiam agents prove no node");
+    proves_node_by_token(mixed, "kiam", 3600, "kube-system:kiam-agent");
     for rendered in report.kustomize.values() {
         for value in rendered.0.values().map(|(v, _)| v) {
             if value["kind"] != "ClusterRole" && value["kind"] != "ClusterRoleBinding" {

@@ -53,3 +53,20 @@ async fn denials_and_sts_failures_become_warning_events_on_the_pod() {
     let count = forbidden[0]["series"]["count"].as_u64().unwrap_or(1);
     assert_eq!(count, 1, "rate-limited before it reached the API server");
 }
+
+/// kiam v4 matches `permitted` against the full ARN: an expression written for role names (the
+/// kiam install guides' `k8s-production-.*`) denies everything, and the Event says what to write.
+#[tokio::test]
+async fn a_role_name_expression_is_named_in_the_denial_event_with_the_arn_form() {
+    let stack = Stack::start().await;
+    stack.kube.apply(namespace("production").permitted("k8s-production-.*").build());
+    stack.kube.apply(pod("production", "web").ip("10.64.0.3").role("k8s-production-web").build());
+    stack.wait_for_pod("10.64.0.3".parse().expect("ip")).await;
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    grpc.get_pod_credentials(creds("10.64.0.3", "k8s-production-web")).await.expect_err("forbidden");
+    let event = wait_for_event(&stack, "KiamRoleForbidden", "web").await;
+    let note = event["note"].as_str().expect("note");
+    assert!(note.contains("namespace policy expression 'k8s-production-.*' forbids role"), "{note}");
+    assert!(note.contains("it can only match role names"), "{note}");
+    assert!(note.ends_with("write 'arn:aws:iam::123456789012:role/k8s-production-.*'"), "{note}");
+}

@@ -5,13 +5,14 @@ helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for th
 kustomize base and overlays with `kubectl kustomize`, validates every object strictly against
 the Kubernetes OpenAPI schemas of a current version (kubernetes-validate), and checks that the
 committed kustomize base is what the chart renders and that each overlay equals the chart with
-the overlay's values. It writes the objects and every problem found to OUT.json; the Rust test
+the overlay's values, and that the guides' JSON blocks parse and the overlays they name exist. It writes the objects and every problem found to OUT.json; the Rust test
 parses the objects as k8s-openapi types and asserts on them.
 
 `deploy_check.py --write-base` regenerates deploy/kustomize/base/kiam-rs.yaml from the chart.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,8 @@ BASE_VALUES = {"agent": {"tlsSecret": "kiam-agent-tls"}, "server": {"tlsSecret":
 # Each overlay equals the chart rendered with the base values merged with these.
 OVERLAY_VALUES = {
     "iptables": {"agent": {"host": {"iptables": True}}},
-    "node-binding": {
-        "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
-        "server": {"agentNodeBinding": True},
-    },
+    "node-certificates": {"agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True}},
+    "mixed-fleet": {"server": {"agentNodeBinding": False}},
 }
 
 B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
@@ -75,10 +74,18 @@ CASES = {
         },
         "serviceAccounts": {"server": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"}}},
     },
-    "node-binding": {
+    # Per-node certificates prove the node instead of tokens.
+    "node-certificates": {
         "server": {"agentNodeBinding": True},
         "agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True},
     },
+    # Tokens with another audience and lifetime, for an agent ServiceAccount named by the user.
+    "node-token": {
+        "agent": {"nodeToken": {"audience": "kiam.example", "expirationSeconds": 7200}},
+        "serviceAccounts": {"agent": {"name": "node-agent"}},
+    },
+    # No node proof and no binding: kiam's behaviour, as while kiam agents still run.
+    "no-node-binding": {"server": {"agentNodeBinding": False}, "agent": {"nodeToken": {"enabled": False}}},
     "servicemonitor": {
         "agent": {"prometheus": {"servicemonitor": {"enabled": True, "labels": {"release": "prom"}}}},
         "server": {"prometheus": {"servicemonitor": {"enabled": True, "interval": "30s"}}},
@@ -133,6 +140,20 @@ def docs_values(errors):
                             node = node[key]
                     values = merge(values, parsed)
     return values
+
+
+def docs_references(errors):
+    """Every ```json block of docs/*.md parses, and every kustomize overlay the guides name exists."""
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text()
+        for block in re.findall(r"```json\n(.*?)```", text, re.S):
+            try:
+                json.loads(block)
+            except json.JSONDecodeError as e:
+                errors.append(f"{doc.name}: a JSON block does not parse: {e}")
+        for overlay in re.findall(r"deploy/kustomize/overlays/([A-Za-z0-9_-]+)", text):
+            if not (KUSTOMIZE / "overlays" / overlay / "kustomization.yaml").is_file():
+                errors.append(f"{doc.name}: no overlay deploy/kustomize/overlays/{overlay}")
 
 
 def leaf_paths(tree, prefix=()):
@@ -211,6 +232,7 @@ def check(out_path):
     version = kubernetes_validate.latest_version()
     errors, cases, overlays = [], {}, {}
     all_cases = dict(CASES, **{"docs-install": docs_values(errors)})
+    docs_references(errors)
     for name, values in all_cases.items():
         lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
         errors.extend(f"lint {name}: {e}" for e in lint.get("errors") or [])

@@ -125,3 +125,14 @@ empty value gives --key, key: false gives nothing. A list of literal arguments i
 {{- define "kiam.server.privilegedPort" -}}
 {{- if lt (int .Values.server.service.targetPort) 1024 -}}true{{- end -}}
 {{- end -}}
+
+{{/*
+"true" when agents prove their node with a projected ServiceAccount token: agent.nodeToken
+unless a per-node certificate (agent.tlsHostPath) proves it. The servers then check tokens.
+*/}}
+{{- define "kiam.agentToken" -}}
+{{- if and .Values.agent.nodeToken.enabled (not .Values.agent.tlsHostPath) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Where the agent's projected token is mounted. */}}
+{{- define "kiam.agentTokenDir" -}}/var/run/secrets/kiam{{- end -}}

@@ -101,6 +101,10 @@ spec:
         {{- if $server.agentNodeBinding }}
         - --agent-node-binding
         {{- end }}
+        {{- if include "kiam.agentToken" . }}
+        - {{ printf "--agent-token-audience=%s" .Values.agent.nodeToken.audience | quote }}
+        - --agent-service-account={{ .Release.Namespace }}:{{ include "kiam.serviceAccountName.agent" . }}
+        {{- end }}
         {{- if $server.prometheus.scrape }}
         - --prometheus-listen-addr=0.0.0.0:{{ $server.prometheus.port }}
         {{- end }}
