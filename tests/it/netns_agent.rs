@@ -64,6 +64,42 @@ async fn sdks_in_pods_get_their_own_credentials_through_the_dnat() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sdks_in_pods_are_answered_from_the_node_view() {
+    use crate::support::objects::{namespace, pod};
+    let node = NodeNet::create();
+    let (alpha, beta) = (PodNet::create_in(&node), PodNet::create_in(&node));
+    let stack = Stack::start().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    for (net, name, role) in [(&alpha, "alpha", "alpha-role"), (&beta, "beta", "beta-role")] {
+        stack.kube.apply(pod("team-a", name).ip(&net.pod_ip.to_string()).role(role).node("node-v").build());
+    }
+    let cert = stack.pki.agent_for_node("agent-v", "node-v");
+    let agent = TestAgent::in_node_as(&stack, &node, &cert, &["--iptables", "--host-interface=kv+"]).await;
+    let m = std::sync::Arc::clone(&agent.metrics);
+    let ready = move || std::future::ready(m.agent.view_live.get() == 1 && m.agent.view_entries.get() == 2);
+    crate::support::wait::until("the node view holds both pods", Duration::from_secs(15), ready).await;
+    // The agent fetches both pods' credentials ahead of need.
+    let m = std::sync::Arc::clone(&agent.metrics);
+    let fetched = move || {
+        let text = m.encode();
+        let line = text.lines().find(|l| {
+            l.contains(r#"grpc_method="Credentials",grpc_code="OK""#) && l.starts_with("grpc_client_handled")
+        });
+        let count = line.and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse::<f64>().ok());
+        std::future::ready(count.is_some_and(|c| c >= 2.0))
+    };
+    crate::support::wait::until("credentials are fetched ahead of need", Duration::from_secs(15), fetched)
+        .await;
+    let sts = stack.moto.endpoint();
+    let boto3 = block_in_place(|| sdk::boto3_at(&alpha, None, &sts)).expect("boto3 in alpha");
+    let rust = block_in_place(|| sdk::rust_sdk_at(&beta, None, &sts)).expect("aws-config in beta");
+    assert_eq!(boto3.caller_arn, assumed("alpha-role"));
+    assert_eq!(rust.caller_arn, assumed("beta-role"));
+    // Both SDKs were answered from the view: their credential requests made no server call.
+    assert!(agent.metrics.agent.view_hits.get() >= 2, "view hits: {}", agent.metrics.agent.view_hits.get());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_negated_interface_is_not_intercepted() {
     let node = NodeNet::create();
     let (excluded, included) = (PodNet::create_in(&node), PodNet::create_in(&node));
