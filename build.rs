@@ -1,14 +1,33 @@
 //! Compiles the gRPC contracts with protox, so that no `protoc` is needed on the build machine:
-//! kiam's `KiamService` (wire-compatible with kiam v4) and kiam-rs's own `Debug` and `NodeView`
-//! services.
+//! kiam's `KiamService` (wire-compatible with kiam v4, `proto/kiam/`) and kiam-rs's own services
+//! (`proto/kiamrs/`: `Debug`, `NodeView`, ...). Every `.proto` file under those folders is compiled.
 
-const PROTOS: [&str; 3] = ["kiam/service.proto", "kiamrs/debug.proto", "kiamrs/node.proto"];
+use std::path::Path;
+
+fn protos(dir: &Path, root: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            protos(&path, root, out)?;
+        } else if path.extension().is_some_and(|e| e == "proto")
+            && let Ok(relative) = path.strip_prefix(root)
+        {
+            out.push(relative.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    Ok(())
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    for proto in PROTOS {
+    let root = Path::new("proto");
+    println!("cargo:rerun-if-changed=proto");
+    let mut files = Vec::new();
+    protos(root, root, &mut files)?;
+    files.sort();
+    for proto in &files {
         println!("cargo:rerun-if-changed=proto/{proto}");
     }
-    let fds = protox::compile(PROTOS, ["proto"])?;
+    let fds = protox::compile(&files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -168,9 +168,6 @@ pub fn sts(env: &Env) -> kiam::aws::Sts {
 /// The identity a pod with role `name` and no session annotation gets.
 pub fn identity(name: &str) -> kiam::creds::Identity {
     let base = kiam::model::BaseArn::parse(BASE_ARN).expect("the base ARN parses");
-    kiam::creds::Identity {
-        role: kiam::model::RoleArn::resolve(name, Some(&base)).expect("the role resolves"),
-        session_name: "kiam-kiam".into(),
-        external_id: None,
-    }
+    let role = kiam::model::RoleArn::resolve(name, Some(&base)).expect("the role resolves");
+    kiam::creds::Identity::plain(role, "kiam-kiam".into(), None)
 }

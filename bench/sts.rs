@@ -73,6 +73,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         base_arn: Some(BaseArn::parse(BASE_ARN).expect("the base ARN parses")),
         strict_namespace_regexp: true,
         kube2iam: None,
+        session_tags: None,
     };
     let core =
         Arc::new(Core::new(Arc::clone(&cluster), policy, cache, "kiam".into(), Arc::new(NoEvents), metrics));

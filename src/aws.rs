@@ -78,6 +78,12 @@ impl AssumeRole for Sts {
             .role_arn(identity.role.as_str())
             .role_session_name(&identity.session_name)
             .set_external_id(identity.external_id.clone())
+            .set_tags(tags(identity))
+            .set_transitive_tag_keys(
+                Some(identity.tags.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+                    .filter(|k| !k.is_empty()),
+            )
+            .set_policy(identity.policy.clone())
             .duration_seconds(seconds)
             .send()
             .await
@@ -100,6 +106,16 @@ impl AssumeRole for Sts {
             issued: SystemTime::now(),
         })
     }
+}
+
+/// The identity's session tags in the SDK's shape (`None` without any).
+fn tags(identity: &Identity) -> Option<Vec<aws_sdk_sts::types::Tag>> {
+    let tags: Vec<_> = identity
+        .tags
+        .iter()
+        .filter_map(|(key, value)| aws_sdk_sts::types::Tag::builder().key(key).value(value).build().ok())
+        .collect();
+    Some(tags).filter(|t| !t.is_empty())
 }
 
 /// The base ARN of the instance profile's account and partition, read from the metadata

@@ -5,6 +5,7 @@ use clap::Args;
 
 use crate::model::BaseArn;
 use crate::policy::Policy;
+use crate::policy::session::{SessionTags, TagKey};
 
 /// `--role-base-arn[-autodetect]`, `--disable-strict-namespace-regexp`, `--session` and
 /// `--agent-node-binding`.
@@ -26,6 +27,18 @@ pub struct PolicyArgs {
     /// Default session-name suffix (sessions are named kiam-<session>).
     #[arg(long, env = "KIAM_SESSION", default_value = "kiam")]
     pub session: String,
+    /// STS session tags to set, comma-separated, from EKS Pod Identity's keys: eks-cluster-arn,
+    /// eks-cluster-name, kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
+    /// kubernetes-pod-uid (marked transitive). Off by default. The pod tags make every pod its
+    /// own identity: one STS call per pod instead of per role.
+    #[arg(long, env = "KIAM_SESSION_TAGS", value_delimiter = ',')]
+    pub session_tags: Vec<String>,
+    /// The cluster's name, for the eks-cluster-name tag.
+    #[arg(long, env = "KIAM_CLUSTER_NAME", default_value = "")]
+    pub cluster_name: String,
+    /// The cluster's ARN, for the eks-cluster-arn tag.
+    #[arg(long, env = "KIAM_CLUSTER_ARN", default_value = "")]
+    pub cluster_arn: String,
 }
 
 impl PolicyArgs {
@@ -34,10 +47,32 @@ impl PolicyArgs {
     pub fn policy(&self) -> Result<Policy, String> {
         let base = self.role_base_arn.as_deref().filter(|s| !s.is_empty());
         let base_arn = base.map(BaseArn::parse).transpose().map_err(|e| format!("--role-base-arn: {e}"))?;
+        let keys = self
+            .session_tags
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| k.parse::<TagKey>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--session-tags: {e}"))?;
+        let needs = |key: TagKey, value: &str, flag: &str| {
+            if keys.contains(&key) && value.trim().is_empty() {
+                Err(format!("--session-tags has {} but {flag} is not set", key.name()))
+            } else {
+                Ok(())
+            }
+        };
+        needs(TagKey::ClusterName, &self.cluster_name, "--cluster-name")?;
+        needs(TagKey::ClusterArn, &self.cluster_arn, "--cluster-arn")?;
+        let session_tags = (!keys.is_empty()).then(|| SessionTags {
+            keys,
+            cluster_name: self.cluster_name.trim().to_string(),
+            cluster_arn: self.cluster_arn.trim().to_string(),
+        });
         Ok(Policy {
             base_arn,
             strict_namespace_regexp: !self.disable_strict_namespace_regexp,
             kube2iam: None,
+            session_tags,
         })
     }
 }

@@ -364,7 +364,12 @@ mod tests {
         cluster.set_namespace_check(Arc::new(move |ns: &NamespaceFacts| {
             record.lock().unwrap_or_else(PoisonError::into_inner).push(ns.name.clone());
         }));
-        let ns = |name: &str| NamespaceFacts { name: name.into(), permitted: None, allowed_roles: None };
+        let ns = |name: &str| NamespaceFacts {
+            name: name.into(),
+            permitted: None,
+            allowed_roles: None,
+            session_policy: None,
+        };
         cluster.apply_namespace(Change::Init);
         cluster.apply_namespace(Change::InitApply(ns("a")));
         cluster.apply_namespace(Change::InitDone);

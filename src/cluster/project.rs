@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::model::{
     ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Permitted, Phase,
-    PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION, SESSION_POLICY_ANNOTATION,
 };
 
 /// Which annotations the projections read: kiam's keys by default; kube2iam mode takes its
@@ -56,6 +56,9 @@ impl Projection {
             name: ns.metadata.name.clone()?,
             permitted: permitted.map(|expr| Permitted::new(expr)),
             allowed_roles: allowed.map(|text| crate::policy::kube2iam::parse_allowed_roles(text)),
+            session_policy: annotations
+                .and_then(|a| a.get(SESSION_POLICY_ANNOTATION))
+                .map(|text| crate::policy::session::parse_policy(text)),
         })
     }
 }
@@ -77,6 +80,9 @@ fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
         role: annotation(&keys.role_key),
         session_name: annotation(&keys.session_name_key),
         external_id: annotation(&keys.external_id_key),
+        service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|n| !n.is_empty()),
+        session_policy: annotation(SESSION_POLICY_ANNOTATION)
+            .map(|text| crate::policy::session::parse_policy(&text)),
     })
 }
 

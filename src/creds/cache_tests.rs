@@ -79,11 +79,7 @@ impl Fixture {
 
 fn identity(role: &str) -> Identity {
     let base = BaseArn::parse("arn:aws:iam::1:role/").expect("base");
-    Identity {
-        role: RoleArn::resolve(role, Some(&base)).expect("role"),
-        session_name: "kiam-kiam".into(),
-        external_id: None,
-    }
+    Identity::plain(RoleArn::resolve(role, Some(&base)).expect("role"), "kiam-kiam".into(), None)
 }
 
 #[tokio::test]

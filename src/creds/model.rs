@@ -14,6 +14,17 @@ pub struct Identity {
     pub role: RoleArn,
     pub session_name: String,
     pub external_id: Option<String>,
+    /// STS session tags (`--session-tags`), sorted by key; marked transitive.
+    pub tags: Vec<(String, String)>,
+    /// An inline session policy (minified JSON) that narrows the role.
+    pub policy: Option<String>,
+}
+
+impl Identity {
+    /// An identity with no session tags and no session policy.
+    pub fn plain(role: RoleArn, session_name: String, external_id: Option<String>) -> Identity {
+        Identity { role, session_name, external_id, tags: Vec::new(), policy: None }
+    }
 }
 
 impl fmt::Debug for Identity {
@@ -22,6 +33,8 @@ impl fmt::Debug for Identity {
             .field("role", &self.role.as_str())
             .field("session_name", &self.session_name)
             .field("external_id", &self.external_id.as_ref().map(|_| "<redacted>"))
+            .field("tags", &self.tags)
+            .field("policy", &self.policy.is_some())
             .finish()
     }
 }

@@ -92,6 +92,10 @@ pub struct SessionView {
     pub source: &'static str,
     /// Whether `iam.amazonaws.com/external-id` is set. The ID itself is never shown.
     pub external_id_set: bool,
+    /// STS session tags (`--session-tags`), as sent.
+    pub tags: Vec<(String, String)>,
+    /// The inline session policy (minified JSON) from the pod's or namespace's annotation.
+    pub policy: Option<String>,
 }
 
 /// Node binding (`--agent-node-binding`).
@@ -127,6 +131,8 @@ pub fn denial_code(denial: &Denial) -> &'static str {
         Denial::NamespaceUnset(_) => "namespace-unset",
         Denial::NamespaceInvalid { .. } => "namespace-invalid",
         Denial::NamespaceForbids { .. } => "namespace-forbids",
+        Denial::SessionTags(_) => "session-tags-invalid",
+        Denial::SessionPolicy(_) => "session-policy-invalid",
     }
 }
 
@@ -308,10 +314,13 @@ pub fn explain(
     };
     let session_name = role::session_name(pod.session_name.as_deref(), &settings.default_session);
     let from_annotation = pod.session_name.as_deref().is_some_and(|s| !s.trim().is_empty());
+    let extras = policy.session_extras(pod, namespace).unwrap_or_default();
     let session_view = SessionView {
         name: session_name.clone(),
         source: if from_annotation { "annotation" } else { "--session" },
         external_id_set: pod.external_id.is_some(),
+        tags: extras.0.clone(),
+        policy: extras.1.clone(),
     };
     let (node_view, node_verdict) = node(&settings.node_binding, pod);
     let policy_verdict = match &decision {
@@ -326,6 +335,8 @@ pub fn explain(
         role: arn,
         session_name,
         external_id: pod.external_id.clone(),
+        tags: extras.0,
+        policy: extras.1,
     });
     Explanation {
         query,

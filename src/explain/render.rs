@@ -150,6 +150,13 @@ fn one(lines: &mut Lines, e: &Explanation) {
         };
         lines.row("session", format!("{} ({source})", session.name));
         lines.sub("external id", if session.external_id_set { "set (not shown)" } else { "not set" });
+        if !session.tags.is_empty() {
+            let tags: Vec<String> = session.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            lines.sub("session tags", tags.join(", "));
+        }
+        if let Some(policy) = &session.policy {
+            lines.sub("session policy", policy.clone());
+        }
     }
     let node = &e.node_binding;
     if e.pod.is_some() {

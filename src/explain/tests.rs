@@ -14,6 +14,7 @@ fn settings(node_binding: NodeBinding) -> Settings {
             base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
             strict_namespace_regexp: true,
             kube2iam: None,
+            session_tags: None,
         },
         default_session: "kiam".into(),
         node_binding,
@@ -25,7 +26,12 @@ fn pod(role: Option<&str>) -> PodFacts {
 }
 
 fn ns(permitted: Option<&str>) -> NamespaceFacts {
-    NamespaceFacts { name: "team-a".into(), permitted: permitted.map(Permitted::new), allowed_roles: None }
+    NamespaceFacts {
+        name: "team-a".into(),
+        permitted: permitted.map(Permitted::new),
+        allowed_roles: None,
+        session_policy: None,
+    }
 }
 
 fn run(pods: &[PodFacts], ns: Option<&NamespaceFacts>, requested: Option<&str>) -> Explanation {

@@ -166,6 +166,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             base_arn,
             strict_namespace_regexp: true,
             kube2iam: Some(Rules { default_role, restrictions }),
+            session_tags: None,
         },
         lifetimes: Lifetimes { session, refresh_lead: args.iam_role_session_ttl },
         session: "kube2iam".into(),

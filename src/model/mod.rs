@@ -12,5 +12,5 @@ pub use arn::{Arn, BaseArn, RoleArn, RoleError, listed_name};
 pub use permitted::Permitted;
 pub use pod::{
     ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Phase, PodFacts,
-    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION, SESSION_POLICY_ANNOTATION,
 };

@@ -13,6 +13,8 @@ pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 /// The pod annotation carrying the STS external ID.
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// The pod or namespace annotation carrying an inline session policy (JSON) that narrows the role.
+pub const SESSION_POLICY_ANNOTATION: &str = "iam.amazonaws.com/session-policy";
 /// kube2iam's namespace annotation listing the roles its pods may have (a JSON array).
 pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
 /// The namespace annotation with the expression of the roles its pods may have.
@@ -64,6 +66,10 @@ pub struct PodFacts {
     pub session_name: Option<String>,
     /// Secret-ish: never printed by `Debug`.
     pub external_id: Option<String>,
+    /// `spec.serviceAccountName`.
+    pub service_account: Option<String>,
+    /// The pod's inline session policy annotation, minified, or why it is invalid.
+    pub session_policy: Option<Result<String, String>>,
 }
 
 impl PodFacts {
@@ -87,6 +93,8 @@ impl PodFacts {
             role: role.map(Into::into),
             session_name: None,
             external_id: None,
+            service_account: None,
+            session_policy: None,
         }
     }
 }
@@ -108,11 +116,13 @@ impl fmt::Debug for PodFacts {
 }
 
 /// What the server knows of one namespace.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NamespaceFacts {
     pub name: String,
     /// The compiled `iam.amazonaws.com/permitted` expression, if annotated.
     pub permitted: Option<Permitted>,
     /// kube2iam mode: the namespace's allowed-roles annotation, parsed (or why it does not parse).
     pub allowed_roles: Option<Result<Vec<String>, String>>,
+    /// The namespace's inline session policy annotation, minified, or why it is invalid.
+    pub session_policy: Option<Result<String, String>>,
 }

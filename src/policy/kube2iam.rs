@@ -126,6 +126,7 @@ mod tests {
             name: "team-a".into(),
             permitted: None,
             allowed_roles: allowed.map(parse_allowed_roles),
+            session_policy: None,
         }
     }
 

@@ -10,10 +10,14 @@ pub mod node;
 pub mod paths;
 pub mod pitfall;
 pub mod role;
+pub mod session;
 
 pub use node::{Caller, NodeDenial, check_node};
 
 use crate::model::{BaseArn, NamespaceFacts, Permitted, PodFacts, RoleArn, RoleError};
+
+/// Session tags (sorted by key) and an inline session policy (minified JSON).
+pub type SessionExtras = (Vec<(String, String)>, Option<String>);
 
 /// The server's policy settings.
 #[derive(Clone, Debug)]
@@ -25,6 +29,8 @@ pub struct Policy {
     pub strict_namespace_regexp: bool,
     /// kube2iam mode's rules instead of kiam's (default role, allowed-roles restrictions).
     pub kube2iam: Option<kube2iam::Rules>,
+    /// `--session-tags`: which STS session tags sessions carry.
+    pub session_tags: Option<session::SessionTags>,
 }
 
 /// Why a pod may not have the role it asked for. The display text is the explanation logged
@@ -53,6 +59,12 @@ pub enum Denial {
     /// expression could only ever match role names ([`pitfall::name_only`]).
     #[error("namespace policy expression '{expr}' forbids role '{arn}'{}", name_only_note(.hint.as_deref()))]
     NamespaceForbids { expr: String, arn: String, hint: Option<String> },
+    /// STS would refuse the pod's session tags (too long, odd characters, too many).
+    #[error("session tags: {0}")]
+    SessionTags(String),
+    /// The pod's (or its namespace's) session policy annotation is invalid.
+    #[error("session policy: {0}")]
+    SessionPolicy(String),
 }
 
 /// What a denial adds when the expression can only match role names.
@@ -86,6 +98,20 @@ impl Policy {
             return None;
         }
         pitfall::name_only(&permitted.expr, self.base_arn.as_ref())
+    }
+
+    /// The session tags and the inline session policy `pod` gets, or why STS would refuse them.
+    pub fn session_extras(
+        &self,
+        pod: &PodFacts,
+        namespace: Option<&NamespaceFacts>,
+    ) -> Result<SessionExtras, Denial> {
+        let tags = match &self.session_tags {
+            Some(settings) => settings.for_pod(pod).map_err(Denial::SessionTags)?,
+            None => Vec::new(),
+        };
+        let policy = session::policy_for(pod, namespace).map_err(Denial::SessionPolicy)?;
+        Ok((tags, policy))
     }
 
     /// Decides whether `pod` may have `requested`. On success returns the resolved ARN to assume.
@@ -136,6 +162,7 @@ mod tests {
             base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
             strict_namespace_regexp: strict,
             kube2iam: None,
+            session_tags: None,
         }
     }
 
@@ -148,6 +175,7 @@ mod tests {
             name: "team-a".into(),
             permitted: permitted.map(Permitted::new),
             allowed_roles: None,
+            session_policy: None,
         }
     }
 

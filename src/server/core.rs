@@ -219,10 +219,13 @@ impl<A: AssumeRole> Core<A> {
     pub fn identity_for(&self, pod: &PodFacts, requested: &str) -> Result<Identity, Denial> {
         let namespace = self.cluster.namespace(&pod.namespace);
         let arn = self.policy.decide(pod, namespace.as_deref(), requested)?;
+        let (tags, policy) = self.policy.session_extras(pod, namespace.as_deref())?;
         Ok(Identity {
             role: arn,
             session_name: role::session_name(pod.session_name.as_deref(), &self.default_session),
             external_id: pod.external_id.clone(),
+            tags,
+            policy,
         })
     }
 

@@ -36,12 +36,14 @@ fn core(sts: &Arc<CountingSts>, metrics: &Arc<Metrics>) -> Core<Arc<CountingSts>
         name: "ns".into(),
         permitted: Some(Permitted::new(".*")),
         allowed_roles: None,
+        session_policy: None,
     }));
     cluster.apply_pod(Change::Apply(PodFacts::test("ns", "web", "10.0.0.5", Some("app"))));
     let policy = Policy {
         base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
         strict_namespace_regexp: true,
         kube2iam: None,
+        session_tags: None,
     };
     let lifetimes = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
     let cache = CredentialCache::new(Arc::clone(sts), lifetimes, 4, Arc::clone(metrics));

@@ -37,7 +37,7 @@ fn identity(request: CacheStateRequest) -> Result<Identity, Status> {
         return Err(Status::invalid_argument(format!("role_arn {role:?} is not an ARN")));
     }
     let role = RoleArn::resolve(role, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(Identity { role, session_name: request.session_name, external_id: request.external_id })
+    Ok(Identity::plain(role, request.session_name, request.external_id))
 }
 
 /// The reply for an entry's state, or for no entry.

@@ -60,7 +60,12 @@ mod tests {
     use crate::model::{BaseArn, Permitted};
 
     fn ns(name: &str, permitted: &str) -> NamespaceFacts {
-        NamespaceFacts { name: name.into(), permitted: Some(Permitted::new(permitted)), allowed_roles: None }
+        NamespaceFacts {
+            name: name.into(),
+            permitted: Some(Permitted::new(permitted)),
+            allowed_roles: None,
+            session_policy: None,
+        }
     }
 
     #[test]
@@ -70,6 +75,7 @@ mod tests {
             base_arn: Some(base),
             strict_namespace_regexp: true,
             kube2iam: None,
+            session_tags: None,
         });
         let form = "arn:aws:iam::123456789012:role/k8s-production-.*";
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")).as_deref(), Some(form));
@@ -78,15 +84,24 @@ mod tests {
         assert!(warnings.check(&ns("production", "k8s-prod-.*")).is_some(), "another expression");
         assert_eq!(warnings.check(&ns("fixed", form)), None, "the ARN form is fine");
         assert_eq!(
-            warnings.check(&NamespaceFacts { name: "none".into(), permitted: None, allowed_roles: None }),
+            warnings.check(&NamespaceFacts {
+                name: "none".into(),
+                permitted: None,
+                allowed_roles: None,
+                session_policy: None
+            }),
             None
         );
     }
 
     #[test]
     fn nothing_to_say_when_matching_anywhere() {
-        let warnings =
-            NameOnlyWarnings::new(Policy { base_arn: None, strict_namespace_regexp: false, kube2iam: None });
+        let warnings = NameOnlyWarnings::new(Policy {
+            base_arn: None,
+            strict_namespace_regexp: false,
+            kube2iam: None,
+            session_tags: None,
+        });
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")), None);
     }
 }

@@ -26,6 +26,7 @@ fn config(inventory: Inventory, target: Target, requested: Option<&str>) -> Conf
                 base_arn: Some(BaseArn::parse(BASE_ARN).expect("base ARN")),
                 strict_namespace_regexp: true,
                 kube2iam: None,
+                session_tags: None,
             },
             default_session: "kiam".into(),
             node_binding: NodeBinding::Off,

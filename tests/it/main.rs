@@ -26,5 +26,6 @@ mod node_view;
 mod peers_tests;
 mod prefetch;
 mod server;
+mod session;
 mod support;
 mod transport;

@@ -51,6 +51,12 @@ pub struct AssumeRoleCall {
     pub duration_seconds: Option<u64>,
     /// The region of the SigV4 credential scope (`Credential=AK/date/<region>/sts/aws4_request`).
     pub region: String,
+    /// `Tags.member.N.Key`/`Value`, in order.
+    pub tags: Vec<(String, String)>,
+    /// `TransitiveTagKeys.member.N`.
+    pub transitive: Vec<String>,
+    /// `Policy`, if sent.
+    pub policy: Option<String>,
 }
 
 impl Moto {
@@ -211,6 +217,13 @@ fn parse_recorded_assume_role(line: &str) -> Option<AssumeRoleCall> {
         external_id: field("ExternalId"),
         duration_seconds: field("DurationSeconds").and_then(|d| d.parse().ok()),
         region: scope_region(authorization).unwrap_or_default(),
+        tags: (1..=50)
+            .map_while(|n| {
+                Some((field(&format!("Tags.member.{n}.Key"))?, field(&format!("Tags.member.{n}.Value"))?))
+            })
+            .collect(),
+        transitive: (1..=50).map_while(|n| field(&format!("TransitiveTagKeys.member.{n}"))).collect(),
+        policy: field("Policy"),
     })
 }
 

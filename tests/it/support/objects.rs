@@ -29,6 +29,7 @@ pub fn pod(namespace: &str, name: &str) -> PodBuilder {
         annotations: BTreeMap::new(),
         labels: BTreeMap::new(),
         node: None,
+        service_account: None,
         phase: "Running".to_owned(),
         host_network: false,
         terminating: false,
@@ -75,6 +76,7 @@ pub struct PodBuilder {
     annotations: BTreeMap<String, String>,
     labels: BTreeMap<String, String>,
     node: Option<String>,
+    service_account: Option<String>,
     phase: String,
     host_network: bool,
     terminating: bool,
@@ -101,6 +103,12 @@ impl PodBuilder {
     /// Sets a label (for `labelSelector` tests).
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets `spec.serviceAccountName`.
+    pub fn service_account(mut self, name: &str) -> Self {
+        self.service_account = Some(name.to_owned());
         self
     }
 
@@ -143,6 +151,9 @@ impl PodBuilder {
         spec.insert("containers".into(), json!([{"name": "app", "image": "app"}]));
         if let Some(node) = self.node {
             spec.insert("nodeName".into(), json!(node));
+        }
+        if let Some(account) = self.service_account {
+            spec.insert("serviceAccountName".into(), json!(account));
         }
         if self.host_network {
             spec.insert("hostNetwork".into(), json!(true));

@@ -44,6 +44,8 @@ pub struct Options {
     pub node_binding: bool,
     /// The server's node view (`--disable-node-view` when false).
     pub node_view: bool,
+    /// More `kiam server` flags.
+    pub server_flags: Vec<&'static str>,
     /// The server's `--cert/--key/--ca`, when not the PKI's own files (rotation tests).
     pub server_tls: Option<CertFiles>,
     /// The PKI to use instead of a fresh one.
@@ -61,6 +63,7 @@ impl Default for Options {
             region: "us-east-1",
             node_binding: false,
             node_view: true,
+            server_flags: Vec::new(),
             server_tls: None,
             pki: None,
             max_connection_idle: Duration::from_secs(900),
@@ -133,6 +136,7 @@ pub fn server_config(kube: &FakeKube, moto: &Moto, pki: &TestPki, options: &Opti
     if !options.node_view {
         argv.push("--disable-node-view");
     }
+    argv.extend(options.server_flags.iter().copied());
     let Command::Server(args) =
         Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command
     else {

@@ -1,0 +1,157 @@
+//! What sessions carry besides their role, as STS (moto's recorder) received it: session tags
+//! with EKS Pod Identity's keys, marked transitive; inline session policies; one STS call per
+//! identity with and without per-pod tags; and refusals turned into Events and denials.
+
+use std::time::Duration;
+
+use crate::support::moto::AssumeRoleCall;
+use crate::support::objects::{namespace, pod};
+use crate::support::stack::{Options, Stack};
+use crate::support::wait::eventually;
+
+const POLICY: &str = r#"{ "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}] }"#;
+
+async fn ask(stack: &Stack, ip: &str, role: &str) -> Result<(), tonic::Status> {
+    let client = stack.client(&stack.pki.agent());
+    client.get_pod_credentials(ip.parse().expect("ip"), role).await.map(drop)
+}
+
+fn tags_of(call: &AssumeRoleCall) -> Vec<(&str, &str)> {
+    call.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_and_session_policies_reach_sts_and_key_the_cache() {
+    let flags = vec![
+        "--session-tags=kubernetes-namespace,kubernetes-pod-name,eks-cluster-name",
+        "--cluster-name=prod",
+    ];
+    let stack = Stack::start_with(Options { server_flags: flags, ..Options::default() }).await;
+    stack.moto.start_recording().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("127.0.0.221").role("app").service_account("web-sa").build());
+    stack.kube.apply(pod("team-a", "api").ip("127.0.0.222").role("app").build());
+    stack.kube.apply(
+        pod("team-a", "narrow")
+            .ip("127.0.0.223")
+            .role("app")
+            .annotation("iam.amazonaws.com/session-policy", POLICY)
+            .build(),
+    );
+    for ip in ["127.0.0.221", "127.0.0.222", "127.0.0.223"] {
+        stack.wait_for_pod(ip.parse().expect("ip")).await;
+        ask(&stack, ip, "app").await.expect("credentials");
+        ask(&stack, ip, "app").await.expect("a second time, from the cache");
+    }
+    let calls = stack.wait_for_sts_calls(3).await;
+    // Per-pod tags make each pod its own identity: exactly one call each, however often asked.
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    let web = calls.iter().find(|c| c.tags.iter().any(|(_, v)| v == "web")).expect("web's call");
+    assert_eq!(
+        tags_of(web),
+        [("eks-cluster-name", "prod"), ("kubernetes-namespace", "team-a"), ("kubernetes-pod-name", "web")]
+    );
+    assert_eq!(web.transitive, ["eks-cluster-name", "kubernetes-namespace", "kubernetes-pod-name"]);
+    assert_eq!(web.policy, None);
+    let narrow = calls.iter().find(|c| c.tags.iter().any(|(_, v)| v == "narrow")).expect("narrow's call");
+    let sent: serde_json::Value =
+        serde_json::from_str(narrow.policy.as_deref().expect("a policy")).expect("JSON");
+    assert_eq!(sent, serde_json::from_str::<serde_json::Value>(POLICY).expect("JSON"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_per_pod_tags_pods_of_a_role_share_one_call() {
+    let flags = vec!["--session-tags=kubernetes-namespace"];
+    let stack = Stack::start_with(Options { server_flags: flags, ..Options::default() }).await;
+    stack.moto.start_recording().await;
+    for ns in ["team-a", "team-b"] {
+        stack.kube.apply(namespace(ns).permitted(".*").build());
+    }
+    let pods =
+        [("team-a", "a1", "127.0.0.231"), ("team-a", "a2", "127.0.0.232"), ("team-b", "b1", "127.0.0.233")];
+    for (ns, name, ip) in pods {
+        stack.kube.apply(pod(ns, name).ip(ip).role("app").build());
+    }
+    for (_, _, ip) in pods {
+        stack.wait_for_pod(ip.parse().expect("ip")).await;
+        ask(&stack, ip, "app").await.expect("credentials");
+    }
+    let calls = stack.wait_for_sts_calls(2).await;
+    assert_eq!(calls.len(), 2, "one per namespace tag value: {calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_or_policies_sts_would_refuse_are_denied_with_an_event() {
+    let flags = vec!["--session-tags=kubernetes-pod-name"];
+    let stack = Stack::start_with(Options { server_flags: flags, ..Options::default() }).await;
+    stack.moto.start_recording().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    let long = "p".repeat(300);
+    stack.kube.apply(pod("team-a", &long).ip("127.0.0.241").role("app").build());
+    stack.kube.apply(
+        pod("team-a", "bad-policy")
+            .ip("127.0.0.242")
+            .role("app")
+            .annotation("iam.amazonaws.com/session-policy", "[not json")
+            .build(),
+    );
+    for ip in ["127.0.0.241", "127.0.0.242"] {
+        stack.wait_for_pod(ip.parse().expect("ip")).await;
+        let refused = ask(&stack, ip, "app").await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    }
+    let event = |name: String, text: &'static str| {
+        let stack = &stack;
+        async move {
+            let events = stack.kube.events();
+            let found = events.into_iter().find(|e| {
+                e["reason"] == "KiamRoleForbidden"
+                    && e["regarding"]["name"] == name.as_str()
+                    && e["note"].as_str().is_some_and(|n| n.contains(text))
+            });
+            found.map(drop)
+        }
+    };
+    eventually("an Event for the refused tags", Duration::from_secs(10), || {
+        event(long.clone(), "session tags")
+    })
+    .await;
+    eventually("an Event for the invalid policy", Duration::from_secs(10), || {
+        event("bad-policy".into(), "session policy")
+    })
+    .await;
+    assert!(stack.moto.recorded_assume_roles().await.is_empty(), "nothing STS would refuse was sent");
+}
+
+/// `kiam explain` shows the tags and the session policy a pod's session would carry.
+#[tokio::test]
+async fn explain_shows_tags_and_the_session_policy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let manifest = dir.path().join("m.yaml");
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns\n  annotations:\n    iam.amazonaws.com/permitted: '.*'\n    iam.amazonaws.com/session-policy: '{}'\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: ns\n  annotations:\n    iam.amazonaws.com/role: app\nspec:\n  containers: [{{name: c}}]\nstatus:\n  podIP: 10.0.0.1\n  phase: Running\n",
+        POLICY.replace('\'', "''")
+    );
+    std::fs::write(&manifest, text).expect("manifest");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiam"))
+        .args(["explain", "-f"])
+        .arg(&manifest)
+        .args([
+            "--role-base-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--session-tags=kubernetes-namespace,kubernetes-pod-name",
+            "-o",
+            "json",
+            "ns/web",
+        ])
+        .output()
+        .await
+        .expect("explain runs");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        json["session"]["tags"],
+        serde_json::json!([["kubernetes-namespace", "ns"], ["kubernetes-pod-name", "web"]])
+    );
+    assert!(json["session"]["policy"].as_str().is_some_and(|p| p.contains("s3:GetObject")), "{json}");
+}
