@@ -74,6 +74,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         strict_namespace_regexp: true,
         kube2iam: None,
         session_tags: None,
+        service_account_roles: false,
     };
     let core =
         Arc::new(Core::new(Arc::clone(&cluster), policy, cache, "kiam".into(), Arc::new(NoEvents), metrics));

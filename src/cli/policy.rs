@@ -33,6 +33,11 @@ pub struct PolicyArgs {
     /// own identity: one STS call per pod instead of per role.
     #[arg(long, env = "KIAM_SESSION_TAGS", value_delimiter = ',')]
     pub session_tags: Vec<String>,
+    /// A pod without the role annotation takes the role its ServiceAccount names
+    /// (`eks.amazonaws.com/role-arn`, IRSA's key, or `iam.amazonaws.com/role`); the pod's own
+    /// annotation wins. Watches ServiceAccounts (RBAC: list and watch serviceaccounts).
+    #[arg(long, env = "KIAM_SERVICE_ACCOUNT_ROLES")]
+    pub service_account_roles: bool,
     /// The cluster's name, for the eks-cluster-name tag.
     #[arg(long, env = "KIAM_CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
@@ -73,6 +78,7 @@ impl PolicyArgs {
             strict_namespace_regexp: !self.disable_strict_namespace_regexp,
             kube2iam: None,
             session_tags,
+            service_account_roles: self.service_account_roles,
         })
     }
 }

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::project::{namespace_facts, pod_facts};
+use super::project::{namespace_facts, pod_facts, service_account_facts};
 use super::{Change, Cluster, Source, SourceError};
-use crate::model::{NamespaceFacts, PodFacts};
+use crate::model::{NamespaceFacts, PodFacts, ServiceAccountFacts};
 
 /// Pods and namespaces read from a manifest file.
 pub struct FileSource {
@@ -27,6 +27,8 @@ pub struct FileSource {
 pub struct Manifest {
     pub pods: Vec<PodFacts>,
     pub namespaces: Vec<NamespaceFacts>,
+    /// ServiceAccounts (read by `kiam explain`; the file source itself does not map their roles).
+    pub service_accounts: Vec<ServiceAccountFacts>,
 }
 
 impl FileSource {
@@ -121,6 +123,11 @@ fn collect(doc: Value, into: &mut Manifest) -> Result<(), String> {
             let ns: Namespace = serde_json::from_value(doc).map_err(|e| format!("invalid Namespace: {e}"))?;
             let facts = namespace_facts(&ns).ok_or("a Namespace has no metadata.name")?;
             into.namespaces.push(facts);
+        }
+        Some("ServiceAccount") => {
+            let sa: ServiceAccount =
+                serde_json::from_value(doc).map_err(|e| format!("invalid ServiceAccount: {e}"))?;
+            into.service_accounts.extend(service_account_facts(&sa));
         }
         Some(_) | None if doc.is_null() => {}
         Some(other) => {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::Change;
-use crate::model::{NamespaceFacts, PodFacts};
+use crate::model::{NamespaceFacts, PodFacts, ServiceAccountFacts};
 
 /// The pods found at one IP.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +290,36 @@ impl NamespaceIndex {
     /// Every namespace.
     pub fn all(&self) -> Vec<Arc<NamespaceFacts>> {
         self.namespaces.values().cloned().collect()
+    }
+}
+
+/// ServiceAccounts' roles by `(namespace, name)` (with `--service-account-roles`).
+#[derive(Default)]
+pub struct ServiceAccountIndex {
+    roles: HashMap<PodKey, String>,
+    relist: Relist<ServiceAccountFacts>,
+}
+
+impl ServiceAccountIndex {
+    /// Applies one change.
+    pub fn apply(&mut self, change: Change<ServiceAccountFacts>) {
+        let key = |sa: &ServiceAccountFacts| (sa.namespace.clone(), sa.name.clone());
+        match self.relist.feed(change) {
+            Step::Upsert(sa) => match sa.role.clone() {
+                Some(role) => drop(self.roles.insert(key(&sa), role)),
+                None => drop(self.roles.remove(&key(&sa))),
+            },
+            Step::Delete(sa) => drop(self.roles.remove(&key(&sa))),
+            Step::Replace(all) => {
+                self.roles = all.into_iter().filter_map(|sa| Some((key(&sa), sa.role?))).collect();
+            }
+            Step::Buffered => {}
+        }
+    }
+
+    /// The role the ServiceAccount names, if any.
+    pub fn role(&self, namespace: &str, name: &str) -> Option<String> {
+        self.roles.get(&(namespace.to_string(), name.to_string())).cloned()
     }
 }
 

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::project::Projection;
+use super::project::{Projection, service_account_facts};
 use super::{Change, Cluster, Source, SourceError};
 
 /// Pods and namespaces from the Kubernetes API.
@@ -22,6 +22,8 @@ pub struct KubeSource {
     projection: Projection,
     /// Only pods on this node (`spec.nodeName`), as kube2iam's `--node` does.
     node: Option<String>,
+    /// Also watch ServiceAccounts (`--service-account-roles`).
+    service_accounts: bool,
 }
 
 /// How to reach the API server.
@@ -59,7 +61,7 @@ impl KubeSource {
 
     /// Wraps an existing client.
     pub fn from_client(client: Client) -> KubeSource {
-        KubeSource { client, projection: Projection::default(), node: None }
+        KubeSource { client, projection: Projection::default(), node: None, service_accounts: false }
     }
 
     /// Connects as `access` says; `insecure` skips verifying the API server's certificate.
@@ -105,6 +107,12 @@ impl KubeSource {
         self
     }
 
+    /// Also watches ServiceAccounts, whose annotations can name their pods' role.
+    pub fn with_service_accounts(mut self, on: bool) -> KubeSource {
+        self.service_accounts = on;
+        self
+    }
+
     /// Watches only the pods on `node`.
     pub fn on_node(mut self, node: Option<String>) -> KubeSource {
         self.node = node.filter(|n| !n.is_empty());
@@ -119,6 +127,10 @@ impl Source for KubeSource {
             selector = selector.fields(&format!("spec.nodeName={node}"));
         }
         let pods = watcher(Api::<Pod>::all(self.client.clone()), selector);
+        if self.service_accounts {
+            cluster.expect_service_accounts();
+        }
+        let accounts = watcher(Api::<ServiceAccount>::all(self.client.clone()), watcher::Config::default());
         let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
         let projection = &self.projection;
         let pods = drive(
@@ -135,10 +147,24 @@ impl Source for KubeSource {
             |c| cluster.change_namespace(c),
             || cluster.note_watch_error(true),
         );
+        let accounts = async {
+            if !self.service_accounts {
+                return std::future::pending().await;
+            }
+            drive(
+                accounts,
+                "serviceaccounts",
+                service_account_facts,
+                |c| cluster.change_service_account(c),
+                || {},
+            )
+            .await
+        };
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = pods => {}
             () = namespaces => {}
+            () = accounts => {}
         }
         Ok(())
     }

@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use index::Lookup;
-use index::{NamespaceIndex, PodIndex};
+use index::{NamespaceIndex, PodIndex, ServiceAccountIndex};
 
 use crate::metrics::{Kind, Metrics};
-use crate::model::{NamespaceFacts, PodFacts};
+use crate::model::{NamespaceFacts, PodFacts, ServiceAccountFacts};
 
 /// One list/watch event, in the shape kube's watcher produces: a relist is `Init`, then
 /// `InitApply` for every object, then `InitDone`.
@@ -89,6 +89,8 @@ impl FenceGuard {
 pub struct Synced {
     pub pods: bool,
     pub namespaces: bool,
+    /// With `--service-account-roles`.
+    pub service_accounts: bool,
 }
 
 /// The shared, always-consistent view of pods and namespaces.
@@ -104,6 +106,10 @@ pub struct Cluster {
     announce: Option<mpsc::Sender<Arc<PodFacts>>>,
     /// Dropped announcements, relists, watch failures and sync state are counted here directly.
     metrics: Arc<Metrics>,
+    /// ServiceAccounts' roles, with `--service-account-roles`.
+    service_accounts: RwLock<ServiceAccountIndex>,
+    /// Whether a source watches ServiceAccounts (then they must sync too).
+    watches_service_accounts: std::sync::atomic::AtomicBool,
     /// Told before a change alters a slot some agent may be answering from.
     fence: OnceLock<Arc<dyn Fence>>,
     /// Shown every namespace applied or listed.
@@ -143,6 +149,8 @@ impl Cluster {
             announce,
             metrics,
             fence: OnceLock::new(),
+            service_accounts: RwLock::default(),
+            watches_service_accounts: std::sync::atomic::AtomicBool::new(false),
             namespace_check: OnceLock::new(),
             node_generations: RwLock::default(),
         }
@@ -284,6 +292,40 @@ impl Cluster {
         self.pods.read().unwrap_or_else(PoisonError::into_inner).for_each_live(f);
     }
 
+    /// Called by a source that watches ServiceAccounts, before it starts: they must sync too.
+    pub fn expect_service_accounts(&self) {
+        self.watches_service_accounts.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Applies a ServiceAccount change as sources do, fencing the slots of its namespace's pods
+    /// (their role may come from it); `InitDone` marks ServiceAccounts synced.
+    pub async fn change_service_account(&self, change: Change<ServiceAccountFacts>) {
+        let namespace = match &change {
+            Change::Apply(sa) | Change::Delete(sa) => Some(sa.namespace.clone()),
+            Change::InitDone => Some(String::new()),
+            _ => None,
+        };
+        let _guard = match (self.fence.get(), namespace) {
+            (Some(fence), Some(namespace)) => {
+                let slots = self.pods.read().unwrap_or_else(PoisonError::into_inner).in_namespace(&namespace);
+                if slots.is_empty() { None } else { Some(fence.fence(slots).await) }
+            }
+            _ => None,
+        };
+        let done = matches!(change, Change::InitDone);
+        self.service_accounts.write().unwrap_or_else(PoisonError::into_inner).apply(change);
+        // Views and waiters recompute as for a namespace change.
+        self.ns_generation.send_modify(|g| *g += 1);
+        if done {
+            self.synced.send_if_modified(|s| !std::mem::replace(&mut s.service_accounts, true));
+        }
+    }
+
+    /// The role the ServiceAccount `namespace/name` names, if any.
+    pub fn service_account_role(&self, namespace: &str, name: &str) -> Option<String> {
+        self.service_accounts.read().unwrap_or_else(PoisonError::into_inner).role(namespace, name)
+    }
+
     /// Every namespace.
     pub fn namespaces(&self) -> Vec<Arc<NamespaceFacts>> {
         self.namespaces.read().unwrap_or_else(PoisonError::into_inner).all()
@@ -333,7 +375,8 @@ impl Cluster {
     pub async fn wait_synced(&self) {
         let mut rx = self.synced.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = rx.wait_for(|s| s.pods && s.namespaces).await;
+        let sa = || !self.watches_service_accounts.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = rx.wait_for(|s| s.pods && s.namespaces && (s.service_accounts || sa())).await;
     }
 }
 

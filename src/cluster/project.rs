@@ -1,11 +1,12 @@
 //! The Kubernetes projections: a Pod or Namespace object to the lean facts of [`crate::model`].
 //! This and the watcher are the only places that read Kubernetes object types.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 
 use crate::model::{
-    ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, NamespaceFacts, PERMITTED_ANNOTATION, Permitted, Phase,
-    PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION, SESSION_POLICY_ANNOTATION,
+    ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, IRSA_ROLE_ANNOTATION, NamespaceFacts,
+    PERMITTED_ANNOTATION, Permitted, Phase, PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    SESSION_POLICY_ANNOTATION, ServiceAccountFacts,
 };
 
 /// Which annotations the projections read: kiam's keys by default; kube2iam mode takes its
@@ -39,6 +40,20 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
 /// Projects a Kubernetes Namespace with kiam's annotation keys.
 pub fn namespace_facts(ns: &Namespace) -> Option<NamespaceFacts> {
     Projection::default().namespace(ns)
+}
+
+/// Projects a ServiceAccount: IRSA's `eks.amazonaws.com/role-arn` names its pods' role, else
+/// kiam's `iam.amazonaws.com/role`.
+pub fn service_account_facts(sa: &ServiceAccount) -> Option<ServiceAccountFacts> {
+    let annotations = sa.metadata.annotations.as_ref();
+    let role = [IRSA_ROLE_ANNOTATION, ROLE_ANNOTATION].iter().find_map(|key| {
+        annotations.and_then(|a| a.get(*key)).map(|r| r.trim().to_string()).filter(|r| !r.is_empty())
+    });
+    Some(ServiceAccountFacts {
+        namespace: sa.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: sa.metadata.name.clone()?,
+        role,
+    })
 }
 
 impl Projection {

@@ -66,6 +66,9 @@ pub struct RoleView {
     pub requested: String,
     /// Whether the request names the annotated role; `None` when there is nothing to compare.
     pub requested_matches: Option<bool>,
+    /// Where the role comes from: `annotation`, `--default-role` (kube2iam mode), `service
+    /// account <name>` (`--service-account-roles`), or `none`.
+    pub source: String,
 }
 
 /// The namespace's `iam.amazonaws.com/permitted` expression and what it says of the role.
@@ -275,7 +278,13 @@ pub fn explain(
     // The namespace step on its own: the same decision for the annotated role itself.
     let for_annotation = annotation.map(|a| policy.decide(pod, namespace, a));
 
+    let source = match (&pod.role, annotation) {
+        (Some(_), _) => "annotation",
+        (None, Some(_)) => "--default-role",
+        (None, None) => "none",
+    };
     let role_view = RoleView {
+        source: source.to_string(),
         annotation: pod.role.clone(),
         arn: resolved.as_ref().and_then(|r| r.as_ref().ok()).map(ToString::to_string),
         error: resolved.as_ref().and_then(|r| r.as_ref().err()).map(ToString::to_string),

@@ -16,7 +16,7 @@ use super::find::{self, Located};
 use super::{Settings, Target};
 use crate::cluster::kube::KubeSource;
 use crate::cluster::{SourceError, file, project};
-use crate::model::{NamespaceFacts, PodFacts};
+use crate::model::{NamespaceFacts, PodFacts, ServiceAccountFacts};
 
 /// Where the pods and namespaces come from.
 #[derive(Clone, Debug)]
@@ -56,6 +56,8 @@ pub enum InputError {
 pub struct Snapshot {
     pub pods: Vec<PodFacts>,
     pub namespaces: Vec<NamespaceFacts>,
+    /// ServiceAccounts, for `--service-account-roles`.
+    pub service_accounts: Vec<ServiceAccountFacts>,
 }
 
 impl Snapshot {
@@ -74,7 +76,35 @@ impl Snapshot {
             Located::Pod { pod, .. } => self.namespace(&pod.namespace),
             _ => None,
         };
-        chain::explain(settings, query, located, namespace, requested)
+        // With --service-account-roles, a pod without the annotation takes its account's role,
+        // as the server resolves it.
+        let account = match located {
+            Located::Pod { pod, .. } if settings.policy.service_account_roles && pod.role.is_none() => {
+                let name = pod.service_account.clone().unwrap_or_else(|| "default".into());
+                let found = self
+                    .service_accounts
+                    .iter()
+                    .rev()
+                    .find(|a| a.namespace == pod.namespace && a.name == name);
+                found.and_then(|a| a.role.clone()).map(|role| (name, role))
+            }
+            _ => None,
+        };
+        let Some((name, role)) = account else {
+            return chain::explain(settings, query, located, namespace, requested);
+        };
+        let resolved = match located {
+            Located::Pod { pod, owner } => Located::Pod {
+                pod: Box::new(PodFacts { role: Some(role), ..(**pod).clone() }),
+                owner: owner.clone(),
+            },
+            other => other.clone(),
+        };
+        let mut explanation = chain::explain(settings, query, &resolved, namespace, requested);
+        if let Some(role) = explanation.role.as_mut() {
+            role.source = format!("service account {name}");
+        }
+        explanation
     }
 
     /// The explanations for `target`: one, or one per pod for [`Target::Every`].
@@ -129,6 +159,7 @@ pub async fn from_files(paths: &[PathBuf]) -> Result<Snapshot, InputError> {
         let manifest = file::parse(&text).map_err(error)?;
         snapshot.pods.extend(manifest.pods);
         snapshot.namespaces.extend(manifest.namespaces);
+        snapshot.service_accounts.extend(manifest.service_accounts);
     }
     Ok(snapshot)
 }

@@ -108,6 +108,9 @@ fn one(lines: &mut Lines, e: &Explanation) {
     }
     if let Some(role) = &e.role {
         lines.row("role", role.annotation.as_deref().unwrap_or("(no iam.amazonaws.com/role annotation)"));
+        if role.source != "annotation" && role.source != "none" {
+            lines.sub("from", role.source.clone());
+        }
         match (&role.arn, &role.error) {
             (Some(arn), _) => lines.sub("arn", arn),
             (None, Some(error)) => lines.sub("arn", format!("(unresolved: {error})")),

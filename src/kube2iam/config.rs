@@ -115,7 +115,9 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             interface,
             target: SocketAddrV4::new(host, args.app_port),
             chain: DEFAULT_CHAIN.into(),
-            remove_at_exit: true,
+            // As kube2iam: the rule stays when the process stops, so that a restarting process
+            // leaves pods refused (fail closed) rather than reaching the node's credentials.
+            remove_at_exit: false,
             check_interval: Duration::from_secs(5),
         })
     } else {
@@ -167,6 +169,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             strict_namespace_regexp: true,
             kube2iam: Some(Rules { default_role, restrictions }),
             session_tags: None,
+            service_account_roles: false,
         },
         lifetimes: Lifetimes { session, refresh_lead: args.iam_role_session_ttl },
         session: "kube2iam".into(),

@@ -13,6 +13,18 @@ pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 /// The pod annotation carrying the STS external ID.
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// IRSA's ServiceAccount annotation naming the role of its pods (read with `--service-account-roles`).
+pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+
+/// What the server knows of one ServiceAccount (with `--service-account-roles`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountFacts {
+    pub namespace: String,
+    pub name: String,
+    /// `eks.amazonaws.com/role-arn`, else `iam.amazonaws.com/role`.
+    pub role: Option<String>,
+}
+
 /// The pod or namespace annotation carrying an inline session policy (JSON) that narrows the role.
 pub const SESSION_POLICY_ANNOTATION: &str = "iam.amazonaws.com/session-policy";
 /// kube2iam's namespace annotation listing the roles its pods may have (a JSON array).

@@ -31,6 +31,8 @@ pub struct Policy {
     pub kube2iam: Option<kube2iam::Rules>,
     /// `--session-tags`: which STS session tags sessions carry.
     pub session_tags: Option<session::SessionTags>,
+    /// `--service-account-roles`: a pod without the role annotation takes its ServiceAccount's.
+    pub service_account_roles: bool,
 }
 
 /// Why a pod may not have the role it asked for. The display text is the explanation logged
@@ -163,6 +165,7 @@ mod tests {
             strict_namespace_regexp: strict,
             kube2iam: None,
             session_tags: None,
+            service_account_roles: false,
         }
     }
 

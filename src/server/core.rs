@@ -154,7 +154,7 @@ impl<A: AssumeRole> Core<A> {
         if ask.caller == Caller::Unnamed {
             return Err(NodeDenial::Unnamed.into());
         }
-        let pod = self.pod(ask.ip, ask.wait).await?;
+        let pod = self.with_account_role(self.pod(ask.ip, ask.wait).await?);
         check_node(&pod, &ask.caller)?;
         if ask.uid.as_ref().is_some_and(|uid| *uid != pod.uid) {
             return Err(Error::PodChanged(ask.ip));
@@ -227,6 +227,19 @@ impl<A: AssumeRole> Core<A> {
             tags,
             policy,
         })
+    }
+
+    /// `pod`, with its ServiceAccount's role when `--service-account-roles` is on and the pod has
+    /// no role annotation of its own (the pod's annotation wins).
+    pub fn with_account_role(&self, pod: Arc<PodFacts>) -> Arc<PodFacts> {
+        if !self.policy.service_account_roles || pod.role.as_deref().is_some_and(|r| !r.trim().is_empty()) {
+            return pod;
+        }
+        let account = pod.service_account.as_deref().unwrap_or("default");
+        match self.cluster.service_account_role(&pod.namespace, account) {
+            Some(role) => Arc::new(PodFacts { role: Some(role), ..(*pod).clone() }),
+            None => pod,
+        }
     }
 
     /// Every identity some live pod may use: what the refresher keeps fresh.

@@ -96,7 +96,9 @@ pub async fn open_inventory(
 ) -> Result<Inventoried, ServeError> {
     Ok(match &config.inventory {
         Inventory::Kube(path) => {
-            let source = KubeSource::connect(path.clone()).await?;
+            let source = KubeSource::connect(path.clone())
+                .await?
+                .with_service_accounts(config.settings.policy.service_account_roles);
             let events = KubeEvents::new(source.client(), config.pod_name.clone(), shutdown.clone());
             let settings = &config.settings;
             let tokens = TokenVerifier::new(

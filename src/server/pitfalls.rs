@@ -76,6 +76,7 @@ mod tests {
             strict_namespace_regexp: true,
             kube2iam: None,
             session_tags: None,
+            service_account_roles: false,
         });
         let form = "arn:aws:iam::123456789012:role/k8s-production-.*";
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")).as_deref(), Some(form));
@@ -101,6 +102,7 @@ mod tests {
             strict_namespace_regexp: false,
             kube2iam: None,
             session_tags: None,
+            service_account_roles: false,
         });
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")), None);
     }

@@ -81,7 +81,8 @@ pub fn spawn<A: AssumeRole>(
 
 /// Fetches the credentials `pod` will ask for, if the policy allows them: never AssumeRole what
 /// will not be served.
-async fn warm<A: AssumeRole>(core: &Core<A>, pod: &PodFacts) {
+async fn warm<A: AssumeRole>(core: &Core<A>, pod: &Arc<PodFacts>) {
+    let pod = &core.with_account_role(Arc::clone(pod));
     let Some(role) = core.policy().effective_role(pod) else { return };
     let Ok(identity) = core.identity_for(pod, role) else { return };
     if let Err(error) = core.cache().get(&identity).await {

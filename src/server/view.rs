@@ -32,6 +32,7 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
     let mut out = HashMap::new();
     for (ip, lookup) in core.cluster().node_ips(node) {
         let Lookup::Found(pod) = lookup else { continue };
+        let pod = core.with_account_role(pod);
         if pod.node_name.as_deref() != Some(node) {
             continue;
         }

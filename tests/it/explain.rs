@@ -27,6 +27,7 @@ fn config(inventory: Inventory, target: Target, requested: Option<&str>) -> Conf
                 strict_namespace_regexp: true,
                 kube2iam: None,
                 session_tags: None,
+                service_account_roles: false,
             },
             default_session: "kiam".into(),
             node_binding: NodeBinding::Off,

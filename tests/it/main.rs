@@ -26,6 +26,7 @@ mod node_view;
 mod peers_tests;
 mod prefetch;
 mod server;
+mod service_accounts;
 mod session;
 mod support;
 mod transport;

@@ -171,6 +171,7 @@ impl Drop for FakeKube {
 pub(crate) enum Resource {
     Pod,
     Namespace,
+    ServiceAccount,
     /// Core v1 Event (`/api/v1/namespaces/{ns}/events`).
     CoreEvent,
     /// `events.k8s.io/v1` Event, which kube's `Recorder` writes.
@@ -182,6 +183,7 @@ impl Resource {
         match (api_version, kind) {
             ("v1", "Pod") => Some(Resource::Pod),
             ("v1", "Namespace") => Some(Resource::Namespace),
+            ("v1", "ServiceAccount") => Some(Resource::ServiceAccount),
             ("v1", "Event") => Some(Resource::CoreEvent),
             ("events.k8s.io/v1", "Event") => Some(Resource::Event),
             _ => None,
@@ -192,6 +194,7 @@ impl Resource {
         match self {
             Resource::Pod => "Pod",
             Resource::Namespace => "Namespace",
+            Resource::ServiceAccount => "ServiceAccount",
             Resource::CoreEvent | Resource::Event => "Event",
         }
     }

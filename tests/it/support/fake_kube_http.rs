@@ -134,6 +134,7 @@ fn route(path: &str, headers: &HeaderMap) -> Option<Target> {
     };
     let resource = |plural: &str| match (group, plural) {
         ("", "pods") => Some(Resource::Pod),
+        ("", "serviceaccounts") => Some(Resource::ServiceAccount),
         ("", "namespaces") => Some(Resource::Namespace),
         ("", "events") => Some(Resource::CoreEvent),
         ("events.k8s.io", "events") => Some(Resource::Event),
