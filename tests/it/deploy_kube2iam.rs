@@ -196,6 +196,11 @@ fn docs_kube2iam(report: &Report) {
     assert_eq!(servers.pod("server").host_network, Some(true));
     assert!(has(&servers.args("server"), "--role-base-arn=arn:aws:iam::123456789012:role/"));
     assert!(!servers.has("DaemonSet/kiam-agent"));
+    let taken = [kube2iam_args(servers).metrics_port, kube2iam_args(servers).app_port, 9620];
+    let server_metrics = servers.args("server").into_iter().find_map(|a| {
+        a.strip_prefix("--prometheus-listen-addr=0.0.0.0:").and_then(|p| p.parse::<u16>().ok())
+    });
+    assert!(server_metrics.is_some_and(|p| !taken.contains(&p)), "host ports collide: {server_metrics:?}");
     // 4: agents on the labelled nodes, kube2iam mode on the others.
     let split = case(4);
     let agent_nodes = split.pod("agent").node_selector.clone().unwrap_or_default();
