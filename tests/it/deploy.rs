@@ -4,8 +4,9 @@
 //! renders the kustomize base and overlays with `kubectl kustomize`, validates every object
 //! strictly against a current Kubernetes version's schemas, and checks that the kustomize
 //! manifests equal the chart. Here every object is parsed as its k8s-openapi type, every
-//! container command line is parsed by the binary's own flag parser, and each value set is
-//! checked for what it must change.
+//! container command line is parsed by the binary's own flag parser (a container without a
+//! command runs the image's entrypoint, `kube2iam`, so its args go to kube2iam mode's parser),
+//! and each value set is checked for what it must change.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,11 +14,12 @@ use std::process::Command;
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kiam::cli::{Cli, Command as Sub};
+use kiam::kube2iam::Kube2iamCli;
 use serde_json::Value;
 
 use crate::support::moto::venv_bin;
@@ -84,7 +86,7 @@ impl Rendered {
         self.0.iter().filter(|(k, _)| k.starts_with(&format!("{kind}/"))).map(|(_, (v, _))| v).collect()
     }
 
-    /// The pod spec of the agent DaemonSet or the server DaemonSet/Deployment.
+    /// The pod spec of the agent, the kube2iam-mode DaemonSet or the server DaemonSet/Deployment.
     pub fn pod(&self, component: &str) -> &PodSpec {
         let found = ["DaemonSet", "Deployment"]
             .iter()
@@ -110,6 +112,8 @@ impl Rendered {
 pub struct Report {
     pub cases: BTreeMap<String, Rendered>,
     pub kustomize: BTreeMap<String, Rendered>,
+    /// Value sets the chart refused, with Helm's message.
+    pub refused: BTreeMap<String, String>,
 }
 
 fn render() -> Report {
@@ -128,15 +132,53 @@ fn render() -> Report {
         let object = report[name].as_object().expect("a map of renderings");
         object.iter().map(|(k, v)| (k.clone(), Rendered::new(v.as_array().expect("objects")))).collect()
     };
-    Report { cases: group("cases"), kustomize: group("kustomize") }
+    let refused = report["refused"].as_object().expect("refused");
+    let refused = refused.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect();
+    Report { cases: group("cases"), kustomize: group("kustomize"), refused }
+}
+
+/// The downward API's fields in a stand-in cluster: the node's IP and name.
+pub const HOST_IP: &str = "10.0.0.1";
+pub const NODE_NAME: &str = "node-a";
+
+/// Kubernetes' `$(VAR)` expansion of a container's args from its own env, with the downward
+/// API's fields given stand-in values. Kubernetes leaves an unknown reference as written; here
+/// that fails, since the flag would receive the literal text.
+fn expand(arg: &str, env: &[EnvVar]) -> String {
+    let mut out = arg.to_string();
+    for var in env {
+        let field = var.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+        let value = match (var.value.as_deref(), field) {
+            (Some(value), _) => value,
+            (None, Some("status.podIP")) => HOST_IP,
+            (None, Some("spec.nodeName")) => NODE_NAME,
+            _ => continue,
+        };
+        out = out.replace(&format!("$({})", var.name), value);
+    }
+    assert!(!out.contains("$("), "{arg}: a reference to no variable of the container's env");
+    out
 }
 
 /// Parses a container's command line with the binary's own parser, TLS paths pointed at real
-/// files, so a flag the binary lacks, a bad value or a rejected combination fails here.
+/// files, so a flag the binary lacks, a bad value or a rejected combination fails here. A
+/// container without a command runs the image's entrypoint, `kube2iam`: kube2iam mode's parser
+/// and validation, as `kube2iam ARGS` (the binary invoked by that name) runs them.
 pub fn parse_command(container: &Container, pki: &Path) -> Sub {
-    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
-    argv.extend(container.args.clone().unwrap_or_default());
-    parse_argv(argv, pki)
+    let env = container.env.clone().unwrap_or_default();
+    let args = container.args.clone().unwrap_or_default().iter().map(|a| expand(a, &env)).collect();
+    match &container.command {
+        Some(command) => parse_argv(command.iter().cloned().chain(args).collect(), pki),
+        None => parse_kube2iam(args),
+    }
+}
+
+fn parse_kube2iam(args: Vec<String>) -> Sub {
+    let argv: Vec<String> = std::iter::once("kube2iam".to_string()).chain(args).collect();
+    let cli = Kube2iamCli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}:\n{e}"));
+    cli.args.logging().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    drop(cli.args.config().unwrap_or_else(|e| panic!("{argv:?}: {e}")));
+    Sub::Kube2iam(cli.args)
 }
 
 pub fn parse_argv(argv: Vec<String>, pki: &Path) -> Sub {
@@ -168,7 +210,7 @@ fn chart_and_manifests_render_lint_validate_and_parse() {
     std::fs::write(pki.path().join("file"), "").expect("a stand-in file");
     let all = report.cases.iter().chain(report.kustomize.iter());
     for (name, rendered) in all {
-        for component in ["agent", "server"] {
+        for component in ["agent", "server", "kube2iam"] {
             let workload = ["DaemonSet", "Deployment"].map(|kind| format!("{kind}/kiam-{component}"));
             if !workload.iter().any(|key| rendered.has(key)) {
                 continue;
@@ -176,7 +218,10 @@ fn chart_and_manifests_render_lint_validate_and_parse() {
             let container = rendered.container(component);
             let command = parse_command(container, pki.path());
             assert!(
-                matches!((&command, component), (Sub::Agent(_), "agent") | (Sub::Server(_), "server")),
+                matches!(
+                    (&command, component),
+                    (Sub::Agent(_), "agent") | (Sub::Server(_), "server") | (Sub::Kube2iam(_), "kube2iam")
+                ),
                 "{name}: {component} runs {command:?}"
             );
             for probe in [&container.liveness_probe, &container.readiness_probe].into_iter().flatten() {

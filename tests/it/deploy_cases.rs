@@ -6,16 +6,16 @@ use serde_json::{Value, json};
 
 use crate::deploy::{Object, Rendered, Report};
 
-fn has(args: &[String], flag: &str) -> bool {
+pub fn has(args: &[String], flag: &str) -> bool {
     args.iter().any(|a| a == flag)
 }
 
-fn caps_added(c: &Container) -> Vec<String> {
+pub fn caps_added(c: &Container) -> Vec<String> {
     let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref());
     caps.and_then(|c| c.add.clone()).unwrap_or_default()
 }
 
-fn run_as(c: &Container, pod_level: Option<i64>) -> Option<i64> {
+pub fn run_as(c: &Container, pod_level: Option<i64>) -> Option<i64> {
     c.security_context.as_ref().and_then(|s| s.run_as_user).or(pod_level)
 }
 
@@ -311,7 +311,7 @@ fn server_only_high_port(r: &Rendered) {
     assert_eq!(server_user(r), Some(65532));
 }
 
-/// The `helm install`/`helm upgrade` commands of docs/, their --set values merged.
+/// The `helm install` command of docs/install.md.
 fn docs_install(r: &Rendered) {
     let agent = r.args("agent");
     assert!(has(&agent, "--iptables") && has(&agent, "--host-interface=cali+"), "{agent:?}");
@@ -332,8 +332,12 @@ pub fn check(report: &Report) {
     tls_files(case("tls-files"));
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
-    docs_install(case("docs-install"));
-    assert_eq!(report.cases.len(), 11, "a case without assertions");
+    docs_install(case("docs/install#1"));
+    let kiam_upgrade = case("docs/migrating-from-kiam#1");
+    assert!(!has(&kiam_upgrade.args("server"), "--agent-node-binding"), "kiam agents still run");
+    assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
+    crate::deploy_kube2iam::check(report);
+    assert_eq!(report.cases.len(), 20, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

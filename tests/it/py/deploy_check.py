@@ -8,13 +8,15 @@ committed kustomize base is what the chart renders and that each overlay equals 
 the overlay's values, and that the guides' JSON blocks parse and the overlays they name exist. It writes the objects and every problem found to OUT.json; the Rust test
 parses the objects as k8s-openapi types and asserts on them.
 
-`deploy_check.py --write-base` regenerates deploy/kustomize/base/kiam-rs.yaml from the chart.
+`deploy_check.py --write-base` regenerates the generated manifests (deploy/kustomize/base/kiam-rs.yaml
+and deploy/kustomize/overlays/kube2iam/kube2iam.yaml) from the chart.
 """
 
 import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import helm_python
@@ -25,18 +27,31 @@ ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "deploy/helm/kiam-rs"
 KUSTOMIZE = ROOT / "deploy/kustomize"
 BASE_FILE = KUSTOMIZE / "base/kiam-rs.yaml"
+KUBE2IAM_FILE = KUSTOMIZE / "overlays/kube2iam/kube2iam.yaml"
 RELEASE, NAMESPACE = "kiam", "kube-system"
 
 # The kustomize base: the chart's defaults, with TLS from secrets the user creates (as kiam's
 # deploy/ manifests: kiam-agent-tls and kiam-server-tls), so that nothing random is rendered.
 BASE_VALUES = {"agent": {"tlsSecret": "kiam-agent-tls"}, "server": {"tlsSecret": "kiam-server-tls"}}
 
-# Each overlay equals the chart rendered with the base values merged with these.
+# kube2iam mode alone, installing its DNAT rule (kube2iam's own kustomize base: --iptables=true).
+KUBE2IAM_VALUES = {
+    "agent": {"enabled": False},
+    "server": {"enabled": False},
+    "kube2iam": {"enabled": True, "host": {"iptables": True}},
+}
+
+# The generated files of deploy/kustomize, each the chart rendered with these values.
+GENERATED = {BASE_FILE: BASE_VALUES, KUBE2IAM_FILE: KUBE2IAM_VALUES}
+
+# Each overlay equals the chart rendered with the base values merged with these (kube2iam: its
+# own generated file, with KUBE2IAM_VALUES alone).
 OVERLAY_VALUES = {
     "iptables": {"agent": {"host": {"iptables": True}}},
     "node-certificates": {"agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True}},
     "mixed-fleet": {"server": {"agentNodeBinding": False}},
 }
+OVERLAY_FULL_VALUES = {"kube2iam": KUBE2IAM_VALUES}
 
 B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
 
@@ -109,37 +124,106 @@ CASES = {
         "agent": {"prometheus": {"scrape": False}},
     },
     "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
+    # kube2iam mode with the chart's defaults.
+    "kube2iam": {"agent": {"enabled": False}, "server": {"enabled": False}, "kube2iam": {"enabled": True}},
+    # A values file written for kube2iam's chart, nested under kube2iam:.
+    "kube2iam-values": {
+        "agent": {"enabled": False},
+        "server": {"enabled": False},
+        "imagePullSecrets": "regcred",
+        "kube2iam": {
+            "enabled": True,
+            "image": {"repository": "registry.example/kiam-rs", "tag": "v1", "pullSecrets": ["mirror"]},
+            "host": {"iptables": True, "interface": "eni+", "port": 8182},
+            "extraArgs": {
+                "base-role-arn": "arn:aws:iam::123456789012:role/",
+                "default-role": "kube2iam-default",
+                "namespace-restrictions": True,
+                "namespace-restriction-format": "regexp",
+                "debug": "",
+                "auto-discover-base-arn": False,
+            },
+            "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"},
+            "aws": {"region": "eu-west-1"},
+            "verbose": True,
+            "prometheus": {
+                "metricsPort": 9181,
+                "service": {"enabled": True, "annotations": {"example.com/scrape": "true"}},
+                "serviceMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "prom"}},
+            },
+            "tolerations": [{"operator": "Exists"}],
+            "priorityClassName": "system-node-critical",
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+            "updateStrategy": "RollingUpdate",
+            "maxUnavailable": 2,
+            "podAnnotations": {"example.com/team": "platform"},
+        },
+        "serviceAccounts": {"kube2iam": {"name": "kube2iam"}},
+    },
+    # kube2iam's chart default: metrics on the app port, which kube2iam mode does not serve.
+    "kube2iam-metrics-on-app-port": {
+        "agent": {"enabled": False},
+        "server": {"enabled": False},
+        "kube2iam": {
+            "enabled": True,
+            "prometheus": {"metricsPort": 8181, "service": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+        },
+    },
+}
+
+# Value sets the chart must refuse, with a word the message must hold.
+REFUSED = {
+    # kube2iam mode and the agent both answer 169.254.169.254 on every node.
+    "kube2iam-with-agent": ({"kube2iam": {"enabled": True}}, "agent.enabled=false"),
 }
 
 DOCS = ROOT / "docs"
 
 
 def docs_values(errors):
-    """The --set values of the `helm install`/`helm upgrade` commands in docs/*.md, merged, so
-    the install guide's command is rendered, linted and validated like any case. Every key must
-    exist in values.yaml: Helm would accept a misspelt one silently."""
+    """The --set values of each `helm install`/`helm upgrade` command in docs/*.md, as cases
+    named `docs/<guide>#<n>`, so the guides' commands are rendered, linted and validated like any
+    case. A command with --reuse-values starts from the guide's previous command's values, as
+    Helm would; `-f NAME.yaml` takes the guide's ```yaml block whose first line is `# NAME.yaml`
+    (other files, such as the reader's own values, are left out). Every key must exist in values.yaml (Helm would accept a misspelt one silently),
+    except under maps that are empty by default (extraArgs, annotations): the flag parser checks
+    extraArgs."""
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    values = {}
+    cases = {}
     for doc in sorted(DOCS.glob("*.md")):
         text = doc.read_text().replace("\\\n", " ")
+        files = {
+            name: yaml.safe_load(textwrap.dedent(body))
+            for name, body in re.findall(r"```yaml\n *# ([A-Za-z0-9_.-]+\.yaml)\n(.*?)```", text, re.S)
+        }
+        values, n = {}, 0
         for line in text.splitlines():
             if "helm install" not in line and "helm upgrade" not in line:
                 continue
             if "deploy/helm/kiam-rs" not in line:
                 errors.append(f"{doc.name}: a helm command not naming deploy/helm/kiam-rs: {line.strip()}")
             words = line.split()
+            if "--reuse-values" not in words:
+                values = {}
+            for i, word in enumerate(words[:-1]):
+                if word in ("-f", "--values") and words[i + 1] in files:
+                    values = merge(values, files[words[i + 1]])
             for i, word in enumerate(words[:-1]):
                 if word == "--set":
                     parsed = helm_python.parse_set_string(words[i + 1])
                     for path in leaf_paths(parsed):
                         node = defaults
                         for key in path:
+                            if node == {}:
+                                break
                             if not isinstance(node, dict) or key not in node:
                                 errors.append(f"{doc.name}: --set {'.'.join(path)} is not a chart value")
                                 break
                             node = node[key]
                     values = merge(values, parsed)
-    return values
+            n += 1
+            cases[f"docs/{doc.stem}#{n}"] = values
+    return cases
 
 
 def docs_references(errors):
@@ -220,18 +304,18 @@ def comparable(objects):
     return out
 
 
-def base_text():
+def generated_text(values):
     header = (
         "# Generated from deploy/helm/kiam-rs by `bash scripts/render-manifests`; do not edit.\n"
         "# tests/it/deploy.rs fails when this file and the chart disagree.\n"
     )
-    return header + yaml.safe_dump_all(render_chart(BASE_VALUES), sort_keys=True)
+    return header + yaml.safe_dump_all(render_chart(values), sort_keys=True)
 
 
 def check(out_path):
     version = kubernetes_validate.latest_version()
     errors, cases, overlays = [], {}, {}
-    all_cases = dict(CASES, **{"docs-install": docs_values(errors)})
+    all_cases = dict(CASES, **docs_values(errors))
     docs_references(errors)
     for name, values in all_cases.items():
         lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
@@ -240,28 +324,47 @@ def check(out_path):
         objects = render_chart(values)
         validate(objects, version, f"chart {name}", errors)
         cases[name] = objects
-    if BASE_FILE.read_text() != base_text():
-        errors.append("deploy/kustomize/base/kiam-rs.yaml is stale: run bash scripts/render-manifests")
+    refused = {}
+    for name, (values, word) in REFUSED.items():
+        try:
+            render_chart(values)
+            errors.append(f"chart {name}: rendered, but must be refused")
+        except helm_python.errors.HelmRenderError as e:
+            refused[name] = str(e)
+            if word not in str(e):
+                errors.append(f"chart {name}: refused without saying {word!r}: {e}")
+    for path, values in GENERATED.items():
+        if path.read_text() != generated_text(values):
+            errors.append(f"{path.relative_to(ROOT)} is stale: run bash scripts/render-manifests")
     base = kustomize(KUSTOMIZE / "base")
     validate(base, version, "kustomize base", errors)
     overlays["base"] = base
     if comparable(base) != comparable(render_chart(BASE_VALUES)):
         errors.append("kustomize base differs from the chart with the base values")
-    for name, extra in OVERLAY_VALUES.items():
+    overlay_values = {name: merge(BASE_VALUES, extra) for name, extra in OVERLAY_VALUES.items()}
+    overlay_values.update(OVERLAY_FULL_VALUES)
+    for name, values in overlay_values.items():
         objects = kustomize(KUSTOMIZE / "overlays" / name)
         validate(objects, version, f"kustomize {name}", errors)
         overlays[name] = objects
-        want, got = comparable(render_chart(merge(BASE_VALUES, extra))), comparable(objects)
+        want, got = comparable(render_chart(values)), comparable(objects)
         for key in sorted(set(want) | set(got)):
             if want.get(key) != got.get(key):
-                errors.append(f"overlay {name}: {key} differs from the chart with {json.dumps(extra)}")
-    report = {"kubernetes_version": version, "errors": errors, "cases": cases, "kustomize": overlays}
+                errors.append(f"overlay {name}: {key} differs from the chart with {json.dumps(values)}")
+    report = {
+        "kubernetes_version": version,
+        "errors": errors,
+        "cases": cases,
+        "refused": refused,
+        "kustomize": overlays,
+    }
     Path(out_path).write_text(json.dumps(report))
 
 
 def main():
     if sys.argv[1:] == ["--write-base"]:
-        BASE_FILE.write_text(base_text())
+        for path, values in GENERATED.items():
+            path.write_text(generated_text(values))
     elif len(sys.argv) == 2:
         check(sys.argv[1])
     else:

@@ -59,6 +59,19 @@ release: {{ .root.Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{- define "kiam.serviceAccountName.kube2iam" -}}
+{{- if .Values.serviceAccounts.kube2iam.create -}}
+{{- default (printf "%s-kube2iam" (include "kiam.fullname" .)) .Values.serviceAccounts.kube2iam.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccounts.kube2iam.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when kube2iam mode serves metrics: on a port other than its app port. */}}
+{{- define "kiam.kube2iam.metrics" -}}
+{{- if ne (int .Values.kube2iam.prometheus.metricsPort) (int .Values.kube2iam.host.port) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "kiam.image" -}}
 {{- printf "%s:%s" .repository (toString (default "latest" .tag)) -}}
 {{- end -}}
