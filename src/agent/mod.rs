@@ -211,9 +211,10 @@ pub fn assemble<B: Backend, R: Runner>(
     let addr =
         listener.local_addr().map_err(|source| AgentStartError::Bind { addr: "agent".into(), source })?;
     let mut agent = Agent::new(backend, config, Arc::clone(&metrics))?;
+    let mut follow = None;
     if let Some(client) = view_client.filter(|_| config.node_view) {
         let view = Arc::new(view::NodeView::new(Arc::clone(&metrics)));
-        view::sync::spawn(Arc::clone(&view), client.clone(), config.node_name.clone(), &shutdown);
+        follow = Some((Arc::clone(&view), client.clone(), config.node_name.clone()));
         agent.view = Some(NodeViewLink { view, client });
     }
     let agent = Arc::new(agent);
@@ -225,7 +226,21 @@ pub fn assemble<B: Backend, R: Runner>(
     });
     let server = config.client.as_ref().map_or("in-process", |c| c.server_address.as_str());
     tracing::info!(%addr, server, "agent listening");
-    let task = tokio::spawn(serve(listener, agent, interception.clone(), config.limits.clone(), shutdown));
+    // The view is followed once the interception is in place: a server that sees this node's
+    // agent subscribe knows its pods are intercepted (node readiness relies on it).
+    let start_view = move |shutdown: &CancellationToken| {
+        if let Some((view, client, node)) = follow {
+            view::sync::spawn(view, client, node, shutdown);
+        }
+    };
+    let task = tokio::spawn(serve(
+        listener,
+        agent,
+        interception.clone(),
+        config.limits.clone(),
+        start_view,
+        shutdown,
+    ));
     Ok(Running { addr, interception, task })
 }
 
@@ -236,13 +251,16 @@ async fn serve<B: Backend, R: Runner>(
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
     limits: Limits,
+    start_view: impl FnOnce(&CancellationToken),
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
+        start_view(&shutdown);
         http::serve(listener, app(agent), &limits, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
+    start_view(&shutdown);
     let iptables = rules.config();
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();

@@ -86,6 +86,15 @@ pub struct ServerArgs {
     /// The agents' ServiceAccount, `namespace:name`: only its tokens prove a node.
     #[arg(long, env = "KIAM_AGENT_SERVICE_ACCOUNT", default_value = "kube-system:kiam-agent")]
     pub agent_service_account: String,
+    /// A startup taint (key) nodes register with; the server removes it from a node once that
+    /// node's agent is ready (interception installed, node view synchronised). Needs patch on
+    /// nodes. Off by default: then the server writes nothing to nodes.
+    #[arg(long, env = "KIAM_NODE_READINESS_TAINT")]
+    pub node_readiness_taint: Option<String>,
+    /// With --node-readiness-taint: put the taint back on a node whose agent has been gone for a
+    /// minute.
+    #[arg(long, env = "KIAM_NODE_READINESS_REAPPLY", requires = "node_readiness_taint")]
+    pub node_readiness_reapply: bool,
     /// The server's own pod (from the downward API), named in the Events it records.
     #[arg(long, env = "POD_NAME", hide = true)]
     pub pod_name: Option<String>,
@@ -150,6 +159,8 @@ impl ServerArgs {
                 node_view: !self.disable_node_view,
                 agent_token_audience: self.agent_token_audience.clone(),
                 agent_service_account: self.agent_service_account.clone(),
+                readiness_taint: self.node_readiness_taint.clone().filter(|t| !t.trim().is_empty()),
+                readiness_reapply: self.node_readiness_reapply,
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

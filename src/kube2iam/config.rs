@@ -179,6 +179,8 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         node_view: false,
         agent_token_audience: String::new(),
         agent_service_account: String::new(),
+        readiness_taint: None,
+        readiness_reapply: false,
     };
     let projection = Projection {
         role_key: args.iam_role_key.clone(),

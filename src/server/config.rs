@@ -39,6 +39,10 @@ pub struct Settings {
     pub agent_token_audience: String,
     /// `--agent-service-account`: `namespace:name` of the agents' ServiceAccount.
     pub agent_service_account: String,
+    /// `--node-readiness-taint`: the startup taint removed once a node's agent is ready.
+    pub readiness_taint: Option<String>,
+    /// `--node-readiness-reapply`: put the taint back when a node's agent stays gone.
+    pub readiness_reapply: bool,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).

@@ -13,6 +13,7 @@ pub mod idle;
 pub mod node_service;
 pub mod pitfalls;
 pub mod prefetch;
+pub mod readiness;
 pub mod service;
 pub mod view;
 
@@ -86,6 +87,8 @@ pub struct Inventoried {
     pub source: AnySource,
     pub events: Arc<dyn EventSink>,
     pub tokens: Option<TokenVerifier>,
+    /// The API client, for node taints.
+    pub nodes: Option<kube::Client>,
 }
 
 /// Opens the source of pods and namespaces `config` names: the API server for a cluster (Events
@@ -106,12 +109,19 @@ pub async fn open_inventory(
                 &settings.agent_token_audience,
                 &settings.agent_service_account,
             );
-            Inventoried { source: AnySource::Kube(source), events: Arc::new(events), tokens: Some(tokens) }
+            let nodes = Some(source.client());
+            Inventoried {
+                source: AnySource::Kube(source),
+                events: Arc::new(events),
+                tokens: Some(tokens),
+                nodes,
+            }
         }
         Inventory::File(path) => Inventoried {
             source: AnySource::File(FileSource::open(path, Duration::from_secs(1))?),
             events: Arc::new(NoEvents),
             tokens: None,
+            nodes: None,
         },
     })
 }
@@ -127,6 +137,8 @@ pub struct Deps<A, S> {
     pub events: Arc<dyn EventSink>,
     /// Checks agents' tokens (node binding and the node view by token); `None` without an API.
     pub tokens: Option<TokenVerifier>,
+    /// Writes node taints (`--node-readiness-taint`); `None` without an API.
+    pub nodes: Option<kube::Client>,
     /// The gRPC listener, bound to `--bind` (or wherever a test likes).
     pub listener: TcpListener,
     /// `--prometheus-listen-addr`, bound.
@@ -159,13 +171,20 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     deps: Deps<A, S>,
     shutdown: CancellationToken,
 ) -> Result<Option<Server<A>>, ServeError> {
-    let Deps { sts, source, events, tokens, listener, metrics_listener, metrics } = deps;
+    let Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics } = deps;
     let addr =
         listener.local_addr().map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
     let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
     tls.spawn_watch(config.tls_poll, shutdown.clone());
     let settings = &config.settings;
-    let hub = Arc::new(Hub::new(FENCE_TIMEOUT, STREAMS_PER_NODE));
+    let mut hub = Hub::new(FENCE_TIMEOUT, STREAMS_PER_NODE);
+    if let (Some(taint), Some(client)) = (&settings.readiness_taint, &nodes) {
+        let (tx, rx) = mpsc::channel(1024);
+        hub = hub.with_readiness(tx);
+        let readiness = readiness::Settings { taint: taint.clone(), reapply: settings.readiness_reapply };
+        readiness::spawn(client.clone(), readiness, rx, &shutdown);
+    }
+    let hub = Arc::new(hub);
     let fence = settings.node_view.then(|| Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
     let core = start_core(settings, sts, source, events, Arc::clone(&metrics), fence, &shutdown);
     if let Some(listener) = metrics_listener {
@@ -233,7 +252,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
     let config = config.autodetect().await?;
     let metrics = Arc::new(Metrics::default());
     let sts = Sts::from_env(&config.sts).await;
-    let Inventoried { source, events, tokens } = open_inventory(&config, &shutdown).await?;
+    let Inventoried { source, events, tokens, nodes } = open_inventory(&config, &shutdown).await?;
     let listener = crate::net::listen_on(&config.bind)
         .await
         .map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
@@ -245,7 +264,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
         ),
         None => None,
     };
-    let deps = Deps { sts, source, events, tokens, listener, metrics_listener, metrics };
+    let deps = Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics };
     match assemble(&config, deps, shutdown).await? {
         Some(server) => server.wait().await,
         None => Ok(()),

@@ -98,12 +98,28 @@ pub struct Hub {
     ack_timeout: Duration,
     /// Most streams one node may hold at once.
     per_node: usize,
+    /// Told when a node's agent is ready, and when its last agent goes (node readiness).
+    readiness: Option<mpsc::Sender<super::readiness::Signal>>,
 }
 
 impl Hub {
     /// A hub whose fences wait at most `ack_timeout` per agent.
     pub fn new(ack_timeout: Duration, per_node: usize) -> Hub {
-        Hub { nodes: Mutex::default(), next: AtomicU64::new(1), ack_timeout, per_node }
+        Hub { nodes: Mutex::default(), next: AtomicU64::new(1), ack_timeout, per_node, readiness: None }
+    }
+
+    /// Also reports agents ready and gone on `signals`.
+    pub fn with_readiness(mut self, signals: mpsc::Sender<super::readiness::Signal>) -> Hub {
+        self.readiness = Some(signals);
+        self
+    }
+
+    fn signal(&self, signal: super::readiness::Signal) {
+        if let Some(tx) = &self.readiness
+            && tx.try_send(signal).is_err()
+        {
+            tracing::warn!("node readiness: too many signals waiting; one was dropped");
+        }
     }
 
     /// Registers an agent of `node`; `None` when the node already holds its most streams.
@@ -139,6 +155,7 @@ impl Hub {
             list.retain(|s| s.id != subscriber.id);
             if list.is_empty() {
                 nodes.remove(&subscriber.node);
+                self.signal(super::readiness::Signal::Gone(subscriber.node.clone()));
             }
         }
     }
@@ -222,7 +239,11 @@ pub async fn feed<A: AssumeRole>(core: Arc<Core<A>>, hub: Arc<Hub>, subscriber: 
                     node: subscriber.node.clone(),
                     entries: current.values().cloned().collect(),
                 };
-                subscriber.send(Kind::Snapshot(snapshot)).await
+                let sent = subscriber.send(Kind::Snapshot(snapshot)).await;
+                if sent {
+                    hub.signal(super::readiness::Signal::Ready(subscriber.node.clone()));
+                }
+                sent
             } else {
                 send_difference(&subscriber, &sent, &current).await
             };

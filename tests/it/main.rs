@@ -26,6 +26,7 @@ mod netns_binary;
 mod node_view;
 mod peers_tests;
 mod prefetch;
+mod readiness;
 mod server;
 mod service_accounts;
 mod session;

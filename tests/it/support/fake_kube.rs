@@ -84,6 +84,13 @@ impl FakeKube {
         path
     }
 
+    /// The stored object, if any (`kind` is a core v1 kind).
+    pub fn get(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let resource = Resource::from_kind("v1", kind)?;
+        let key = Key::new(resource, namespace.unwrap_or_default(), name);
+        self.shared.lock().objects.get(&key).map(|stored| stored.object.clone())
+    }
+
     /// Makes TokenReview accept `token` as `identity`.
     pub fn issue_token(&self, token: &str, identity: TokenIdentity) {
         self.shared.lock().tokens.insert(token.to_string(), identity);
@@ -172,6 +179,7 @@ pub(crate) enum Resource {
     Pod,
     Namespace,
     ServiceAccount,
+    Node,
     /// Core v1 Event (`/api/v1/namespaces/{ns}/events`).
     CoreEvent,
     /// `events.k8s.io/v1` Event, which kube's `Recorder` writes.
@@ -184,6 +192,7 @@ impl Resource {
             ("v1", "Pod") => Some(Resource::Pod),
             ("v1", "Namespace") => Some(Resource::Namespace),
             ("v1", "ServiceAccount") => Some(Resource::ServiceAccount),
+            ("v1", "Node") => Some(Resource::Node),
             ("v1", "Event") => Some(Resource::CoreEvent),
             ("events.k8s.io/v1", "Event") => Some(Resource::Event),
             _ => None,
@@ -195,6 +204,7 @@ impl Resource {
             Resource::Pod => "Pod",
             Resource::Namespace => "Namespace",
             Resource::ServiceAccount => "ServiceAccount",
+            Resource::Node => "Node",
             Resource::CoreEvent | Resource::Event => "Event",
         }
     }
@@ -207,7 +217,7 @@ impl Resource {
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        self != Resource::Namespace
+        !matches!(self, Resource::Namespace | Resource::Node)
     }
 }
 

@@ -135,6 +135,7 @@ fn route(path: &str, headers: &HeaderMap) -> Option<Target> {
     let resource = |plural: &str| match (group, plural) {
         ("", "pods") => Some(Resource::Pod),
         ("", "serviceaccounts") => Some(Resource::ServiceAccount),
+        ("", "nodes") => Some(Resource::Node),
         ("", "namespaces") => Some(Resource::Namespace),
         ("", "events") => Some(Resource::CoreEvent),
         ("events.k8s.io", "events") => Some(Resource::Event),
@@ -144,6 +145,7 @@ fn route(path: &str, headers: &HeaderMap) -> Option<Target> {
     Some(match rest {
         [plural] => Target::Collection(resource(plural)?, None),
         ["namespaces", name] if group.is_empty() => Target::Object(Key::new(Resource::Namespace, "", name)),
+        ["nodes", name] if group.is_empty() => Target::Object(Key::new(Resource::Node, "", name)),
         ["namespaces", namespace, plural] => {
             Target::Collection(namespaced(plural)?, Some(namespace.to_string()))
         }

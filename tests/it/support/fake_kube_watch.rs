@@ -123,7 +123,7 @@ fn supported_field(resource: Resource, field: &str) -> bool {
         || match resource {
             Resource::Pod => matches!(field, "spec.nodeName" | "status.podIP" | "status.phase"),
             Resource::Namespace => field == "status.phase",
-            Resource::ServiceAccount => false,
+            Resource::ServiceAccount | Resource::Node => false,
             Resource::CoreEvent => {
                 field == "reason" || field == "type" || field.starts_with("involvedObject.")
             }

@@ -168,11 +168,11 @@ pub async fn start_server(
         ))
         .build();
     let sts = Sts::from_sdk_config(&sdk, &config.sts);
-    let server::Inventoried { source, events, tokens } =
+    let server::Inventoried { source, events, tokens, nodes } =
         server::open_inventory(&config, &shutdown).await.expect("the fake API server");
     let metrics = Arc::new(kiam::metrics::Metrics::default());
     let tls_gauges = metrics.tls_server.clone();
-    let deps = server::Deps { sts, source, events, tokens, listener, metrics_listener: None, metrics };
+    let deps = server::Deps { sts, source, events, tokens, nodes, listener, metrics_listener: None, metrics };
     let assembled =
         tokio::time::timeout(Duration::from_secs(20), server::assemble(&config, deps, shutdown.clone()));
     let server =
