@@ -232,6 +232,31 @@ fn node_token_values(r: &Rendered) {
     assert!(r.has("ServiceAccount/node-agent"));
 }
 
+/// ServiceAccount roles, session tags and node readiness: the flags, and exactly the RBAC each
+/// needs.
+fn issue_16(r: &Rendered) {
+    let args = r.args("server");
+    for flag in [
+        "--service-account-roles",
+        "--session-tags=kubernetes-namespace,eks-cluster-name",
+        "--cluster-name=prod",
+        "--node-readiness-taint=kiam.amazonaws.com/agent-not-ready",
+        "--node-readiness-reapply",
+    ] {
+        assert!(has(&args, flag), "{flag} in {args:?}");
+    }
+    let rules = |name: &str| match &r.0[&format!("ClusterRole/{name}")].1 {
+        Object::ClusterRole(role) => role.rules.clone().unwrap_or_default(),
+        _ => unreachable!(),
+    };
+    let read = rules("kiam-read");
+    assert_eq!(read[1].resources.as_deref(), Some(&["serviceaccounts".to_string()][..]));
+    assert_eq!(read[1].verbs, ["list", "watch"]);
+    let write = rules("kiam-write");
+    let nodes = write.iter().find(|rule| rule.resources.as_deref() == Some(&["nodes".to_string()][..]));
+    assert_eq!(nodes.map(|rule| rule.verbs.clone()), Some(vec!["get".to_string(), "patch".to_string()]));
+}
+
 /// kiam's behaviour: no binding, no token.
 fn no_node_binding(r: &Rendered) {
     assert!(!has(&r.args("server"), "--agent-node-binding"));
@@ -327,6 +352,7 @@ pub fn check(report: &Report) {
     node_certificates(case("node-certificates"));
     node_token_values(case("node-token"));
     no_node_binding(case("no-node-binding"));
+    issue_16(case("issue-16"));
     servicemonitor(case("servicemonitor"));
     cert_manager(case("cert-manager"));
     tls_files(case("tls-files"));
@@ -337,7 +363,7 @@ pub fn check(report: &Report) {
     assert!(!has(&kiam_upgrade.args("server"), "--agent-node-binding"), "kiam agents still run");
     assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
     crate::deploy_kube2iam::check(report);
-    assert_eq!(report.cases.len(), 20, "a case without assertions");
+    assert_eq!(report.cases.len(), 21, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

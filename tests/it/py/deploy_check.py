@@ -99,6 +99,15 @@ CASES = {
         "agent": {"nodeToken": {"audience": "kiam.example", "expirationSeconds": 7200}},
         "serviceAccounts": {"agent": {"name": "node-agent"}},
     },
+    # What users asked kiam for: ServiceAccount roles, session tags, node readiness.
+    "issue-16": {
+        "server": {
+            "serviceAccountRoles": True,
+            "sessionTags": ["kubernetes-namespace", "eks-cluster-name"],
+            "clusterName": "prod",
+            "nodeReadiness": {"taint": "kiam.amazonaws.com/agent-not-ready", "reapply": True},
+        },
+    },
     # No node proof and no binding: kiam's behaviour, as while kiam agents still run.
     "no-node-binding": {"server": {"agentNodeBinding": False}, "agent": {"nodeToken": {"enabled": False}}},
     "servicemonitor": {

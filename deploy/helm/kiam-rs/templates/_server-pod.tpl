@@ -101,6 +101,24 @@ spec:
         {{- if $server.agentNodeBinding }}
         - --agent-node-binding
         {{- end }}
+        {{- if $server.serviceAccountRoles }}
+        - --service-account-roles
+        {{- end }}
+        {{- with $server.sessionTags }}
+        - --session-tags={{ join "," . }}
+        {{- end }}
+        {{- with $server.clusterName }}
+        - --cluster-name={{ . }}
+        {{- end }}
+        {{- with $server.clusterArn }}
+        - --cluster-arn={{ . }}
+        {{- end }}
+        {{- with $server.nodeReadiness.taint }}
+        - --node-readiness-taint={{ . }}
+        {{- if $server.nodeReadiness.reapply }}
+        - --node-readiness-reapply
+        {{- end }}
+        {{- end }}
         {{- if include "kiam.agentToken" . }}
         - {{ printf "--agent-token-audience=%s" .Values.agent.nodeToken.audience | quote }}
         - --agent-service-account={{ .Release.Namespace }}:{{ include "kiam.serviceAccountName.agent" . }}
