@@ -96,7 +96,7 @@ impl PodIndex {
     fn upsert(&mut self, pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
         let key = (pod.namespace.clone(), pod.name.clone());
         let before = before.or_else(|| self.remove(&key));
-        if let Some(ip) = pod.ip {
+        for ip in pod.addresses() {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
         let pod = Arc::new(pod);
@@ -106,10 +106,12 @@ impl PodIndex {
 
     fn remove(&mut self, key: &PodKey) -> Option<Arc<PodFacts>> {
         let old = self.pods.remove(key)?;
-        if let Some(keys) = old.ip.and_then(|ip| self.by_ip.get_mut(&ip)) {
-            keys.retain(|k| k != key);
-            if keys.is_empty() {
-                self.by_ip.retain(|_, keys| !keys.is_empty());
+        for ip in old.addresses() {
+            if let Some(keys) = self.by_ip.get_mut(&ip) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
             }
         }
         Some(old)
@@ -227,6 +229,19 @@ mod tests {
         idx.apply(Change::Delete(pod("a", "10.0.0.2")));
         assert_eq!(idx.lookup(ip("10.0.0.2")), Lookup::NotFound);
         assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn every_address_of_a_dual_stack_pod_finds_it() {
+        let mut idx = PodIndex::default();
+        let mut dual = pod("dual", "fd00::7");
+        dual.ips.push(ip("10.0.0.7"));
+        idx.apply(Change::Apply(dual.clone()));
+        assert_eq!(found_name(idx.lookup(ip("fd00::7"))), "dual");
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.7"))), "dual");
+        idx.apply(Change::Delete(dual));
+        assert_eq!(idx.lookup(ip("10.0.0.7")), Lookup::NotFound);
+        assert!(idx.by_ip.is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub enum Located {
     /// Several live pods claim the IP: the server refuses to guess.
     Ambiguous { ip: IpAddr, pods: Vec<PodFacts> },
     /// The pod, and who the server finds at its IP.
-    Pod { pod: PodFacts, owner: Owner },
+    Pod { pod: Box<PodFacts>, owner: Owner },
 }
 
 /// Whom the server finds at a pod's IP.
@@ -65,13 +65,13 @@ pub fn by_name(pods: &[PodFacts], namespace: &str, name: &str) -> Located {
             Lookup::NotFound => Owner::Skipped,
         },
     };
-    Located::Pod { pod: pod.clone(), owner }
+    Located::Pod { pod: Box::new(pod.clone()), owner }
 }
 
 /// The pod the server finds at `ip` among `pods` (which should hold every pod with that IP).
 pub fn by_ip(pods: &[PodFacts], ip: IpAddr) -> Located {
     match index(pods).lookup(ip) {
-        Lookup::Found(pod) => Located::Pod { pod: (*pod).clone(), owner: Owner::Itself },
+        Lookup::Found(pod) => Located::Pod { pod: Box::new((*pod).clone()), owner: Owner::Itself },
         Lookup::Ambiguous(ps) => Located::Ambiguous { ip, pods: ps.iter().map(|p| (**p).clone()).collect() },
         Lookup::NotFound => Located::Missing {
             ip: Some(ip),
