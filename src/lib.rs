@@ -29,6 +29,7 @@ pub mod model;
 pub mod net;
 pub mod pb;
 pub mod policy;
+pub mod rlimit;
 pub mod server;
 pub mod task;
 pub mod telemetry;

@@ -14,6 +14,7 @@ mod explain;
 mod failover;
 mod fake_kube_tests;
 mod grpcio;
+mod hardening;
 mod lookup;
 mod metrics;
 mod netns_agent;
