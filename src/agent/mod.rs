@@ -9,6 +9,7 @@
 
 pub mod answers;
 pub mod backend;
+pub mod deadline;
 pub mod documents;
 pub mod error;
 pub mod handlers;
@@ -196,7 +197,12 @@ pub fn assemble<B: Backend, R: Runner>(
         Arc::new(Interception::new(runner, rules).counting_into(metrics.agent.iptables_restorations.clone()))
     });
     tracing::info!(%addr, server = %config.client.server_address, "agent listening");
-    let task = tokio::spawn(serve(listener, agent, interception.clone(), config.limits.clone(), shutdown));
+    let tally = http::Tally {
+        open: metrics.agent.connections_open.clone(),
+        cut: metrics.agent.connections_cut.clone(),
+    };
+    let task =
+        tokio::spawn(serve(listener, agent, interception.clone(), (config.limits.clone(), tally), shutdown));
     Ok(Running { addr, interception, task })
 }
 
@@ -206,11 +212,11 @@ async fn serve<B: Backend, R: Runner>(
     listener: TcpListener,
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
-    limits: Limits,
+    (limits, tally): (Limits, http::Tally),
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
-        http::serve(listener, app(agent), &limits, shutdown).await;
+        http::serve(listener, app(agent), &limits, tally, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
@@ -218,7 +224,7 @@ async fn serve<B: Backend, R: Runner>(
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    http::serve(listener, app(agent), &limits, shutdown).await;
+    http::serve(listener, app(agent), &limits, tally, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {

@@ -26,6 +26,14 @@ pub struct Response {
     pub code: String,
 }
 
+/// Why a listener cut a connection (`reason` label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Cut {
+    /// `source_cap` (its source already held its share), `write_timeout` (it stopped reading
+    /// its responses) or `max_age` (it lived too long).
+    pub reason: &'static str,
+}
+
 /// The agent's `kiam_metadata_*` family.
 #[derive(Clone, Debug)]
 pub struct AgentMetrics {
@@ -39,6 +47,10 @@ pub struct AgentMetrics {
     pub proxy_requests_blocked: Counter,
     /// New: DNAT rules restored after something else deleted them.
     pub iptables_restorations: Counter,
+    /// New: connections open on the metadata listener.
+    pub connections_open: Gauge,
+    /// New: connections the metadata listener cut, by reason.
+    pub connections_cut: Family<Cut, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -53,6 +65,8 @@ impl Default for AgentMetrics {
             responses: Family::default(),
             proxy_requests_blocked: Counter::default(),
             iptables_restorations: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_cut: Family::default(),
         }
     }
 }
@@ -108,6 +122,16 @@ impl AgentMetrics {
             "kiam_agent_iptables_restorations",
             "DNAT rules restored after being deleted",
             self.iptables_restorations.clone(),
+        );
+        r.register(
+            "kiam_agent_connections_open",
+            "Connections open on the metadata listener",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "kiam_agent_connections_cut",
+            "Connections the metadata listener cut: over the per-source cap, stalled writes, too old",
+            self.connections_cut.clone(),
         );
     }
 }
