@@ -43,6 +43,12 @@ pub enum Error {
     /// STS failed.
     #[error("error fetching credentials: {0}")]
     Sts(#[from] StsError),
+    /// The caller's certificate has the debug role, which may not ask about pods.
+    #[error(
+        "a certificate with the debug role ({}) may not ask for pods' roles or credentials",
+        crate::tls::x509::DEBUG_ROLE_URI
+    )]
+    DebugCertificate,
 }
 
 /// One request: who asks, about which IP, and how long it may wait for a pod not seen yet.

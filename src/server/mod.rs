@@ -162,7 +162,7 @@ pub async fn assemble<A: AssumeRole, S: Source>(
         () = shutdown.cancelled() => return Ok(None),
     }
     tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
-    let debug = debug::DebugService::new(Arc::clone(&core));
+    let debug = debug::DebugService::new(Arc::clone(&core), settings.node_binding);
     let service = service::KiamService::new(Arc::clone(&core), settings.node_binding);
     let grpc_settings = config.grpc.clone();
     let task =

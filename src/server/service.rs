@@ -31,7 +31,7 @@ fn status(err: &Error, rpc: Rpc) -> Status {
         }),
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
-        Error::Node(_) => Status::permission_denied(err.to_string()),
+        Error::Node(_) | Error::DebugCertificate => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             // Never Unavailable: clients read that as "this server is unreachable" and retry
             // elsewhere, while every server shares the same STS.
@@ -101,8 +101,12 @@ impl<A> KiamService<A> {
         node.map_or(Caller::Unnamed, Caller::Node)
     }
 
-    /// The request's IP, caller and wait, or why the IP is not one.
+    /// The request's IP, caller and wait, or why the IP is not one (or the caller may not ask).
     fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
+        let certs = request.peer_certs();
+        if certs.as_ref().and_then(|c| c.first()).is_some_and(|leaf| crate::tls::x509::is_debug(leaf)) {
+            return Err(Error::DebugCertificate);
+        }
         Ok(Ask { ip: parse_ip(ip)?, caller: self.caller(request), wait: pod_wait(request) })
     }
 }

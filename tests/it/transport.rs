@@ -44,6 +44,50 @@ async fn with_node_binding_an_agent_is_answered_only_about_its_own_node() {
     assert_eq!(unbound.get_health().await.expect("health is open"), "ok");
 }
 
+/// The `Debug` service answers only debug-role certificates, and under node binding only about
+/// identities in use on the node the certificate names.
+#[tokio::test]
+async fn with_node_binding_a_debug_certificate_sees_only_its_nodes_identities() {
+    use kiam::creds::Identity;
+    use kiam::explain::{ServerQuery, remote};
+    let stack = Stack::start_with(Options { node_binding: true, ..Options::default() }).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "here").ip("10.71.1.1").role("app-a").node("node-a").build());
+    stack.kube.apply(pod("team-a", "there").ip("10.71.1.2").role("app-b").node("node-b").build());
+    let known = || {
+        let found = ["10.71.1.1", "10.71.1.2"].iter().all(|ip| {
+            matches!(stack.core.cluster().pod_by_ip(ip.parse().expect("ip")), kiam::cluster::Lookup::Found(_))
+        });
+        std::future::ready(found)
+    };
+    crate::support::wait::until("the server knows both pods", Duration::from_secs(10), known).await;
+    let identity = |role: &str| Identity {
+        role: kiam::model::RoleArn::resolve(&format!("arn:aws:iam::123456789012:role/{role}"), None)
+            .expect("arn"),
+        session_name: "kiam-kiam".into(),
+        external_id: None,
+    };
+    let (a, b) = (identity("app-a"), identity("app-b"));
+    let ask = |cert: CertFiles| {
+        let query = ServerQuery {
+            address: format!("127.0.0.1:{}", stack.server_addr.port()),
+            tls: crate::support::stack::tls_files(&cert),
+        };
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let views = remote::views(&query, Duration::from_secs(5), &[Some(&a), Some(&b)]).await;
+            views.into_iter().map(|v| v.and_then(|v| v.error)).collect::<Vec<_>>()
+        }
+    };
+    let on_a = ask(stack.pki.debug("debug-a", Some("node-a"))).await;
+    assert!(on_a[0].is_none(), "its own node's identity: {on_a:?}");
+    assert!(on_a[1].as_deref().is_some_and(|e| e.contains("no pod on node node-a")), "{on_a:?}");
+    let unbound = ask(stack.pki.debug("debug-any", None)).await;
+    assert!(unbound.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("names no node"))), "{unbound:?}");
+    let agent = ask(stack.pki.agent_for_node("agent-a", "node-a")).await;
+    assert!(agent.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("debug role"))), "{agent:?}");
+}
+
 /// Lays out TLS files as kubelet does: `name -> ..data/name`, `..data -> ..<version>/`.
 fn publish(dir: &Path, version: &str, files: &CertFiles) {
     let versioned = dir.join(format!("..{version}"));
