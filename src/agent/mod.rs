@@ -48,6 +48,9 @@ pub struct Config {
     /// only (kiam listened on every interface), which is all the DNAT rule and kubelet's probes
     /// need, and keeps the endpoint off the node's other addresses.
     pub host: IpAddr,
+    /// `--host-ipv6` (`HOST_IPV6`): the node's IPv6 address, listened on as well, the target
+    /// of the IPv6 DNAT.
+    pub host6: Option<std::net::Ipv6Addr>,
     pub allow_routes: AllowRoutes,
     /// `--metadata-addr`: the node's metadata service, `host[:port]`.
     pub metadata_addr: String,
@@ -73,6 +76,11 @@ impl Config {
     /// The address the agent listens on: `--host:--port`.
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// The IPv6 address it also listens on: `[--host-ipv6]:--port`.
+    pub fn listen_addr6(&self) -> Option<SocketAddr> {
+        self.host6.map(|ip| SocketAddr::new(IpAddr::V6(ip), self.port))
     }
 }
 
@@ -134,6 +142,8 @@ pub struct Deps<B, R> {
     pub backend: B,
     /// The metadata listener, bound to [`Config::listen_addr`] (or wherever a test likes).
     pub listener: TcpListener,
+    /// The IPv6 metadata listener, bound to [`Config::listen_addr6`], if any.
+    pub listener6: Option<TcpListener>,
     /// `--prometheus-listen-addr`, bound.
     pub metrics_listener: Option<TcpListener>,
     /// The process's one set of metrics.
@@ -186,7 +196,7 @@ pub fn assemble<B: Backend, R: Runner>(
              use it in development only"
         );
     }
-    let Deps { backend, listener, metrics_listener, metrics, iptables: runner } = deps;
+    let Deps { backend, listener, listener6, metrics_listener, metrics, iptables: runner } = deps;
     let addr =
         listener.local_addr().map_err(|source| AgentStartError::Bind { addr: "agent".into(), source })?;
     let agent = Arc::new(Agent::new(backend, config, Arc::clone(&metrics))?);
@@ -201,6 +211,13 @@ pub fn assemble<B: Backend, R: Runner>(
         open: metrics.agent.connections_open.clone(),
         cut: metrics.agent.connections_cut.clone(),
     };
+    if let Some(listener6) = listener6 {
+        // The same limits, counted alike; per-source shares are per listener, and a pod has
+        // one address in each family.
+        let (router, limits, tally, shutdown) =
+            (app(Arc::clone(&agent)), config.limits.clone(), tally.clone(), shutdown.clone());
+        tokio::spawn(async move { http::serve(listener6, router, &limits, tally, shutdown).await });
+    }
     let task =
         tokio::spawn(serve(listener, agent, interception.clone(), (config.limits.clone(), tally), shutdown));
     Ok(Running { addr, interception, task })
@@ -244,6 +261,13 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
     let addr = config.listen_addr();
     let listener = crate::net::listen(addr)
         .map_err(|source| AgentStartError::Bind { addr: addr.to_string(), source })?;
+    let listener6 = match config.listen_addr6() {
+        Some(addr) => Some(
+            crate::net::listen(addr)
+                .map_err(|source| AgentStartError::Bind { addr: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
     let metrics_listener = match &config.prometheus_listen_addr {
         Some(addr) => Some(
             crate::net::listen_on(addr)
@@ -252,6 +276,13 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
         ),
         None => None,
     };
-    let deps = Deps { backend, listener, metrics_listener, metrics, iptables: iptables::Command::default() };
+    let deps = Deps {
+        backend,
+        listener,
+        listener6,
+        metrics_listener,
+        metrics,
+        iptables: iptables::Command::default(),
+    };
     assemble(&config, deps, shutdown)?.wait().await
 }

@@ -19,6 +19,7 @@ mod lookup;
 mod metrics;
 mod netns_agent;
 mod netns_binary;
+mod netns_interception;
 mod peers_tests;
 mod prefetch;
 mod server;

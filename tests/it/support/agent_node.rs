@@ -99,9 +99,20 @@ impl TestAgent {
         runner: iptables::Command,
         resolver: Arc<dyn Resolve>,
     ) -> TestAgent {
+        TestAgent::start(config, (listener, None), runner, resolver)
+    }
+
+    /// Starts an agent on an IPv4 listener and, optionally, an IPv6 one.
+    fn start(
+        config: &Config,
+        (listener, listener6): (TcpListener, Option<TcpListener>),
+        runner: iptables::Command,
+        resolver: Arc<dyn Resolve>,
+    ) -> TestAgent {
         let metrics = Arc::new(Metrics::default());
         let backend = agent::connect(config, &metrics, resolver).expect("gRPC client");
-        let deps = agent::Deps { backend, listener, metrics_listener: None, metrics, iptables: runner };
+        let deps =
+            agent::Deps { backend, listener, listener6, metrics_listener: None, metrics, iptables: runner };
         let shutdown = CancellationToken::new();
         let running = agent::assemble(config, deps, shutdown.clone()).expect("agent");
         let (addr, interception) = (running.addr, running.interception.clone());
@@ -120,8 +131,11 @@ impl TestAgent {
         let config = agent_config(&stack.pki.agent(), &all);
         let addr = SocketAddr::new(IpAddr::V4(node.agent_ip), NODE_AGENT_PORT);
         let listener = TcpListener::from_std(node.listen(addr)).expect("adopt the node's listener");
+        let listener6 = config
+            .listen_addr6()
+            .map(|addr6| TcpListener::from_std(node.listen(addr6)).expect("adopt the node's IPv6 listener"));
         let runner = iptables::Command::with_program(node.iptables_program());
-        let agent = TestAgent::assemble(&config, listener, runner);
+        let agent = TestAgent::start(&config, (listener, listener6), runner, Arc::new(Dns));
         let interception = Arc::clone(agent.interception.as_ref().expect("in_node needs --iptables"));
         wait_until("the agent's iptables rules are installed", Duration::from_secs(20), || async {
             interception.is_installed().await.unwrap_or(false)

@@ -8,6 +8,7 @@ mod fake_kube_watch;
 pub mod http;
 pub mod moto;
 pub mod netns;
+pub mod netns6;
 pub mod objects;
 pub mod raw_http;
 pub mod sdk;

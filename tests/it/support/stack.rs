@@ -232,6 +232,7 @@ impl Stack {
         let deps = agent::Deps {
             backend,
             listener,
+            listener6: None,
             metrics_listener: None,
             metrics: Arc::clone(&agent_metrics),
             iptables: kiam::agent::iptables::Command::default(),
