@@ -13,6 +13,7 @@
 //! - [`explain`]: `kiam explain`, the server's decision chain for one pod, from the cluster or
 //!   from manifests, plus the server's cache state through [`server::debug`].
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf.
+//! - [`fuzz`]: the fuzz targets over every parser of untrusted input (SECURITY.md).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod client;
 pub mod cluster;
 pub mod creds;
 pub mod explain;
+pub mod fuzz;
 pub mod health;
 pub mod metrics;
 pub mod model;
