@@ -235,3 +235,46 @@ async fn a_ca_bundle_with_two_cas_trusts_both_for_an_overlapping_rotation() {
     assert_eq!(stack.client(&stack.pki.agent()).get_health().await.expect("a client of the old CA"), "ok");
     assert_eq!(stack.client(&stack.pki.stranger()).get_health().await.expect("a client of the new CA"), "ok");
 }
+
+/// Files that cannot be read at rotation (the new `..data` names a version whose files are
+/// missing, or a directory where the certificate should be) keep the old certificate in use,
+/// and say so; the next readable version is taken up.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_certificate_files_at_rotation_keep_the_old_certificate() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    publish(dir.path(), "1", &pki.server());
+    let files = CertFiles {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+        ca: dir.path().join("ca.pem"),
+    };
+    let stack =
+        Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
+    let first = presented(&stack).await;
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("10.73.0.1").role("app").build());
+    stack.wait_for_pod("10.73.0.1".parse().expect("ip")).await;
+
+    for (version, unreadable) in [("2", "missing"), ("3", "a directory")] {
+        let versioned = dir.path().join(format!("..{version}"));
+        std::fs::create_dir_all(&versioned).expect("version dir");
+        if unreadable == "a directory" {
+            for name in ["cert.pem", "key.pem", "ca.pem"] {
+                std::fs::create_dir_all(versioned.join(name)).expect("a directory in its place");
+            }
+        }
+        swap_data(dir.path(), version);
+        let reported = || std::future::ready(stack.tls_gauges.update_error.get() == 1);
+        crate::support::wait::until(unreadable, Duration::from_secs(10), reported).await;
+        assert_eq!(presented(&stack).await, first, "{unreadable}: the old certificate stays in use");
+        grpc.get_pod_credentials(creds("10.73.0.1", "app")).await.expect("still serving");
+        // The next good version clears the error, in a fresh state for the next round.
+        publish(dir.path(), &format!("{version}-good"), &stack.pki.server());
+        let cleared = || std::future::ready(stack.tls_gauges.update_error.get() == 0);
+        crate::support::wait::until("a readable version again", Duration::from_secs(10), cleared).await;
+    }
+    publish(dir.path(), "4", &stack.pki.server_leaf("server-4"));
+    eventually_presented(&stack, |c| *c != first).await;
+}
