@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -18,7 +19,15 @@ use super::{Change, Cluster, Source, SourceError};
 /// Pods and namespaces from the Kubernetes API.
 pub struct KubeSource {
     client: Client,
+    /// The server-side timeout of each watch.
+    watch_timeout: Duration,
 }
+
+/// The default [`KubeSource`] watch timeout. kube's watcher treats a watch that sends nothing for
+/// this long plus 5 s as dead and reconnects, so this bounds how long a watch that stalls without
+/// closing leaves the server blind to new pods (the API server's default, 290 s, is five minutes
+/// of "pod not found"). Renewing a watch is cheap: it resumes from its resourceVersion.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(55);
 
 impl KubeSource {
     /// Connects with the kubeconfig at `path`, or in-cluster configuration (then the usual
@@ -36,7 +45,7 @@ impl KubeSource {
             None => kube::Config::infer().await.map_err(|e| SourceError::Kubeconfig(e.to_string()))?,
         };
         let client = Client::try_from(config).map_err(SourceError::Kube)?;
-        Ok(KubeSource { client })
+        Ok(KubeSource { client, watch_timeout: WATCH_TIMEOUT })
     }
 
     /// The client, for writing Events with the same credentials.
@@ -46,14 +55,22 @@ impl KubeSource {
 
     /// Wraps an existing client.
     pub fn from_client(client: Client) -> KubeSource {
-        KubeSource { client }
+        KubeSource { client, watch_timeout: WATCH_TIMEOUT }
+    }
+
+    /// Renews each watch after `timeout` (whole seconds, at least one).
+    pub fn watching_for(mut self, timeout: Duration) -> KubeSource {
+        self.watch_timeout = timeout;
+        self
     }
 }
 
 impl Source for KubeSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
-        let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default());
-        let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
+        let seconds = u32::try_from(self.watch_timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        let config = watcher::Config::default().timeout(seconds);
+        let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone());
+        let namespaces = watcher(Api::<Namespace>::all(self.client), config);
         let pods =
             drive(pods, "pods", pod_facts, |c| cluster.apply_pod(c), || cluster.note_watch_error(false));
         let namespaces = drive(

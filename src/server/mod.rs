@@ -76,7 +76,7 @@ pub async fn open_inventory(
 ) -> Result<(AnySource, Arc<dyn EventSink>), ServeError> {
     Ok(match &config.inventory {
         Inventory::Kube(path) => {
-            let source = KubeSource::connect(path.clone()).await?;
+            let source = KubeSource::connect(path.clone()).await?.watching_for(config.watch_timeout);
             let events = KubeEvents::new(source.client(), config.pod_name.clone(), shutdown.clone());
             (AnySource::Kube(source), Arc::new(events))
         }

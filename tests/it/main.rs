@@ -13,6 +13,8 @@ mod events;
 mod explain;
 mod failover;
 mod fake_kube_tests;
+mod faults;
+mod faults_process;
 mod grpcio;
 mod hardening;
 mod lookup;

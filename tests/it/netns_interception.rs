@@ -153,3 +153,50 @@ async fn on_a_node_with_ipv6_the_ipv6_endpoint_is_intercepted() {
     agent.stop().await.expect("clean stop");
     assert!(!node.nat_rules6().contains("KIAM-RS"), "removed:\n{}", node.nat_rules6());
 }
+
+/// `iptables` starts failing while the agent runs: the check loop logs it and the agent keeps
+/// serving through the rules already in place; once `iptables` works again, a deleted rule is
+/// restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_iptables_that_starts_failing_does_not_stop_the_agent() {
+    let node = NodeNet::create();
+    let net = PodNet::create_in(&node);
+    let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
+    let broken = tempfile::NamedTempFile::new().expect("flag file");
+    let flag = broken.path().to_string_lossy().into_owned();
+    // iptables, except while the flag file exists.
+    let script = format!(
+        "if [ -e {flag} ]; then echo broken >&2; exit 4; fi; exec ip netns exec {} \"$0\" \"$@\"",
+        node.name
+    );
+    let runner = kiam::agent::iptables::Command::with_program(vec![
+        "sh".into(),
+        "-c".into(),
+        script,
+        "iptables".into(),
+    ]);
+    std::fs::remove_file(broken.path()).expect("working at first");
+    let flags = ["--iptables", "--host-interface=kv+", "--iptables-check-interval=100ms"];
+    let agent = TestAgent::in_node_with(&stack, &node, &flags, runner).await;
+    let rules = agent.interception.clone().expect("rules");
+
+    std::fs::write(broken.path(), "").expect("break iptables");
+    let failing = || {
+        let rules = rules.clone();
+        async move { !rules.is_installed().await.unwrap_or(false) }
+    };
+    wait_until("iptables fails", Duration::from_secs(10), failing).await;
+    let url = format!("http://169.254.169.254{ROLES}");
+    for _ in 0..3 {
+        let mine = block_in_place(|| pod_get(&net, &url)).expect("still intercepted and served");
+        assert_eq!(mine.body, "app-role");
+    }
+    std::fs::remove_file(broken.path()).expect("mend iptables");
+    let jump: Vec<&str> = rules.rules().jump.iter().map(String::as_str).collect();
+    node.iptables(&[&["-D", "PREROUTING"], jump.as_slice()].concat()).expect("delete the jump");
+    let restored = || {
+        let rules = rules.clone();
+        async move { rules.restorations() >= 1 && rules.is_installed().await.unwrap_or(false) }
+    };
+    wait_until("restored once iptables works", Duration::from_secs(10), restored).await;
+}

@@ -123,6 +123,17 @@ impl TestAgent {
     /// `--host-interface`), listening on the node's agent address, asking the stack's server and
     /// forwarding to the stack's fake metadata service. Returns once its rules are installed.
     pub async fn in_node(stack: &Stack, node: &NodeNet, flags: &[&str]) -> TestAgent {
+        let runner = iptables::Command::with_program(node.iptables_program());
+        TestAgent::in_node_with(stack, node, flags, runner).await
+    }
+
+    /// [`TestAgent::in_node`], running `iptables` through `runner`.
+    pub async fn in_node_with(
+        stack: &Stack,
+        node: &NodeNet,
+        flags: &[&str],
+        runner: iptables::Command,
+    ) -> TestAgent {
         let (host, port) = (node.agent_ip.to_string(), NODE_AGENT_PORT.to_string());
         let (server, upstream) = (stack.server_addr.to_string(), stack.imds.addr().to_string());
         let mut all =
@@ -134,7 +145,6 @@ impl TestAgent {
         let listener6 = config
             .listen_addr6()
             .map(|addr6| TcpListener::from_std(node.listen(addr6)).expect("adopt the node's IPv6 listener"));
-        let runner = iptables::Command::with_program(node.iptables_program());
         let agent = TestAgent::start(&config, (listener, listener6), runner, Arc::new(Dns));
         let interception = Arc::clone(agent.interception.as_ref().expect("in_node needs --iptables"));
         wait_until("the agent's iptables rules are installed", Duration::from_secs(20), || async {

@@ -13,4 +13,5 @@ pub mod objects;
 pub mod raw_http;
 pub mod sdk;
 pub mod stack;
+pub mod sts_faults;
 pub mod wait;
