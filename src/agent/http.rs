@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -25,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::deadline::WriteDeadline;
-use crate::metrics::Cut;
 
 /// Limits on what one client may hold or send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,19 +71,29 @@ impl Limits {
     }
 }
 
-/// What a listener counts: its open connections, and the connections it cut, by reason.
+/// What a listener counts: its open connections, and the connections it cut, by reason. The
+/// agent passes in the series of its registered metrics (`kiam_agent_connections_*`).
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
     /// Connections open now.
     pub open: Gauge,
-    /// Connections cut: `source_cap`, `write_timeout`, `max_age`.
-    pub cut: Family<Cut, Counter>,
+    /// Connections closed at once: their source already held its share.
+    pub source_cap: Counter,
+    /// Connections cut because a write made no progress.
+    pub write_timeout: Counter,
+    /// Connections closed for their age.
+    pub max_age: Counter,
 }
 
 impl Tally {
-    /// How many connections were cut for `reason`.
-    pub fn cut(&self, reason: &'static str) -> u64 {
-        self.cut.get_or_create(&Cut { reason }).get()
+    /// How many connections were cut for `reason` (`source_cap`, `write_timeout`, `max_age`).
+    pub fn cut(&self, reason: &str) -> u64 {
+        match reason {
+            "source_cap" => self.source_cap.get(),
+            "write_timeout" => self.write_timeout.get(),
+            "max_age" => self.max_age.get(),
+            _ => 0,
+        }
     }
 }
 
@@ -169,7 +177,7 @@ pub async fn serve(
         };
         accept_backoff = Duration::from_millis(5);
         let Some(share) = sources.claim(peer.ip().to_canonical(), limits.max_connections_per_source) else {
-            tally.cut.get_or_create(&Cut { reason: "source_cap" }).inc();
+            tally.source_cap.inc();
             tracing::debug!(%peer, "connection refused: its source holds its share of connections");
             continue;
         };
@@ -184,14 +192,14 @@ pub async fn serve(
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 router.clone().oneshot(request)
             });
-            let stalled = tally.cut.get_or_create(&Cut { reason: "write_timeout" }).clone();
-            let io = TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, stalled));
+            let io =
+                TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone()));
             let connection = builder.serve_connection(io, service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 _ = tokio::time::sleep(limits.max_connection_age) => {
-                    tally.cut.get_or_create(&Cut { reason: "max_age" }).inc();
+                    tally.max_age.inc();
                     connection.as_mut().graceful_shutdown();
                     tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
                 }

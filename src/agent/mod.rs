@@ -207,9 +207,12 @@ pub fn assemble<B: Backend, R: Runner>(
         Arc::new(Interception::new(runner, rules).counting_into(metrics.agent.iptables_restorations.clone()))
     });
     tracing::info!(%addr, server = %config.client.server_address, "agent listening");
+    let cut = |reason| metrics.agent.connections_cut.get_or_create(&crate::metrics::Cut { reason }).clone();
     let tally = http::Tally {
         open: metrics.agent.connections_open.clone(),
-        cut: metrics.agent.connections_cut.clone(),
+        source_cap: cut("source_cap"),
+        write_timeout: cut("write_timeout"),
+        max_age: cut("max_age"),
     };
     if let Some(listener6) = listener6 {
         // The same limits, counted alike; per-source shares are per listener, and a pod has
