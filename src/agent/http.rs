@@ -6,9 +6,8 @@
 //! on open connections, and a smaller cap per source address, so that one pod cannot take every
 //! slot of its node. It stops accepting at shutdown and gives open connections a short grace.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::deadline::WriteDeadline;
+use crate::net::Sources;
 
 /// Limits on what one client may hold or send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,41 +97,6 @@ impl Tally {
     }
 }
 
-/// Open connections by source address.
-#[derive(Default)]
-struct Sources(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's share of its source's count, given back on drop.
-struct Share {
-    sources: Arc<Sources>,
-    ip: IpAddr,
-}
-
-impl Sources {
-    /// A share for `ip`, unless it already holds `cap`.
-    fn claim(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<Share> {
-        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = open.entry(ip).or_default();
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        Some(Share { sources: Arc::clone(self), ip })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let mut open = self.sources.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Serves `router` on `listener` until `shutdown`, handing each request the caller's address as
 /// [`ConnectInfo`], and counting into `tally`.
 pub async fn serve(
@@ -150,7 +115,7 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Arc::new(Sources::default());
+    let sources = Sources::new(limits.max_connections_per_source);
     // Every connection task holds a sender; when all are dropped, `open` yields None.
     let (alive, mut open) = mpsc::channel::<()>(1);
     let mut accept_backoff = Duration::from_millis(5);
@@ -176,7 +141,7 @@ pub async fn serve(
             },
         };
         accept_backoff = Duration::from_millis(5);
-        let Some(share) = sources.claim(peer.ip().to_canonical(), limits.max_connections_per_source) else {
+        let Some(share) = sources.claim(peer.ip()) else {
             tally.source_cap.inc();
             tracing::debug!(%peer, "connection refused: its source holds its share of connections");
             continue;
