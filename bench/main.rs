@@ -7,6 +7,7 @@
 //! - [`first`]: figure 2 (time to first credential for a burst of new pods).
 //! - [`memory`]: figure 3 (server memory and start-up with 0, 10k and 100k pods).
 //! - [`sts`]: figure 4 (AssumeRole calls for a burst and over two refresh periods).
+//! - [`hostile`]: figure 7 (issue 14: quiet pods' p99 beside a hostile pod).
 //!
 //! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
 //! processes and reads their memory, [`profile`] runs `perf`, [`stats`] does percentiles,
@@ -22,6 +23,7 @@ mod deploy;
 mod first;
 mod grpc;
 mod hits;
+mod hostile;
 mod memory;
 mod procs;
 mod profile;
@@ -50,7 +52,7 @@ fn options() -> Options {
     let mut options = Options {
         kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results.md")),
-        figures: (1..=6).collect(),
+        figures: (1..=7).collect(),
         sizes: vec![0, 10_000, 100_000],
         load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
         revision: "unknown revision".into(),
@@ -116,6 +118,10 @@ async fn main() {
     if wants(&[4]) {
         println!("== figure 4: STS efficiency");
         sts::run(&env, &mut report).await;
+    }
+    if wants(&[7]) {
+        println!("== figure 7: a hostile pod among quiet ones");
+        hostile::run(&env, &mut report).await;
     }
     report.rows.sort_by_key(|row| row.figure);
     // Notes start "Figure N" or "Figures N and M"; keep them in figure order too.

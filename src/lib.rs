@@ -14,6 +14,7 @@
 //!   from manifests, plus the server's cache state through [`server::debug`].
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf;
 //!   [`certs`] makes and inspects the certificates (`kiam certs`).
+//! - [`fuzz`]: the fuzz targets over every parser of untrusted input (SECURITY.md).
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod client;
 pub mod cluster;
 pub mod creds;
 pub mod explain;
+pub mod fuzz;
 pub mod health;
 pub mod kube2iam;
 pub mod metrics;
@@ -32,6 +34,7 @@ pub mod model;
 pub mod net;
 pub mod pb;
 pub mod policy;
+pub mod rlimit;
 pub mod server;
 pub mod task;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The `kiam` binary: parse flags, start logging, run one subcommand until SIGINT or SIGTERM.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,6 +25,13 @@ async fn main() -> ExitCode {
         Command::Certs(c) => &c.log,
     };
     kiam::telemetry::init(log.json_log, log.level);
+    match kiam::rlimit::raise_open_files() {
+        Ok(raised) if raised.before != raised.after => {
+            tracing::debug!(before = ?raised.before, after = ?raised.after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let result = match cli.command {
@@ -97,17 +105,18 @@ async fn explain(args: kiam::cli::ExplainArgs) -> ExitCode {
     let config = match args.config() {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("kiam explain: {error}");
+            let _ = writeln!(std::io::stderr(), "kiam explain: {error}");
             return ExitCode::from(2);
         }
     };
     match kiam::explain::run(config).await {
         Ok(report) => {
-            print!("{}", report.render());
+            // A closed stdout (`kiam explain ... | head -1`) is not worth a panic.
+            let _ = std::io::stdout().write_all(report.render().as_bytes());
             ExitCode::from(report.exit_code())
         }
         Err(error) => {
-            eprintln!("kiam explain: {error}");
+            let _ = writeln!(std::io::stderr(), "kiam explain: {error}");
             ExitCode::from(3)
         }
     }

@@ -1,5 +1,9 @@
 //! The agent's one error type, and the one place its failures become HTTP statuses (and where
 //! the backend's and the upstream's errors become the agent's).
+//!
+//! Failures of the agent's peers (the kiam server, STS behind it, the node's metadata service)
+//! reach the pod as a short fixed text and a request ID; the full text, which can name the
+//! server's own role, account or addresses, goes to the agent's log under that ID.
 
 use std::net::IpAddr;
 
@@ -39,6 +43,33 @@ pub enum AgentError {
     Internal(String),
 }
 
+/// The header carrying a failed request's ID, also given in the body.
+pub const REQUEST_ID_HEADER: &str = "x-kiam-request-id";
+
+impl AgentError {
+    /// What the pod is told of a peer's failure, or `None` when the full text is the pod's own
+    /// business (its request was wrong, or the policy refused it).
+    fn short(&self) -> Option<&'static str> {
+        match self {
+            AgentError::Upstream(_) => Some("metadata service error"),
+            AgentError::Unavailable(_) => Some("service unavailable"),
+            AgentError::Internal(_) => Some("error fetching credentials"),
+            _ => None,
+        }
+    }
+}
+
+/// A fresh request ID: 16 hex digits, random, so that IDs from different agents do not collide.
+fn request_id() -> String {
+    let mut bytes = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // Only the correlation suffers: the time still tells requests apart.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        bytes = (nanos.as_nanos() as u64).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let status = match &self {
@@ -51,9 +82,19 @@ impl IntoResponse for AgentError {
             AgentError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        let (body, id) = match self.short() {
+            Some(short) => {
+                let id = request_id();
+                tracing::warn!(request_id = %id, status = status.as_u16(), error = %self, "request failed");
+                (format!("{short} (request id {id})\n"), Some(id))
+            }
+            None => (format!("{self}\n"), None),
+        };
         let mut response =
-            (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{self}\n"))
-                .into_response();
+            (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+        if let Some(value) = id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
@@ -77,5 +118,37 @@ impl From<UpstreamError> for AgentError {
             UpstreamError::Method => AgentError::MethodNotAllowed,
             UpstreamError::Failed(m) => AgentError::Upstream(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(response: Response) -> String {
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn peers_failures_reach_the_pod_as_a_short_text_and_an_id() {
+        let secret = "AccessDenied: User arn:aws:iam::999988887777:role/kiam-server is not authorized";
+        for err in [
+            from_backend(BackendError::Failed(secret.into()), "10.0.0.1".parse().expect("ip")),
+            from_backend(BackendError::Unavailable(secret.into()), "10.0.0.1".parse().expect("ip")),
+            AgentError::Upstream(secret.into()),
+        ] {
+            let response = err.into_response();
+            let id = response.headers().get(REQUEST_ID_HEADER).expect("an id").to_str().expect("ascii");
+            let id = id.to_string();
+            assert_eq!(id.len(), 16);
+            let text = body(response).await;
+            assert!(!text.contains("999988887777") && !text.contains("kiam-server"), "leaked: {text}");
+            assert!(text.contains(&format!("(request id {id})")), "{text}");
+        }
+        let own = AgentError::Forbidden("forbidden by policy".into()).into_response();
+        assert!(own.headers().get(REQUEST_ID_HEADER).is_none());
+        assert_eq!(body(own).await, "forbidden by policy\n");
     }
 }

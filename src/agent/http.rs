@@ -1,7 +1,10 @@
-//! The agent's HTTP/1 listener, with limits that pods cannot talk their way past: a deadline for
-//! each request head (a client that sends its headers slowly, or sits idle on a kept-alive
-//! connection, is cut off), a cap on the size and number of headers (431), and a cap on open
-//! connections. It stops accepting at shutdown and gives open connections a short grace period.
+//! The agent's HTTP/1 listener (and the metrics listeners'), with limits that clients cannot
+//! talk their way past: a deadline for each request head (a client that sends its headers
+//! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
+//! headers (431), a deadline on every write (a client that pipelines requests and never reads
+//! the answers is cut off, [`deadline`](super::deadline)), a maximum age per connection, a cap
+//! on open connections, and a smaller cap per source address, so that one pod cannot take every
+//! slot of its node. It stops accepting at shutdown and gives open connections a short grace.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +15,15 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use super::deadline::WriteDeadline;
+use crate::net::Sources;
 
 /// Limits on what one client may hold or send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +37,14 @@ pub struct Limits {
     pub max_headers: usize,
     /// The most connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// The most connections one source address may hold open; more are closed at once. SDKs
+    /// use one or two; a pod is one address, so it cannot take its neighbours' slots.
+    pub max_connections_per_source: usize,
+    /// How long one write may make no progress before the connection is cut.
+    pub write_timeout: Duration,
+    /// How long a connection may live. Then it is closed after the request in flight (or,
+    /// failing that, [`Limits::drain`] later); the client reconnects.
+    pub max_connection_age: Duration,
     /// How long open connections get to finish at shutdown.
     pub drain: Duration,
 }
@@ -40,14 +56,56 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_headers: 64,
             max_connections: 4096,
+            max_connections_per_source: 64,
+            write_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(120),
             drain: Duration::from_secs(5),
         }
     }
 }
 
+impl Limits {
+    /// The limits of a metrics listener: one scraper or two, so far fewer connections.
+    pub fn metrics() -> Limits {
+        Limits { max_connections: 64, max_connections_per_source: 8, ..Limits::default() }
+    }
+}
+
+/// What a listener counts: its open connections, and the connections it cut, by reason. The
+/// agent passes in the series of its registered metrics (`kiam_agent_connections_*`).
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once: their source already held its share.
+    pub source_cap: Counter,
+    /// Connections cut because a write made no progress.
+    pub write_timeout: Counter,
+    /// Connections closed for their age.
+    pub max_age: Counter,
+}
+
+impl Tally {
+    /// How many connections were cut for `reason` (`source_cap`, `write_timeout`, `max_age`).
+    pub fn cut(&self, reason: &str) -> u64 {
+        match reason {
+            "source_cap" => self.source_cap.get(),
+            "write_timeout" => self.write_timeout.get(),
+            "max_age" => self.max_age.get(),
+            _ => 0,
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown`, handing each request the caller's address as
-/// [`ConnectInfo`].
-pub async fn serve(listener: TcpListener, router: Router, limits: &Limits, shutdown: CancellationToken) {
+/// [`ConnectInfo`], and counting into `tally`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: &Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -57,6 +115,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &Limits, shutd
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Sources::new(limits.max_connections_per_source);
     // Every connection task holds a sender; when all are dropped, `open` yields None.
     let (alive, mut open) = mpsc::channel::<()>(1);
     let mut accept_backoff = Duration::from_millis(5);
@@ -82,26 +141,39 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &Limits, shutd
             },
         };
         accept_backoff = Duration::from_millis(5);
+        let Some(share) = sources.claim(peer.ip()) else {
+            tally.source_cap.inc();
+            tracing::debug!(%peer, "connection refused: its source holds its share of connections");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let (builder, router, shutdown, alive) =
-            (Arc::clone(&builder), router.clone(), shutdown.clone(), alive.clone());
-        let drain = limits.drain;
+        let (builder, router, shutdown, alive, tally) =
+            (Arc::clone(&builder), router.clone(), shutdown.clone(), alive.clone(), tally.clone());
+        let limits = limits.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _alive = alive;
+            let (_permit, _share, _alive) = (permit, share, alive);
+            tally.open.inc();
             let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 router.clone().oneshot(request)
             });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let io =
+                TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone()));
+            let connection = builder.serve_connection(io, service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
+                _ = tokio::time::sleep(limits.max_connection_age) => {
+                    tally.max_age.inc();
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
+                }
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(drain, connection.as_mut()).await.unwrap_or(Ok(()))
+                    tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
                 }
             };
+            tally.open.dec();
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection closed with an error");
             }
@@ -110,3 +182,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &Limits, shutd
     drop(alive);
     let _ = tokio::time::timeout(limits.drain, open.recv()).await;
 }
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;

@@ -9,6 +9,7 @@
 
 pub mod answers;
 pub mod backend;
+pub mod deadline;
 pub mod documents;
 pub mod error;
 pub mod handlers;
@@ -47,6 +48,9 @@ pub struct Config {
     /// only (kiam listened on every interface), which is all the DNAT rule and kubelet's probes
     /// need, and keeps the endpoint off the node's other addresses.
     pub host: IpAddr,
+    /// `--host-ipv6` (`HOST_IPV6`): the node's IPv6 address, listened on as well, the target
+    /// of the IPv6 DNAT.
+    pub host6: Option<std::net::Ipv6Addr>,
     pub allow_routes: AllowRoutes,
     /// `--metadata-addr`: the node's metadata service, `host[:port]`.
     pub metadata_addr: String,
@@ -80,6 +84,11 @@ impl Config {
     /// The address the agent listens on: `--host:--port`.
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// The IPv6 address it also listens on: `[--host-ipv6]:--port`.
+    pub fn listen_addr6(&self) -> Option<SocketAddr> {
+        self.host6.map(|ip| SocketAddr::new(IpAddr::V6(ip), self.port))
     }
 }
 
@@ -151,6 +160,8 @@ pub struct Deps<B, R> {
     pub backend: B,
     /// The metadata listener, bound to [`Config::listen_addr`] (or wherever a test likes).
     pub listener: TcpListener,
+    /// The IPv6 metadata listener, bound to [`Config::listen_addr6`], if any.
+    pub listener6: Option<TcpListener>,
     /// `--prometheus-listen-addr`, bound.
     pub metrics_listener: Option<TcpListener>,
     /// The process's one set of metrics.
@@ -207,7 +218,8 @@ pub fn assemble<B: Backend, R: Runner>(
              use it in development only"
         );
     }
-    let Deps { backend, listener, metrics_listener, metrics, iptables: runner, view_client } = deps;
+    let Deps { backend, listener, listener6, metrics_listener, metrics, iptables: runner, view_client } =
+        deps;
     let addr =
         listener.local_addr().map_err(|source| AgentStartError::Bind { addr: "agent".into(), source })?;
     let mut agent = Agent::new(backend, config, Arc::clone(&metrics))?;
@@ -226,6 +238,20 @@ pub fn assemble<B: Backend, R: Runner>(
     });
     let server = config.client.as_ref().map_or("in-process", |c| c.server_address.as_str());
     tracing::info!(%addr, server, "agent listening");
+    let cut = |reason| metrics.agent.connections_cut.get_or_create(&crate::metrics::Cut { reason }).clone();
+    let tally = http::Tally {
+        open: metrics.agent.connections_open.clone(),
+        source_cap: cut("source_cap"),
+        write_timeout: cut("write_timeout"),
+        max_age: cut("max_age"),
+    };
+    if let Some(listener6) = listener6 {
+        // The same limits, counted alike; per-source shares are per listener, and a pod has
+        // one address in each family.
+        let (router, limits, tally, shutdown) =
+            (app(Arc::clone(&agent)), config.limits.clone(), tally.clone(), shutdown.clone());
+        tokio::spawn(async move { http::serve(listener6, router, &limits, tally, shutdown).await });
+    }
     // The view is followed once the interception is in place: a server that sees this node's
     // agent subscribe knows its pods are intercepted (node readiness relies on it).
     let start_view = move |shutdown: &CancellationToken| {
@@ -233,14 +259,8 @@ pub fn assemble<B: Backend, R: Runner>(
             view::sync::spawn(view, client, node, shutdown);
         }
     };
-    let task = tokio::spawn(serve(
-        listener,
-        agent,
-        interception.clone(),
-        config.limits.clone(),
-        start_view,
-        shutdown,
-    ));
+    let limits = (config.limits.clone(), tally);
+    let task = tokio::spawn(serve(listener, agent, interception.clone(), limits, start_view, shutdown));
     Ok(Running { addr, interception, task })
 }
 
@@ -250,13 +270,13 @@ async fn serve<B: Backend, R: Runner>(
     listener: TcpListener,
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
-    limits: Limits,
+    (limits, tally): (Limits, http::Tally),
     start_view: impl FnOnce(&CancellationToken),
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
         start_view(&shutdown);
-        http::serve(listener, app(agent), &limits, shutdown).await;
+        http::serve(listener, app(agent), &limits, tally, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
@@ -265,7 +285,7 @@ async fn serve<B: Backend, R: Runner>(
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    http::serve(listener, app(agent), &limits, shutdown).await;
+    http::serve(listener, app(agent), &limits, tally, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {
@@ -285,6 +305,13 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
     let addr = config.listen_addr();
     let listener = crate::net::listen(addr)
         .map_err(|source| AgentStartError::Bind { addr: addr.to_string(), source })?;
+    let listener6 = match config.listen_addr6() {
+        Some(addr) => Some(
+            crate::net::listen(addr)
+                .map_err(|source| AgentStartError::Bind { addr: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
     let metrics_listener = match &config.prometheus_listen_addr {
         Some(addr) => Some(
             crate::net::listen_on(addr)
@@ -295,6 +322,6 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Age
     };
     let view_client = Some(backend.clone());
     let iptables = iptables::Command::default();
-    let deps = Deps { backend, listener, metrics_listener, metrics, iptables, view_client };
+    let deps = Deps { backend, listener, listener6, metrics_listener, metrics, iptables, view_client };
     assemble(&config, deps, shutdown)?.wait().await
 }

@@ -56,6 +56,14 @@ impl Tokens {
         let (Some("v1"), Some(expiry), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(TokenError::Malformed);
         };
+        // Only the canonical form minted here: digits without a sign or a leading zero, and
+        // lowercase hex. `u64::from_str` and `from_str_radix` also take `+1`, `01` and `AB`,
+        // which made many spellings of one token valid (found by the `token` fuzz target).
+        let canonical_expiry = expiry.bytes().all(|b| b.is_ascii_digit()) && !expiry.starts_with('0');
+        let canonical_tag = tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !canonical_expiry || !canonical_tag {
+            return Err(TokenError::Malformed);
+        }
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
         let tag = unhex(tag).ok_or(TokenError::Malformed)?;
         hmac::verify(&self.key, Self::message(ip, expiry).as_bytes(), &tag)
@@ -108,6 +116,15 @@ mod tests {
         assert_eq!(tokens.verify(&forged, a, now), Err(TokenError::Invalid));
         for bad in ["", "v1", "v1.x.y", "v2.1.00", "v1.5.zz"] {
             assert!(tokens.verify(bad, a, now).is_err(), "{bad}");
+        }
+        // Other spellings of the same expiry and tag are not the token.
+        let (expiry, tag) = t.strip_prefix("v1.").and_then(|r| r.split_once('.')).expect("v1.expiry.tag");
+        for variant in [
+            format!("v1.+{expiry}.{tag}"),
+            format!("v1.0{expiry}.{tag}"),
+            format!("v1.{expiry}.{}", tag.to_uppercase()),
+        ] {
+            assert_eq!(tokens.verify(&variant, a, now), Err(TokenError::Malformed), "{variant}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! `kiam agent` flags. Booleans take kingpin's forms, as kiam's manifests and Helm chart pass
 //! them: `--flag`, `--no-flag`, and `--flag=true|false` (the last one given wins).
 
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
@@ -32,6 +32,10 @@ pub struct AgentArgs {
     /// The node's IP: the DNAT target, and the address the agent listens on.
     #[arg(long, env = "HOST_IP")]
     pub host: IpAddr,
+    /// New: the node's IPv6 address, when it has one. The agent also listens on it, and with
+    /// --iptables intercepts the IPv6 metadata endpoint fd00:ec2::254 with ip6tables.
+    #[arg(long, env = "HOST_IPV6")]
+    pub host_ipv6: Option<Ipv6Addr>,
     /// The node's metadata service, host[:port].
     #[arg(long, env = "KIAM_METADATA_ADDR", default_value = "169.254.169.254")]
     pub metadata_addr: String,
@@ -110,6 +114,7 @@ impl AgentArgs {
             Some(iptables::Config {
                 interface,
                 target: SocketAddrV4::new(host, self.port),
+                target6: self.host_ipv6.map(|ip| SocketAddrV6::new(ip, self.port, 0, 0)),
                 chain: DEFAULT_CHAIN.into(),
                 remove_at_exit: self.iptables_remove && !self.no_iptables_remove,
                 check_interval: self.iptables_check_interval,
@@ -120,6 +125,7 @@ impl AgentArgs {
         Ok(Config {
             port: self.port,
             host: self.host,
+            host6: self.host_ipv6,
             allow_routes,
             metadata_addr: self.metadata_addr.clone(),
             pod_wait: self.pod_wait_timeout,

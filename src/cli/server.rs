@@ -146,6 +146,7 @@ impl ServerArgs {
             bind: self.bind.clone(),
             tls: self.tls.files(),
             tls_poll: TLS_POLL,
+            watch_timeout: crate::cluster::kube::WATCH_TIMEOUT,
             inventory,
             autodetect_base_arn: autodetect,
             pending_assume_role,

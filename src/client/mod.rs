@@ -82,6 +82,9 @@ const MAX_ATTEMPTS: usize = 20;
 fn is_transport_failure(status: &Status) -> bool {
     status.code() == Code::Unavailable
         || (status.code() == Code::Unknown && status.message().starts_with("transport error"))
+        // hyper gave up on a request because its connection closed before it went out (a server
+        // closing an idle connection just then); a Cancelled sent by a server has no source.
+        || (status.code() == Code::Cancelled && std::error::Error::source(status).is_some())
 }
 
 /// A projected ServiceAccount token, re-read from its file at most every [`TOKEN_REREAD`]

@@ -98,7 +98,7 @@ impl PodIndex {
     fn upsert(&mut self, pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
         let key = (pod.namespace.clone(), pod.name.clone());
         let before = before.or_else(|| self.remove(&key));
-        if let Some(ip) = pod.ip {
+        for ip in pod.addresses() {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
         if let Some(node) = &pod.node_name {
@@ -113,12 +113,12 @@ impl PodIndex {
         let old = self.pods.remove(key)?;
         // Only this pod's own slots are touched: a change costs the same at 100 pods and at
         // 100,000 (the whole map was once swept on every removal).
-        if let Some(ip) = old.ip
-            && let Some(keys) = self.by_ip.get_mut(&ip)
-        {
-            keys.retain(|k| k != key);
-            if keys.is_empty() {
-                self.by_ip.remove(&ip);
+        for ip in old.addresses() {
+            if let Some(keys) = self.by_ip.get_mut(&ip) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
             }
         }
         if let Some(node) = &old.node_name
@@ -162,8 +162,14 @@ impl PodIndex {
     /// The IPs of pods on `node`, each with the pod [`lookup`](Self::lookup) finds there (which
     /// may be none, or on another node, when pods disagree about an IP).
     pub fn node_ips(&self, node: &str) -> Vec<(IpAddr, Lookup)> {
-        let ips: HashSet<IpAddr> =
-            self.by_node.get(node).into_iter().flatten().filter_map(|k| self.pods.get(k)?.ip).collect();
+        let ips: HashSet<IpAddr> = self
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.pods.get(k))
+            .flat_map(|p| p.addresses())
+            .collect();
         ips.into_iter().map(|ip| (ip, self.lookup(ip))).collect()
     }
 
@@ -173,8 +179,8 @@ impl PodIndex {
     pub fn invalidated_by(&self, change: &Change<PodFacts>) -> Vec<(String, IpAddr)> {
         let mut out = Vec::new();
         let mut slot = |pod: &PodFacts| {
-            if let (Some(node), Some(ip)) = (&pod.node_name, pod.ip) {
-                out.push((node.clone(), ip));
+            if let Some(node) = &pod.node_name {
+                out.extend(pod.addresses().into_iter().map(|ip| (node.clone(), ip)));
             }
         };
         match change {
@@ -185,7 +191,7 @@ impl PodIndex {
                     return out;
                 }
                 old.inspect(|old| slot(old));
-                let owners = pod.ip.and_then(|ip| self.by_ip.get(&ip)).into_iter().flatten();
+                let owners = pod.addresses().into_iter().filter_map(|ip| self.by_ip.get(&ip)).flatten();
                 owners.filter(|k| **k != key).filter_map(|k| self.pods.get(k)).for_each(|p| slot(p));
             }
             Change::Delete(pod) => {
@@ -232,7 +238,9 @@ impl PodIndex {
     /// Every live pod of `namespace` that is on a node: what a namespace change may alter.
     pub fn in_namespace(&self, namespace: &str) -> Vec<(String, IpAddr)> {
         let pods = self.pods.values().filter(|p| p.namespace == namespace || namespace.is_empty());
-        pods.filter_map(|p| Some((p.node_name.clone()?, p.ip?))).collect()
+        pods.filter_map(|p| Some((p.node_name.clone()?, p.addresses())))
+            .flat_map(|(node, ips)| ips.into_iter().map(move |ip| (node.clone(), ip)))
+            .collect()
     }
 
     /// How many pods are indexed.
@@ -355,6 +363,19 @@ mod tests {
         idx.apply(Change::Delete(pod("a", "10.0.0.2")));
         assert_eq!(idx.lookup(ip("10.0.0.2")), Lookup::NotFound);
         assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn every_address_of_a_dual_stack_pod_finds_it() {
+        let mut idx = PodIndex::default();
+        let mut dual = pod("dual", "fd00::7");
+        dual.ips.push(ip("10.0.0.7"));
+        idx.apply(Change::Apply(dual.clone()));
+        assert_eq!(found_name(idx.lookup(ip("fd00::7"))), "dual");
+        assert_eq!(found_name(idx.lookup(ip("10.0.0.7"))), "dual");
+        idx.apply(Change::Delete(dual));
+        assert_eq!(idx.lookup(ip("10.0.0.7")), Lookup::NotFound);
+        assert!(idx.by_ip.is_empty());
     }
 
     #[test]

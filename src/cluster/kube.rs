@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
@@ -24,6 +25,8 @@ pub struct KubeSource {
     node: Option<String>,
     /// Also watch ServiceAccounts (`--service-account-roles`).
     service_accounts: bool,
+    /// The server-side timeout of each watch.
+    watch_timeout: Duration,
 }
 
 /// How to reach the API server.
@@ -34,6 +37,12 @@ pub enum KubeAccess {
     /// A URL and a bearer token (kube2iam's `--api-server` and `--api-token`).
     Server { url: String, token: String },
 }
+
+/// The default [`KubeSource`] watch timeout. kube's watcher treats a watch that sends nothing for
+/// this long plus 5 s as dead and reconnects, so this bounds how long a watch that stalls without
+/// closing leaves the server blind to new pods (the API server's default, 290 s, is five minutes
+/// of "pod not found"). Renewing a watch is cheap: it resumes from its resourceVersion.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(55);
 
 impl KubeSource {
     /// Connects with the kubeconfig at `path`, or in-cluster configuration (then the usual
@@ -61,7 +70,13 @@ impl KubeSource {
 
     /// Wraps an existing client.
     pub fn from_client(client: Client) -> KubeSource {
-        KubeSource { client, projection: Projection::default(), node: None, service_accounts: false }
+        KubeSource {
+            client,
+            projection: Projection::default(),
+            node: None,
+            service_accounts: false,
+            watch_timeout: WATCH_TIMEOUT,
+        }
     }
 
     /// Connects as `access` says; `insecure` skips verifying the API server's certificate.
@@ -118,11 +133,19 @@ impl KubeSource {
         self.node = node.filter(|n| !n.is_empty());
         self
     }
+
+    /// Renews each watch after `timeout` (whole seconds, at least one).
+    pub fn watching_for(mut self, timeout: Duration) -> KubeSource {
+        self.watch_timeout = timeout;
+        self
+    }
 }
 
 impl Source for KubeSource {
     async fn run(self, cluster: Arc<Cluster>, shutdown: CancellationToken) -> Result<(), SourceError> {
-        let mut selector = watcher::Config::default();
+        let seconds = u32::try_from(self.watch_timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        let config = watcher::Config::default().timeout(seconds);
+        let mut selector = config.clone();
         if let Some(node) = &self.node {
             selector = selector.fields(&format!("spec.nodeName={node}"));
         }
@@ -130,8 +153,8 @@ impl Source for KubeSource {
         if self.service_accounts {
             cluster.expect_service_accounts();
         }
-        let accounts = watcher(Api::<ServiceAccount>::all(self.client.clone()), watcher::Config::default());
-        let namespaces = watcher(Api::<Namespace>::all(self.client), watcher::Config::default());
+        let accounts = watcher(Api::<ServiceAccount>::all(self.client.clone()), config.clone());
+        let namespaces = watcher(Api::<Namespace>::all(self.client), config);
         let projection = &self.projection;
         let pods = drive(
             pods,

@@ -1,7 +1,9 @@
 //! The Kubernetes projections: a Pod or Namespace object to the lean facts of [`crate::model`].
 //! This and the watcher are the only places that read Kubernetes object types.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, ServiceAccount};
 
 use crate::model::{
     ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, IRSA_ROLE_ANNOTATION, NamespaceFacts,
@@ -33,6 +35,10 @@ impl Default for Projection {
 }
 
 /// Projects a Kubernetes Pod with kiam's annotation keys.
+///
+/// An annotation that is empty or only blanks counts as absent, as in kiam and kube2iam: Helm
+/// templates often render `external-id: ""`, and sending an empty external ID to STS would fail
+/// every request of the pod.
 pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
     Projection::default().pod(pod)
 }
@@ -80,14 +86,19 @@ impl Projection {
 
 fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
     let meta = &pod.metadata;
-    let annotation = |key: &str| meta.annotations.as_ref()?.get(key).cloned();
+    let annotation = |key: &str| {
+        let value = meta.annotations.as_ref()?.get(key)?;
+        (!value.trim().is_empty()).then(|| value.clone())
+    };
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
+    let ip = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.trim().parse().ok());
     Some(PodFacts {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone()?,
         uid: meta.uid.clone().unwrap_or_default(),
-        ip: status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()),
+        ip,
+        ips: addresses(ip, status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default()),
         phase: Phase::parse(status.and_then(|s| s.phase.as_deref())),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         node_name: spec.and_then(|s| s.node_name.clone()),
@@ -99,6 +110,19 @@ fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
         session_policy: annotation(SESSION_POLICY_ANNOTATION)
             .map(|text| crate::policy::session::parse_policy(&text)),
     })
+}
+
+/// `status.podIPs` with `status.podIP` first, each address once. The API server keeps
+/// `podIP == podIPs[0]`, but a pod object from a file or an old API server may have only one
+/// of them.
+fn addresses(primary: Option<IpAddr>, listed: &[PodIP]) -> Vec<IpAddr> {
+    let mut all: Vec<IpAddr> = primary.into_iter().collect();
+    for ip in listed.iter().filter_map(|p| p.ip.trim().parse().ok()) {
+        if !all.contains(&ip) {
+            all.push(ip);
+        }
+    }
+    all
 }
 
 #[cfg(test)]
@@ -121,5 +145,33 @@ mod tests {
         assert!(facts.terminating && facts.host_network);
         assert_eq!(facts.phase, Phase::Running);
         assert!(!format!("{facts:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn empty_annotations_are_absent() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "annotations": {
+                ROLE_ANNOTATION: " ", EXTERNAL_ID_ANNOTATION: "", SESSION_NAME_ANNOTATION: ""}},
+        }))
+        .expect("valid pod");
+        let facts = pod_facts(&pod).expect("named");
+        assert_eq!((facts.role, facts.external_id, facts.session_name), (None, None, None));
+    }
+
+    #[test]
+    fn every_pod_ip_is_an_address() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "10.0.0.5"}, {"ip": "junk"}]}
+        }))
+        .expect("valid pod");
+        let facts = pod_facts(&pod).expect("named");
+        let want: Vec<IpAddr> = vec!["fd00::5".parse().expect("v6"), "10.0.0.5".parse().expect("v4")];
+        assert_eq!((facts.ip, facts.ips), (Some(want[0]), want.clone()));
+        let only_list: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"}, "status": {"podIPs": [{"ip": "10.0.0.5"}]}
+        }))
+        .expect("valid pod");
+        assert_eq!(pod_facts(&only_list).expect("named").addresses(), vec![want[1]]);
     }
 }

@@ -51,7 +51,7 @@ fn verdicts_and_reasons() {
 
     /// (role annotation, permitted, --role, verdict code, reason excerpt)
     type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             Some("app"),
             Some("team-b-.*"),
@@ -69,6 +69,13 @@ fn verdicts_and_reasons() {
         ),
         (None, Some(".*"), None, "no-role-annotation", "no iam.amazonaws.com/role annotation"),
         (Some("app"), Some("("), None, "namespace-invalid", "is invalid"),
+        (
+            Some("app"),
+            Some(".*/team-a-.*)|(.*"),
+            None,
+            "namespace-invalid",
+            "is invalid: it does not compile on its own",
+        ),
     ];
     for (role, permitted, requested, code, reason) in cases {
         let e = run(&[pod(role)], Some(&ns(permitted)), requested);

@@ -41,7 +41,7 @@ impl<A> InProcess<A> {
                 }
                 BackendError::Failed(error.to_string())
             }
-            Error::Forbidden { .. } | Error::Node(_) => BackendError::Forbidden,
+            Error::Forbidden { .. } | Error::Node(_) | Error::DebugCertificate => BackendError::Forbidden,
             Error::InvalidIp(_) | Error::Sts(_) => BackendError::Failed(error.to_string()),
         }
     }

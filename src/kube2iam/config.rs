@@ -114,6 +114,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         Some(iptables::Config {
             interface,
             target: SocketAddrV4::new(host, args.app_port),
+            target6: None,
             chain: DEFAULT_CHAIN.into(),
             // As kube2iam: the rule stays when the process stops, so that a restarting process
             // leaves pods refused (fail closed) rather than reaching the node's credentials.
@@ -149,6 +150,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
     let agent = crate::agent::Config {
         port: args.app_port,
         host: host.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        host6: None,
         allow_routes,
         metadata_addr: args.metadata_addr.clone(),
         pod_wait: args.backoff_max_elapsed_time,

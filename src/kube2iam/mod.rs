@@ -110,6 +110,7 @@ pub async fn assemble<A: AssumeRole, S: Source, R: Runner>(
     let deps = crate::agent::Deps {
         backend,
         listener,
+        listener6: None,
         metrics_listener: None,
         metrics,
         iptables,

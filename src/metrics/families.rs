@@ -26,6 +26,14 @@ pub struct Response {
     pub code: String,
 }
 
+/// Why a listener cut a connection (`reason` label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Cut {
+    /// `source_cap` (its source already held its share), `write_timeout` (it stopped reading
+    /// its responses) or `max_age` (it lived too long).
+    pub reason: &'static str,
+}
+
 /// The agent's `kiam_metadata_*` family.
 #[derive(Clone, Debug)]
 pub struct AgentMetrics {
@@ -51,6 +59,10 @@ pub struct AgentMetrics {
     pub view_hits: Counter,
     /// New: node-view streams the servers refused (the agent then uses unary calls).
     pub view_refusals: Counter,
+    /// New: connections open on the metadata listener.
+    pub connections_open: Gauge,
+    /// New: connections the metadata listener cut, by reason.
+    pub connections_cut: Family<Cut, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -71,6 +83,8 @@ impl Default for AgentMetrics {
             view_invalidations: Counter::default(),
             view_hits: Counter::default(),
             view_refusals: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_cut: Family::default(),
         }
     }
 }
@@ -148,6 +162,16 @@ impl AgentMetrics {
             "kiam_agent_view_refusals",
             "Node-view streams the servers refused (the agent then asks with unary calls)",
             self.view_refusals.clone(),
+        );
+        r.register(
+            "kiam_agent_connections_open",
+            "Connections open on the metadata listener",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "kiam_agent_connections_cut",
+            "Connections the metadata listener cut: over the per-source cap, stalled writes, too old",
+            self.connections_cut.clone(),
         );
     }
 }

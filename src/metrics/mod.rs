@@ -20,10 +20,12 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::agent::http::{Limits, Tally};
 use tokio_util::sync::CancellationToken;
 
 pub use families::{
-    AgentMetrics, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics, code_name,
+    AgentMetrics, Cut, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics, code_name,
     latency_histogram,
 };
 pub use process::ProcessMetrics;
@@ -136,17 +138,30 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
     )
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// Serves `GET /metrics` on `listener` until `shutdown`, under [`Limits::metrics`].
+///
+/// The agent is hostNetwork, so every pod on the node can reach this port: it gets the same
+/// listener as the metadata port, with a header deadline, write deadlines and connection caps,
+/// so that half-sent requests cannot use up the descriptors the credential paths need.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    serve_app(listener, router(metrics), shutdown).await;
+    serve_with(listener, metrics, &Limits::metrics(), Tally::default(), shutdown).await
 }
 
-/// Serves `app` (with the caller's address as `ConnectInfo`) on `listener` until `shutdown`.
+/// [`serve`] under `limits`, counting connections into `tally`.
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    limits: &Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+) {
+    crate::agent::http::serve(listener, router(metrics), limits, tally, shutdown).await;
+}
+
+/// Serves `app` (which may read the caller's address as `ConnectInfo`) on `listener` until
+/// `shutdown`, under [`Limits::metrics`] (kube2iam mode's metrics port with `/debug/store`).
 pub async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken) {
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-        tracing::error!(%error, "metrics listener failed");
-    }
+    crate::agent::http::serve(listener, app, &Limits::metrics(), Tally::default(), shutdown).await;
 }
 
 #[cfg(test)]
@@ -173,6 +188,68 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    async fn connect(from: &str, to: std::net::SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.bind(std::net::SocketAddr::new(from.parse().expect("ip"), 0)).expect("bind");
+        socket.connect(to).await.expect("connect")
+    }
+
+    async fn read_to_close(stream: &mut TcpStream) -> String {
+        let mut all = Vec::new();
+        let reading = async {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                all.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reading).await.expect("closed within 10 s");
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    /// Half-sent requests are cut off, and one source cannot hold every connection: the node's
+    /// pods can all reach an agent's metrics port.
+    #[tokio::test]
+    async fn the_metrics_listener_has_limits() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections_per_source: 2,
+            ..Limits::metrics()
+        };
+        let tally = Tally::default();
+        let shutdown = CancellationToken::new();
+        tokio::spawn({
+            let (tally, shutdown) = (tally.clone(), shutdown.clone());
+            async move { serve_with(listener, Arc::new(Metrics::default()), &limits, tally, shutdown).await }
+        });
+
+        let mut half = connect("127.0.0.1", addr).await;
+        half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.expect("write");
+        let _second = connect("127.0.0.1", addr).await;
+        let mut third = connect("127.0.0.1", addr).await;
+        assert_eq!(read_to_close(&mut third).await, "", "over the source's share");
+        assert!(!read_to_close(&mut half).await.contains("200 OK"), "the half-sent request is cut off");
+        assert_eq!(tally.cut("source_cap"), 1);
+
+        let mut scrape = connect("127.0.0.2", addr).await;
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_to_close(&mut scrape).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("kiam_sts_cacheSize"), "{answer}");
+        shutdown.cancel();
     }
 }
 

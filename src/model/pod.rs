@@ -66,8 +66,11 @@ pub struct PodFacts {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// `status.podIP`, once assigned.
+    /// `status.podIP`, once assigned: the primary address, shown in messages.
     pub ip: Option<IpAddr>,
+    /// Every address of `status.podIPs` (the primary first): on dual-stack clusters a pod has
+    /// one of each family, and may call from either, so each one finds the pod.
+    pub ips: Vec<IpAddr>,
     pub phase: Phase,
     /// hostNetwork pods share the node's IP, so they can never be told apart by address.
     pub host_network: bool,
@@ -90,6 +93,12 @@ impl PodFacts {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// Every address the pod may call from: [`PodFacts::ips`], or the primary alone when the
+    /// list is empty (facts made by hand).
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        if self.ips.is_empty() { self.ip.into_iter().collect() } else { self.ips.clone() }
+    }
+
     /// A running pod for unit tests.
     #[cfg(test)]
     pub fn test(namespace: &str, name: &str, ip: &str, role: Option<&str>) -> PodFacts {
@@ -98,6 +107,7 @@ impl PodFacts {
             name: name.into(),
             uid: format!("uid-{name}"),
             ip: ip.parse().ok(),
+            ips: ip.parse().into_iter().collect(),
             phase: Phase::Running,
             host_network: false,
             node_name: Some("node-1".into()),
@@ -117,6 +127,7 @@ impl fmt::Debug for PodFacts {
             .field("namespace", &self.namespace)
             .field("name", &self.name)
             .field("ip", &self.ip)
+            .field("ips", &self.ips)
             .field("phase", &self.phase)
             .field("host_network", &self.host_network)
             .field("terminating", &self.terminating)

@@ -5,7 +5,10 @@
 //! else upstream (`.` or `..` segments, `//`, percent-escapes) is refused before any allow-list
 //! is consulted, and nothing under `meta-data/iam/` or `identity-credentials/` is ever
 //! forwarded, whatever `--allow-route-regexp` says, because those paths carry the node's
-//! credentials.
+//! credentials. Nor are the signed instance-identity documents (`dynamic/instance-identity/`
+//! `pkcs7`, `signature`, `rsa2048`): with them a pod could log in as the node wherever the node's
+//! identity is trusted (Vault's EC2 auth method, say). Paths with anything but printable ASCII
+//! are malformed: the metadata service has none, and a proxy could fold them into some.
 
 use regex::Regex;
 
@@ -85,7 +88,8 @@ pub fn classify(path: &str) -> Route<'_> {
 }
 
 fn is_malformed(path: &str) -> bool {
-    path.contains('%')
+    !path.bytes().all(|b| b.is_ascii_graphic())
+        || path.contains('%')
         || path.contains("//")
         || path.contains('\\')
         || path.split('/').any(|seg| seg == "." || seg == "..")
@@ -97,11 +101,21 @@ fn is_malformed(path: &str) -> bool {
 fn is_guarded(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     lower.contains("identity-credentials")
+        || signed_identity(&lower)
         || lower
             .split('/')
             .collect::<Vec<_>>()
             .windows(2)
             .any(|w| w[0] == "meta-data" && w[1].starts_with("iam"))
+}
+
+/// Whether a lower-cased path is under `instance-identity/` and is not the plain, unsigned
+/// `document` (which SDKs read for the region): the signatures (`pkcs7`, `signature`,
+/// `rsa2048`, and whatever the service adds there) prove to third parties that the caller is
+/// the node.
+fn signed_identity(lower: &str) -> bool {
+    let Some((_, rest)) = lower.split_once("instance-identity") else { return false };
+    !matches!(rest, "" | "/" | "/document")
 }
 
 /// The `--allow-route-regexp` allow-list: paths it matches (unanchored, as in kiam) are forwarded
@@ -155,6 +169,17 @@ mod tests {
             ("/latest/meta-data/instance-id", Route::Other),
             ("/latest/user-data", Route::Other),
             ("/latest/dynamic/instance-identity/document", Route::Other),
+            ("/latest/dynamic/instance-identity/", Route::Other),
+            ("/latest/dynamic/instance-identity/pkcs7", Route::Guarded),
+            ("/latest/dynamic/instance-identity/signature", Route::Guarded),
+            ("/latest/dynamic/instance-identity/rsa2048", Route::Guarded),
+            ("/latest/dynamic/Instance-Identity/PKCS7", Route::Guarded),
+            ("/latest/dynamic/instance-identity/document/", Route::Guarded),
+            ("/dynamic/instance-identity/pkcs7", Route::Guarded),
+            ("/latest/meta-data/ınstance-id", Route::Malformed),
+            ("/latest/meta-data/iam\u{200b}/info", Route::Malformed),
+            ("/latest/meta-data/instance id", Route::Malformed),
+            ("/latest/meta-data/instance-id\t", Route::Malformed),
             ("/latest/meta-data/../meta-data/iam/info", Route::Malformed),
             ("/latest/meta-data/iam/security-credentials/..%2fx", Route::Malformed),
             ("/latest/meta-data/%69am/info", Route::Malformed),

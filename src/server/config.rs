@@ -62,6 +62,10 @@ pub struct Config {
     pub tls: TlsFiles,
     /// How often the certificate files are checked for rotation (not a flag).
     pub tls_poll: Duration,
+    /// How long each watch of the API server lasts before it is renewed (not a flag): the
+    /// watcher also gives up on a watch that stays silent this long plus 5 s, so a watch that
+    /// stalls without closing blinds the server for about a minute, not five.
+    pub watch_timeout: Duration,
     pub inventory: Inventory,
     /// `--role-base-arn-autodetect`: take the base ARN from the instance profile at start-up.
     pub autodetect_base_arn: bool,

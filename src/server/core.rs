@@ -15,6 +15,13 @@ use crate::metrics::Metrics;
 use crate::model::PodFacts;
 use crate::policy::{Caller, Denial, NodeDenial, Policy, check_node, role};
 
+/// How long a request for an IP whose only pod is terminating waits for another pod to claim
+/// it. The IP may already be released (the sandbox torn down, the node lost) and handed to a new
+/// pod the watch has not delivered yet; answering at once would give the new pod the old pod's
+/// credentials. Pods in their shutdown grace pay this once per request, and SDKs cache what
+/// they get.
+pub const TERMINATING_GRACE: Duration = Duration::from_millis(500);
+
 /// Why a request failed; mapped to a gRPC status in exactly one place (`service.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +46,12 @@ pub enum Error {
     /// STS failed.
     #[error("error fetching credentials: {0}")]
     Sts(#[from] StsError),
+    /// The caller's certificate has the debug role, which may not ask about pods.
+    #[error(
+        "a certificate with the debug role ({}) may not ask for pods' roles or credentials",
+        crate::tls::x509::DEBUG_ROLE_URI
+    )]
+    DebugCertificate,
 }
 
 /// One request: who asks, about which IP, and how long it may wait for a pod not seen yet.
@@ -164,7 +177,8 @@ impl<A: AssumeRole> Core<A> {
 
     /// The pod that owns `ip`, timed. A pod the watch has not delivered yet is waited for, woken
     /// by pod changes, for at most `wait`: a pod created just before its first request gets an
-    /// answer instead of "not found".
+    /// answer instead of "not found". A terminating pod alone on the IP is waited past for
+    /// [`TERMINATING_GRACE`], in case a new pod has the IP already.
     async fn pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
         let started = std::time::Instant::now();
         let result = self.find_pod(ip, wait).await;
@@ -175,10 +189,14 @@ impl<A: AssumeRole> Core<A> {
     async fn find_pod(&self, ip: IpAddr, wait: Duration) -> Result<Arc<PodFacts>, Error> {
         let mut changes = self.cluster.pod_changes();
         let deadline = tokio::time::Instant::now() + wait;
-        let mut waited = false;
+        // A terminating pod alone on its IP is answered only after a short wait for a new owner.
+        let grace = tokio::time::Instant::now() + wait.min(TERMINATING_GRACE);
+        let (mut waited, mut watching) = (false, true);
         loop {
-            match self.cluster.pod_by_ip(ip) {
-                Lookup::Found(pod) => return Ok(pod),
+            let now = tokio::time::Instant::now();
+            let until = match self.cluster.pod_by_ip(ip) {
+                Lookup::Found(pod) if !pod.terminating || now >= grace || !watching => return Ok(pod),
+                Lookup::Found(_) => grace,
                 Lookup::Ambiguous(pods) => {
                     self.metrics.server.ambiguous_ips.inc();
                     for pod in &pods {
@@ -190,15 +208,16 @@ impl<A: AssumeRole> Core<A> {
                     }
                     return Err(Error::AmbiguousIp { ip, count: pods.len() });
                 }
-                Lookup::NotFound => {
-                    if !std::mem::replace(&mut waited, true) {
-                        self.metrics.server.pod_waits.inc();
-                    }
-                    let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
-                    if !matches!(changed, Ok(Ok(()))) {
-                        return Err(Error::PodNotFound(ip));
-                    }
-                }
+                Lookup::NotFound if now >= deadline || !watching => return Err(Error::PodNotFound(ip)),
+                Lookup::NotFound => deadline,
+            };
+            if !std::mem::replace(&mut waited, true) {
+                self.metrics.server.pod_waits.inc();
+            }
+            // Woken by a change or by the time limit, the lookup is made once more; past the
+            // limit (or with no watch left to wake it) its answer stands.
+            if let Ok(Err(_)) = tokio::time::timeout_at(until, changes.changed()).await {
+                watching = false;
             }
         }
     }

@@ -86,3 +86,48 @@ async fn another_nodes_caller_gets_nothing_and_costs_no_sts_call() {
     assert_eq!(lookups(&metrics), 1, "a caller that names no node is refused before any lookup");
     assert_eq!(sts.0.load(Ordering::SeqCst), 0);
 }
+
+fn terminating(name: &str) -> PodFacts {
+    PodFacts { terminating: true, ..PodFacts::test("ns", name, "10.0.0.9", Some("old-role")) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminating_pod_alone_on_its_ip_is_answered_after_a_grace() {
+    let (sts, metrics) = (Arc::default(), Arc::new(Metrics::default()));
+    let core = core(&sts, &metrics);
+    core.cluster().apply_pod(Change::Apply(terminating("old")));
+    let ask = Ask::new("10.0.0.9".parse().expect("ip"), Caller::Any, Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let (pod, _) = core.pod_role(&ask).await.expect("the old pod, still");
+    assert_eq!(pod.name, "old");
+    assert_eq!(started.elapsed(), TERMINATING_GRACE, "after the grace, not the whole wait");
+    // A caller with less time than the grace is answered within its own deadline.
+    let short = Ask { wait: Duration::from_millis(100), ..ask };
+    let started = tokio::time::Instant::now();
+    core.pod_role(&short).await.expect("the old pod");
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_pod_on_a_terminating_pods_ip_wins_during_the_grace() {
+    let (sts, metrics) = (Arc::default(), Arc::new(Metrics::default()));
+    let core = Arc::new(core(&sts, &metrics));
+    core.cluster().apply_pod(Change::Apply(terminating("old")));
+    let ask = Ask::new("10.0.0.9".parse().expect("ip"), Caller::Any, Duration::from_secs(5));
+    let asking = tokio::spawn({
+        let core = Arc::clone(&core);
+        async move { core.pod_role(&ask).await.map(|(pod, role)| (pod.name.clone(), role)) }
+    });
+    // Bounded: the request registers its wait before paused time moves on.
+    for _ in 0..100 {
+        if metrics.server.pod_waits.get() > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.server.pod_waits.get(), 1, "the request waits");
+    let new = PodFacts::test("ns", "new", "10.0.0.9", Some("new-role"));
+    core.cluster().apply_pod(Change::Apply(new));
+    let (name, role) = asking.await.expect("task").expect("answered");
+    assert_eq!((name.as_str(), role.as_deref()), ("new", Some("new-role")));
+}

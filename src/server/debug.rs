@@ -1,10 +1,14 @@
 //! `kiamrs.debug.Debug`: what the credentials cache holds for one identity, for `kiam explain`.
 //!
-//! It lives on the server's listener, behind the same mutual TLS as `KiamService`, so only
-//! holders of a certificate the client CA signed reach it. Any such certificate may call it,
-//! agents' included, with or without node binding: the answer is times, flags and the last STS
-//! error for an identity the caller already names in full (role ARN, session name and external
-//! ID). It never carries credentials, and the external ID is neither logged nor returned.
+//! It lives on the server's listener, behind the same mutual TLS as `KiamService`, and answers
+//! only certificates with the debug role, a `urn:kiam:role:debug` URI SAN
+//! ([`crate::tls::x509::DEBUG_ROLE_URI`]), which `KiamService` refuses in turn: an agent's
+//! certificate cannot probe the cache (confirming guesses of an external ID, say), and an
+//! operator's cannot fetch credentials. With node binding on, a debug certificate must also name
+//! a node (`urn:kiam:node:<name>`), and is answered only about identities that a live pod on that
+//! node uses. The answer is times, flags and the last STS error for an identity the caller names
+//! in full (role ARN, session name and external ID); it never carries credentials, and the
+//! external ID is neither logged nor returned.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,16 +20,48 @@ use crate::creds::cache::EntryState;
 use crate::creds::{Identity, time};
 use crate::model::RoleArn;
 use crate::pb::debug::{CacheStateReply, CacheStateRequest, debug_server};
+use crate::policy::NodeDenial;
 
 /// The `Debug` service over a server's [`Core`].
 pub struct DebugService<A> {
     core: Arc<Core<A>>,
+    node_binding: bool,
 }
 
 impl<A> DebugService<A> {
-    /// Answers from `core`'s credentials cache.
-    pub fn new(core: Arc<Core<A>>) -> Self {
-        DebugService { core }
+    /// Answers from `core`'s credentials cache; with `node_binding`, only about identities used
+    /// on the node the caller's certificate names.
+    pub fn new(core: Arc<Core<A>>, node_binding: bool) -> Self {
+        DebugService { core, node_binding }
+    }
+}
+
+impl<A: crate::creds::AssumeRole> DebugService<A> {
+    /// Whether the holder of `leaf` may ask about `identity`.
+    fn authorise(&self, leaf: Option<&[u8]>, identity: &Identity) -> Result<(), Status> {
+        let Some(leaf) = leaf.filter(|leaf| crate::tls::x509::is_debug(leaf)) else {
+            return Err(Status::permission_denied(format!(
+                "the Debug service needs a certificate with the debug role ({})",
+                crate::tls::x509::DEBUG_ROLE_URI
+            )));
+        };
+        if !self.node_binding {
+            return Ok(());
+        }
+        let Some(node) = crate::tls::x509::node_name(leaf) else {
+            return Err(Status::permission_denied(NodeDenial::Unnamed.to_string()));
+        };
+        let mut used_on_node = false;
+        self.core.cluster().for_each_live_pod(|pod| {
+            used_on_node |= pod.node_name.as_deref() == Some(node.as_str())
+                && pod.role.as_deref().and_then(|role| self.core.identity_for(pod, role).ok()).as_ref()
+                    == Some(identity);
+        });
+        if used_on_node {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!("no pod on node {node} uses this identity")))
+        }
     }
 }
 
@@ -73,7 +109,10 @@ impl<A: crate::creds::AssumeRole> debug_server::Debug for DebugService<A> {
         &self,
         request: Request<CacheStateRequest>,
     ) -> Result<Response<CacheStateReply>, Status> {
-        let identity = identity(request.into_inner())?;
+        let certs = request.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+        let identity = identity(request.get_ref().clone())?;
+        self.authorise(leaf, &identity)?;
         let state = self.core.cache().state(&identity);
         tracing::debug!(
             role = %identity.role,

@@ -24,6 +24,13 @@ use crate::tls::reload::Reloading;
 
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once, and per source address. Anything on the network can reach
+/// the server's port (every pod, if nothing filters it), and a connection costs a descriptor
+/// before it proves anything: without these caps, half-open handshakes could use up the
+/// server's descriptors and stop credentials for the whole cluster. Agents make a handful of
+/// connections each, and only after a handshake do they hold them.
+const MAX_HANDSHAKES: usize = 1024;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// Serves `service`, `debug` and (unless disabled) the node view over mutual TLS on `listener` until `shutdown`.
 pub async fn run<A: AssumeRole>(
@@ -52,8 +59,9 @@ pub async fn run<A: AssumeRole>(
 }
 
 /// Accepts connections and completes TLS handshakes off the accept loop, so one slow client
-/// cannot hold up the others. Failed handshakes (no client certificate, wrong CA) are logged
-/// and dropped.
+/// cannot hold up the others, with at most [`MAX_HANDSHAKES`] in progress
+/// ([`MAX_HANDSHAKES_PER_SOURCE`] per address; more are closed at once). Failed handshakes (no
+/// client certificate, wrong CA) are logged and dropped.
 fn accept_tls(
     listener: TcpListener,
     tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
@@ -62,8 +70,11 @@ fn accept_tls(
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<IdleStream<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, mut rx) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let sources = crate::net::Sources::new(MAX_HANDSHAKES_PER_SOURCE);
     crate::task::spawn_until(&shutdown.clone(), async move {
         loop {
+            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
             let (tcp, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(error) => {
@@ -72,12 +83,18 @@ fn accept_tls(
                     continue;
                 }
             };
+            let Some(share) = sources.claim(peer.ip()) else {
+                tracing::debug!(%peer, "connection refused: its source has too many handshakes in progress");
+                continue;
+            };
             // Each handshake uses the material current at accept time.
             let (acceptor, tx) = (TlsAcceptor::from(Arc::clone(&*tls.current())), tx.clone());
             let (idle_closed, stop) = (idle_closed.clone(), shutdown.clone());
             crate::task::spawn_until(&shutdown, async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop((permit, share));
+                match handshake {
                     Ok(Ok(stream)) => {
                         let on_close = move || {
                             idle_closed.inc();

@@ -101,6 +101,7 @@ pub async fn open_inventory(
         Inventory::Kube(path) => {
             let source = KubeSource::connect(path.clone())
                 .await?
+                .watching_for(config.watch_timeout)
                 .with_service_accounts(config.settings.policy.service_account_roles);
             let events = KubeEvents::new(source.client(), config.pod_name.clone(), shutdown.clone());
             let settings = &config.settings;
@@ -197,7 +198,7 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     }
     tracing::info!(pods = core.cluster().pod_count(), "caches synced; serving");
     let identities = Arc::new(Identities::new(tokens));
-    let debug = debug::DebugService::new(Arc::clone(&core));
+    let debug = debug::DebugService::new(Arc::clone(&core), settings.node_binding);
     let service =
         service::KiamService::new(Arc::clone(&core), settings.node_binding, Arc::clone(&identities));
     let view = settings

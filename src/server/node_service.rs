@@ -67,6 +67,11 @@ impl<A> NodeViewService<A> {
     }
 
     async fn node<T>(&self, request: &Request<T>, watch: bool) -> Result<String, Status> {
+        // A debug certificate (`urn:kiam:role:debug`) may read cache state, never pods' views.
+        let certs = request.peer_certs();
+        if certs.as_ref().and_then(|c| c.first()).is_some_and(|leaf| crate::tls::x509::is_debug(leaf)) {
+            return Err(Status::permission_denied("a debug certificate may not follow a node view"));
+        }
         let node = self.identities.node(request).await.map_err(Status::unauthenticated)?;
         let per_second = if watch { WATCHES_PER_SECOND } else { CREDENTIALS_PER_SECOND };
         if !self.limiter.allow(&node, watch, per_second) {

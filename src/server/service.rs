@@ -33,7 +33,7 @@ pub fn status(err: &Error, rpc: Rpc) -> Status {
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
         Error::PodChanged(_) => Status::failed_precondition(err.to_string()),
-        Error::Node(_) => Status::permission_denied(err.to_string()),
+        Error::Node(_) | Error::DebugCertificate => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             // Never Unavailable: clients read that as "this server is unreachable" and retry
             // elsewhere, while every server shares the same STS.
@@ -108,8 +108,12 @@ impl<A> KiamService<A> {
         }
     }
 
-    /// The request's IP, caller and wait, or why the IP is not one.
+    /// The request's IP, caller and wait, or why the IP is not one (or the caller may not ask).
     async fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
+        let certs = request.peer_certs();
+        if certs.as_ref().and_then(|c| c.first()).is_some_and(|leaf| crate::tls::x509::is_debug(leaf)) {
+            return Err(Error::DebugCertificate);
+        }
         let ip = parse_ip(ip)?;
         Ok(Ask::new(ip, self.caller(request).await, pod_wait(request)))
     }

@@ -86,7 +86,12 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     pub fn check(&self) -> bool {
         let mut last = self.contents.lock().unwrap_or_else(PoisonError::into_inner);
         let fresh = match read_all(&self.files) {
-            Ok(fresh) if fresh == *last => return false,
+            Ok(fresh) if fresh == *last => {
+                // Readable again and what is in use: whatever failed before is over (a reload
+                // that failed while the files were briefly unreadable must not stay reported).
+                self.gauges.update_error.set(0);
+                return false;
+            }
             Ok(fresh) => fresh,
             Err(error) => return self.failed(&error),
         };

@@ -10,6 +10,10 @@ use rustls_pki_types::CertificateDer;
 
 /// The URI SAN prefix that binds an agent certificate to a node.
 pub const NODE_URI_PREFIX: &str = "urn:kiam:node:";
+/// The URI SAN of an operator's certificate for the `Debug` service (`kiam explain
+/// --server-address`). The server answers such a certificate only there, and refuses it on
+/// `KiamService`'s pod RPCs; agents' certificates, without it, may not use `Debug`.
+pub const DEBUG_ROLE_URI: &str = "urn:kiam:role:debug";
 
 /// One DER element: tag, contents, and what follows it.
 fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -90,6 +94,11 @@ pub fn node_name(cert: &[u8]) -> Option<String> {
     }
 }
 
+/// Whether the certificate carries the debug role ([`DEBUG_ROLE_URI`]).
+pub fn is_debug(cert: &[u8]) -> bool {
+    uri_sans(cert).iter().any(|u| u == DEBUG_ROLE_URI)
+}
+
 /// Seconds since the epoch, for gauges.
 pub fn epoch_seconds(t: SystemTime) -> i64 {
     i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()).unwrap_or(i64::MAX)
@@ -131,5 +140,9 @@ mod tests {
         let two = cert(vec![uri("urn:kiam:node:a"), uri("urn:kiam:node:b")], (2030, 1, 1));
         assert_eq!(node_name(&two), None, "a certificate naming two nodes binds to none");
         assert_eq!(uri_sans(&two).len(), 2);
+        assert!(!is_debug(&two));
+        let debug = cert(vec![uri(DEBUG_ROLE_URI), uri("urn:kiam:node:a")], (2030, 1, 1));
+        assert!(is_debug(&debug));
+        assert!(!is_debug(&cert(vec![uri("urn:kiam:role:debugger")], (2030, 1, 1))));
     }
 }

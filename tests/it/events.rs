@@ -70,3 +70,19 @@ async fn a_role_name_expression_is_named_in_the_denial_event_with_the_arn_form()
     assert!(note.contains("it can only match role names"), "{note}");
     assert!(note.ends_with("write 'arn:aws:iam::123456789012:role/k8s-production-.*'"), "{note}");
 }
+
+/// An expression that only compiles inside the server's anchoring group (it closes the group
+/// and opens another) would permit every ARN; it is refused, with an Event saying why.
+#[tokio::test]
+async fn an_expression_that_escapes_its_anchoring_is_refused_with_an_event() {
+    let stack = Stack::start().await;
+    let escape = "arn:aws:iam::123456789012:role/team-a-.*)|(.*";
+    stack.kube.apply(namespace("team-a").permitted(escape).build());
+    stack.kube.apply(pod("team-a", "sly").ip("10.64.1.1").role("admin").build());
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    let status = grpc.get_pod_credentials(creds("10.64.1.1", "admin")).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let event = wait_for_event(&stack, "KiamRoleForbidden", "sly").await;
+    let note = event["note"].as_str().expect("note");
+    assert!(note.contains("does not compile on its own"), "{note}");
+}

@@ -293,6 +293,10 @@ async fn the_binary_reads_the_cluster() {
     assert!(down.stderr.contains("pod team-a/web"), "{}", down.stderr);
 }
 
+fn request_again() -> kiam::pb::GetPodCredentialsRequest {
+    kiam::pb::GetPodCredentialsRequest { ip: "10.66.0.1".into(), role: "app".into() }
+}
+
 fn server_query(stack: &Stack, cert: &CertFiles) -> ServerQuery {
     ServerQuery { address: format!("127.0.0.1:{}", stack.server_addr.port()), tls: tls_files(cert) }
 }
@@ -313,7 +317,13 @@ async fn the_server_reports_its_cache_and_last_sts_error() {
 
     let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
     let mut cfg = config(Inventory::Kube(Some(kubeconfig)), target("team-a/web"), None);
+    // An agent's certificate may not ask; only one with the debug role.
     cfg.server = Some(server_query(&stack, &stack.pki.agent()));
+    let refused = explain::run(cfg.clone()).await.expect("reads");
+    let error = refused.explanations[0].server.as_ref().and_then(|s| s.error.clone()).unwrap_or_default();
+    assert!(error.contains("urn:kiam:role:debug"), "{error}");
+    let operator = stack.pki.debug("operator", None);
+    cfg.server = Some(server_query(&stack, &operator));
     let report = explain::run(cfg.clone()).await.expect("reads");
     let server = report.explanations[0].server.clone().expect("asked the server");
     let cache = server.cache.unwrap_or_else(|| panic!("an answer: {:?}", server.error));
@@ -341,6 +351,11 @@ async fn the_server_reports_its_cache_and_last_sts_error() {
     let cache =
         crate::support::wait::eventually("the failure is reported", Duration::from_secs(10), failed).await;
     assert!(cache.known && !cache.has_credentials && cache.last_error.is_some(), "{cache:?}");
+
+    // The debug certificate is refused credentials in turn.
+    let status =
+        stack.client(&operator).service().get_pod_credentials(request_again()).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // Only certificates from the server's client CA may ask.
     cfg.server = Some(server_query(&stack, &stack.pki.stranger()));

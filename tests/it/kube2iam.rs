@@ -96,6 +96,7 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
     let rules = iptables::Config {
         interface: "kv+".parse().expect("interface"),
         target,
+        target6: None,
         chain: iptables::DEFAULT_CHAIN.into(),
         remove_at_exit: true,
         check_interval: Duration::from_secs(5),

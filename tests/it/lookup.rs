@@ -81,6 +81,26 @@ async fn a_reused_ip_belongs_to_the_new_pod_only() {
     }
 }
 
+/// The IP of a terminating pod may already belong to a new pod the watch has not delivered:
+/// the server waits a moment for it before answering with the terminating pod.
+#[tokio::test]
+async fn a_request_for_a_terminating_pods_ip_waits_for_a_new_owner() {
+    let stack = stack().await;
+    let grpc = stack.client(&stack.pki.agent()).service();
+    stack.kube.apply(pod("team-a", "leaving").ip("10.61.1.1").role("old-role").terminating().build());
+    stack.kube.apply(pod("team-a", "marker").ip("10.61.1.9").role("app").build());
+    stack.wait_for_pod(ip("10.61.1.9")).await;
+    let waits = stack.core.metrics().server.pod_waits.get();
+    let asking = tokio::spawn({
+        let mut grpc = grpc.clone();
+        async move { grpc.get_pod_role(role_of("10.61.1.1")).await }
+    });
+    eventually("the request waits", || stack.core.metrics().server.pod_waits.get() > waits).await;
+    stack.kube.apply(pod("team-a", "arriving").ip("10.61.1.1").role("new-role").build());
+    let role = asking.await.expect("task").expect("answered");
+    assert_eq!(role.into_inner().name, "new-role", "the new pod, never the terminating one's role");
+}
+
 #[tokio::test]
 async fn two_live_pods_on_one_ip_are_refused_with_an_event() {
     let stack = stack().await;

@@ -15,9 +15,22 @@ use crate::support::netns::{NodeNet, PodNet};
 
 const KIAM: &str = env!("CARGO_BIN_EXE_kiam");
 
+/// Where the agent's log goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Log {
+    /// A file, returned.
+    File,
+    /// A pipe whose reading end is closed at once (`kiam agent ... 2>&1 | head -3`).
+    ClosedPipe,
+}
+
 /// Runs the agent in `node` until it has installed its rules, then stops it with SIGTERM and
 /// returns the rules as `iptables` shows them afterwards, and the agent's log.
 async fn run_and_terminate(node: &NodeNet, net: &PodNet, extra: &[&str]) -> (bool, String) {
+    run_and_terminate_logging(node, net, extra, Log::File).await
+}
+
+async fn run_and_terminate_logging(node: &NodeNet, net: &PodNet, extra: &[&str], to: Log) -> (bool, String) {
     let pki = TestPki::new();
     let agent = pki.agent();
     let (host, port) = (node.agent_ip.to_string(), NODE_AGENT_PORT.to_string());
@@ -40,10 +53,14 @@ async fn run_and_terminate(node: &NodeNet, net: &PodNet, extra: &[&str]) -> (boo
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stderr(match to {
+            Log::File => Stdio::from(std::fs::File::create(&log).expect("log file")),
+            Log::ClosedPipe => Stdio::piped(),
+        })
         .kill_on_drop(true)
         .spawn()
         .expect("kiam agent starts");
+    drop(child.stderr.take()); // nobody reads the log any more: every line is a write to a closed pipe
     let installed = || {
         let check = Arc::clone(&check);
         async move { check.is_installed().await.unwrap_or(false) }
@@ -78,5 +95,16 @@ async fn the_binary_removes_its_rules_on_sigterm_or_keeps_them() {
 
     let (kept, log) = run_and_terminate(&node, &net, &[]).await;
     assert!(!kept, "removed by default:\n{}\n{log}", node.nat_rules());
+    assert!(!node.nat_rules().contains("KIAM-RS"), "{}", node.nat_rules());
+}
+
+/// Logging into a closed pipe neither kills the agent nor skips its shutdown: it exits 0 on
+/// SIGTERM and removes its rules (a panic would exit 101 and leave the DNAT behind).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_log_pipe_does_not_stop_the_shutdown() {
+    let node = NodeNet::create();
+    let net = PodNet::create_in(&node);
+    let (kept, _) = run_and_terminate_logging(&node, &net, &["--level=debug"], Log::ClosedPipe).await;
+    assert!(!kept, "removed:\n{}", node.nat_rules());
     assert!(!node.nat_rules().contains("KIAM-RS"), "{}", node.nat_rules());
 }

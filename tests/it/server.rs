@@ -104,3 +104,27 @@ async fn only_clients_with_a_certificate_from_the_ca_are_served() {
     let refused = anonymous.get_pod_credentials(creds_request("10.9.0.1", "app")).await;
     assert!(refused.is_err(), "no client certificate, no credentials: {refused:?}");
 }
+
+/// Anything that reaches the server's port can open connections before proving anything: one
+/// address may hold at most 16 handshakes in progress, more are closed at once, and agents
+/// elsewhere are served meanwhile.
+#[tokio::test]
+async fn one_address_cannot_hold_every_handshake() {
+    let stack = cluster().await;
+    let from: std::net::IpAddr = "127.0.0.5".parse().expect("ip");
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(crate::support::raw_http::connect(from, stack.server_addr).await);
+    }
+    let mut extra = crate::support::raw_http::connect(from, stack.server_addr).await;
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut byte),
+    )
+    .await
+    .expect("closed at once, not after the 10 s handshake timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    grpc.get_pod_credentials(creds_request("10.9.0.1", "app")).await.expect("agents are served");
+}

@@ -44,6 +44,48 @@ async fn with_node_binding_an_agent_is_answered_only_about_its_own_node() {
     assert_eq!(unbound.get_health().await.expect("health is open"), "ok");
 }
 
+/// The `Debug` service answers only debug-role certificates, and under node binding only about
+/// identities in use on the node the certificate names.
+#[tokio::test]
+async fn with_node_binding_a_debug_certificate_sees_only_its_nodes_identities() {
+    use kiam::creds::Identity;
+    use kiam::explain::{ServerQuery, remote};
+    let stack = Stack::start_with(Options { node_binding: true, ..Options::default() }).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "here").ip("10.71.1.1").role("app-a").node("node-a").build());
+    stack.kube.apply(pod("team-a", "there").ip("10.71.1.2").role("app-b").node("node-b").build());
+    let known = || {
+        let found = ["10.71.1.1", "10.71.1.2"].iter().all(|ip| {
+            matches!(stack.core.cluster().pod_by_ip(ip.parse().expect("ip")), kiam::cluster::Lookup::Found(_))
+        });
+        std::future::ready(found)
+    };
+    crate::support::wait::until("the server knows both pods", Duration::from_secs(10), known).await;
+    let identity = |role: &str| {
+        let arn = kiam::model::RoleArn::resolve(&format!("arn:aws:iam::123456789012:role/{role}"), None);
+        Identity::plain(arn.expect("arn"), "kiam-kiam".into(), None)
+    };
+    let (a, b) = (identity("app-a"), identity("app-b"));
+    let ask = |cert: CertFiles| {
+        let query = ServerQuery {
+            address: format!("127.0.0.1:{}", stack.server_addr.port()),
+            tls: crate::support::stack::tls_files(&cert),
+        };
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let views = remote::views(&query, Duration::from_secs(5), &[Some(&a), Some(&b)]).await;
+            views.into_iter().map(|v| v.and_then(|v| v.error)).collect::<Vec<_>>()
+        }
+    };
+    let on_a = ask(stack.pki.debug("debug-a", Some("node-a"))).await;
+    assert!(on_a[0].is_none(), "its own node's identity: {on_a:?}");
+    assert!(on_a[1].as_deref().is_some_and(|e| e.contains("no pod on node node-a")), "{on_a:?}");
+    let unbound = ask(stack.pki.debug("debug-any", None)).await;
+    assert!(unbound.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("names no node"))), "{unbound:?}");
+    let agent = ask(stack.pki.agent_for_node("agent-a", "node-a")).await;
+    assert!(agent.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("debug role"))), "{agent:?}");
+}
+
 /// Lays out TLS files as kubelet does: `name -> ..data/name`, `..data -> ..<version>/`.
 fn publish(dir: &Path, version: &str, files: &CertFiles) {
     let versioned = dir.join(format!("..{version}"));
@@ -190,4 +232,47 @@ async fn a_ca_bundle_with_two_cas_trusts_both_for_an_overlapping_rotation() {
         Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
     assert_eq!(stack.client(&stack.pki.agent()).get_health().await.expect("a client of the old CA"), "ok");
     assert_eq!(stack.client(&stack.pki.stranger()).get_health().await.expect("a client of the new CA"), "ok");
+}
+
+/// Files that cannot be read at rotation (the new `..data` names a version whose files are
+/// missing, or a directory where the certificate should be) keep the old certificate in use,
+/// and say so; the next readable version is taken up.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_certificate_files_at_rotation_keep_the_old_certificate() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    publish(dir.path(), "1", &pki.server());
+    let files = CertFiles {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+        ca: dir.path().join("ca.pem"),
+    };
+    let stack =
+        Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
+    let first = presented(&stack).await;
+    let mut grpc = stack.client(&stack.pki.agent()).service();
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("10.73.0.1").role("app").build());
+    stack.wait_for_pod("10.73.0.1".parse().expect("ip")).await;
+
+    for (version, unreadable) in [("2", "missing"), ("3", "a directory")] {
+        let versioned = dir.path().join(format!("..{version}"));
+        std::fs::create_dir_all(&versioned).expect("version dir");
+        if unreadable == "a directory" {
+            for name in ["cert.pem", "key.pem", "ca.pem"] {
+                std::fs::create_dir_all(versioned.join(name)).expect("a directory in its place");
+            }
+        }
+        swap_data(dir.path(), version);
+        let reported = || std::future::ready(stack.tls_gauges.update_error.get() == 1);
+        crate::support::wait::until(unreadable, Duration::from_secs(10), reported).await;
+        assert_eq!(presented(&stack).await, first, "{unreadable}: the old certificate stays in use");
+        grpc.get_pod_credentials(creds("10.73.0.1", "app")).await.expect("still serving");
+        // The next good version clears the error, in a fresh state for the next round.
+        publish(dir.path(), &format!("{version}-good"), &stack.pki.server());
+        let cleared = || std::future::ready(stack.tls_gauges.update_error.get() == 0);
+        crate::support::wait::until("a readable version again", Duration::from_secs(10), cleared).await;
+    }
+    publish(dir.path(), "4", &stack.pki.server_leaf("server-4"));
+    eventually_presented(&stack, |c| *c != first).await;
 }

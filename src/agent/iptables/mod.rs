@@ -8,11 +8,18 @@
 //! run (`--no-iptables-remove`), converges on the same two rules. A check loop restores them
 //! when something else deletes them, and counts each restoration.
 //!
-//! `iptables` is run as a child process ([`Command`]) behind the [`Runner`] trait, so the logic
-//! here is tested against a recording fake without root.
+//! When the agent also listens on the node's IPv6 address, the same two rules are kept with
+//! `ip6tables` for the IPv6 endpoint (`fd00:ec2::254`). After each install or restoration, the
+//! tracked flows to the metadata addresses are deleted with `conntrack`, so that a connection
+//! opened before the DNAT (a kept-alive one, or one from before an agent restart) cannot keep
+//! reaching the node's real service (kiam #284).
+//!
+//! The programs are run as child processes ([`Command`]) behind the [`Runner`] trait, so the
+//! logic here is tested against a recording fake without root.
 
 #[cfg(test)]
 mod fake;
+mod family;
 pub mod rules;
 
 use prometheus_client::metrics::counter::Counter;
@@ -23,8 +30,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use rules::command;
-pub use rules::{Config, DEFAULT_CHAIN, Interface, METADATA_IP, Rules};
+pub use rules::{Config, DEFAULT_CHAIN, Interface, METADATA_IP, METADATA_IP6, Rules};
 
 /// How long one `iptables` command may take, waiting for the xtables lock included.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,48 +61,76 @@ pub enum IptablesError {
     Failed { args: String, stderr: String },
 }
 
-/// Runs one `iptables -t nat` command. The seam between the rule logic and the system.
-pub trait Runner: Send + Sync + 'static {
-    /// Runs `iptables -w -t nat <args>`.
-    fn run(&self, args: &[String]) -> impl Future<Output = Result<Outcome, IptablesError>> + Send;
+/// The programs the rules are kept with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tool {
+    /// `iptables -w -t nat`.
+    Iptables,
+    /// `ip6tables -w -t nat`.
+    Ip6tables,
+    /// `conntrack`.
+    Conntrack,
 }
 
-/// The real [`Runner`]: `iptables` as a child process, waiting for the xtables lock (`-w`).
+/// Runs one command. The seam between the rule logic and the system.
+pub trait Runner: Send + Sync + 'static {
+    /// Runs `iptables -w -t nat <args>`, `ip6tables -w -t nat <args>` or `conntrack <args>`.
+    fn run(&self, tool: Tool, args: &[String])
+    -> impl Future<Output = Result<Outcome, IptablesError>> + Send;
+}
+
+/// The real [`Runner`]: each program as a child process, `iptables` waiting for the xtables
+/// lock (`-w`).
 #[derive(Clone, Debug)]
 pub struct Command {
-    program: Vec<String>,
+    /// Leading words (`ip netns exec <node>`), if any.
+    prefix: Vec<String>,
+    /// The `iptables` program; `ip6tables` is named after it.
+    iptables: String,
 }
 
 impl Default for Command {
     fn default() -> Command {
-        Command { program: vec!["iptables".into()] }
+        Command { prefix: Vec::new(), iptables: "iptables".into() }
     }
 }
 
 impl Command {
-    /// Runs `program` (its first element, with the rest as leading arguments) instead of
-    /// `iptables`: `iptables-legacy`, say, or `ip netns exec <node> iptables`.
-    pub fn with_program(program: Vec<String>) -> Command {
-        Command { program }
+    /// Runs `program` (its last element, with the rest as leading words) instead of
+    /// `iptables`: `iptables-legacy`, say, or `ip netns exec <node> iptables`. `ip6tables` and
+    /// `conntrack` run behind the same leading words, the former named alike
+    /// (`ip6tables-legacy`).
+    pub fn with_program(mut program: Vec<String>) -> Command {
+        let iptables = program.pop().unwrap_or_else(|| "iptables".into());
+        Command { prefix: program, iptables }
+    }
+
+    fn program(&self, tool: Tool) -> String {
+        match tool {
+            Tool::Iptables => self.iptables.clone(),
+            Tool::Ip6tables => self.iptables.replacen("iptables", "ip6tables", 1),
+            Tool::Conntrack => "conntrack".into(),
+        }
     }
 }
 
 impl Runner for Command {
-    async fn run(&self, args: &[String]) -> Result<Outcome, IptablesError> {
-        let (program, leading) = self.program.split_first().map_or(("iptables", &[][..]), |(p, l)| (p, l));
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(leading)
-            .args(["-w", "-t", "nat"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|source| IptablesError::Spawn { program: program.into(), source })?;
+    async fn run(&self, tool: Tool, args: &[String]) -> Result<Outcome, IptablesError> {
+        let named = self.program(tool);
+        let mut words = self.prefix.iter().chain(std::iter::once(&named));
+        let program = words.next().map_or(named.as_str(), String::as_str).to_string();
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(words);
+        if tool != Tool::Conntrack {
+            cmd.args(["-w", "-t", "nat"]);
+        }
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let spawn_error = |source| IptablesError::Spawn { program: named.clone(), source };
+        let child = cmd.spawn().map_err(spawn_error)?;
         let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
             .await
             .map_err(|_| IptablesError::Timeout { args: args.join(" ") })?
-            .map_err(|source| IptablesError::Spawn { program: program.into(), source })?;
+            .map_err(spawn_error)?;
         Ok(Outcome {
             success: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -109,6 +143,8 @@ impl Runner for Command {
 pub struct Interception<R> {
     runner: R,
     rules: Rules,
+    /// The IPv6 rules, when the agent listens on an IPv6 address too.
+    rules6: Option<Rules>,
     config: Config,
     /// `kiam_agent_iptables_restorations_total`, counted directly.
     restorations: Counter,
@@ -117,7 +153,8 @@ pub struct Interception<R> {
 impl<R: Runner> Interception<R> {
     /// Rules for `config`, changed through `runner`.
     pub fn new(runner: R, config: Config) -> Interception<R> {
-        Interception { runner, rules: Rules::new(&config), config, restorations: Counter::default() }
+        let (rules, rules6) = (Rules::new(&config), Rules::new6(&config));
+        Interception { runner, rules, rules6, config, restorations: Counter::default() }
     }
 
     /// The configuration.
@@ -125,9 +162,14 @@ impl<R: Runner> Interception<R> {
         &self.config
     }
 
-    /// The rules.
+    /// The IPv4 rules.
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// The IPv6 rules, if any.
+    pub fn rules6(&self) -> Option<&Rules> {
+        self.rules6.as_ref()
     }
 
     /// How many times the check loop found the rules missing or changed and put them back.
@@ -141,76 +183,42 @@ impl<R: Runner> Interception<R> {
         self
     }
 
-    async fn must(&self, args: Vec<String>) -> Result<Outcome, IptablesError> {
-        let outcome = self.runner.run(&args).await?;
-        if outcome.success {
-            Ok(outcome)
-        } else {
-            Err(IptablesError::Failed { args: args.join(" "), stderr: outcome.stderr })
-        }
+    fn families(&self) -> impl Iterator<Item = family::Family<'_, R>> {
+        let v4 = std::iter::once((Tool::Iptables, &self.rules));
+        let v6 = self.rules6.iter().map(|rules| (Tool::Ip6tables, rules));
+        v4.chain(v6).map(|(tool, rules)| family::Family { runner: &self.runner, tool, rules })
     }
 
-    async fn holds(&self, args: Vec<String>) -> Result<bool, IptablesError> {
-        Ok(self.runner.run(&args).await?.success)
-    }
-
-    /// Makes the rules what they should be: our chain holding exactly the DNAT rule, and the
-    /// jump at the top of `PREROUTING` if it is not there. Returns whether anything changed.
-    ///
-    /// Our rule is put in first and stale rules deleted after, so there is no moment without
-    /// interception while a chain left by an earlier configuration is replaced.
+    /// Makes the rules of every family what they should be; when anything changed, deletes the
+    /// tracked flows to the metadata addresses, which would otherwise bypass the new DNAT.
+    /// Returns whether anything changed.
     pub async fn install(&self) -> Result<bool, IptablesError> {
-        let chain = self.rules.chain.as_str();
         let mut changed = false;
-        let listing = self.runner.run(&command("-S", chain, &[])).await?;
-        let rules_in_chain = if listing.success {
-            listing.stdout.lines().filter(|l| l.starts_with("-A ")).count()
-        } else {
-            self.must(command("-N", chain, &[])).await?;
-            changed = true;
-            0
-        };
-        let present = rules_in_chain > 0 && self.holds(command("-C", chain, &self.rules.dnat)).await?;
-        if !(present && rules_in_chain == 1) {
-            let mut insert = vec!["1".to_string()];
-            insert.extend_from_slice(&self.rules.dnat);
-            self.must(command("-I", chain, &insert)).await?;
-            for _ in 0..rules_in_chain.min(MAX_DELETIONS) {
-                self.must(command("-D", chain, &["2".to_string()])).await?;
-            }
-            changed = true;
+        for family in self.families() {
+            changed |= family.install().await?;
         }
-        if !self.holds(command("-C", "PREROUTING", &self.rules.jump)).await? {
-            let mut insert = vec!["1".to_string()];
-            insert.extend_from_slice(&self.rules.jump);
-            self.must(command("-I", "PREROUTING", &insert)).await?;
-            changed = true;
+        if changed {
+            for family in self.families() {
+                family.flush_flows().await;
+            }
         }
         Ok(changed)
     }
 
-    /// Whether both rules are in place (and nothing else in our chain).
+    /// Whether every family's rules are in place (and nothing else in our chains).
     pub async fn is_installed(&self) -> Result<bool, IptablesError> {
-        let chain = self.rules.chain.as_str();
-        let listing = self.runner.run(&command("-S", chain, &[])).await?;
-        if !listing.success || listing.stdout.lines().filter(|l| l.starts_with("-A ")).count() != 1 {
-            return Ok(false);
-        }
-        Ok(self.holds(command("-C", chain, &self.rules.dnat)).await?
-            && self.holds(command("-C", "PREROUTING", &self.rules.jump)).await?)
-    }
-
-    /// Deletes the jump (every copy) and our chain. Rules that are already gone are fine.
-    pub async fn remove(&self) -> Result<(), IptablesError> {
-        let chain = self.rules.chain.as_str();
-        for _ in 0..MAX_DELETIONS {
-            if !self.holds(command("-D", "PREROUTING", &self.rules.jump)).await? {
-                break;
+        for family in self.families() {
+            if !family.is_installed().await? {
+                return Ok(false);
             }
         }
-        if self.holds(command("-S", chain, &[])).await? {
-            self.must(command("-F", chain, &[])).await?;
-            self.must(command("-X", chain, &[])).await?;
+        Ok(true)
+    }
+
+    /// Deletes the jumps and our chains. Rules that are already gone are fine.
+    pub async fn remove(&self) -> Result<(), IptablesError> {
+        for family in self.families() {
+            family.remove().await?;
         }
         Ok(())
     }

@@ -1,13 +1,15 @@
 //! The interception rules as data (pure): which interface, which chain, and the exact
-//! `iptables` argument lists that add, check and delete them.
+//! `iptables` (and `ip6tables`) argument lists that add, check and delete them.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::str::FromStr;
 use std::time::Duration;
 
 /// The address pods send metadata requests to.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The metadata service's IPv6 address on Nitro instances (when its IPv6 endpoint is on).
+pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The chain the agent owns, jumped to from `nat PREROUTING`.
 pub const DEFAULT_CHAIN: &str = "KIAM-RS";
 /// The longest chain name iptables accepts.
@@ -75,6 +77,9 @@ pub struct Config {
     pub interface: Interface,
     /// `--host:--port`, where the agent listens.
     pub target: SocketAddrV4,
+    /// `--host-ipv6:--port`, where the agent also listens when the node has an IPv6 address:
+    /// traffic for [`METADATA_IP6`] is sent there by `ip6tables`.
+    pub target6: Option<SocketAddrV6>,
     /// The chain of our own ([`DEFAULT_CHAIN`]).
     pub chain: String,
     /// `--iptables-remove`: delete the rules at shutdown.
@@ -83,9 +88,12 @@ pub struct Config {
     pub check_interval: Duration,
 }
 
-/// The two rules, as `iptables -t nat` argument lists without the command letter.
+/// The two rules of one address family, as `iptables -t nat` (or `ip6tables`) argument lists
+/// without the command letter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rules {
+    /// The metadata address the rules intercept.
+    pub metadata: IpAddr,
     /// The chain name.
     pub chain: String,
     /// In `PREROUTING`: metadata traffic jumps to our chain. Matching here as well keeps every
@@ -95,25 +103,48 @@ pub struct Rules {
     pub dnat: Vec<String>,
 }
 
-fn metadata_match() -> Vec<String> {
-    let ip = format!("{METADATA_IP}/32");
+fn metadata_match(metadata: IpAddr) -> Vec<String> {
+    let ip = match metadata {
+        IpAddr::V4(ip) => format!("{ip}/32"),
+        IpAddr::V6(ip) => format!("{ip}/128"),
+    };
     ["-p", "tcp", "-d", ip.as_str(), "--dport", "80"].map(String::from).to_vec()
 }
 
 impl Rules {
-    /// The rules for `config`.
+    /// The IPv4 rules for `config`.
     pub fn new(config: &Config) -> Rules {
-        let mut jump = metadata_match();
+        Rules::to(config, IpAddr::V4(METADATA_IP), SocketAddr::V4(config.target))
+    }
+
+    /// The IPv6 rules for `config`, when it has an IPv6 target.
+    pub fn new6(config: &Config) -> Option<Rules> {
+        config.target6.map(|target| Rules::to(config, IpAddr::V6(METADATA_IP6), SocketAddr::V6(target)))
+    }
+
+    fn to(config: &Config, metadata: IpAddr, target: SocketAddr) -> Rules {
+        let mut jump = metadata_match(metadata);
         jump.extend(["-j".to_string(), config.chain.clone()]);
         let mut dnat = Vec::new();
         if config.interface.negated {
             dnat.push("!".to_string());
         }
         dnat.extend(["-i".to_string(), config.interface.name.clone()]);
-        dnat.extend(metadata_match());
+        dnat.extend(metadata_match(metadata));
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
-        dnat.push(config.target.to_string());
-        Rules { chain: config.chain.clone(), jump, dnat }
+        dnat.push(target.to_string());
+        Rules { metadata, chain: config.chain.clone(), jump, dnat }
+    }
+
+    /// `conntrack` arguments that delete the tracked flows to the metadata address: a flow
+    /// opened before the DNAT existed (a kept-alive connection, one from before an agent's
+    /// restart) would otherwise keep reaching the node's real service (kiam #284).
+    pub fn flush(&self) -> Vec<String> {
+        let family = if self.metadata.is_ipv4() { "ipv4" } else { "ipv6" };
+        let dst = self.metadata.to_string();
+        ["-D", "-f", family, "-p", "tcp", "--orig-dst", dst.as_str(), "--dport", "80"]
+            .map(String::from)
+            .to_vec()
     }
 }
 
@@ -130,6 +161,7 @@ pub(crate) fn test_config(interface: &str) -> Config {
     Config {
         interface: interface.parse().expect("interface"),
         target: "10.0.0.5:8181".parse().expect("target"),
+        target6: None,
         chain: DEFAULT_CHAIN.into(),
         remove_at_exit: true,
         check_interval: Duration::from_secs(2),
@@ -174,5 +206,19 @@ mod tests {
         );
         let negated = Rules::new(&config("!eth0"));
         assert_eq!(negated.dnat[..3].join(" "), "! -i eth0");
+        assert_eq!(Rules::new6(&config("cali+")), None);
+        assert_eq!(rules.flush().join(" "), "-D -f ipv4 -p tcp --orig-dst 169.254.169.254 --dport 80");
+    }
+
+    #[test]
+    fn ipv6_rules_send_the_ipv6_endpoint_to_the_agents_ipv6_address() {
+        let dual = Config { target6: Some("[fd00:1::5]:8181".parse().expect("v6")), ..config("cali+") };
+        let rules = Rules::new6(&dual).expect("an IPv6 target");
+        assert_eq!(rules.jump.join(" "), "-p tcp -d fd00:ec2::254/128 --dport 80 -j KIAM-RS");
+        assert_eq!(
+            rules.dnat.join(" "),
+            "-i cali+ -p tcp -d fd00:ec2::254/128 --dport 80 -j DNAT --to-destination [fd00:1::5]:8181"
+        );
+        assert_eq!(rules.flush().join(" "), "-D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --dport 80");
     }
 }

@@ -109,3 +109,50 @@ async fn the_check_loop_restores_deleted_rules_and_counts_them() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops on shutdown").expect("no panic");
 }
+
+#[tokio::test]
+async fn the_jump_is_kept_first_in_prerouting() {
+    let fake = FakeIptables::default();
+    let rules = Interception::new(fake.clone(), config("cali+"));
+    rules.install().await.expect("install");
+    // Docker or kube-proxy puts a rule of its own on top, and a stale copy of ours sits below.
+    fake.insert_first("PREROUTING", &["-j", "DOCKER"]);
+    let jump: Vec<&str> = rules.rules().jump.iter().map(String::as_str).collect();
+    fake.append("PREROUTING", &jump);
+    assert!(!rules.is_installed().await.expect("check"), "present is not enough: it must be first");
+    assert!(rules.install().await.expect("install"), "moving the jump is a change");
+    let prerouting = fake.chain("PREROUTING").expect("PREROUTING");
+    assert_eq!(prerouting[0], rules.rules().jump);
+    assert_eq!(prerouting.iter().filter(|r| **r == rules.rules().jump).count(), 1, "{prerouting:?}");
+    assert!(prerouting.contains(&vec!["-j".to_string(), "DOCKER".to_string()]), "theirs stays");
+    assert!(rules.is_installed().await.expect("check"));
+}
+
+#[tokio::test]
+async fn tracked_flows_to_the_metadata_address_are_flushed_after_each_change() {
+    let fake = FakeIptables::default();
+    let rules = Interception::new(fake.clone(), config("cali+"));
+    rules.install().await.expect("install");
+    assert_eq!(fake.conntrack(), vec![rules.rules().flush()]);
+    rules.install().await.expect("no change");
+    assert_eq!(fake.conntrack().len(), 1, "nothing changed, nothing flushed");
+    fake.delete("PREROUTING", &rules.rules().jump);
+    rules.install().await.expect("restored");
+    assert_eq!(fake.conntrack().len(), 2, "a restoration flushes again");
+}
+
+#[tokio::test]
+async fn with_an_ipv6_target_the_ipv6_endpoint_is_intercepted_too() {
+    let fake = FakeIptables::default();
+    let dual = Config { target6: Some("[fd00:1::5]:8181".parse().expect("v6")), ..config("cali+") };
+    let rules = Interception::new(fake.clone(), dual);
+    rules.install().await.expect("install");
+    let six = rules.rules6().expect("IPv6 rules").clone();
+    assert_eq!(fake.chain6(DEFAULT_CHAIN), Some(vec![six.dnat.clone()]));
+    assert_eq!(fake.chain6("PREROUTING").expect("PREROUTING")[0], six.jump);
+    assert_eq!(fake.chain(DEFAULT_CHAIN), Some(vec![rules.rules().dnat.clone()]), "IPv4 as before");
+    assert_eq!(fake.conntrack(), vec![rules.rules().flush(), six.flush()]);
+    assert!(rules.is_installed().await.expect("check"));
+    rules.remove().await.expect("remove");
+    assert_eq!((fake.chain(DEFAULT_CHAIN), fake.chain6(DEFAULT_CHAIN)), (None, None));
+}

@@ -113,12 +113,23 @@ impl TestAgent {
         runner: iptables::Command,
         resolver: Arc<dyn Resolve>,
     ) -> TestAgent {
+        TestAgent::start(config, (listener, None), runner, resolver)
+    }
+
+    /// Starts an agent on an IPv4 listener and, optionally, an IPv6 one.
+    fn start(
+        config: &Config,
+        (listener, listener6): (TcpListener, Option<TcpListener>),
+        runner: iptables::Command,
+        resolver: Arc<dyn Resolve>,
+    ) -> TestAgent {
         let metrics = Arc::new(Metrics::default());
         let backend = agent::connect(config, &metrics, resolver).expect("gRPC client");
         let view_client = Some(backend.clone());
         let deps = agent::Deps {
             backend,
             listener,
+            listener6,
             metrics_listener: None,
             metrics: Arc::clone(&metrics),
             iptables: runner,
@@ -139,6 +150,18 @@ impl TestAgent {
 
     /// [`TestAgent::in_node`] presenting `cert` (one naming the node gets the node view).
     pub async fn in_node_as(stack: &Stack, node: &NodeNet, cert: &CertFiles, flags: &[&str]) -> TestAgent {
+        let runner = iptables::Command::with_program(node.iptables_program());
+        TestAgent::in_node_with(stack, node, cert, flags, runner).await
+    }
+
+    /// [`TestAgent::in_node`], running `iptables` through `runner`.
+    pub async fn in_node_with(
+        stack: &Stack,
+        node: &NodeNet,
+        cert: &CertFiles,
+        flags: &[&str],
+        runner: iptables::Command,
+    ) -> TestAgent {
         let (host, port) = (node.agent_ip.to_string(), NODE_AGENT_PORT.to_string());
         let (server, upstream) = (stack.server_addr.to_string(), stack.imds.addr().to_string());
         let mut all =
@@ -147,8 +170,10 @@ impl TestAgent {
         let config = agent_config(cert, &all);
         let addr = SocketAddr::new(IpAddr::V4(node.agent_ip), NODE_AGENT_PORT);
         let listener = TcpListener::from_std(node.listen(addr)).expect("adopt the node's listener");
-        let runner = iptables::Command::with_program(node.iptables_program());
-        let agent = TestAgent::assemble(&config, listener, runner);
+        let listener6 = config
+            .listen_addr6()
+            .map(|addr6| TcpListener::from_std(node.listen(addr6)).expect("adopt the node's IPv6 listener"));
+        let agent = TestAgent::start(&config, (listener, listener6), runner, Arc::new(Dns));
         let interception = Arc::clone(agent.interception.as_ref().expect("in_node needs --iptables"));
         wait_until("the agent's iptables rules are installed", Duration::from_secs(20), || async {
             interception.is_installed().await.unwrap_or(false)

@@ -125,6 +125,24 @@ impl TestPki {
         )
     }
 
+    /// An operator's leaf with the debug role (`urn:kiam:role:debug`), for the `Debug` service,
+    /// bound to `node` as well when one is given.
+    pub fn debug(&self, file_stem: &str, node: Option<&str>) -> CertFiles {
+        let node = node.map(|n| format!("urn:kiam:node:{n}"));
+        let mut uris = vec![kiam::tls::x509::DEBUG_ROLE_URI];
+        uris.extend(node.as_deref());
+        leaf_with(
+            self.dir.path(),
+            file_stem,
+            &self.ca,
+            "kiam-operator",
+            &[],
+            &uris,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            &self.server.ca,
+        )
+    }
+
     /// Another server leaf from the real CA (same names as [`server`](Self::server)), for rotation.
     pub fn server_leaf(&self, file_stem: &str) -> CertFiles {
         leaf(

@@ -45,6 +45,7 @@ impl FakeKube {
             log: Vec::new(),
             requests: Vec::new(),
             watch_stop: shutdown.child_token(),
+            watch_stall: CancellationToken::new(),
             next_uid: 0,
             tokens: std::collections::HashMap::new(),
         };
@@ -53,6 +54,7 @@ impl FakeKube {
             changed: tokio::sync::watch::channel(FIRST_RV).0,
             shutdown: shutdown.clone(),
             open_watches: AtomicUsize::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
         });
         let app = axum::Router::new().fallback(fake_kube_http::handle).with_state(shared.clone());
         tokio::spawn(async move {
@@ -141,6 +143,24 @@ impl FakeKube {
             let fresh = self.shared.shutdown.child_token();
             std::mem::replace(&mut store.watch_stop, fresh).cancel();
         });
+    }
+
+    /// Takes the API server down (`true`: every request gets 503 and every open watch ends) or
+    /// brings it back, with everything stored meanwhile.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::SeqCst);
+        if down {
+            self.shared.commit(|store| {
+                let fresh = self.shared.shutdown.child_token();
+                std::mem::replace(&mut store.watch_stop, fresh).cancel();
+            });
+        }
+    }
+
+    /// Every open watch stops sending, and stays open: no event, no bookmark, no close, not
+    /// even at its timeout. Watches opened later work.
+    pub fn stall_watches(&self) {
+        self.shared.commit(|store| std::mem::take(&mut store.watch_stall).cancel());
     }
 
     /// Every Event stored (`events.k8s.io/v1` and core v1) in creation order, patches merged in.
@@ -271,6 +291,8 @@ pub(crate) struct Store {
     pub(crate) requests: Vec<String>,
     /// Cancelled (and replaced) by `compact()`; every watch holds a clone.
     pub(crate) watch_stop: CancellationToken,
+    /// Cancelled (and replaced) by `stall_watches()`: the watches holding it go silent.
+    pub(crate) watch_stall: CancellationToken,
     next_uid: u64,
     /// Tokens TokenReview knows.
     pub(crate) tokens: std::collections::HashMap<String, TokenIdentity>,
@@ -340,6 +362,8 @@ pub(crate) struct Shared {
     /// Stops the server and every watch (on drop of `FakeKube`).
     shutdown: CancellationToken,
     pub(crate) open_watches: AtomicUsize,
+    /// Set by [`FakeKube::set_down`]: every request fails with 503.
+    pub(crate) down: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

@@ -58,6 +58,10 @@ pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) 
     let (parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     shared.lock().requests.push(format!("{} {path_and_query}", parts.method));
+    if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
+        let error = ApiError::new(503, "ServiceUnavailable", "the API server is down");
+        return respond(error.code, &error.status());
+    }
     // Always drain the body: DELETE carries DeleteOptions, and unread bytes break keep-alive.
     let body = axum::body::to_bytes(body, 16 << 20).await;
     let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri);

@@ -218,8 +218,9 @@ pub(crate) fn watch(
             }
         }
         let cursor = from.filter(|_| !initial_events).unwrap_or(store.rv);
-        (cursor, store.watch_stop.clone())
+        (cursor, (store.watch_stop.clone(), store.watch_stall.clone()))
     };
+    let (stop, stall) = stop;
     shared.open_watches.fetch_add(1, Ordering::SeqCst);
     let mut bookmarks = tokio::time::interval(BOOKMARK_PERIOD);
     bookmarks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -234,6 +235,7 @@ pub(crate) fn watch(
         deadline: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
         changed: shared.changed.subscribe(),
         stop,
+        stall,
     };
     let body = futures::stream::unfold(stream, |mut stream| async move {
         let chunk = stream.next_chunk().await?;
@@ -263,6 +265,8 @@ struct WatchStream {
     changed: tokio::sync::watch::Receiver<u64>,
     /// Cancelled by `compact()` and by dropping the `FakeKube`.
     stop: CancellationToken,
+    /// Cancelled by `stall_watches()`: from then on the watch sends nothing until stopped.
+    stall: CancellationToken,
 }
 
 impl WatchStream {
@@ -272,6 +276,10 @@ impl WatchStream {
         }
         loop {
             if self.done {
+                return None;
+            }
+            if self.stall.is_cancelled() {
+                self.stop.cancelled().await;
                 return None;
             }
             let chunk = self.drain();
@@ -287,6 +295,7 @@ impl WatchStream {
             };
             let bookmark_due = tokio::select! {
                 _ = self.stop.cancelled() => None,
+                _ = self.stall.cancelled() => continue,
                 _ = self.deadline.as_mut() => None,
                 changed = self.changed.changed() => changed.ok().map(|()| false),
                 _ = tick => Some(true),

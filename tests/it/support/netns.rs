@@ -161,7 +161,7 @@ fn claim_slot() -> Result<(u8, File), String> {
     Err(format!("all {SLOTS} slots in {SLOT_DIR} are locked"))
 }
 
-fn ip(args: &[&str]) -> Result<Output, String> {
+pub(super) fn ip(args: &[&str]) -> Result<Output, String> {
     let out =
         Command::new("ip").args(args).output().map_err(|e| format!("run ip {}: {e}", args.join(" ")))?;
     if out.status.success() {

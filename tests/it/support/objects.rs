@@ -33,6 +33,7 @@ pub fn pod(namespace: &str, name: &str) -> PodBuilder {
         phase: "Running".to_owned(),
         host_network: false,
         terminating: false,
+        more_ips: Vec::new(),
     }
 }
 
@@ -80,9 +81,17 @@ pub struct PodBuilder {
     phase: String,
     host_network: bool,
     terminating: bool,
+    /// Further `status.podIPs` entries (a dual-stack pod's other family).
+    more_ips: Vec<String>,
 }
 
 impl PodBuilder {
+    /// Adds an entry to `status.podIPs` after the one [`PodBuilder::ip`] set.
+    pub fn also_ip(mut self, ip: &str) -> Self {
+        self.more_ips.push(ip.to_owned());
+        self
+    }
+
     /// Sets `status.podIP` and the single entry of `status.podIPs`.
     pub fn ip(mut self, ip: &str) -> Self {
         self.ip = Some(ip.to_owned());
@@ -162,7 +171,9 @@ impl PodBuilder {
         status.insert("phase".into(), json!(self.phase));
         if let Some(ip) = self.ip {
             status.insert("podIP".into(), json!(ip));
-            status.insert("podIPs".into(), json!([{"ip": ip}]));
+            let all: Vec<_> =
+                std::iter::once(ip).chain(self.more_ips).map(|ip| json!({ "ip": ip })).collect();
+            status.insert("podIPs".into(), json!(all));
         }
         json!({
             "apiVersion": "v1",

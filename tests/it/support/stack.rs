@@ -52,6 +52,10 @@ pub struct Options {
     pub pki: Option<TestPki>,
     /// The server's `--grpc-max-connection-idle-duration`.
     pub max_connection_idle: Duration,
+    /// The server's STS endpoint, when not moto itself (a fault-injecting proxy in front of it).
+    pub sts_endpoint: Option<String>,
+    /// How long each of the server's watches lasts (and, plus 5 s, may stay silent).
+    pub watch_timeout: Duration,
 }
 
 impl Default for Options {
@@ -67,6 +71,8 @@ impl Default for Options {
             server_tls: None,
             pki: None,
             max_connection_idle: Duration::from_secs(900),
+            sts_endpoint: None,
+            watch_timeout: kiam::cluster::kube::WATCH_TIMEOUT,
         }
     }
 }
@@ -105,7 +111,8 @@ pub fn server_config(kube: &FakeKube, moto: &Moto, pki: &TestPki, options: &Opti
     let kubeconfig = kube.write_kubeconfig(pki.dir());
     let tls = options.server_tls.clone().unwrap_or_else(|| pki.server());
     let (cert, key, ca) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy(), tls.ca.to_string_lossy());
-    let (kubeconfig, endpoint) = (kubeconfig.to_string_lossy().to_string(), moto.endpoint());
+    let endpoint = options.sts_endpoint.clone().unwrap_or_else(|| moto.endpoint());
+    let kubeconfig = kubeconfig.to_string_lossy().to_string();
     let prefetch = options.prefetch_buffer.to_string();
     let idle = format!("{}ms", options.max_connection_idle.as_millis());
     let mut argv = vec![
@@ -145,6 +152,7 @@ pub fn server_config(kube: &FakeKube, moto: &Moto, pki: &TestPki, options: &Opti
     let mut config = args.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     // Rotation tests should not wait two seconds per step.
     config.tls_poll = Duration::from_millis(100);
+    config.watch_timeout = options.watch_timeout;
     config
 }
 
@@ -244,6 +252,7 @@ impl Stack {
             view_client: Some(backend.clone()),
             backend,
             listener,
+            listener6: None,
             metrics_listener: None,
             metrics: Arc::clone(&agent_metrics),
             iptables: kiam::agent::iptables::Command::default(),

@@ -1,0 +1,117 @@
+//! The listener's limits on real loopback sockets: one source cannot take every slot, and a
+//! client that never reads its answers is cut off. Loopback answers on all of 127.0.0.0/8, so
+//! each "pod" here is a source address of its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A listener answering every GET with `body_len` bytes, under `limits`.
+async fn start(limits: Limits, body_len: usize) -> (SocketAddr, Tally, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let body = "x".repeat(body_len);
+    let router = Router::new().fallback(move || std::future::ready(body.clone()));
+    let (tally, shutdown) = (Tally::default(), CancellationToken::new());
+    tokio::spawn({
+        let (tally, shutdown) = (tally.clone(), shutdown.clone());
+        async move { serve(listener, router, &limits, tally, shutdown).await }
+    });
+    (addr, tally, shutdown)
+}
+
+async fn connect(from: &str, to: SocketAddr, recv_buffer: Option<u32>) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    socket.bind(SocketAddr::new(from.parse::<IpAddr>().expect("ip"), 0)).expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Reads until the server closes; what was read.
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let reading = async {
+        let mut buf = [0u8; 16384];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            all.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(LIMIT, reading).await.expect("the server closes the connection");
+    all
+}
+
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let polling = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(LIMIT, polling).await.unwrap_or_else(|_| panic!("timed out: {what}"));
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_every_connection() {
+    // A long header deadline: only the per-source cap can close the extra connection in time.
+    let limits = Limits {
+        max_connections_per_source: 3,
+        header_read_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let (addr, tally, _shutdown) = start(limits, 4).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect("127.0.0.1", addr, None).await);
+    }
+    until("three connections open", || tally.open.get() == 3).await;
+    let mut extra = connect("127.0.0.1", addr, None).await;
+    assert!(read_to_close(&mut extra).await.is_empty(), "closed without an answer");
+    assert_eq!(tally.cut("source_cap"), 1);
+    // Another source is served while the first holds its share.
+    let mut other = connect("127.0.0.2", addr, None).await;
+    other.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    let answer = String::from_utf8(read_to_close(&mut other).await).expect("utf-8");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("xxxx"), "{answer}");
+    // A share is given back when its connection closes.
+    drop(held.pop());
+    until("the share is given back", || tally.open.get() == 2).await;
+    let mut again = connect("127.0.0.1", addr, None).await;
+    again.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    assert!(read_to_close(&mut again).await.starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off() {
+    let limits = Limits { write_timeout: Duration::from_millis(200), ..Limits::default() };
+    let (addr, tally, _shutdown) = start(limits, 256 * 1024).await;
+    // Pipelined requests for far more than the socket buffers hold, and no reading.
+    let mut greedy = connect("127.0.0.3", addr, Some(4096)).await;
+    let requests = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+    greedy.write_all(requests.as_bytes()).await.expect("write");
+    until("the stalled connection is cut", || tally.cut("write_timeout") == 1).await;
+    until("and closed", || tally.open.get() == 0).await;
+    let read = read_to_close(&mut greedy).await;
+    assert!(read.len() < 200 * 256 * 1024, "not every answer was written: {} bytes", read.len());
+}
+
+#[tokio::test]
+async fn a_connection_lives_at_most_its_age() {
+    let limits = Limits {
+        max_connection_age: Duration::from_millis(300),
+        header_read_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let (addr, tally, _shutdown) = start(limits, 4).await;
+    let mut old = connect("127.0.0.4", addr, None).await;
+    old.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let read = read_to_close(&mut old).await;
+    assert!(read.starts_with(b"HTTP/1.1 200"), "answered, then closed");
+    assert_eq!(tally.cut("max_age"), 1);
+}
