@@ -36,8 +36,9 @@ pub async fn run(env: &Env, report: &mut Report) {
     let kube = FakeKube::start().await;
     kube.apply(deploy::namespace("burst", "burst-"));
     let (_server, server_port, _) = env.server("burst-server", &kube).await;
-    let (_agent, agent_port) = env.agent("burst-agent", server_port).await;
-    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    let deployed = env.agent("burst-agent", server_port).await;
+    deployed.wait_view(0, Duration::from_secs(20)).await;
+    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, deployed.port));
     let baseline = assume_role_baseline(env).await;
     env.moto.start_recording().await;
 
@@ -45,7 +46,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     for i in 0..PODS {
         let ip = deploy::nth_ip(Ipv4Addr::new(127, 1, 0, 0), i);
         let role = format!("burst-{}", i % ROLES);
-        let pod = deploy::pod("burst", &format!("burst-{i}"), ip, &role, &format!("node-{}", i % 4));
+        let pod = deploy::pod("burst", &format!("burst-{i}"), ip, &role, deploy::NODE);
         let created = Instant::now();
         kube.apply(pod);
         clients.push(tokio::spawn(async move { first_credentials(agent, ip, created).await }));
