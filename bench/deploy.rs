@@ -85,11 +85,11 @@ impl Env {
     /// certificate naming [`NODE`] (so the server streams it that node's view) and its metrics on
     /// a port of its own, and waits until it listens.
     pub async fn agent(&self, name: &str, server_port: u16) -> Agent {
-        self.agent_with(name, server_port, &[]).await
+        self.agent_with(name, server_port, NODE, &[]).await
     }
 
-    /// [`agent`](Self::agent) with `extra` flags.
-    pub async fn agent_with(&self, name: &str, server_port: u16, extra: &[&str]) -> Agent {
+    /// [`agent`](Self::agent) on `node`, with `extra` flags.
+    pub async fn agent_with(&self, name: &str, server_port: u16, node: &str, extra: &[&str]) -> Agent {
         let scratch = self.scratch(name);
         let (port, metrics_port) = (procs::free_port(), procs::free_port());
         let mut args = vec!["agent".to_owned()];
@@ -97,10 +97,10 @@ impl Env {
         args.extend(flag("--port", &port.to_string()));
         args.extend(flag("--server-address", &format!("127.0.0.1:{server_port}")));
         args.extend(flag("--prometheus-listen-addr", &format!("127.0.0.1:{metrics_port}")));
-        args.extend(flag("--node-name", NODE));
+        args.extend(flag("--node-name", node));
         // Nothing listens there: no benchmark path may reach a metadata service.
         args.extend(flag("--metadata-addr", "127.0.0.1:9"));
-        args.extend(tls_flags(&self.pki.agent_for_node(&format!("{name}-node"), NODE)));
+        args.extend(tls_flags(&self.pki.agent_for_node(&format!("{name}-node"), node)));
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let home = scratch.display().to_string();
         let child = Child::spawn(name, &self.kiam, &args, &[("HOME", home.as_str())], &scratch);

@@ -75,7 +75,8 @@ pub async fn run(env: &Env, report: &mut Report) {
     let kube = FakeKube::start().await;
     kube.apply(deploy::namespace("inval", "inval-"));
     let (_server, server_port, _) = env.server("inval-server", &kube).await;
-    let deployed = env.agent_with("inval-agent", server_port, &["--pod-wait-timeout", POD_WAIT]).await;
+    let deployed =
+        env.agent_with("inval-agent", server_port, deploy::NODE, &["--pod-wait-timeout", POD_WAIT]).await;
     deployed.wait_view(0, Duration::from_secs(20)).await;
     let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, deployed.port));
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, deployed.metrics_port));
