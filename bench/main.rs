@@ -1,4 +1,4 @@
-//! kiam-rs benchmarks: every figure of issue 7, each against a baseline measured in the same run,
+//! kiam-rs benchmarks: every figure of issues 7 and 11, each against a baseline measured in the same run,
 //! on loopback, with every loop bounded. `bash scripts/bench` installs the peers, builds the
 //! release binary and runs this; see BENCHMARKS.md for the figures and how to read them.
 //!
@@ -61,7 +61,7 @@ struct Options {
 fn options() -> Options {
     let mut options = Options {
         kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
-        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results.md")),
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/results.md")),
         figures: (1..=8).collect(),
         sizes: vec![0, 10_000, 100_000],
         load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
