@@ -53,7 +53,7 @@ const CHANGES: u32 = 240;
 /// The agent's `--pod-wait-timeout` here: how long a refused request for a deleted pod waits
 /// before its 404 (it does not enter the sample; it only paces the run).
 const POD_WAIT: &str = "100ms";
-/// How long the poller runs before the change, so that it is answering at full speed.
+/// How long the poller scrapes before the change, so that it has readings from before it.
 const LEAD: Duration = Duration::from_millis(10);
 /// The most a poller may run, and the most one exchange may take.
 const POLL_LIMIT: Duration = Duration::from_secs(5);
