@@ -22,6 +22,9 @@ use crate::support::objects;
 pub const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 /// What the server logs once its caches have synced, right before it serves.
 pub const READY_LINE: &str = "caches synced; serving";
+/// The node the benchmark agent runs on: its certificate names it, and the pods it serves are
+/// scheduled there (`spec.nodeName`), so the server streams them in its node view.
+pub const NODE: &str = "node-1";
 /// How long a server may take to become ready (100k pods take seconds; this is the bound).
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
@@ -78,22 +81,44 @@ impl Env {
         (child, port, ready)
     }
 
-    /// Starts `kiam agent` on 127.0.0.1 in front of the server on `server_port`, and waits until
-    /// it listens. Returns the process and its port.
-    pub async fn agent(&self, name: &str, server_port: u16) -> (Child, u16) {
+    /// Starts `kiam agent` on 127.0.0.1 in front of the server on `server_port`, with a
+    /// certificate naming [`NODE`] (so the server streams it that node's view) and its metrics on
+    /// a port of its own, and waits until it listens.
+    pub async fn agent(&self, name: &str, server_port: u16) -> Agent {
+        self.agent_with(name, server_port, NODE, &[]).await
+    }
+
+    /// [`agent`](Self::agent) on `node`, with `extra` flags.
+    pub async fn agent_with(&self, name: &str, server_port: u16, node: &str, extra: &[&str]) -> Agent {
         let scratch = self.scratch(name);
-        let port = procs::free_port();
+        let (port, metrics_port) = (procs::free_port(), procs::free_port());
         let mut args = vec!["agent".to_owned()];
         args.extend(flag("--host", "127.0.0.1"));
         args.extend(flag("--port", &port.to_string()));
         args.extend(flag("--server-address", &format!("127.0.0.1:{server_port}")));
+        args.extend(flag("--prometheus-listen-addr", &format!("127.0.0.1:{metrics_port}")));
+        args.extend(flag("--node-name", node));
         // Nothing listens there: no benchmark path may reach a metadata service.
         args.extend(flag("--metadata-addr", "127.0.0.1:9"));
-        args.extend(tls_flags(&self.pki.agent()));
+        args.extend(tls_flags(&self.pki.agent_for_node(&format!("{name}-node"), node)));
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let home = scratch.display().to_string();
         let child = Child::spawn(name, &self.kiam, &args, &[("HOME", home.as_str())], &scratch);
         procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(20)).await;
-        (child, port)
+        Agent { child, port, metrics_port }
+    }
+
+    /// The gRPC client of an agent of `node` (its certificate names the node), to the server on
+    /// `server_port`: what the agent's node view uses.
+    pub fn node_client(&self, server_port: u16, node: &str) -> GrpcClient {
+        let files = self.pki.agent_for_node(&format!("bench-client-{node}"), node);
+        GrpcClient::connect_lazy(&ClientConfig {
+            server_address: format!("127.0.0.1:{server_port}"),
+            tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
+            call_timeout: Duration::from_secs(5),
+            token_file: None,
+        })
+        .expect("build the gRPC client")
     }
 
     /// The agent's own gRPC client (mutual TLS with the agent's certificate), to the server on
@@ -107,6 +132,45 @@ impl Env {
             token_file: None,
         })
         .expect("build the gRPC client")
+    }
+}
+
+/// A running agent: the process, its metadata port and its metrics port.
+pub struct Agent {
+    pub child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+impl Agent {
+    /// The value of the counter or gauge `name` (no labels) on the agent's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let page = crate::support::http::get(&url, None).await.expect("scrape the agent's metrics");
+        assert_eq!(page.status, 200, "agent /metrics: {}", page.body);
+        page.body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the agent's /metrics has no {name}"))
+    }
+
+    /// Waits (at most `limit`) until the agent's node view is live and holds `entries` entries.
+    pub async fn wait_view(&self, entries: usize, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            let (live, held) =
+                (self.metric("kiam_agent_view_live").await, self.metric("kiam_agent_view_entries").await);
+            if live == 1.0 && held as usize == entries {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the agent's node view is not live with {entries} entries after {limit:?} \
+                 (live {live}, {held} entries):\n{}",
+                self.child.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -24,6 +24,9 @@ use crate::support::fake_kube::FakeKube;
 
 /// Pods in the burst.
 const PODS: u32 = 256;
+/// Nodes they are spread over, each with its own agent (64 pods a node; kubelet's default cap is
+/// 110).
+const NODES: u32 = 4;
 /// Roles they share (each fetched once, on first need).
 const ROLES: u32 = 10;
 /// Tries an SDK-shaped client makes per request (the Rust SDK makes four, botocore one).
@@ -36,8 +39,15 @@ pub async fn run(env: &Env, report: &mut Report) {
     let kube = FakeKube::start().await;
     kube.apply(deploy::namespace("burst", "burst-"));
     let (_server, server_port, _) = env.server("burst-server", &kube).await;
-    let (_agent, agent_port) = env.agent("burst-agent", server_port).await;
-    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    // One agent per node, as a DaemonSet runs them; each pod's client asks its node's agent.
+    let mut agents = Vec::new();
+    for n in 0..NODES {
+        let agent = env.agent_with(&format!("burst-agent-{n}"), server_port, &node(n), &[]).await;
+        agent.wait_view(0, Duration::from_secs(20)).await;
+        agents.push(agent);
+    }
+    let addresses: Vec<SocketAddr> =
+        agents.iter().map(|a| SocketAddr::from((Ipv4Addr::LOCALHOST, a.port))).collect();
     let baseline = assume_role_baseline(env).await;
     env.moto.start_recording().await;
 
@@ -45,7 +55,8 @@ pub async fn run(env: &Env, report: &mut Report) {
     for i in 0..PODS {
         let ip = deploy::nth_ip(Ipv4Addr::new(127, 1, 0, 0), i);
         let role = format!("burst-{}", i % ROLES);
-        let pod = deploy::pod("burst", &format!("burst-{i}"), ip, &role, &format!("node-{}", i % 4));
+        let pod = deploy::pod("burst", &format!("burst-{i}"), ip, &role, &node(i % NODES));
+        let agent = addresses[(i % NODES) as usize];
         let created = Instant::now();
         kube.apply(pod);
         clients.push(tokio::spawn(async move { first_credentials(agent, ip, created).await }));
@@ -97,8 +108,10 @@ pub async fn run(env: &Env, report: &mut Report) {
     ));
     report.note(format!(
         "Figure 2: {PODS} pods (IPs 127.1.0.1 onwards, {ROLES} roles, none fetched before) created \
-         back to back in the fake API server, each followed at once by an SDK-shaped client from \
-         the pod's address: PUT token, GET role, GET credentials, one kept-alive connection, up \
+         back to back in the fake API server, spread over {NODES} nodes, each node with its own \
+         release agent whose certificate names it (so the pods reach it through its node view), \
+         each pod followed at once by an SDK-shaped client from the pod's address to its node's \
+         agent: PUT token, GET role, GET credentials, one kept-alive connection, up \
          to {TRIES} tries per request. {} clients got credentials, {} failed{}, {retries} retried; \
          max {}. Since creation (p50 / p99): token {} / {} (includes the connection; {resent} \
          clients waited a second for it, their first SYN dropped by a full accept queue), role \
@@ -120,6 +133,11 @@ pub async fn run(env: &Env, report: &mut Report) {
         stats::ms(base50),
         stats::ms(base99),
     ));
+}
+
+/// The name of the `n`-th node (the benchmarks' [`deploy::NODE`] is node 1).
+fn node(n: u32) -> String {
+    format!("node-{n}")
 }
 
 /// AssumeRole latency from this process to moto: 50 sequential calls after 5 warm-ups.

@@ -25,10 +25,10 @@ const SECONDS: u32 = 10;
 const CALL_LIMIT: Duration = Duration::from_secs(5);
 
 /// Latencies of one open-loop run, its failures and the rate it really sent at.
-struct Run {
-    samples: Samples,
-    failed: usize,
-    sent_per_s: f64,
+pub struct Run {
+    pub samples: Samples,
+    pub failed: usize,
+    pub sent_per_s: f64,
 }
 
 /// Starts `count` calls at `RATE` per second and waits for all of them.
@@ -37,7 +37,16 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = bool> + Send + 'static,
 {
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
+    open_loop_at(count, RATE, call).await
+}
+
+/// Starts `count` calls at `rate` per second and waits for all of them.
+pub async fn open_loop_at<F, Fut>(count: usize, rate: u32, call: F) -> Run
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     // A late tick sends the missed calls at once, as a real arrival process would.
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let started = Instant::now();

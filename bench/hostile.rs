@@ -36,7 +36,7 @@ const MAX_FLOOD: usize = 50_000;
 const HOSTILE: Ipv4Addr = Ipv4Addr::new(127, 1, 9, 1);
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/quiet";
 
-/// Runs figure 7.
+/// Runs figure 9.
 pub async fn run(env: &Env, report: &mut Report) {
     let kube = FakeKube::start().await;
     kube.apply(deploy::namespace("quiet", "quiet"));
@@ -46,8 +46,8 @@ pub async fn run(env: &Env, report: &mut Report) {
     }
     kube.apply(deploy::pod("quiet", "hostile", IpAddr::V4(HOSTILE), "quiet", "node-1"));
     let (_server, server_port, _) = env.server("hostile-server", &kube).await;
-    let (_agent, agent_port) = env.agent("hostile-agent", server_port).await;
-    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    let hostile_agent = env.agent("hostile-agent", server_port).await;
+    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, hostile_agent.port));
     // Warm up: every pod's credentials cached.
     quiet_phase(agent, &pods, Duration::from_millis(500)).await;
 
@@ -61,7 +61,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     let (quiet_p99, loud_p99) = (quiet.percentile(99.0), loud.percentile(99.0));
     let ratio = loud_p99.as_secs_f64() / quiet_p99.as_secs_f64().max(1e-9);
     report.row(Row::compared(
-        7,
+        9,
         &format!(
             "quiet pods' credential GET p99 beside a hostile pod ({QUIET} pods; baseline: no hostile pod)"
         ),
@@ -72,7 +72,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         Verdict::of(ratio <= 2.0),
     ));
     report.row(Row::compared(
-        7,
+        9,
         "quiet pods' credential GET p50 beside a hostile pod",
         stats::ms(loud.percentile(50.0)),
         stats::ms(quiet.percentile(50.0)),

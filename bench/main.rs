@@ -1,4 +1,4 @@
-//! kiam-rs benchmarks: every figure of issue 7, each against a baseline measured in the same run,
+//! kiam-rs benchmarks: every figure of issues 7 and 11, each against a baseline measured in the same run,
 //! on loopback, with every loop bounded. `bash scripts/bench` installs the peers, builds the
 //! release binary and runs this; see BENCHMARKS.md for the figures and how to read them.
 //!
@@ -7,7 +7,12 @@
 //! - [`first`]: figure 2 (time to first credential for a burst of new pods).
 //! - [`memory`]: figure 3 (server memory and start-up with 0, 10k and 100k pods).
 //! - [`sts`]: figure 4 (AssumeRole calls for a burst and over two refresh periods).
-//! - [`hostile`]: figure 7 (issue 14: quiet pods' p99 beside a hostile pod).
+//! - [`entry`]: figure 6's cost of one node-view entry in the agent (counted allocations).
+//! - [`invalidation`]: figure 7 (from a pod change in the API server to the agent refusing the
+//!   old node-view entry).
+//! - [`churn`]: figure 8 (server lookups and node-view stream updates at 100k pods, idle and
+//!   under 200 pod updates per second).
+//! - [`hostile`]: figure 9 (issue 14: quiet pods' p99 beside a hostile pod).
 //!
 //! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
 //! processes and reads their memory, [`profile`] runs `perf`, [`stats`] does percentiles,
@@ -19,11 +24,14 @@
 //! [--revision TEXT]`. `--profile` records the agent and server with `perf` under one more
 //! figure-1 round ([`profile`]).
 
+mod churn;
 mod deploy;
+mod entry;
 mod first;
 mod grpc;
 mod hits;
 mod hostile;
+mod invalidation;
 mod memory;
 mod procs;
 mod profile;
@@ -38,6 +46,10 @@ use std::time::Instant;
 
 use report::{Machine, Report};
 
+/// Counts live heap bytes, for the cost of a node-view entry ([`entry`]).
+#[global_allocator]
+static ALLOCATOR: entry::Counting = entry::Counting;
+
 /// What the command line asked for.
 struct Options {
     kiam: PathBuf,
@@ -51,8 +63,8 @@ struct Options {
 fn options() -> Options {
     let mut options = Options {
         kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
-        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results.md")),
-        figures: (1..=7).collect(),
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/results.md")),
+        figures: (1..=9).collect(),
         sizes: vec![0, 10_000, 100_000],
         load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
         revision: "unknown revision".into(),
@@ -107,6 +119,9 @@ async fn main() {
         println!("== figures 1, 5, 6: hits through the agent vs nginx, gRPC at 1k/s, footprint");
         hits::run(&env, &options.load, &mut report).await;
     }
+    if wants(&[6]) {
+        entry::run(&env, &mut report).await;
+    }
     if wants(&[2]) {
         println!("== figure 2: time to first credential");
         first::run(&env, &mut report).await;
@@ -120,7 +135,15 @@ async fn main() {
         sts::run(&env, &mut report).await;
     }
     if wants(&[7]) {
-        println!("== figure 7: a hostile pod among quiet ones");
+        println!("== figure 7: invalidation latency");
+        invalidation::run(&env, &mut report).await;
+    }
+    if wants(&[8]) {
+        println!("== figure 8: server under churn");
+        churn::run(&env, &mut report).await;
+    }
+    if wants(&[9]) {
+        println!("== figure 9: a hostile pod among quiet ones");
         hostile::run(&env, &mut report).await;
     }
     report.rows.sort_by_key(|row| row.figure);

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
 
@@ -102,6 +102,18 @@ async fn entry_credentials<B>(
     fetch(&node.client, ip, entry).await.map_err(super::remote::backend_error)
 }
 
+/// The entry's held credentials as the legacy document's JSON, when the pod may have its role
+/// and they are fresh: what [`entry_credentials`] would return, already encoded. `None` sends
+/// the request down the general path (which refuses, fetches or encodes).
+fn held_body<B>(agent: &Agent<B>, entry: &ViewEntry) -> Option<Bytes> {
+    if !entry.pod.allowed {
+        return None;
+    }
+    let body = entry.credentials_body(SystemTime::now())?;
+    agent.metrics.agent.view_hits.inc();
+    Some(body)
+}
+
 /// The 404 for the extended path and `iam/info` when the role's account is not known to the
 /// agent (see [`super::documents`]).
 fn no_account() -> AgentError {
@@ -140,6 +152,12 @@ pub async fn credentials<B: Backend>(
         true => Some(role_account(&role).ok_or_else(no_account)?.account),
         false => None,
     };
+    // A hit on the legacy path: the held document, as encoded when it was stored.
+    if let (Source::Entry(entry), None) = (&source, &account)
+        && let Some(body) = held_body(agent, entry)
+    {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response());
+    }
     let label = Handler { handler: "credentials" };
     let document = match &source {
         Source::Entry(entry) => entry_credentials(agent, ip, entry).await,

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use axum::body::Bytes;
 use tokio::sync::watch;
 
 use crate::creds::ImdsDocument;
@@ -32,9 +33,12 @@ pub struct ViewEntry {
 }
 
 /// Credentials held for an entry.
-#[derive(Clone)]
 struct Held {
     document: ImdsDocument,
+    /// `document` as the legacy credentials path serves it, encoded once when stored: a hit then
+    /// copies no strings and encodes nothing. `None` if it could not be encoded (the hit path
+    /// then encodes `document` itself, as before).
+    body: Option<Bytes>,
     issued: SystemTime,
     expiration: SystemTime,
     /// When to ask the server again (half-life, or later after a fetch that changed nothing).
@@ -54,11 +58,15 @@ impl ViewEntry {
     /// Credentials fit to serve at `now`: with more left than the floor the server serves with
     /// (the SDKs' 15-minute window, or half the session when it is shorter).
     pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
-        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner).clone()?;
-        let lifetime = held.expiration.duration_since(held.issued).unwrap_or_default();
-        let floor = SDK_REFRESH_WINDOW.min(lifetime / 2);
-        let left = held.expiration.duration_since(now).unwrap_or_default();
-        (left > floor).then_some(held.document)
+        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
+        held.as_ref().filter(|h| h.fresh(now)).map(|h| h.document.clone())
+    }
+
+    /// The same credentials as [`credentials`](Self::credentials), under the same rule, as the
+    /// JSON body the legacy credentials path serves (`serde_json::to_vec` of the document).
+    pub fn credentials_body(&self, now: SystemTime) -> Option<Bytes> {
+        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
+        held.as_ref().filter(|h| h.fresh(now)).and_then(|h| h.body.clone())
     }
 
     /// Whether the background fetcher should ask for (new) credentials at `now`.
@@ -80,7 +88,8 @@ impl ViewEntry {
         let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
         let renew_at =
             if same { now + Duration::from_secs(60) } else { half_life.max(now + Duration::from_secs(1)) };
-        *held = Some(Held { document, issued, expiration, renew_at });
+        let body = serde_json::to_vec(&document).ok().map(Bytes::from);
+        *held = Some(Held { document, body, issued, expiration, renew_at });
     }
 
     /// After a failed fetch, when to try again.
@@ -88,6 +97,16 @@ impl ViewEntry {
         if let Some(held) = self.creds.write().unwrap_or_else(PoisonError::into_inner).as_mut() {
             held.renew_at = now + pause;
         }
+    }
+}
+
+impl Held {
+    /// Whether these credentials may be served at `now`: with more left than the floor the
+    /// server serves with (the SDKs' 15-minute window, or half the session when it is shorter).
+    fn fresh(&self, now: SystemTime) -> bool {
+        let lifetime = self.expiration.duration_since(self.issued).unwrap_or_default();
+        let floor = SDK_REFRESH_WINDOW.min(lifetime / 2);
+        self.expiration.duration_since(now).unwrap_or_default() > floor
     }
 }
 
@@ -216,20 +235,28 @@ impl NodeView {
     /// The entry for `ip`. While the view is live, a pod not in it yet is waited for until
     /// `deadline`, woken by the stream.
     pub async fn lookup(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Lookup {
+        // A pod already in the view (every hit) costs one read lock and no subscription.
+        if let Some(found) = self.find(ip) {
+            return found;
+        }
+        // Subscribe, then look again before waiting, so that no change is missed in between.
         let mut changes = self.changes.subscribe();
         loop {
-            {
-                let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-                if let Some(entry) = state.entries.get(&ip) {
-                    return Lookup::Entry(Arc::clone(entry));
-                }
-                if !state.live {
-                    return Lookup::Unknown;
-                }
+            if let Some(found) = self.find(ip) {
+                return found;
             }
             if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
                 return Lookup::NoPod;
             }
+        }
+    }
+
+    /// What the view says about `ip` now; `None` while a live view has no entry for it.
+    fn find(&self, ip: IpAddr) -> Option<Lookup> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        match state.entries.get(&ip) {
+            Some(entry) => Some(Lookup::Entry(Arc::clone(entry))),
+            None => (!state.live).then_some(Lookup::Unknown),
         }
     }
 
@@ -250,5 +277,33 @@ impl NodeView {
             },
             node: state.node.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_held_body_is_the_held_document_encoded_under_the_same_freshness_rule() {
+        let entry = ViewEntry::new(pb::Entry { allowed: true, ..pb::Entry::default() });
+        let now = SystemTime::now();
+        assert!(entry.credentials_body(now).is_none(), "nothing held yet");
+        let document = ImdsDocument {
+            code: "Success".into(),
+            last_updated: crate::creds::time::format(now),
+            kind: "AWS-HMAC".into(),
+            access_key_id: "AKIDVIEW".into(),
+            secret_access_key: "secret".into(),
+            token: "token with \"quotes\" and \\ to escape".into(),
+            expiration: crate::creds::time::format(now + Duration::from_secs(3600)),
+        };
+        entry.store(document.clone(), now);
+        let encoded = serde_json::to_vec(&document).expect("the document encodes");
+        assert_eq!(entry.credentials_body(now).as_deref(), Some(encoded.as_slice()));
+        // Ten minutes left is under the SDKs' refresh window: neither form is served.
+        let late = now + Duration::from_secs(50 * 60);
+        assert!(entry.credentials(late).is_none());
+        assert!(entry.credentials_body(late).is_none());
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,12 @@ impl FakeKube {
             down: std::sync::atomic::AtomicBool::new(false),
         });
         let app = axum::Router::new().fallback(fake_kube_http::handle).with_state(shared.clone());
+        // As a real API server does (Go sets TCP_NODELAY on every connection): without it, watch
+        // events a few milliseconds apart wait behind Nagle's algorithm for the client's delayed
+        // ACK, up to 40 ms each.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
             if let Err(error) = server.await {

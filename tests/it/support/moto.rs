@@ -75,8 +75,10 @@ impl Moto {
             let log = std::fs::File::create(log_dir.path().join("moto.log")).expect("create moto.log");
             let child = Command::new(&program)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                // The recorder keeps its file (`moto_recording`) in the working directory.
+                // The recorder keeps its file (`moto_recording`) in the working directory unless
+                // told otherwise: name it outright, so that it can never land in the work tree.
                 .current_dir(log_dir.path())
+                .env("MOTO_RECORDER_FILEPATH", log_dir.path().join("moto_recording"))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("clone moto.log handle"))
                 .stderr(log)
