@@ -86,6 +86,10 @@ pub struct ServerArgs {
     /// The agents' ServiceAccount, `namespace:name`: only its tokens prove a node.
     #[arg(long, env = "KIAM_AGENT_SERVICE_ACCOUNT", default_value = "kube-system:kiam-agent")]
     pub agent_service_account: String,
+    /// The audience of the projected ServiceAccount tokens pods present to the agent's
+    /// `GET /v1/credentials` (EKS Pod Identity's by default, so pods set up for it work as they are).
+    #[arg(long, env = "KIAM_POD_TOKEN_AUDIENCE", default_value = crate::server::DEFAULT_POD_TOKEN_AUDIENCE)]
+    pub pod_token_audience: String,
     /// The server's own pod (from the downward API), named in the Events it records.
     #[arg(long, env = "POD_NAME", hide = true)]
     pub pod_name: Option<String>,
@@ -150,6 +154,7 @@ impl ServerArgs {
                 node_view: !self.disable_node_view,
                 agent_token_audience: self.agent_token_audience.clone(),
                 agent_service_account: self.agent_service_account.clone(),
+                pod_token_audience: self.pod_token_audience.clone(),
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

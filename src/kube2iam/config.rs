@@ -174,6 +174,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         node_binding: false,
         node_view: false,
         agent_token_audience: String::new(),
+        pod_token_audience: String::new(),
         agent_service_account: String::new(),
     };
     let projection = Projection {

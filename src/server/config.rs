@@ -39,6 +39,8 @@ pub struct Settings {
     pub agent_token_audience: String,
     /// `--agent-service-account`: `namespace:name` of the agents' ServiceAccount.
     pub agent_service_account: String,
+    /// `--pod-token-audience`: the audience of pods' tokens for `GET /v1/credentials`.
+    pub pod_token_audience: String,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).
