@@ -24,6 +24,7 @@ mod netns_agent;
 mod netns_binary;
 mod node_view;
 mod peers_tests;
+mod pod_token;
 mod prefetch;
 mod server;
 mod support;

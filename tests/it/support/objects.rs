@@ -32,6 +32,7 @@ pub fn pod(namespace: &str, name: &str) -> PodBuilder {
         phase: "Running".to_owned(),
         host_network: false,
         terminating: false,
+        uid: None,
     }
 }
 
@@ -78,6 +79,7 @@ pub struct PodBuilder {
     phase: String,
     host_network: bool,
     terminating: bool,
+    uid: Option<String>,
 }
 
 impl PodBuilder {
@@ -122,6 +124,12 @@ impl PodBuilder {
         self
     }
 
+    /// Sets `metadata.uid` (the fake stamps a fresh one otherwise).
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_owned());
+        self
+    }
+
     /// Marks the pod as being deleted (`metadata.deletionTimestamp` set to now).
     pub fn terminating(mut self) -> Self {
         self.terminating = true;
@@ -135,6 +143,9 @@ impl PodBuilder {
         metadata.insert("namespace".into(), json!(self.namespace));
         metadata.insert("annotations".into(), json!(self.annotations));
         metadata.insert("labels".into(), json!(self.labels));
+        if let Some(uid) = self.uid {
+            metadata.insert("uid".into(), json!(uid));
+        }
         if self.terminating {
             metadata.insert("deletionTimestamp".into(), json!(now()));
             metadata.insert("deletionGracePeriodSeconds".into(), json!(30));
