@@ -117,6 +117,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             chain: DEFAULT_CHAIN.into(),
             remove_at_exit: true,
             check_interval: Duration::from_secs(5),
+            container: false,
         })
     } else {
         None

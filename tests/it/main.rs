@@ -22,6 +22,7 @@ mod lookup;
 mod metrics;
 mod netns_agent;
 mod netns_binary;
+mod netns_pod_token;
 mod node_view;
 mod peers_tests;
 mod pod_token;

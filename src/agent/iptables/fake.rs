@@ -21,7 +21,8 @@ struct State {
 
 impl Default for State {
     fn default() -> State {
-        let chains = BTreeMap::from([("PREROUTING".to_string(), Vec::new())]);
+        let chains =
+            BTreeMap::from([("PREROUTING".to_string(), Vec::new()), ("OUTPUT".to_string(), Vec::new())]);
         State { chains, log: Vec::new(), fail: false }
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use rules::command;
-pub use rules::{Config, DEFAULT_CHAIN, Interface, METADATA_IP, Rules};
+pub use rules::{CONTAINER_IP, Config, ContainerRules, DEFAULT_CHAIN, Interface, METADATA_IP, Rules};
 
 /// How long one `iptables` command may take, waiting for the xtables lock included.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -154,10 +154,11 @@ impl<R: Runner> Interception<R> {
         Ok(self.runner.run(&args).await?.success)
     }
 
-    /// Makes the rules what they should be: our chain holding exactly the DNAT rule, and the
-    /// jump at the top of `PREROUTING` if it is not there. Returns whether anything changed.
+    /// Makes the rules what they should be: our chain holding exactly our DNAT rules, and the
+    /// jumps at the top of `PREROUTING` (and `OUTPUT`) where they are not there. Returns whether
+    /// anything changed.
     ///
-    /// Our rule is put in first and stale rules deleted after, so there is no moment without
+    /// Our rules are put in first and stale rules deleted after, so there is no moment without
     /// interception while a chain left by an earlier configuration is replaced.
     pub async fn install(&self) -> Result<bool, IptablesError> {
         let chain = self.rules.chain.as_str();
@@ -170,42 +171,64 @@ impl<R: Runner> Interception<R> {
             changed = true;
             0
         };
-        let present = rules_in_chain > 0 && self.holds(command("-C", chain, &self.rules.dnat)).await?;
-        if !(present && rules_in_chain == 1) {
-            let mut insert = vec!["1".to_string()];
-            insert.extend_from_slice(&self.rules.dnat);
-            self.must(command("-I", chain, &insert)).await?;
+        let wanted = self.rules.in_chain();
+        let mut present = rules_in_chain == wanted.len();
+        for rule in &wanted {
+            present = present && self.holds(command("-C", chain, rule)).await?;
+        }
+        if !present {
+            for (at, rule) in wanted.iter().enumerate() {
+                let mut insert = vec![(at + 1).to_string()];
+                insert.extend_from_slice(rule);
+                self.must(command("-I", chain, &insert)).await?;
+            }
+            let first_stale = (wanted.len() + 1).to_string();
             for _ in 0..rules_in_chain.min(MAX_DELETIONS) {
-                self.must(command("-D", chain, &["2".to_string()])).await?;
+                self.must(command("-D", chain, std::slice::from_ref(&first_stale))).await?;
             }
             changed = true;
         }
-        if !self.holds(command("-C", "PREROUTING", &self.rules.jump)).await? {
-            let mut insert = vec!["1".to_string()];
-            insert.extend_from_slice(&self.rules.jump);
-            self.must(command("-I", "PREROUTING", &insert)).await?;
-            changed = true;
+        for (builtin, jump) in self.rules.jumps() {
+            if !self.holds(command("-C", builtin, jump)).await? {
+                let mut insert = vec!["1".to_string()];
+                insert.extend_from_slice(jump);
+                self.must(command("-I", builtin, &insert)).await?;
+                changed = true;
+            }
         }
         Ok(changed)
     }
 
-    /// Whether both rules are in place (and nothing else in our chain).
+    /// Whether every rule is in place (and nothing else in our chain).
     pub async fn is_installed(&self) -> Result<bool, IptablesError> {
         let chain = self.rules.chain.as_str();
         let listing = self.runner.run(&command("-S", chain, &[])).await?;
-        if !listing.success || listing.stdout.lines().filter(|l| l.starts_with("-A ")).count() != 1 {
+        let wanted = self.rules.in_chain();
+        if !listing.success || listing.stdout.lines().filter(|l| l.starts_with("-A ")).count() != wanted.len()
+        {
             return Ok(false);
         }
-        Ok(self.holds(command("-C", chain, &self.rules.dnat)).await?
-            && self.holds(command("-C", "PREROUTING", &self.rules.jump)).await?)
+        for rule in wanted {
+            if !self.holds(command("-C", chain, rule)).await? {
+                return Ok(false);
+            }
+        }
+        for (builtin, jump) in self.rules.jumps() {
+            if !self.holds(command("-C", builtin, jump)).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
-    /// Deletes the jump (every copy) and our chain. Rules that are already gone are fine.
+    /// Deletes the jumps (every copy) and our chain. Rules that are already gone are fine.
     pub async fn remove(&self) -> Result<(), IptablesError> {
         let chain = self.rules.chain.as_str();
-        for _ in 0..MAX_DELETIONS {
-            if !self.holds(command("-D", "PREROUTING", &self.rules.jump)).await? {
-                break;
+        for (builtin, jump) in self.rules.jumps() {
+            for _ in 0..MAX_DELETIONS {
+                if !self.holds(command("-D", builtin, jump)).await? {
+                    break;
+                }
             }
         }
         if self.holds(command("-S", chain, &[])).await? {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// The address pods send metadata requests to.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The address of the container credentials endpoint (EKS Pod Identity's).
+pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// The chain the agent owns, jumped to from `nat PREROUTING`.
 pub const DEFAULT_CHAIN: &str = "KIAM-RS";
 /// The longest chain name iptables accepts.
@@ -81,6 +83,8 @@ pub struct Config {
     pub remove_at_exit: bool,
     /// `--iptables-check-interval`: how often the rules are checked and restored.
     pub check_interval: Duration,
+    /// `--container-endpoint`: also send 169.254.170.23:80 to the agent.
+    pub container: bool,
 }
 
 /// The two rules, as `iptables -t nat` argument lists without the command letter.
@@ -93,10 +97,26 @@ pub struct Rules {
     pub jump: Vec<String>,
     /// In our chain: the DNAT to the agent, for traffic that arrived on the pod interface.
     pub dnat: Vec<String>,
+    /// With `--container-endpoint`: the jump for 169.254.170.23:80 (from `PREROUTING` for pods
+    /// and from `OUTPUT` for hostNetwork pods) and its DNAT to the agent, from any interface:
+    /// the address has no other owner on a node without EKS's own agent, and the pod is told
+    /// by its token, not by where it came from.
+    pub container: Option<ContainerRules>,
+}
+
+/// The container endpoint's two rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerRules {
+    pub jump: Vec<String>,
+    pub dnat: Vec<String>,
 }
 
 fn metadata_match() -> Vec<String> {
-    let ip = format!("{METADATA_IP}/32");
+    destination_match(METADATA_IP)
+}
+
+fn destination_match(ip: Ipv4Addr) -> Vec<String> {
+    let ip = format!("{ip}/32");
     ["-p", "tcp", "-d", ip.as_str(), "--dport", "80"].map(String::from).to_vec()
 }
 
@@ -113,7 +133,29 @@ impl Rules {
         dnat.extend(metadata_match());
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
         dnat.push(config.target.to_string());
-        Rules { chain: config.chain.clone(), jump, dnat }
+        let container = config.container.then(|| {
+            let mut jump = destination_match(CONTAINER_IP);
+            jump.extend(["-j".to_string(), config.chain.clone()]);
+            let mut dnat = destination_match(CONTAINER_IP);
+            dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
+            dnat.push(config.target.to_string());
+            ContainerRules { jump, dnat }
+        });
+        Rules { chain: config.chain.clone(), jump, dnat, container }
+    }
+
+    /// What our chain holds, in order.
+    pub fn in_chain(&self) -> Vec<&Vec<String>> {
+        std::iter::once(&self.dnat).chain(self.container.as_ref().map(|c| &c.dnat)).collect()
+    }
+
+    /// The jumps to our chain, each with the built-in chain it sits at the top of.
+    pub fn jumps(&self) -> Vec<(&'static str, &Vec<String>)> {
+        let mut jumps = vec![("PREROUTING", &self.jump)];
+        if let Some(c) = &self.container {
+            jumps.extend([("PREROUTING", &c.jump), ("OUTPUT", &c.jump)]);
+        }
+        jumps
     }
 }
 
@@ -133,6 +175,7 @@ pub(crate) fn test_config(interface: &str) -> Config {
         chain: DEFAULT_CHAIN.into(),
         remove_at_exit: true,
         check_interval: Duration::from_secs(2),
+        container: false,
     }
 }
 
@@ -174,5 +217,20 @@ mod tests {
         );
         let negated = Rules::new(&config("!eth0"));
         assert_eq!(negated.dnat[..3].join(" "), "! -i eth0");
+        assert_eq!(negated.in_chain().len(), 1);
+    }
+
+    #[test]
+    fn the_container_endpoint_is_intercepted_from_pods_and_from_the_node() {
+        let rules = Rules::new(&Config { container: true, ..config("cali+") });
+        let c = rules.container.clone().expect("container rules");
+        assert_eq!(c.jump.join(" "), "-p tcp -d 169.254.170.23/32 --dport 80 -j KIAM-RS");
+        assert_eq!(
+            c.dnat.join(" "),
+            "-p tcp -d 169.254.170.23/32 --dport 80 -j DNAT --to-destination 10.0.0.5:8181"
+        );
+        assert_eq!(rules.in_chain(), vec![&rules.dnat, &c.dnat]);
+        let jumps: Vec<&str> = rules.jumps().iter().map(|(chain, _)| *chain).collect();
+        assert_eq!(jumps, ["PREROUTING", "PREROUTING", "OUTPUT"]);
     }
 }

@@ -109,3 +109,25 @@ async fn the_check_loop_restores_deleted_rules_and_counts_them() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(1), task).await.expect("stops on shutdown").expect("no panic");
 }
+
+#[tokio::test]
+async fn the_container_endpoint_adds_a_rule_and_two_jumps_and_removes_them() {
+    let fake = FakeIptables::default();
+    let plain = Interception::new(fake.clone(), config("cali+"));
+    plain.install().await.expect("install without the container endpoint");
+    let rules = Interception::new(fake.clone(), Config { container: true, ..config("cali+") });
+    assert!(!rules.is_installed().await.expect("check"), "the plain chain lacks the container rule");
+    assert!(rules.install().await.expect("install"));
+    let container = rules.rules().container.clone().expect("container rules");
+    assert_eq!(fake.chain(DEFAULT_CHAIN), Some(vec![rules.rules().dnat.clone(), container.dnat.clone()]));
+    assert_eq!(fake.chain("OUTPUT"), Some(vec![container.jump.clone()]));
+    assert_eq!(fake.chain("PREROUTING").map(|r| r.len()), Some(2));
+    assert!(rules.is_installed().await.expect("check"));
+    fake.clear_log();
+    assert!(!rules.install().await.expect("again"), "a second install changes nothing");
+
+    rules.remove().await.expect("remove");
+    assert_eq!(fake.chain(DEFAULT_CHAIN), None);
+    assert_eq!(fake.chain("OUTPUT"), Some(vec![]));
+    assert_eq!(fake.chain("PREROUTING"), Some(vec![]));
+}

@@ -134,12 +134,17 @@ impl TestAgent {
     /// `--host-interface`), listening on the node's agent address, asking the stack's server and
     /// forwarding to the stack's fake metadata service. Returns once its rules are installed.
     pub async fn in_node(stack: &Stack, node: &NodeNet, flags: &[&str]) -> TestAgent {
+        TestAgent::in_node_as(stack, node, &stack.pki.agent(), flags).await
+    }
+
+    /// [`TestAgent::in_node`], presenting `cert` to the server (one that names the node, say).
+    pub async fn in_node_as(stack: &Stack, node: &NodeNet, cert: &CertFiles, flags: &[&str]) -> TestAgent {
         let (host, port) = (node.agent_ip.to_string(), NODE_AGENT_PORT.to_string());
         let (server, upstream) = (stack.server_addr.to_string(), stack.imds.addr().to_string());
         let mut all =
             vec!["--host", &host, "--port", &port, "--server-address", &server, "--metadata-addr", &upstream];
         all.extend_from_slice(flags);
-        let config = agent_config(&stack.pki.agent(), &all);
+        let config = agent_config(cert, &all);
         let addr = SocketAddr::new(IpAddr::V4(node.agent_ip), NODE_AGENT_PORT);
         let listener = TcpListener::from_std(node.listen(addr)).expect("adopt the node's listener");
         let runner = iptables::Command::with_program(node.iptables_program());

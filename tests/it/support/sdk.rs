@@ -221,6 +221,20 @@ pub fn boto3_container(
     Ok((probe_outcome("boto3 probe", &stdout)?, method))
 }
 
+/// boto3 inside `net`, configured only by [`container_env`].
+pub fn boto3_container_in(
+    net: &PodNet,
+    full_uri: &str,
+    token_file: &str,
+    sts_url: &str,
+) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command(&venv_bin("python").to_string_lossy());
+    cmd.arg(BOTO3_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_scrubbed(cmd, &container_env(full_uri, token_file))?;
+    probe_outcome("boto3 probe", &stdout)
+}
+
 /// The test this binary runs as the Rust SDK's pod ([`rust_sdk_container`]).
 pub const RUST_PROBE_TEST: &str = "pod_token::rust_sdk_container_probe";
 /// Where the Rust probe finds moto (the child's environment is scrubbed of everything else).
