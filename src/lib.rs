@@ -14,6 +14,8 @@
 //!   from manifests, plus the server's cache state through [`server::debug`].
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf;
 //!   [`certs`] makes and inspects the certificates (`kiam certs`).
+//! - [`webhook`]: `kiam webhook`, the admission webhook that sets opted-in pods up for the
+//!   agent's `GET /v1/credentials` (identity by projected token, EKS Pod Identity's contract).
 
 #![forbid(unsafe_code)]
 
@@ -36,6 +38,7 @@ pub mod server;
 pub mod task;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;
 
 /// Installs aws-lc-rs as the process's rustls crypto provider. Call first in `main` and in
 /// test setup: with no provider installed, rustls panics at the first handshake.

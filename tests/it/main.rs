@@ -30,3 +30,4 @@ mod prefetch;
 mod server;
 mod support;
 mod transport;
+mod webhook;
