@@ -238,6 +238,15 @@ fn no_node_binding(r: &Rendered) {
     proves_no_node_by_token(r);
 }
 
+/// The container endpoint: its DNAT flag, and TokenReview for pods' tokens even though the
+/// agents prove their node by certificate.
+fn container_endpoint(r: &Rendered) {
+    let args = r.args("agent");
+    assert!(has(&args, "--iptables") && has(&args, "--container-endpoint"), "{args:?}");
+    assert_eq!(node_token(r), None, "certificates prove the node");
+    rbac(r, true);
+}
+
 fn servicemonitor(r: &Rendered) {
     let monitors = r.kinds("ServiceMonitor");
     assert_eq!(monitors.len(), 2);
@@ -332,8 +341,9 @@ pub fn check(report: &Report) {
     tls_files(case("tls-files"));
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
+    container_endpoint(case("container-endpoint"));
     docs_install(case("docs-install"));
-    assert_eq!(report.cases.len(), 11, "a case without assertions");
+    assert_eq!(report.cases.len(), 12, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

@@ -108,6 +108,12 @@ CASES = {
         },
         "agent": {"prometheus": {"scrape": False}},
     },
+    # Pods' identity by token on 169.254.170.23; per-node certificates, so only the container
+    # endpoint needs TokenReview.
+    "container-endpoint": {
+        "server": {"agentNodeBinding": True},
+        "agent": {"tlsHostPath": "/etc/kiam/tls", "host": {"iptables": True, "containerEndpoint": True}},
+    },
     "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
 }
 
