@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use clap::Parser;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -36,6 +37,7 @@ pub enum Object {
     ClusterRoleBinding(Box<ClusterRoleBinding>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
+    MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
     Custom(Value),
 }
 
@@ -53,6 +55,7 @@ fn parse(value: &Value) -> Object {
         "ClusterRoleBinding" => Object::ClusterRoleBinding(typed(value)),
         "PodDisruptionBudget" => Object::PodDisruptionBudget(typed(value)),
         "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
+        "MutatingWebhookConfiguration" => Object::MutatingWebhookConfiguration(typed(value)),
         "ServiceMonitor" | "Certificate" | "Issuer" => Object::Custom(value.clone()),
         other => panic!("the chart renders a kind the tests do not know: {other}"),
     }

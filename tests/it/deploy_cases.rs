@@ -247,6 +247,40 @@ fn container_endpoint(r: &Rendered) {
     rbac(r, true);
 }
 
+/// `kiam webhook`: its Deployment, and two webhook entries (pods that opt in; pods of namespaces
+/// that opt in, less those that opt out) calling its two paths.
+fn webhook(r: &Rendered) {
+    let container = r.container("webhook");
+    assert_eq!(container.command.as_deref(), Some(&["/kiam".to_string(), "webhook".into()][..]));
+    assert!(has(&r.args("webhook"), "--token-audience=pods.eks.amazonaws.com"));
+    assert_eq!(r.pod("webhook").automount_service_account_token, Some(false), "it needs no API access");
+    let Object::MutatingWebhookConfiguration(config) = &r.0["MutatingWebhookConfiguration/kiam-webhook"].1
+    else {
+        unreachable!()
+    };
+    let hooks = config.webhooks.clone().unwrap_or_default();
+    let paths: Vec<Option<String>> =
+        hooks.iter().map(|h| h.client_config.service.as_ref().and_then(|s| s.path.clone())).collect();
+    assert_eq!(paths, [Some("/mutate".to_string()), Some("/mutate-namespace".into())]);
+    let label = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default()
+    };
+    assert_eq!(
+        label(&hooks[0].object_selector).get("kiam-rs.io/container-credentials").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        label(&hooks[1].namespace_selector).get("kiam-rs.io/container-credentials").map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        hooks
+            .iter()
+            .all(|h| h.failure_policy.as_deref() == Some("Ignore") && h.client_config.ca_bundle.is_some())
+    );
+    assert!(has(&r.args("agent"), "--container-endpoint"));
+}
+
 fn servicemonitor(r: &Rendered) {
     let monitors = r.kinds("ServiceMonitor");
     assert_eq!(monitors.len(), 2);
@@ -342,8 +376,10 @@ pub fn check(report: &Report) {
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
     container_endpoint(case("container-endpoint"));
+    webhook(case("webhook"));
+    assert!(case("default").kinds("MutatingWebhookConfiguration").is_empty(), "the webhook is opt-in");
     docs_install(case("docs-install"));
-    assert_eq!(report.cases.len(), 12, "a case without assertions");
+    assert_eq!(report.cases.len(), 13, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

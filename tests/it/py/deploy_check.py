@@ -114,6 +114,11 @@ CASES = {
         "server": {"agentNodeBinding": True},
         "agent": {"tlsHostPath": "/etc/kiam/tls", "host": {"iptables": True, "containerEndpoint": True}},
     },
+    # The admission webhook beside the container endpoint.
+    "webhook": {
+        "webhook": {"enabled": True, "caBundle": B64},
+        "agent": {"host": {"iptables": True, "containerEndpoint": True}},
+    },
     "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
 }
 
