@@ -1,6 +1,6 @@
 //! `GET /v1/credentials`, the EKS-Pod-Identity-compatible endpoint, end to end: the pod is
 //! identified by its projected ServiceAccount token (checked by the server with TokenReview on
-//! the fake API server), never by its address. Real SDKs (botocore, the Rust SDK) configured only
+//! the fake API server), never by its address. Real SDKs (botocore, the Rust and node SDKs) configured only
 //! through `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get
 //! their pod's role, a hostNetwork pod's included; and every kind of bad token is refused.
 
@@ -156,12 +156,18 @@ async fn sdks_configured_only_by_the_two_variables_get_their_pods_role() {
             .unwrap_or_else(|e| panic!("{name}: boto3: {e}"));
         assert_eq!(boto3.caller_arn, caller_arn(role), "{name}: boto3");
         assert_eq!(method, "container-role", "{name}: botocore's container provider");
-        let (uri, f, s) = (full_uri.clone(), file, sts.clone());
+        let (uri, f, s) = (full_uri.clone(), file.clone(), sts.clone());
         let rust = tokio::task::spawn_blocking(move || sdk::rust_sdk_container(&uri, &f, &s))
             .await
             .expect("join")
             .unwrap_or_else(|e| panic!("{name}: Rust SDK: {e}"));
         assert_eq!(rust.caller_arn, caller_arn(role), "{name}: Rust SDK");
+        let (uri, f, s) = (full_uri.clone(), file.clone(), sts.clone());
+        let node = tokio::task::spawn_blocking(move || sdk::node_sdk_container(&uri, &f, &s))
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("{name}: node SDK: {e}"));
+        assert_eq!(node.caller_arn, caller_arn(role), "{name}: node SDK");
     }
 }
 

@@ -29,6 +29,7 @@ pub const SDK_TIMEOUT: Duration = Duration::from_secs(60);
 
 const BOTO3_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/boto3_probe.py");
 const NODE_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/imds_probe.mjs");
+const NODE_CONTAINER_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/container_probe.mjs");
 
 /// What a pod-side SDK ended up with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +220,15 @@ pub fn boto3_container(
         .and_then(|v| v["method"].as_str().map(str::to_string))
         .unwrap_or_default();
     Ok((probe_outcome("boto3 probe", &stdout)?, method))
+}
+
+/// The node SDK's default chain (`tests/it/js/container_probe.mjs`) in the node's network
+/// namespace, configured only by [`container_env`].
+pub fn node_sdk_container(full_uri: &str, token_file: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let mut cmd = Command::new("node");
+    cmd.arg(NODE_CONTAINER_PROBE).arg(sts_url);
+    let (stdout, _stderr) = run_scrubbed(cmd, &container_env(full_uri, token_file))?;
+    probe_outcome("node container probe", &stdout)
 }
 
 /// boto3 inside `net`, configured only by [`container_env`].
