@@ -98,8 +98,8 @@ impl PodTokens {
             return Err(TokenRefusal::RateLimited);
         }
         let claims = self.review(token).await?;
-        let ttl = unverified.and_then(|u| u.expires).map(|exp| until(exp).saturating_sub(EXP_MARGIN));
-        if let Some(ttl) = ttl.map(|t| t.min(VERDICT_TTL)).filter(|t| !t.is_zero()) {
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        if let Some(ttl) = verdict_ttl(unverified.and_then(|u| u.expires), epoch) {
             self.remember(key, now + ttl, claims.clone());
         }
         Ok(claims)
@@ -123,16 +123,7 @@ impl PodTokens {
     }
 
     fn allow_review(&self, key: &str, now: Instant) -> bool {
-        let mut windows = self.reviews.lock().unwrap_or_else(PoisonError::into_inner);
-        if windows.len() > VERDICT_CACHE {
-            windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
-        }
-        let window = windows.entry(key.to_string()).or_insert((now, 0));
-        if now.duration_since(window.0) >= Duration::from_secs(1) {
-            *window = (now, 0);
-        }
-        window.1 += 1;
-        window.1 <= REVIEWS_PER_SECOND
+        allow(&self.reviews, key, now)
     }
 
     async fn review(&self, token: &str) -> Result<PodClaims, TokenRefusal> {
@@ -183,9 +174,26 @@ impl PodTokens {
 /// A remembered verdict ends this long before the token's `exp`.
 const EXP_MARGIN: Duration = Duration::from_secs(5);
 
-fn until(exp: u64) -> Duration {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    Duration::from_secs(exp).saturating_sub(now)
+/// How long a positive verdict on a token whose `exp` is `exp` may be reused, at `now` (since the
+/// epoch): at most [`VERDICT_TTL`], and ending [`EXP_MARGIN`] before the token does. A token
+/// without a readable `exp` is not remembered at all.
+fn verdict_ttl(exp: Option<u64>, now: Duration) -> Option<Duration> {
+    let left = Duration::from_secs(exp?).checked_sub(now)?.checked_sub(EXP_MARGIN)?;
+    Some(left.min(VERDICT_TTL)).filter(|t| !t.is_zero())
+}
+
+/// Counts one review for `key` in its one-second window at `now`; false once over the budget.
+fn allow(reviews: &Mutex<HashMap<String, (Instant, u32)>>, key: &str, now: Instant) -> bool {
+    let mut windows = reviews.lock().unwrap_or_else(PoisonError::into_inner);
+    if windows.len() > VERDICT_CACHE {
+        windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
+    }
+    let window = windows.entry(key.to_string()).or_insert((now, 0));
+    if now.duration_since(window.0) >= Duration::from_secs(1) {
+        *window = (now, 0);
+    }
+    window.1 += 1;
+    window.1 <= REVIEWS_PER_SECOND
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -196,3 +204,30 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 pub mod jwt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_end_before_the_token_does() {
+        let now = Duration::from_secs(1_000_000);
+        assert_eq!(verdict_ttl(None, now), None, "no exp, no memory");
+        assert_eq!(verdict_ttl(Some(999_000), now), None, "expired");
+        assert_eq!(verdict_ttl(Some(1_000_003), now), None, "inside the margin");
+        assert_eq!(verdict_ttl(Some(1_000_030), now), Some(Duration::from_secs(25)));
+        assert_eq!(verdict_ttl(Some(1_003_600), now), Some(VERDICT_TTL));
+    }
+
+    #[test]
+    fn reviews_are_budgeted_per_key_and_second() {
+        let reviews = Mutex::default();
+        let start = Instant::now();
+        for _ in 0..REVIEWS_PER_SECOND {
+            assert!(allow(&reviews, "node-a/uid-1", start));
+        }
+        assert!(!allow(&reviews, "node-a/uid-1", start), "over the budget");
+        assert!(allow(&reviews, "node-a/uid-2", start), "another pod has its own");
+        assert!(allow(&reviews, "node-a/uid-1", start + Duration::from_secs(1)), "a new second");
+    }
+}

@@ -1,8 +1,9 @@
 //! `GET /v1/credentials`, the EKS-Pod-Identity-compatible endpoint, end to end: the pod is
 //! identified by its projected ServiceAccount token (checked by the server with TokenReview on
-//! the fake API server), never by its address. Real SDKs (botocore, the Rust and node SDKs) configured only
-//! through `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get
-//! their pod's role, a hostNetwork pod's included; and every kind of bad token is refused.
+//! the fake API server), never by its address. Real SDKs (botocore, the Rust and node SDKs)
+//! configured only through `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get their pod's role, a hostNetwork pod's included;
+//! and every kind of bad token is refused.
 
 use std::path::PathBuf;
 use std::time::Duration;
