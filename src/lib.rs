@@ -15,6 +15,8 @@
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf;
 //!   [`certs`] makes and inspects the certificates (`kiam certs`).
 //! - [`fuzz`]: the fuzz targets over every parser of untrusted input (SECURITY.md).
+//! - [`webhook`]: `kiam webhook`, the admission webhook that sets opted-in pods up for the
+//!   agent's `GET /v1/credentials` (identity by projected token, EKS Pod Identity's contract).
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +41,7 @@ pub mod server;
 pub mod task;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;
 
 /// Installs aws-lc-rs as the process's rustls crypto provider. Call first in `main` and in
 /// test setup: with no provider installed, rustls panics at the first handshake.

@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
         Command::Health(h) => &h.log,
         Command::Explain(e) => &e.log,
         Command::Certs(c) => &c.log,
+        Command::Webhook(w) => &w.log,
     };
     kiam::telemetry::init(log.json_log, log.level);
     match kiam::rlimit::raise_open_files() {
@@ -46,6 +47,7 @@ async fn main() -> ExitCode {
         Command::Health(args) => health(args).await,
         Command::Explain(args) => return explain(args).await,
         Command::Certs(args) => return args.run(),
+        Command::Webhook(args) => webhook(args, shutdown).await,
         Command::Kube2iam(_) => unreachable_kube2iam(),
     };
     match result {
@@ -55,6 +57,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kiam webhook`: HTTPS until shutdown.
+async fn webhook(args: kiam::cli::WebhookArgs, shutdown: CancellationToken) -> Result<(), String> {
+    let injection = args.injection()?;
+    let tls = kiam::webhook::serve::tls_config(&args.cert, &args.key).map_err(|e| e.to_string())?;
+    let listener = kiam::net::listen_on(&args.listen).await.map_err(|e| format!("{}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, "webhook listening");
+    kiam::webhook::serve::serve(listener, tls, injection, shutdown).await;
+    Ok(())
 }
 
 /// Dispatched before logging starts, above; kept so the match stays exhaustive.

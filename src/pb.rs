@@ -10,6 +10,11 @@ pub mod node {
     tonic::include_proto!("kiamrs.node");
 }
 
+/// `kiamrs.token` (from `proto/kiamrs/token.proto`): credentials for a pod's projected token.
+pub mod token {
+    tonic::include_proto!("kiamrs.token");
+}
+
 /// `kiamrs.debug` (from `proto/kiamrs/debug.proto`): the server's cache state for `kiam explain`.
 pub mod debug {
     tonic::include_proto!("kiamrs.debug");

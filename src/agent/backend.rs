@@ -19,6 +19,37 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ImdsDocument, BackendError>> + Send;
     /// The server's health message (`ok`).
     fn health(&self) -> impl Future<Output = Result<String, BackendError>> + Send;
+    /// Credentials for the pod a projected ServiceAccount token is bound to
+    /// (`GET /v1/credentials`). Only a backend that can check tokens offers it.
+    fn token_credentials(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<ContainerCredentials, BackendError>> + Send {
+        let _ = token;
+        async { Err(BackendError::Failed("this agent's backend cannot check pod tokens".into())) }
+    }
+}
+
+/// What the server answers for a pod's token: the credentials and the role they are for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ContainerCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: String,
+    /// RFC 3339.
+    pub expiration: String,
+    /// The role's full ARN.
+    pub role_arn: String,
+}
+
+impl std::fmt::Debug for ContainerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .field("role_arn", &self.role_arn)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a backend call failed, in the kinds the agent treats differently.
@@ -33,6 +64,9 @@ pub enum BackendError {
     /// No server could be reached: worth retrying within the budget.
     #[error("server unavailable: {0}")]
     Unavailable(String),
+    /// The pod's token proves no live pod (invalid, expired, wrong audience, deleted pod).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// Any other failure (STS errors among them).
     #[error("{0}")]
     Failed(String),

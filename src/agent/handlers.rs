@@ -11,10 +11,10 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::answers;
 use super::error::AgentError;
 use super::token::{TOKEN_HEADER, TTL_HEADER, parse_ttl};
 use super::{Agent, Backend};
+use super::{answers, container};
 use crate::metrics::Handler;
 use crate::metrics::kube2iam::HttpCall;
 use crate::policy::paths::{Route, classify};
@@ -63,6 +63,7 @@ fn handler_of(route: &Route<'_>) -> &'static str {
         Route::Credentials(_) | Route::ExtendedCredentials(_) => "credentials",
         Route::RoleList | Route::ExtendedRoleList | Route::CredentialsRedirect => "roleName",
         Route::Health => "health",
+        Route::ContainerCredentials => "containerCredentials",
         Route::IamInfo => "iamInfo",
         Route::Token => "token",
         Route::Ping => "ping",
@@ -87,10 +88,10 @@ fn kube2iam_handler(route: &Route<'_>) -> &'static str {
 fn record(m: &crate::metrics::AgentMetrics, handler: &'static str, status: u16, elapsed: Duration) {
     let label = Handler { handler };
     m.responses.get_or_create(&crate::metrics::Response { handler, code: status.to_string() }).inc();
-    if matches!(handler, "credentials" | "roleName" | "health") {
+    if matches!(handler, "credentials" | "containerCredentials" | "roleName" | "health") {
         m.handler_latency.get_or_create(&label).observe(elapsed.as_secs_f64());
     }
-    if status == 200 && matches!(handler, "credentials" | "roleName" | "proxy") {
+    if status == 200 && matches!(handler, "credentials" | "containerCredentials" | "roleName" | "proxy") {
         m.success.get_or_create(&label).inc();
     }
 }
@@ -121,6 +122,8 @@ async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> 
         Route::Ping => return Ok("pong".into_response()),
         Route::Health => return answers::health(agent, request.uri.query()).await,
         Route::Healthz => return answers::healthz(agent).await,
+        // Identified by the token it carries, not by its address or an IMDSv2 token.
+        Route::ContainerCredentials => return container::credentials(agent, headers).await,
         _ => {}
     }
     check_token(agent, ip, headers)?;

@@ -9,6 +9,7 @@
 
 pub mod answers;
 pub mod backend;
+pub mod container;
 pub mod deadline;
 pub mod documents;
 pub mod error;
@@ -29,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use backend::{Backend, BackendError};
+pub use backend::{Backend, BackendError, ContainerCredentials};
 pub use http::Limits;
 use iptables::{Interception, IptablesError, Runner};
 use proxy::Upstream;

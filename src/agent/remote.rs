@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use tonic::{Code, Status};
 
-use super::backend::{Backend, BackendError};
+use super::backend::{Backend, BackendError, ContainerCredentials};
 use crate::client::GrpcClient;
 use crate::creds::ImdsDocument;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
@@ -20,6 +20,7 @@ pub fn backend_error(status: Status) -> BackendError {
     }
     match status.code() {
         Code::PermissionDenied => BackendError::Forbidden,
+        Code::Unauthenticated => BackendError::Unauthenticated(status.message().to_string()),
         Code::NotFound | Code::FailedPrecondition if status.message().contains("no longer") => {
             BackendError::PodNotFound
         }
@@ -28,6 +29,16 @@ pub fn backend_error(status: Status) -> BackendError {
             BackendError::Unavailable(status.message().to_string())
         }
         _ => BackendError::Failed(status.message().to_string()),
+    }
+}
+
+/// Maps a status of `PodTokens.Credentials`: there a denial is final whatever its text, and
+/// node binding's refusal (the pod is on another node) is a denial too.
+fn token_error(status: Status) -> BackendError {
+    match status.code() {
+        Code::PermissionDenied => BackendError::Forbidden,
+        Code::Unauthenticated => BackendError::Unauthenticated(status.message().to_string()),
+        _ => backend_error(status),
     }
 }
 
@@ -52,6 +63,17 @@ impl Backend for GrpcClient {
 
     async fn health(&self) -> Result<String, BackendError> {
         self.get_health().await.map_err(backend_error)
+    }
+
+    async fn token_credentials(&self, token: &str) -> Result<ContainerCredentials, BackendError> {
+        let reply = GrpcClient::token_credentials(self, token).await.map_err(token_error)?;
+        Ok(ContainerCredentials {
+            access_key_id: reply.access_key_id,
+            secret_access_key: reply.secret_access_key,
+            token: reply.token,
+            expiration: reply.expiration,
+            role_arn: reply.role_arn,
+        })
     }
 }
 

@@ -65,6 +65,11 @@ pub struct AgentArgs {
     /// How often the DNAT rule is checked, and restored if something deleted it.
     #[arg(long, env = "KIAM_IPTABLES_CHECK_INTERVAL", default_value = "5s", value_parser = go_duration)]
     pub iptables_check_interval: Duration,
+    /// With --iptables, also send the container credentials endpoint (169.254.170.23:80, EKS
+    /// Pod Identity's) to the agent, from pods and from the node itself (hostNetwork pods).
+    /// Leave it off where EKS's own Pod Identity agent runs: it owns that address.
+    #[arg(long, env = "KIAM_CONTAINER_ENDPOINT")]
+    pub container_endpoint: bool,
     /// Take the caller's IP from ?ip= (development only: any pod can then get any pod's
     /// credentials).
     #[arg(long, env = "KIAM_ALLOW_IP_QUERY", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
@@ -118,6 +123,7 @@ impl AgentArgs {
                 chain: DEFAULT_CHAIN.into(),
                 remove_at_exit: self.iptables_remove && !self.no_iptables_remove,
                 check_interval: self.iptables_check_interval,
+                container: self.container_endpoint,
             })
         } else {
             None

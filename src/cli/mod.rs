@@ -10,6 +10,7 @@ mod explain;
 mod health;
 mod policy;
 mod server;
+mod webhook;
 
 use std::path::PathBuf;
 
@@ -22,6 +23,7 @@ pub use explain::ExplainArgs;
 pub use health::HealthArgs;
 pub use policy::PolicyArgs;
 pub use server::ServerArgs;
+pub use webhook::WebhookArgs;
 
 use crate::tls::TlsFiles;
 
@@ -47,6 +49,9 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Make the mutual-TLS certificates (a CA, server, agents, per-node agents) or inspect them.
     Certs(CertsArgs),
+    /// The mutating admission webhook that sets opted-in pods up for the container credentials
+    /// endpoint (GET /v1/credentials), as EKS Pod Identity's webhook does.
+    Webhook(WebhookArgs),
     /// kube2iam mode: one process per node, with kube2iam's flags (also run as `kube2iam`).
     Kube2iam(crate::kube2iam::Kube2iamArgs),
 }

@@ -95,6 +95,10 @@ pub struct ServerArgs {
     /// minute.
     #[arg(long, env = "KIAM_NODE_READINESS_REAPPLY", requires = "node_readiness_taint")]
     pub node_readiness_reapply: bool,
+    /// The audience of the projected ServiceAccount tokens pods present to the agent's
+    /// `GET /v1/credentials` (EKS Pod Identity's by default, so pods set up for it work as they are).
+    #[arg(long, env = "KIAM_POD_TOKEN_AUDIENCE", default_value = crate::server::DEFAULT_POD_TOKEN_AUDIENCE)]
+    pub pod_token_audience: String,
     /// The server's own pod (from the downward API), named in the Events it records.
     #[arg(long, env = "POD_NAME", hide = true)]
     pub pod_name: Option<String>,
@@ -162,6 +166,7 @@ impl ServerArgs {
                 agent_service_account: self.agent_service_account.clone(),
                 readiness_taint: self.node_readiness_taint.clone().filter(|t| !t.trim().is_empty()),
                 readiness_reapply: self.node_readiness_reapply,
+                pod_token_audience: self.pod_token_audience.clone(),
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

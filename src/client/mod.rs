@@ -23,6 +23,7 @@ use crate::tls::reload::{Reloading, Side};
 use crate::pb;
 use crate::pb::kiam_service_client::KiamServiceClient;
 use crate::pb::node::node_view_client::NodeViewClient;
+use crate::pb::token::pod_tokens_client::PodTokensClient;
 use crate::tls::{self, TlsFiles};
 
 /// How the client reaches a server.
@@ -308,6 +309,21 @@ impl GrpcClient {
             .await;
         let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
         self.grpc_metrics.unary(false, "Credentials", code);
+        Ok(result?.into_inner())
+    }
+
+    /// `PodTokens.Credentials`: credentials for the pod a projected token is bound to.
+    pub async fn token_credentials(&self, token: &str) -> Result<pb::token::TokenCredentialsReply, Status> {
+        let message = pb::token::TokenCredentialsRequest { token: token.to_string() };
+        let result = self
+            .call_with_retries(|_, left| {
+                let mut client = PodTokensClient::new(self.pool.channel());
+                let request = self.authorised(request(message.clone(), left));
+                async move { client.credentials(request).await }
+            })
+            .await;
+        let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
+        self.grpc_metrics.unary(false, "TokenCredentials", code);
         Ok(result?.into_inner())
     }
 }

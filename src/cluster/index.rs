@@ -137,6 +137,11 @@ impl PodIndex {
         self.pods.values().filter(|p| !p.phase.is_finished() && !p.host_network).for_each(|p| f(p));
     }
 
+    /// The pod called `name` in `namespace`, whatever its state.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<PodFacts>> {
+        self.pods.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
     /// The pod that owns `ip`. Finished pods and hostNetwork pods never match. A terminating pod
     /// keeps its IP until another live pod has it: a new pod on a reused IP wins, so it never
     /// receives the old pod's credentials, and two live non-terminating pods are an error.

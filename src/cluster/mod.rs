@@ -355,6 +355,11 @@ impl Cluster {
         self.pods.read().unwrap_or_else(PoisonError::into_inner).lookup(ip)
     }
 
+    /// The pod called `name` in `namespace` (hostNetwork and finished pods included).
+    pub fn pod_by_name(&self, namespace: &str, name: &str) -> Option<Arc<PodFacts>> {
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).get(namespace, name)
+    }
+
     /// The namespace called `name`.
     pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceFacts>> {
         self.namespaces.read().unwrap_or_else(PoisonError::into_inner).get(name)

@@ -42,7 +42,9 @@ impl<A> InProcess<A> {
                 BackendError::Failed(error.to_string())
             }
             Error::Forbidden { .. } | Error::Node(_) | Error::DebugCertificate => BackendError::Forbidden,
-            Error::InvalidIp(_) | Error::Sts(_) => BackendError::Failed(error.to_string()),
+            Error::InvalidIp(_) | Error::Sts(_) | Error::PodGone(_) => {
+                BackendError::Failed(error.to_string())
+            }
         }
     }
 }

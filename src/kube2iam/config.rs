@@ -120,6 +120,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             // leaves pods refused (fail closed) rather than reaching the node's credentials.
             remove_at_exit: false,
             check_interval: Duration::from_secs(5),
+            container: false,
         })
     } else {
         None
@@ -180,6 +181,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         node_binding: false,
         node_view: false,
         agent_token_audience: String::new(),
+        pod_token_audience: String::new(),
         agent_service_account: String::new(),
         readiness_taint: None,
         readiness_reapply: false,

@@ -21,6 +21,9 @@ pub enum Route<'a> {
     Health,
     /// `/healthz`: kube2iam's health answer (kube2iam mode only).
     Healthz,
+    /// `/v1/credentials`: the container credentials endpoint (EKS Pod Identity's), which
+    /// identifies the pod by the token in `Authorization`, not by its address.
+    ContainerCredentials,
     /// `/{version}/api/token`: IMDSv2 token issue.
     Token,
     /// `/{version}/meta-data/iam/security-credentials`: redirected to the listing.
@@ -51,6 +54,7 @@ pub fn classify(path: &str) -> Route<'_> {
         "/ping" => return Route::Ping,
         "/health" => return Route::Health,
         "/healthz" => return Route::Healthz,
+        "/v1/credentials" => return Route::ContainerCredentials,
         _ => {}
     }
     if is_malformed(path) {
@@ -151,6 +155,8 @@ mod tests {
             ("/ping", Route::Ping),
             ("/health", Route::Health),
             ("/latest/api/token", Route::Token),
+            ("/v1/credentials", Route::ContainerCredentials),
+            ("/v1/credentials/", Route::Other),
             ("/latest/meta-data/iam/security-credentials", Route::CredentialsRedirect),
             ("/2016-09-02/meta-data/iam/security-credentials/", Route::RoleList),
             ("/latest/meta-data/iam/security-credentials/app", Route::Credentials("app")),

@@ -43,6 +43,8 @@ pub struct Settings {
     pub readiness_taint: Option<String>,
     /// `--node-readiness-reapply`: put the taint back when a node's agent stays gone.
     pub readiness_reapply: bool,
+    /// `--pod-token-audience`: the audience of pods' tokens for `GET /v1/credentials`.
+    pub pod_token_audience: String,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).

@@ -31,6 +31,9 @@ pub enum Error {
     /// No live pod has the IP.
     #[error("no pod found for IP {0}")]
     PodNotFound(IpAddr),
+    /// No live pod is the one a token is bound to (deleted, replaced by a namesake, finished).
+    #[error("pod {0} named by the token is not running")]
+    PodGone(String),
     /// Several live pods claim the IP.
     #[error("multiple running pods found for IP {ip} ({count})")]
     AmbiguousIp { ip: IpAddr, count: usize },
@@ -69,6 +72,17 @@ impl Ask {
     pub fn new(ip: IpAddr, caller: Caller, wait: Duration) -> Ask {
         Ask { ip, caller, wait, uid: None }
     }
+}
+
+/// A request by token: the pod a verified token is bound to, asked about by `caller`.
+#[derive(Clone, Debug)]
+pub struct TokenAsk {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub caller: Caller,
+    /// How long to wait for a pod the watch has not delivered yet.
+    pub wait: Duration,
 }
 
 /// Lookup, policy and credentials.
@@ -138,12 +152,65 @@ impl<A: AssumeRole> Core<A> {
     ) -> Result<(Arc<PodFacts>, Arc<Credentials>), Error> {
         let deadline = tokio::time::Instant::now() + ask.wait;
         let pod = self.authorised_pod(ask).await?;
+        let (creds, _) = self.credentials_for(&pod, requested, deadline).await?;
+        Ok((pod, creds))
+    }
+
+    /// Credentials for the pod a verified token is bound to: the same checks and policy as
+    /// [`pod_credentials`](Self::pod_credentials), on the pod found by name and UID instead of
+    /// by IP, so hostNetwork pods are served too. Returns the role's ARN as well.
+    pub async fn token_credentials(
+        &self,
+        ask: &TokenAsk,
+    ) -> Result<(Arc<PodFacts>, Arc<Credentials>, String), Error> {
+        let deadline = tokio::time::Instant::now() + ask.wait;
+        if ask.caller == Caller::Unnamed {
+            return Err(NodeDenial::Unnamed.into());
+        }
+        let pod = self.named_pod(ask, deadline).await?;
+        check_node(&pod, &ask.caller)?;
+        let Some(role) = self.policy.effective_role(&pod).map(str::to_string) else {
+            let denial = Denial::NoRoleAnnotation;
+            return Err(Error::Forbidden { pod: pod.qualified_name(), denial });
+        };
+        let (creds, arn) = self.credentials_for(&pod, &role, deadline).await?;
+        Ok((pod, creds, arn))
+    }
+
+    /// The live pod `ask` names, with its UID, waited for (woken by pod changes) until
+    /// `deadline`: a token's pod may reach the server's watch just after its first request.
+    async fn named_pod(
+        &self,
+        ask: &TokenAsk,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<PodFacts>, Error> {
+        let mut changes = self.cluster.pod_changes();
+        loop {
+            // A namesake with another UID may be the watch running behind a new pod, or the
+            // token outliving its pod: wait for the watch either way, and refuse at the deadline.
+            let found = self.cluster.pod_by_name(&ask.namespace, &ask.name);
+            if let Some(pod) = found.filter(|p| p.uid == ask.uid && !p.phase.is_finished()) {
+                return Ok(pod);
+            }
+            if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                return Err(Error::PodGone(format!("{}/{}", ask.namespace, ask.name)));
+            }
+        }
+    }
+
+    /// The policy decision and the credentials for `pod` and `requested`, with the role ARN.
+    async fn credentials_for(
+        &self,
+        pod: &Arc<PodFacts>,
+        requested: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Arc<Credentials>, String), Error> {
         self.wait_namespace(&pod.namespace, deadline).await;
-        let identity = match self.identity_for(&pod, requested) {
+        let identity = match self.identity_for(pod, requested) {
             Ok(identity) => identity,
             Err(denial) => {
                 let note = format!("failed assuming role \"{requested}\": {denial}");
-                self.events.warn(&pod, events::ROLE_FORBIDDEN, note);
+                self.events.warn(pod, events::ROLE_FORBIDDEN, note);
                 return Err(Error::Forbidden { pod: pod.qualified_name(), denial });
             }
         };
@@ -151,11 +218,11 @@ impl<A: AssumeRole> Core<A> {
             Ok(creds) => {
                 let left = creds.expiration.duration_since(SystemTime::now()).unwrap_or_default();
                 self.metrics.server.served_remaining.observe(left.as_secs_f64());
-                Ok((pod, creds))
+                Ok((creds, identity.role.as_str().to_string()))
             }
             Err(error) => {
                 let note = format!("failed retrieving credentials: {error}");
-                self.events.warn(&pod, events::CREDENTIAL_ERROR, note);
+                self.events.warn(pod, events::CREDENTIAL_ERROR, note);
                 Err(Error::Sts(error))
             }
         }

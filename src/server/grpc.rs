@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 use super::config::GrpcSettings;
 use super::idle::IdleStream;
 use super::node_service::NodeViewService;
+use super::token_service::PodTokenService;
 use super::{ServeError, debug, service};
 use crate::creds::AssumeRole;
 use crate::pb::kiam_service_server::KiamServiceServer;
 use crate::pb::node::node_view_server::NodeViewServer;
+use crate::pb::token::pod_tokens_server::PodTokensServer;
 use crate::tls::reload::Reloading;
 
 /// How long a client gets to finish its TLS handshake.
@@ -32,16 +34,27 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 1024;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
-/// Serves `service`, `debug` and (unless disabled) the node view over mutual TLS on `listener` until `shutdown`.
+/// The gRPC services one server offers.
+pub struct Services<A> {
+    /// kiam's `KiamService`.
+    pub kiam: service::KiamService<A>,
+    /// `kiamrs.debug`.
+    pub debug: debug::DebugService<A>,
+    /// `kiamrs.node`, unless disabled.
+    pub view: Option<NodeViewService<A>>,
+    /// `kiamrs.token`.
+    pub tokens: PodTokenService<A>,
+}
+
+/// Serves `services` over mutual TLS on `listener` until `shutdown`.
 pub async fn run<A: AssumeRole>(
     listener: TcpListener,
     tls: Arc<Reloading<Arc<rustls::ServerConfig>>>,
-    service: service::KiamService<A>,
-    debug: debug::DebugService<A>,
-    view: Option<NodeViewService<A>>,
+    services: Services<A>,
     grpc: &GrpcSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let Services { kiam: service, debug, view, tokens } = services;
     let idle = Some(grpc.max_connection_idle).filter(|d| !d.is_zero());
     let closed = service.metrics().server.idle_connections_closed.clone();
     let incoming = accept_tls(listener, tls, idle, closed, shutdown.clone());
@@ -53,6 +66,7 @@ pub async fn run<A: AssumeRole>(
         .add_service(KiamServiceServer::new(service))
         .add_service(debug::server(debug))
         .add_optional_service(view.map(NodeViewServer::new))
+        .add_service(PodTokensServer::new(tokens))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -13,6 +13,8 @@ use kube::Api;
 use kube::api::PostParams;
 use tonic::Request;
 
+use super::pod_token::PodTokens;
+
 /// How long a positive token verdict is reused (well under any projected token's lifetime).
 const VERDICT_TTL: Duration = Duration::from_secs(30);
 /// The most verdicts remembered.
@@ -25,6 +27,10 @@ pub struct Identities {
     tokens: Option<TokenVerifier>,
 }
 
+/// The audience of pods' tokens for `GET /v1/credentials` by default: EKS Pod Identity's, so that
+/// pods set up for EKS (by its webhook or by hand) work unchanged.
+pub const DEFAULT_POD_TOKEN_AUDIENCE: &str = "pods.eks.amazonaws.com";
+
 /// Checks agents' tokens with TokenReview.
 pub struct TokenVerifier {
     client: kube::Client,
@@ -33,14 +39,22 @@ pub struct TokenVerifier {
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     username: String,
     verdicts: Mutex<HashMap<[u8; 32], (Instant, String)>>,
+    /// Pods' tokens, for `GET /v1/credentials`, through the same client.
+    pods: PodTokens,
 }
 
 impl TokenVerifier {
-    /// Verifies tokens through `client` for `audience`, accepting only `service_account`
-    /// (`namespace:name` or `namespace/name`).
-    pub fn new(client: kube::Client, audience: &str, service_account: &str) -> TokenVerifier {
+    /// Verifies agents' tokens through `client` for `audience`, accepting only `service_account`
+    /// (`namespace:name` or `namespace/name`), and pods' tokens for `pod_audience`.
+    pub fn new(
+        client: kube::Client,
+        audience: &str,
+        service_account: &str,
+        pod_audience: &str,
+    ) -> TokenVerifier {
         let sa = service_account.replacen('/', ":", 1);
         TokenVerifier {
+            pods: PodTokens::new(client.clone(), pod_audience),
             client,
             audience: audience.to_string(),
             username: format!("system:serviceaccount:{sa}"),
@@ -101,6 +115,11 @@ impl Identities {
     /// Certificates only, or certificates and tokens.
     pub fn new(tokens: Option<TokenVerifier>) -> Identities {
         Identities { tokens }
+    }
+
+    /// The checker of pods' tokens, when this server has API access.
+    pub fn pod_tokens(&self) -> Option<&PodTokens> {
+        self.tokens.as_ref().map(|t| &t.pods)
     }
 
     /// The node the caller proves: its certificate's node URI SAN first, then its bearer token.

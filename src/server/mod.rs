@@ -12,9 +12,11 @@ pub mod identity;
 pub mod idle;
 pub mod node_service;
 pub mod pitfalls;
+pub mod pod_token;
 pub mod prefetch;
 pub mod readiness;
 pub mod service;
+pub mod token_service;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -27,7 +29,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::{Config, ConfigError, GrpcSettings, Inventory, Settings};
-pub use self::core::{Ask, Core, Error};
+pub use self::core::{Ask, Core, Error, TokenAsk};
+pub use self::identity::DEFAULT_POD_TOKEN_AUDIENCE;
 use crate::aws::Sts;
 use crate::cluster::events::{EventSink, KubeEvents, NoEvents};
 use crate::cluster::file::FileSource;
@@ -109,6 +112,7 @@ pub async fn open_inventory(
                 source.client(),
                 &settings.agent_token_audience,
                 &settings.agent_service_account,
+                &settings.pod_token_audience,
             );
             let nodes = Some(source.client());
             Inventoried {
@@ -203,11 +207,12 @@ pub async fn assemble<A: AssumeRole, S: Source>(
         service::KiamService::new(Arc::clone(&core), settings.node_binding, Arc::clone(&identities));
     let view = settings
         .node_view
-        .then(|| NodeViewService::new(Arc::clone(&core), hub, identities, shutdown.clone()));
+        .then(|| NodeViewService::new(Arc::clone(&core), hub, Arc::clone(&identities), shutdown.clone()));
+    let tokens = token_service::PodTokenService::new(Arc::clone(&core), identities);
+    let services = grpc::Services { kiam: service, debug, view, tokens };
     let grpc_settings = config.grpc.clone();
-    let task = tokio::spawn(async move {
-        grpc::run(listener, tls, service, debug, view, &grpc_settings, shutdown).await
-    });
+    let task =
+        tokio::spawn(async move { grpc::run(listener, tls, services, &grpc_settings, shutdown).await });
     Ok(Some(Server { core, addr, task }))
 }
 

@@ -33,6 +33,7 @@ pub fn status(err: &Error, rpc: Rpc) -> Status {
         Error::AmbiguousIp { .. } => Status::failed_precondition("multiple running pods found"),
         Error::Forbidden { .. } => Status::permission_denied(FORBIDDEN),
         Error::PodChanged(_) => Status::failed_precondition(err.to_string()),
+        Error::PodGone(_) => Status::unauthenticated(err.to_string()),
         Error::Node(_) | Error::DebugCertificate => Status::permission_denied(err.to_string()),
         Error::Sts(sts) => {
             // Never Unavailable: clients read that as "this server is unreachable" and retry

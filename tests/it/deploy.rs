@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use clap::Parser;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -38,6 +39,7 @@ pub enum Object {
     ClusterRoleBinding(Box<ClusterRoleBinding>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
+    MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
     Custom(Value),
 }
 
@@ -55,6 +57,7 @@ fn parse(value: &Value) -> Object {
         "ClusterRoleBinding" => Object::ClusterRoleBinding(typed(value)),
         "PodDisruptionBudget" => Object::PodDisruptionBudget(typed(value)),
         "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
+        "MutatingWebhookConfiguration" => Object::MutatingWebhookConfiguration(typed(value)),
         "ServiceMonitor" | "Certificate" | "Issuer" => Object::Custom(value.clone()),
         other => panic!("the chart renders a kind the tests do not know: {other}"),
     }

@@ -263,6 +263,49 @@ fn no_node_binding(r: &Rendered) {
     proves_no_node_by_token(r);
 }
 
+/// The container endpoint: its DNAT flag, and TokenReview for pods' tokens even though the
+/// agents prove their node by certificate.
+fn container_endpoint(r: &Rendered) {
+    let args = r.args("agent");
+    assert!(has(&args, "--iptables") && has(&args, "--container-endpoint"), "{args:?}");
+    assert_eq!(node_token(r), None, "certificates prove the node");
+    rbac(r, true);
+}
+
+/// `kiam webhook`: its Deployment, and two webhook entries (pods that opt in; pods of namespaces
+/// that opt in, less those that opt out) calling its two paths.
+fn webhook(r: &Rendered) {
+    let container = r.container("webhook");
+    assert_eq!(container.command.as_deref(), Some(&["/kiam".to_string(), "webhook".into()][..]));
+    assert!(has(&r.args("webhook"), "--token-audience=pods.eks.amazonaws.com"));
+    assert_eq!(r.pod("webhook").automount_service_account_token, Some(false), "it needs no API access");
+    let Object::MutatingWebhookConfiguration(config) = &r.0["MutatingWebhookConfiguration/kiam-webhook"].1
+    else {
+        unreachable!()
+    };
+    let hooks = config.webhooks.clone().unwrap_or_default();
+    let paths: Vec<Option<String>> =
+        hooks.iter().map(|h| h.client_config.service.as_ref().and_then(|s| s.path.clone())).collect();
+    assert_eq!(paths, [Some("/mutate".to_string()), Some("/mutate-namespace".into())]);
+    let label = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default()
+    };
+    assert_eq!(
+        label(&hooks[0].object_selector).get("kiam-rs.io/container-credentials").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        label(&hooks[1].namespace_selector).get("kiam-rs.io/container-credentials").map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        hooks
+            .iter()
+            .all(|h| h.failure_policy.as_deref() == Some("Ignore") && h.client_config.ca_bundle.is_some())
+    );
+    assert!(has(&r.args("agent"), "--container-endpoint"));
+}
+
 fn servicemonitor(r: &Rendered) {
     let monitors = r.kinds("ServiceMonitor");
     assert_eq!(monitors.len(), 2);
@@ -358,12 +401,15 @@ pub fn check(report: &Report) {
     tls_files(case("tls-files"));
     hardened(case("hardened"));
     server_only_high_port(case("server-only-high-port"));
+    container_endpoint(case("container-endpoint"));
+    webhook(case("webhook"));
+    assert!(case("default").kinds("MutatingWebhookConfiguration").is_empty(), "the webhook is opt-in");
     docs_install(case("docs/install#1"));
     let kiam_upgrade = case("docs/migrating-from-kiam#1");
     assert!(!has(&kiam_upgrade.args("server"), "--agent-node-binding"), "kiam agents still run");
     assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
     crate::deploy_kube2iam::check(report);
-    assert_eq!(report.cases.len(), 21, "a case without assertions");
+    assert_eq!(report.cases.len(), 23, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

@@ -100,6 +100,7 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
         chain: iptables::DEFAULT_CHAIN.into(),
         remove_at_exit: true,
         check_interval: Duration::from_secs(5),
+        container: false,
     };
     let check = Arc::new(Interception::new(iptables::Command::with_program(node.iptables_program()), rules));
     let installed = || {

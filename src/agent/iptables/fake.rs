@@ -26,7 +26,8 @@ struct State {
 
 impl Default for State {
     fn default() -> State {
-        let chains = BTreeMap::from([("PREROUTING".to_string(), Vec::new())]);
+        let chains =
+            BTreeMap::from([("PREROUTING".to_string(), Vec::new()), ("OUTPUT".to_string(), Vec::new())]);
         State { chains6: chains.clone(), chains, log: Vec::new(), conntrack: Vec::new(), fail: false }
     }
 }

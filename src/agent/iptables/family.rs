@@ -27,12 +27,19 @@ impl<R: Runner> Family<'_, R> {
         Ok(self.runner.run(self.tool, &args).await?.success)
     }
 
-    /// The numbers (from 1) of the `PREROUTING` rules that jump to our chain.
-    async fn jumps(&self) -> Result<Vec<usize>, IptablesError> {
-        let listing = self.must(command("-S", "PREROUTING", &[])).await?;
+    /// The numbers (from 1) of the `builtin` chain's rules that jump to our chain, and whether
+    /// only jumps to our chains (the metadata's, the container endpoint's) come before the first.
+    async fn jumps(&self, builtin: &str) -> Result<(Vec<usize>, bool), IptablesError> {
+        let listing = self.must(command("-S", builtin, &[])).await?;
         let target = format!(" -j {}", self.rules.chain);
-        let rules = listing.stdout.lines().filter(|l| l.starts_with("-A "));
-        Ok(rules.enumerate().filter(|(_, l)| l.trim_end().ends_with(&target)).map(|(i, _)| i + 1).collect())
+        let kin = format!(" -j {}", self.rules.chain.trim_end_matches("-CT"));
+        let rules: Vec<&str> =
+            listing.stdout.lines().filter(|l| l.starts_with("-A ")).map(str::trim_end).collect();
+        let ours: Vec<usize> =
+            rules.iter().enumerate().filter(|(_, l)| l.ends_with(&target)).map(|(i, _)| i + 1).collect();
+        let first = ours.first().copied().unwrap_or(0);
+        let on_top = first > 0 && rules[..first - 1].iter().all(|l| l.contains(&kin));
+        Ok((ours, on_top))
     }
 
     /// Makes the rules what they should be. Returns whether anything changed.
@@ -60,17 +67,19 @@ impl<R: Runner> Family<'_, R> {
             }
             changed = true;
         }
-        let jumps = self.jumps().await?;
-        let exact = self.holds(command("-C", "PREROUTING", &self.rules.jump)).await?;
-        if !(exact && jumps == [1]) {
-            let mut insert = vec!["1".to_string()];
-            insert.extend_from_slice(&self.rules.jump);
-            self.must(command("-I", "PREROUTING", &insert)).await?;
-            // Every other jump to our chain moved down by one; delete them from the bottom up.
-            for n in jumps.iter().rev().take(MAX_DELETIONS) {
-                self.must(command("-D", "PREROUTING", &[(n + 1).to_string()])).await?;
+        for builtin in self.rules.builtins {
+            let (jumps, on_top) = self.jumps(builtin).await?;
+            let exact = self.holds(command("-C", builtin, &self.rules.jump)).await?;
+            if !(exact && jumps.len() == 1 && on_top) {
+                let mut insert = vec!["1".to_string()];
+                insert.extend_from_slice(&self.rules.jump);
+                self.must(command("-I", builtin, &insert)).await?;
+                // Every other jump to our chain moved down by one; delete them from the bottom up.
+                for n in jumps.iter().rev().take(MAX_DELETIONS) {
+                    self.must(command("-D", builtin, &[(n + 1).to_string()])).await?;
+                }
+                changed = true;
             }
-            changed = true;
         }
         Ok(changed)
     }
@@ -82,17 +91,26 @@ impl<R: Runner> Family<'_, R> {
         if !listing.success || listing.stdout.lines().filter(|l| l.starts_with("-A ")).count() != 1 {
             return Ok(false);
         }
-        Ok(self.holds(command("-C", chain, &self.rules.dnat)).await?
-            && self.holds(command("-C", "PREROUTING", &self.rules.jump)).await?
-            && self.jumps().await? == [1])
+        if !self.holds(command("-C", chain, &self.rules.dnat)).await? {
+            return Ok(false);
+        }
+        for builtin in self.rules.builtins {
+            let (jumps, on_top) = self.jumps(builtin).await?;
+            if !(self.holds(command("-C", builtin, &self.rules.jump)).await? && jumps.len() == 1 && on_top) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Deletes the jump (every copy) and our chain. Rules that are already gone are fine.
     pub async fn remove(&self) -> Result<(), IptablesError> {
         let chain = self.rules.chain.as_str();
-        for _ in 0..MAX_DELETIONS {
-            if !self.holds(command("-D", "PREROUTING", &self.rules.jump)).await? {
-                break;
+        for builtin in self.rules.builtins {
+            for _ in 0..MAX_DELETIONS {
+                if !self.holds(command("-D", builtin, &self.rules.jump)).await? {
+                    break;
+                }
             }
         }
         if self.holds(command("-S", chain, &[])).await? {

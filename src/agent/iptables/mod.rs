@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use rules::{Config, DEFAULT_CHAIN, Interface, METADATA_IP, METADATA_IP6, Rules};
+pub use rules::{CONTAINER_IP, Config, DEFAULT_CHAIN, Interface, METADATA_IP, METADATA_IP6, Rules};
 
 /// How long one `iptables` command may take, waiting for the xtables lock included.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,6 +145,8 @@ pub struct Interception<R> {
     rules: Rules,
     /// The IPv6 rules, when the agent listens on an IPv6 address too.
     rules6: Option<Rules>,
+    /// The container endpoint's rules (`--container-endpoint`).
+    container: Option<Rules>,
     config: Config,
     /// `kiam_agent_iptables_restorations_total`, counted directly.
     restorations: Counter,
@@ -153,8 +155,9 @@ pub struct Interception<R> {
 impl<R: Runner> Interception<R> {
     /// Rules for `config`, changed through `runner`.
     pub fn new(runner: R, config: Config) -> Interception<R> {
-        let (rules, rules6) = (Rules::new(&config), Rules::new6(&config));
-        Interception { runner, rules, rules6, config, restorations: Counter::default() }
+        let (rules, rules6, container) =
+            (Rules::new(&config), Rules::new6(&config), Rules::container(&config));
+        Interception { runner, rules, rules6, container, config, restorations: Counter::default() }
     }
 
     /// The configuration.
@@ -172,6 +175,11 @@ impl<R: Runner> Interception<R> {
         self.rules6.as_ref()
     }
 
+    /// The container endpoint's rules, with `--container-endpoint`.
+    pub fn container_rules(&self) -> Option<&Rules> {
+        self.container.as_ref()
+    }
+
     /// How many times the check loop found the rules missing or changed and put them back.
     pub fn restorations(&self) -> u64 {
         self.restorations.get()
@@ -185,8 +193,13 @@ impl<R: Runner> Interception<R> {
 
     fn families(&self) -> impl Iterator<Item = family::Family<'_, R>> {
         let v4 = std::iter::once((Tool::Iptables, &self.rules));
+        let container = self.container.iter().map(|rules| (Tool::Iptables, rules));
         let v6 = self.rules6.iter().map(|rules| (Tool::Ip6tables, rules));
-        v4.chain(v6).map(|(tool, rules)| family::Family { runner: &self.runner, tool, rules })
+        v4.chain(container).chain(v6).map(|(tool, rules)| family::Family {
+            runner: &self.runner,
+            tool,
+            rules,
+        })
     }
 
     /// Makes the rules of every family what they should be; when anything changed, deletes the

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// The address pods send metadata requests to.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The address of the container credentials endpoint (EKS Pod Identity's).
+pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// The metadata service's IPv6 address on Nitro instances (when its IPv6 endpoint is on).
 pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The chain the agent owns, jumped to from `nat PREROUTING`.
@@ -86,6 +88,8 @@ pub struct Config {
     pub remove_at_exit: bool,
     /// `--iptables-check-interval`: how often the rules are checked and restored.
     pub check_interval: Duration,
+    /// `--container-endpoint`: also send 169.254.170.23:80 to the agent.
+    pub container: bool,
 }
 
 /// The two rules of one address family, as `iptables -t nat` (or `ip6tables`) argument lists
@@ -101,6 +105,9 @@ pub struct Rules {
     pub jump: Vec<String>,
     /// In our chain: the DNAT to the agent, for traffic that arrived on the pod interface.
     pub dnat: Vec<String>,
+    /// The built-in chains whose first rule is the jump: `PREROUTING` (pods); the container
+    /// endpoint's also `OUTPUT` (hostNetwork pods).
+    pub builtins: &'static [&'static str],
 }
 
 fn metadata_match(metadata: IpAddr) -> Vec<String> {
@@ -133,7 +140,25 @@ impl Rules {
         dnat.extend(metadata_match(metadata));
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
         dnat.push(target.to_string());
-        Rules { metadata, chain: config.chain.clone(), jump, dnat }
+        Rules { metadata, chain: config.chain.clone(), jump, dnat, builtins: &["PREROUTING"] }
+    }
+
+    /// With `--container-endpoint`: 169.254.170.23:80 sent to the agent, in a chain of its own
+    /// (`<chain>-CT`) jumped to first from `PREROUTING` (pods) and `OUTPUT` (hostNetwork pods),
+    /// from any interface: the address has no other owner on a node without EKS's own agent,
+    /// and the caller is told by its token, not by where it came from.
+    pub fn container(config: &Config) -> Option<Rules> {
+        if !config.container {
+            return None;
+        }
+        let ip = IpAddr::V4(CONTAINER_IP);
+        let chain = format!("{}-CT", config.chain);
+        let mut jump = metadata_match(ip);
+        jump.extend(["-j".to_string(), chain.clone()]);
+        let mut dnat = metadata_match(ip);
+        dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
+        dnat.push(config.target.to_string());
+        Some(Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"] })
     }
 
     /// `conntrack` arguments that delete the tracked flows to the metadata address: a flow
@@ -165,6 +190,7 @@ pub(crate) fn test_config(interface: &str) -> Config {
         chain: DEFAULT_CHAIN.into(),
         remove_at_exit: true,
         check_interval: Duration::from_secs(2),
+        container: false,
     }
 }
 

@@ -156,3 +156,25 @@ async fn with_an_ipv6_target_the_ipv6_endpoint_is_intercepted_too() {
     rules.remove().await.expect("remove");
     assert_eq!((fake.chain(DEFAULT_CHAIN), fake.chain6(DEFAULT_CHAIN)), (None, None));
 }
+
+#[tokio::test]
+async fn the_container_endpoint_has_a_chain_of_its_own_jumped_to_first_from_prerouting_and_output() {
+    let fake = FakeIptables::default();
+    let rules = Interception::new(fake.clone(), Config { container: true, ..config("cali+") });
+    assert!(rules.install().await.expect("install"));
+    let ct = rules.container_rules().expect("container rules").clone();
+    assert_eq!(
+        ct.dnat.join(" "),
+        "-p tcp -d 169.254.170.23/32 --dport 80 -j DNAT --to-destination 10.0.0.5:8181"
+    );
+    assert_eq!(fake.chain(&ct.chain), Some(vec![ct.dnat.clone()]));
+    assert_eq!(fake.chain("OUTPUT").expect("OUTPUT")[0], ct.jump);
+    let prerouting = fake.chain("PREROUTING").expect("PREROUTING");
+    assert_eq!(prerouting.len(), 2, "both jumps, on top: {prerouting:?}");
+    assert!(prerouting.contains(&ct.jump) && prerouting.contains(&rules.rules().jump));
+    assert!(rules.is_installed().await.expect("check"));
+    assert!(!rules.install().await.expect("again"), "a second install changes nothing");
+    rules.remove().await.expect("remove");
+    assert_eq!((fake.chain(&ct.chain), fake.chain(DEFAULT_CHAIN)), (None, None));
+    assert_eq!(fake.chain("OUTPUT"), Some(vec![]));
+}

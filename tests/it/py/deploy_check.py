@@ -132,6 +132,17 @@ CASES = {
         },
         "agent": {"prometheus": {"scrape": False}},
     },
+    # Pods' identity by token on 169.254.170.23; per-node certificates, so only the container
+    # endpoint needs TokenReview.
+    "container-endpoint": {
+        "server": {"agentNodeBinding": True},
+        "agent": {"tlsHostPath": "/etc/kiam/tls", "host": {"iptables": True, "containerEndpoint": True}},
+    },
+    # The admission webhook beside the container endpoint.
+    "webhook": {
+        "webhook": {"enabled": True, "caBundle": B64},
+        "agent": {"host": {"iptables": True, "containerEndpoint": True}},
+    },
     "server-only-high-port": {"agent": {"enabled": False}, "server": {"service": {"targetPort": 9610}}},
     # kube2iam mode with the chart's defaults.
     "kube2iam": {"agent": {"enabled": False}, "server": {"enabled": False}, "kube2iam": {"enabled": True}},

@@ -39,6 +39,60 @@ impl TokenIdentity {
     }
 }
 
+/// The audience of pods' tokens for the container credentials endpoint (EKS Pod Identity's).
+pub const POD_AUDIENCE: &str = "pods.eks.amazonaws.com";
+
+impl TokenIdentity {
+    /// A valid token of pod `namespace/name` (ServiceAccount `default`) with `uid`, on `node`, for
+    /// [`POD_AUDIENCE`].
+    pub fn pod(namespace: &str, name: &str, uid: &str, node: &str) -> TokenIdentity {
+        TokenIdentity {
+            service_account: format!("{namespace}:default"),
+            audiences: vec![POD_AUDIENCE.into()],
+            pod_name: name.into(),
+            pod_uid: uid.into(),
+            node: Some(node.into()),
+            expired: false,
+        }
+    }
+
+    /// A token string shaped as a projected one (a compact JWS whose payload carries `exp`, the
+    /// audiences and the pod), unique per call, for [`FakeKube::issue_token`]. Unsigned: only
+    /// the fake's TokenReview decides whether it is valid.
+    ///
+    /// [`FakeKube::issue_token`]: super::fake_kube::FakeKube::issue_token
+    pub fn jwt(&self) -> String {
+        static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nonce = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let exp = if self.expired { now.as_secs() - 60 } else { now.as_secs() + 3600 };
+        let payload = json!({
+            "aud": self.audiences, "exp": exp, "iat": now.as_secs(), "jti": nonce.to_string(),
+            "kubernetes.io": {"namespace": self.service_account.split(':').next(),
+                "pod": {"name": self.pod_name, "uid": self.pod_uid}},
+        });
+        format!(
+            "{}.{}.{}",
+            base64url(br#"{"alg":"RS256"}"#),
+            base64url(payload.to_string().as_bytes()),
+            "c2ln"
+        )
+    }
+}
+
+/// Unpadded base64url.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
 /// `POST /apis/authentication.k8s.io/v1/tokenreviews`.
 pub(crate) fn token_review(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     let caller = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());

@@ -312,6 +312,12 @@ impl NodeNet {
         self::ip(&["-n", &self.name, "addr", "add", &format!("{ip}/32"), "dev", "lo"]).map(drop)
     }
 
+    /// Gives the node a default route (through its loopback), as a real node has one: without
+    /// it, the node's own connections to link-local addresses fail before any DNAT applies.
+    pub fn add_default_route(&self) -> Result<(), String> {
+        self::ip(&["-n", &self.name, "route", "add", "default", "dev", "lo"]).map(drop)
+    }
+
     /// Runs `f` on a thread inside the node's namespace.
     pub fn run_in<F: FnOnce() -> R + Send, R: Send>(&self, f: F) -> R {
         in_netns(&self.name, f)

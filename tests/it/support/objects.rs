@@ -34,6 +34,7 @@ pub fn pod(namespace: &str, name: &str) -> PodBuilder {
         host_network: false,
         terminating: false,
         more_ips: Vec::new(),
+        uid: None,
     }
 }
 
@@ -83,6 +84,7 @@ pub struct PodBuilder {
     terminating: bool,
     /// Further `status.podIPs` entries (a dual-stack pod's other family).
     more_ips: Vec<String>,
+    uid: Option<String>,
 }
 
 impl PodBuilder {
@@ -139,6 +141,12 @@ impl PodBuilder {
         self
     }
 
+    /// Sets `metadata.uid` (the fake stamps a fresh one otherwise).
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_owned());
+        self
+    }
+
     /// Marks the pod as being deleted (`metadata.deletionTimestamp` set to now).
     pub fn terminating(mut self) -> Self {
         self.terminating = true;
@@ -152,6 +160,9 @@ impl PodBuilder {
         metadata.insert("namespace".into(), json!(self.namespace));
         metadata.insert("annotations".into(), json!(self.annotations));
         metadata.insert("labels".into(), json!(self.labels));
+        if let Some(uid) = self.uid {
+            metadata.insert("uid".into(), json!(uid));
+        }
         if self.terminating {
             metadata.insert("deletionTimestamp".into(), json!(now()));
             metadata.insert("deletionGracePeriodSeconds".into(), json!(30));

@@ -29,6 +29,7 @@ pub const SDK_TIMEOUT: Duration = Duration::from_secs(60);
 
 const BOTO3_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/boto3_probe.py");
 const NODE_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/imds_probe.mjs");
+const NODE_CONTAINER_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/container_probe.mjs");
 
 /// What a pod-side SDK ended up with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,7 +188,106 @@ fn reachable_from_pod(net: &PodNet, url: &str) -> (Option<Relay>, String) {
 
 /// Runs `cmd` with only the metadata service as a credential source and a bounded wait.
 /// Ok((stdout, stderr)) on exit status 0, else Err with the status and the end of stderr.
-fn run_isolated(mut cmd: Command, imds_url: Option<&str>) -> Result<(String, String), String> {
+fn run_isolated(cmd: Command, imds_url: Option<&str>) -> Result<(String, String), String> {
+    let env: Vec<(&str, &str)> =
+        imds_url.map(|url| ("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)).into_iter().collect();
+    run_scrubbed(cmd, &env)
+}
+
+/// The environment of a pod set up for the container provider, as EKS Pod Identity's webhook
+/// sets it up: the endpoint and the token file, nothing else (IMDS off, so it cannot be the
+/// source the SDK falls back to).
+pub fn container_env<'a>(full_uri: &'a str, token_file: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri),
+        ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
+/// boto3 in the node's network namespace (as a hostNetwork pod runs), configured only by
+/// [`container_env`]; the probe also reports the provider botocore chose.
+pub fn boto3_container(
+    full_uri: &str,
+    token_file: &str,
+    sts_url: &str,
+) -> Result<(SdkOutcome, String), String> {
+    let mut cmd = Command::new(venv_bin("python"));
+    cmd.arg(BOTO3_PROBE).arg(sts_url);
+    let (stdout, _stderr) = run_scrubbed(cmd, &container_env(full_uri, token_file))?;
+    let method = serde_json::from_str::<serde_json::Value>(stdout.trim())
+        .ok()
+        .and_then(|v| v["method"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    Ok((probe_outcome("boto3 probe", &stdout)?, method))
+}
+
+/// The node SDK's default chain (`tests/it/js/container_probe.mjs`) in the node's network
+/// namespace, configured only by [`container_env`].
+pub fn node_sdk_container(full_uri: &str, token_file: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let mut cmd = Command::new("node");
+    cmd.arg(NODE_CONTAINER_PROBE).arg(sts_url);
+    let (stdout, _stderr) = run_scrubbed(cmd, &container_env(full_uri, token_file))?;
+    probe_outcome("node container probe", &stdout)
+}
+
+/// boto3 inside `net`, configured only by [`container_env`].
+pub fn boto3_container_in(
+    net: &PodNet,
+    full_uri: &str,
+    token_file: &str,
+    sts_url: &str,
+) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command(&venv_bin("python").to_string_lossy());
+    cmd.arg(BOTO3_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_scrubbed(cmd, &container_env(full_uri, token_file))?;
+    probe_outcome("boto3 probe", &stdout)
+}
+
+/// The test this binary runs as the Rust SDK's pod ([`rust_sdk_container`]).
+pub const RUST_PROBE_TEST: &str = "pod_token::rust_sdk_container_probe";
+/// Where the Rust probe finds moto (the child's environment is scrubbed of everything else).
+pub const RUST_PROBE_STS: &str = "KIAM_IT_PROBE_STS";
+/// What the Rust probe prints its outcome after.
+const RUST_PROBE_MARK: &str = "kiam-it-probe: ";
+
+/// The Rust SDK's default credentials chain, configured only by [`container_env`], in a child
+/// process (this test binary, running [`RUST_PROBE_TEST`]), since aws-config reads the real
+/// environment and tests may not change their own.
+pub fn rust_sdk_container(full_uri: &str, token_file: &str, sts_url: &str) -> Result<SdkOutcome, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args([RUST_PROBE_TEST, "--exact", "--ignored", "--nocapture", "--test-threads", "1"]);
+    let mut env = container_env(full_uri, token_file).to_vec();
+    env.push((RUST_PROBE_STS, sts_url));
+    let (stdout, _stderr) = run_scrubbed(cmd, &env)?;
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once(RUST_PROBE_MARK).map(|(_, outcome)| outcome))
+        .ok_or_else(|| format!("the Rust probe printed no outcome: {stdout}"))?;
+    probe_outcome("Rust probe", line)
+}
+
+/// The Rust probe's body: the default chain, then GetCallerIdentity at `sts_url`; prints the
+/// outcome line [`rust_sdk_container`] reads.
+pub async fn rust_probe(sts_url: &str) -> Result<(), String> {
+    let conf = aws_config::defaults(BehaviorVersion::latest()).region(Region::new("us-east-1")).load().await;
+    let provider = conf.credentials_provider().ok_or("the default chain has no provider")?;
+    let credentials = tokio::time::timeout(SDK_TIMEOUT, provider.provide_credentials())
+        .await
+        .map_err(|_| "no credentials within the limit".to_string())?
+        .map_err(|e| format!("credentials: {}", DisplayErrorContext(&e)))?;
+    let access_key_id = credentials.access_key_id().to_string();
+    let caller_arn = get_caller_identity(sts_url, credentials).await?;
+    let outcome = serde_json::json!({"access_key_id": access_key_id, "caller_arn": caller_arn});
+    println!("{RUST_PROBE_MARK}{outcome}");
+    Ok(())
+}
+
+/// Runs `cmd` with a scrubbed environment plus `env` and a bounded wait.
+/// Ok((stdout, stderr)) on exit status 0, else Err with the status and the end of stderr.
+fn run_scrubbed(mut cmd: Command, env: &[(&str, &str)]) -> Result<(String, String), String> {
     let home = tempfile::Builder::new()
         .prefix("kiam-it-sdk-home-")
         .tempdir()
@@ -202,9 +302,7 @@ fn run_isolated(mut cmd: Command, imds_url: Option<&str>) -> Result<(String, Str
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(url) = imds_url {
-        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", url);
-    }
+    cmd.envs(env.iter().copied());
     let what = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy())

@@ -1,0 +1,233 @@
+//! Pods' projected ServiceAccount tokens, as `GET /v1/credentials` presents them: checked with
+//! the TokenReview API for our audience, and read for the pod they are bound to (the
+//! `authentication.kubernetes.io/pod-name` and `pod-uid` extras). Whether that pod is still alive,
+//! on the caller's node, and may have its role is the core's business, not this module's.
+//!
+//! Two defences keep the API server out of the request path's blast radius: positive verdicts
+//! are remembered (by the token's SHA-256, never the token) for a short while that always ends
+//! before the token's own `exp`, and TokenReviews are rate-limited per node and claimed pod, so
+//! that one pod spraying garbage spends only its own budget. Tokens never reach a log line.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::Api;
+use kube::api::PostParams;
+
+/// The longest a positive verdict is reused.
+const VERDICT_TTL: Duration = Duration::from_secs(60);
+/// The most verdicts remembered.
+const VERDICT_CACHE: usize = 10_000;
+/// TokenReviews one (node, claimed pod) may cause per second.
+const REVIEWS_PER_SECOND: u32 = 5;
+/// The longest token accepted (projected tokens are about 1 KiB).
+const MAX_TOKEN: usize = 16 * 1024;
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+
+/// The pod a verified token is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodClaims {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+}
+
+/// Why a token proves no pod. The texts name the reason, never the token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// Empty, oversized, or not printable.
+    #[error("the token is malformed")]
+    Malformed,
+    /// The API server did not authenticate it (unknown, expired, revoked, deleted pod).
+    #[error("the token is not valid: {0}")]
+    NotAuthenticated(String),
+    /// It is valid, but not for our audience.
+    #[error("the token is not for the audience {0:?}")]
+    WrongAudience(String),
+    /// It is not a pod-bound ServiceAccount token.
+    #[error("the token is not bound to a pod")]
+    NotPodBound,
+    /// This pod's tokens were reviewed too often in the last second.
+    #[error("too many token reviews for this pod")]
+    RateLimited,
+    /// TokenReview could not be asked.
+    #[error("TokenReview failed: {0}")]
+    Api(String),
+    /// This server has no API access.
+    #[error("this server does not check pod tokens (it has no API access)")]
+    Unsupported,
+}
+
+/// Checks pods' tokens with TokenReview.
+pub struct PodTokens {
+    client: kube::Client,
+    audience: String,
+    verdicts: Mutex<HashMap<[u8; 32], (Instant, PodClaims)>>,
+    reviews: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl PodTokens {
+    /// Checks tokens through `client` for `audience`.
+    pub fn new(client: kube::Client, audience: &str) -> PodTokens {
+        PodTokens {
+            client,
+            audience: audience.to_string(),
+            verdicts: Mutex::default(),
+            reviews: Mutex::default(),
+        }
+    }
+
+    /// The pod `token` is bound to, for an agent on `node`.
+    pub async fn verify(&self, node: &str, token: &str) -> Result<PodClaims, TokenRefusal> {
+        let token = token.trim();
+        if token.is_empty() || token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenRefusal::Malformed);
+        }
+        let key = digest(token);
+        let now = Instant::now();
+        if let Some(claims) = self.cached(&key, now) {
+            return Ok(claims);
+        }
+        let unverified = jwt::Unverified::read(token);
+        let claimed = unverified.as_ref().and_then(|u| u.pod_uid.clone()).unwrap_or_default();
+        if !self.allow_review(&format!("{node}/{claimed}"), now) {
+            return Err(TokenRefusal::RateLimited);
+        }
+        let claims = self.review(token).await?;
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        if let Some(ttl) = verdict_ttl(unverified.and_then(|u| u.expires), epoch) {
+            self.remember(key, now + ttl, claims.clone());
+        }
+        Ok(claims)
+    }
+
+    fn cached(&self, key: &[u8; 32], now: Instant) -> Option<PodClaims> {
+        let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        verdicts.get(key).filter(|(until, _)| now < *until).map(|(_, claims)| claims.clone())
+    }
+
+    fn remember(&self, key: [u8; 32], until: Instant, claims: PodClaims) {
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if verdicts.len() >= VERDICT_CACHE {
+            let now = Instant::now();
+            verdicts.retain(|_, (until, _)| now < *until);
+            if verdicts.len() >= VERDICT_CACHE {
+                verdicts.clear();
+            }
+        }
+        verdicts.insert(key, (until, claims));
+    }
+
+    fn allow_review(&self, key: &str, now: Instant) -> bool {
+        allow(&self.reviews, key, now)
+    }
+
+    async fn review(&self, token: &str) -> Result<PodClaims, TokenRefusal> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let api = Api::<TokenReview>::all(self.client.clone());
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| TokenRefusal::Api(e.to_string()))?;
+        let status = answer.status.ok_or_else(|| TokenRefusal::Api("no status".into()))?;
+        if status.authenticated != Some(true) {
+            let error = status.error.unwrap_or_default();
+            if error.contains("audience") {
+                return Err(TokenRefusal::WrongAudience(self.audience.clone()));
+            }
+            return Err(TokenRefusal::NotAuthenticated(error));
+        }
+        if !status.audiences.unwrap_or_default().contains(&self.audience) {
+            return Err(TokenRefusal::WrongAudience(self.audience.clone()));
+        }
+        let user = status.user.ok_or(TokenRefusal::NotPodBound)?;
+        let username = user.username.unwrap_or_default();
+        let (namespace, service_account) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|sa| sa.split_once(':'))
+            .ok_or(TokenRefusal::NotPodBound)?;
+        let mut extra = user.extra.unwrap_or_default();
+        let mut one =
+            |key: &str| extra.remove(key).and_then(|v| v.into_iter().next()).filter(|v| !v.is_empty());
+        let (Some(pod_name), Some(pod_uid)) = (one(POD_NAME_EXTRA), one(POD_UID_EXTRA)) else {
+            return Err(TokenRefusal::NotPodBound);
+        };
+        Ok(PodClaims {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            pod_name,
+            pod_uid,
+        })
+    }
+}
+
+/// A remembered verdict ends this long before the token's `exp`.
+const EXP_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a positive verdict on a token whose `exp` is `exp` may be reused, at `now` (since the
+/// epoch): at most [`VERDICT_TTL`], and ending [`EXP_MARGIN`] before the token does. A token
+/// without a readable `exp` is not remembered at all.
+fn verdict_ttl(exp: Option<u64>, now: Duration) -> Option<Duration> {
+    let left = Duration::from_secs(exp?).checked_sub(now)?.checked_sub(EXP_MARGIN)?;
+    Some(left.min(VERDICT_TTL)).filter(|t| !t.is_zero())
+}
+
+/// Counts one review for `key` in its one-second window at `now`; false once over the budget.
+fn allow(reviews: &Mutex<HashMap<String, (Instant, u32)>>, key: &str, now: Instant) -> bool {
+    let mut windows = reviews.lock().unwrap_or_else(PoisonError::into_inner);
+    if windows.len() > VERDICT_CACHE {
+        windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
+    }
+    let window = windows.entry(key.to_string()).or_insert((now, 0));
+    if now.duration_since(window.0) >= Duration::from_secs(1) {
+        *window = (now, 0);
+    }
+    window.1 += 1;
+    window.1 <= REVIEWS_PER_SECOND
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut key = [0; 32];
+    key.copy_from_slice(d.as_ref());
+    key
+}
+
+pub mod jwt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_end_before_the_token_does() {
+        let now = Duration::from_secs(1_000_000);
+        assert_eq!(verdict_ttl(None, now), None, "no exp, no memory");
+        assert_eq!(verdict_ttl(Some(999_000), now), None, "expired");
+        assert_eq!(verdict_ttl(Some(1_000_003), now), None, "inside the margin");
+        assert_eq!(verdict_ttl(Some(1_000_030), now), Some(Duration::from_secs(25)));
+        assert_eq!(verdict_ttl(Some(1_003_600), now), Some(VERDICT_TTL));
+    }
+
+    #[test]
+    fn reviews_are_budgeted_per_key_and_second() {
+        let reviews = Mutex::default();
+        let start = Instant::now();
+        for _ in 0..REVIEWS_PER_SECOND {
+            assert!(allow(&reviews, "node-a/uid-1", start));
+        }
+        assert!(!allow(&reviews, "node-a/uid-1", start), "over the budget");
+        assert!(allow(&reviews, "node-a/uid-2", start), "another pod has its own");
+        assert!(allow(&reviews, "node-a/uid-1", start + Duration::from_secs(1)), "a new second");
+    }
+}
