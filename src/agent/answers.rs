@@ -160,7 +160,14 @@ pub async fn credentials<B: Backend>(
     }
     let label = Handler { handler: "credentials" };
     let document = match &source {
-        Source::Entry(entry) => entry_credentials(agent, ip, entry).await,
+        // A fetch through the view that fails for a passing reason (a server over its per-node
+        // rate, a server going away) falls back to kiam's call, within the request's budget.
+        Source::Entry(entry) => match entry_credentials(agent, ip, entry).await {
+            Err(e) if e.is_transient() => {
+                with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await
+            }
+            other => other,
+        },
         Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await,
     }
     .map_err(|e| {

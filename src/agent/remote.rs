@@ -25,7 +25,7 @@ pub fn backend_error(status: Status) -> BackendError {
             BackendError::PodNotFound
         }
         Code::NotFound => BackendError::PodNotFound,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
             BackendError::Unavailable(status.message().to_string())
         }
         _ => BackendError::Failed(status.message().to_string()),

@@ -25,7 +25,7 @@ const STREAM_BUFFER: usize = 64;
 /// New streams one node may open per second.
 const WATCHES_PER_SECOND: u32 = 5;
 /// Credentials calls one node may make per second.
-const CREDENTIALS_PER_SECOND: u32 = 200;
+const CREDENTIALS_PER_SECOND: u32 = 1000;
 
 /// Fixed one-second windows of calls per node and kind.
 #[derive(Default)]
