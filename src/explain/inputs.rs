@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::ListParams;
 use kube::{Api, Client};
 
@@ -196,6 +196,19 @@ pub async fn from_kube(client: Client, target: &Target) -> Result<Snapshot, Inpu
             snapshot.pods.push(pod);
         }
         Target::Ip(ip) => snapshot.pods = pods_at(&client, *ip).await?,
+    }
+    // The ServiceAccounts of pods without a role annotation (for --service-account-roles).
+    let accounts: BTreeSet<(String, String)> = snapshot
+        .pods
+        .iter()
+        .filter(|p| p.role.is_none())
+        .map(|p| (p.namespace.clone(), p.service_account.clone().unwrap_or_else(|| "default".into())))
+        .collect();
+    for (namespace, name) in accounts {
+        let api = Api::<ServiceAccount>::namespaced(client.clone(), &namespace);
+        // Best effort: without read access to ServiceAccounts only the role's source is lost.
+        let sa = api.get_opt(&name).await.ok().flatten();
+        snapshot.service_accounts.extend(sa.as_ref().and_then(project::service_account_facts));
     }
     let names: BTreeSet<&str> = snapshot.pods.iter().map(|p| p.namespace.as_str()).collect();
     let api = Api::<Namespace>::all(client);

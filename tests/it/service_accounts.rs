@@ -117,3 +117,32 @@ async fn explain_says_the_role_came_from_the_service_account() {
     assert_eq!(json["role"]["source"], "service account web-sa");
     assert_eq!(json["role"]["arn"], "arn:aws:iam::123456789012:role/sa-app");
 }
+
+/// Against the cluster too, `kiam explain --service-account-roles` reads the pod's ServiceAccount.
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_reads_the_service_account_from_the_cluster() {
+    let stack = Stack::start().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(service_account("team-a", "web-sa", Some("arn:aws:iam::123456789012:role/sa-app")));
+    stack.kube.apply(pod("team-a", "web").ip("10.70.0.1").service_account("web-sa").build());
+    let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiam"))
+        .args(["explain", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--role-base-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--service-account-roles",
+            "-o",
+            "json",
+            "team-a/web",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .await
+        .expect("explain runs");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["role"]["source"], "service account web-sa", "{json}");
+    assert_eq!(out.status.code(), Some(0), "{json}");
+}
