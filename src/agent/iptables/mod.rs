@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use rules::{CONTAINER_IP, Config, DEFAULT_CHAIN, Interface, METADATA_IP, METADATA_IP6, Rules};
+pub use rules::{
+    CONTAINER_IP, CONTAINER_IP6, Config, DEFAULT_CHAIN, Interface, METADATA_IP, METADATA_IP6, Rules,
+};
 
 /// How long one `iptables` command may take, waiting for the xtables lock included.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,8 +147,9 @@ pub struct Interception<R> {
     rules: Rules,
     /// The IPv6 rules, when the agent listens on an IPv6 address too.
     rules6: Option<Rules>,
-    /// The container endpoint's rules (`--container-endpoint`).
+    /// The container endpoint's rules (`--container-endpoint`), IPv4 and, with an IPv6 target, IPv6.
     container: Option<Rules>,
+    container6: Option<Rules>,
     config: Config,
     /// `kiam_agent_iptables_restorations_total`, counted directly.
     restorations: Counter,
@@ -155,9 +158,17 @@ pub struct Interception<R> {
 impl<R: Runner> Interception<R> {
     /// Rules for `config`, changed through `runner`.
     pub fn new(runner: R, config: Config) -> Interception<R> {
-        let (rules, rules6, container) =
-            (Rules::new(&config), Rules::new6(&config), Rules::container(&config));
-        Interception { runner, rules, rules6, container, config, restorations: Counter::default() }
+        let (rules, rules6) = (Rules::new(&config), Rules::new6(&config));
+        let (container, container6) = (Rules::container(&config), Rules::container6(&config));
+        Interception {
+            runner,
+            rules,
+            rules6,
+            container,
+            container6,
+            config,
+            restorations: Counter::default(),
+        }
     }
 
     /// The configuration.
@@ -180,6 +191,11 @@ impl<R: Runner> Interception<R> {
         self.container.as_ref()
     }
 
+    /// The container endpoint's IPv6 rules, with `--container-endpoint` and an IPv6 address.
+    pub fn container_rules6(&self) -> Option<&Rules> {
+        self.container6.as_ref()
+    }
+
     /// How many times the check loop found the rules missing or changed and put them back.
     pub fn restorations(&self) -> u64 {
         self.restorations.get()
@@ -194,7 +210,7 @@ impl<R: Runner> Interception<R> {
     fn families(&self) -> impl Iterator<Item = family::Family<'_, R>> {
         let v4 = std::iter::once((Tool::Iptables, &self.rules));
         let container = self.container.iter().map(|rules| (Tool::Iptables, rules));
-        let v6 = self.rules6.iter().map(|rules| (Tool::Ip6tables, rules));
+        let v6 = self.rules6.iter().chain(&self.container6).map(|rules| (Tool::Ip6tables, rules));
         v4.chain(container).chain(v6).map(|(tool, rules)| family::Family {
             runner: &self.runner,
             tool,

@@ -10,6 +10,8 @@ use std::time::Duration;
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The address of the container credentials endpoint (EKS Pod Identity's).
 pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// The container credentials endpoint's IPv6 address (EKS Pod Identity's).
+pub const CONTAINER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 /// The metadata service's IPv6 address on Nitro instances (when its IPv6 endpoint is on).
 pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The chain the agent owns, jumped to from `nat PREROUTING`.
@@ -148,17 +150,25 @@ impl Rules {
     /// from any interface: the address has no other owner on a node without EKS's own agent,
     /// and the caller is told by its token, not by where it came from.
     pub fn container(config: &Config) -> Option<Rules> {
-        if !config.container {
-            return None;
-        }
-        let ip = IpAddr::V4(CONTAINER_IP);
+        config
+            .container
+            .then(|| Rules::container_to(config, IpAddr::V4(CONTAINER_IP), SocketAddr::V4(config.target)))
+    }
+
+    /// The same for `[fd00:ec2::23]:80` through `ip6tables`, when the agent has an IPv6 address.
+    pub fn container6(config: &Config) -> Option<Rules> {
+        let target = config.target6.filter(|_| config.container)?;
+        Some(Rules::container_to(config, IpAddr::V6(CONTAINER_IP6), SocketAddr::V6(target)))
+    }
+
+    fn container_to(config: &Config, ip: IpAddr, target: SocketAddr) -> Rules {
         let chain = format!("{}-CT", config.chain);
         let mut jump = metadata_match(ip);
         jump.extend(["-j".to_string(), chain.clone()]);
         let mut dnat = metadata_match(ip);
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
-        dnat.push(config.target.to_string());
-        Some(Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"] })
+        dnat.push(target.to_string());
+        Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"] }
     }
 
     /// `conntrack` arguments that delete the tracked flows to the metadata address: a flow

@@ -178,3 +178,22 @@ async fn the_container_endpoint_has_a_chain_of_its_own_jumped_to_first_from_prer
     assert_eq!((fake.chain(&ct.chain), fake.chain(DEFAULT_CHAIN)), (None, None));
     assert_eq!(fake.chain("OUTPUT"), Some(vec![]));
 }
+
+#[tokio::test]
+async fn with_an_ipv6_address_the_container_endpoints_ipv6_address_is_intercepted_too() {
+    let fake = FakeIptables::default();
+    let target6 = Some("[fd00:1::5]:8181".parse().expect("v6"));
+    let rules = Interception::new(fake.clone(), Config { container: true, target6, ..config("cali+") });
+    rules.install().await.expect("install");
+    let ct6 = rules.container_rules6().expect("IPv6 container rules").clone();
+    assert_eq!(
+        ct6.dnat.join(" "),
+        "-p tcp -d fd00:ec2::23/128 --dport 80 -j DNAT --to-destination [fd00:1::5]:8181"
+    );
+    assert_eq!(fake.chain6(&ct6.chain), Some(vec![ct6.dnat.clone()]));
+    assert!(fake.chain6("OUTPUT").expect("OUTPUT").contains(&ct6.jump));
+    assert!(rules.is_installed().await.expect("check"));
+    assert!(!rules.install().await.expect("again"), "stable");
+    rules.remove().await.expect("remove");
+    assert_eq!(fake.chain6(&ct6.chain), None);
+}
