@@ -8,9 +8,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use kube::Api;
-use kube::api::PostParams;
 use tonic::Request;
 
 use super::pod_token::PodTokens;
@@ -75,17 +72,7 @@ impl TokenVerifier {
         {
             return Ok(node);
         }
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
-        };
-        let api = Api::<TokenReview>::all(self.client.clone());
-        let answer =
-            api.create(&PostParams::default(), &review).await.map_err(|e| format!("TokenReview: {e}"))?;
-        let status = answer.status.ok_or("TokenReview gave no status")?;
+        let status = super::pod_token::review_token(&self.client, token, &self.audience).await?;
         if status.authenticated != Some(true) {
             return Err(format!("token not authenticated: {}", status.error.unwrap_or_default()));
         }

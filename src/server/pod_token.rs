@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::Api;
 use kube::api::PostParams;
 
@@ -127,19 +127,7 @@ impl PodTokens {
     }
 
     async fn review(&self, token: &str) -> Result<PodClaims, TokenRefusal> {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
-        };
-        let api = Api::<TokenReview>::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| TokenRefusal::Api(e.to_string()))?;
-        let status = answer.status.ok_or_else(|| TokenRefusal::Api("no status".into()))?;
+        let status = review_token(&self.client, token, &self.audience).await.map_err(TokenRefusal::Api)?;
         if status.authenticated != Some(true) {
             let error = status.error.unwrap_or_default();
             if error.contains("audience") {
@@ -204,6 +192,24 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 pub mod jwt;
+
+/// Asks the API server to review `token` for `audience`: the review's status, or why there is
+/// none. Agents' node tokens and pods' own tokens are both checked through it.
+pub async fn review_token(
+    client: &kube::Client,
+    token: &str,
+    audience: &str,
+) -> Result<TokenReviewStatus, String> {
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![audience.to_string()]) },
+        ..TokenReview::default()
+    };
+    let answer = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| format!("TokenReview: {e}"))?;
+    answer.status.ok_or_else(|| "TokenReview gave no status".to_string())
+}
 
 #[cfg(test)]
 mod tests {
