@@ -89,4 +89,13 @@ mod tests {
         assert!(matches!(backend_error(Status::unavailable("down")), BackendError::Unavailable(_)));
         assert!(matches!(backend_error(Status::internal("x")), BackendError::Failed(_)));
     }
+
+    #[test]
+    fn a_pod_over_its_review_budget_is_told_to_retry() {
+        // The server's per-pod TokenReview limit: the agent answers 503, which every SDK retries.
+        let over = token_error(Status::resource_exhausted("too many token reviews"));
+        assert!(matches!(over, BackendError::Unavailable(_)), "{over:?}");
+        assert!(matches!(token_error(Status::not_found("no")), BackendError::PodNotFound));
+        assert_eq!(token_error(Status::permission_denied("other node")), BackendError::Forbidden);
+    }
 }
