@@ -86,8 +86,9 @@ async fn with_node_binding_a_debug_certificate_sees_only_its_nodes_identities() 
     assert!(agent.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("debug role"))), "{agent:?}");
 }
 
-/// Lays out TLS files as kubelet does: `name -> ..data/name`, `..data -> ..<version>/`.
-fn publish(dir: &Path, version: &str, files: &CertFiles) {
+/// Lays out TLS files as kubelet does: `name -> ..data/name`, `..data -> ..<version>/`, and
+/// returns the stable names a server is configured with.
+fn publish(dir: &Path, version: &str, files: &CertFiles) -> CertFiles {
     let versioned = dir.join(format!("..{version}"));
     std::fs::create_dir_all(&versioned).expect("version dir");
     std::fs::copy(&files.cert, versioned.join("cert.pem")).expect("cert");
@@ -100,6 +101,7 @@ fn publish(dir: &Path, version: &str, files: &CertFiles) {
             std::os::unix::fs::symlink(Path::new("..data").join(name), link).expect("link");
         }
     }
+    CertFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), ca: dir.join("ca.pem") }
 }
 
 /// The atomic part of kubelet's update: a new `..data` link renamed over the old one.
@@ -135,12 +137,7 @@ async fn presented(stack: &Stack) -> CertificateDer<'static> {
 async fn the_server_certificate_rotates_under_load_without_a_restart() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().expect("dir");
-    publish(dir.path(), "1", &pki.server());
-    let files = CertFiles {
-        cert: dir.path().join("cert.pem"),
-        key: dir.path().join("key.pem"),
-        ca: dir.path().join("ca.pem"),
-    };
+    let files = publish(dir.path(), "1", &pki.server());
     let stack =
         Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
     stack.kube.apply(namespace("team-a").permitted(".*").build());
@@ -241,12 +238,7 @@ async fn a_ca_bundle_with_two_cas_trusts_both_for_an_overlapping_rotation() {
 async fn unreadable_certificate_files_at_rotation_keep_the_old_certificate() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().expect("dir");
-    publish(dir.path(), "1", &pki.server());
-    let files = CertFiles {
-        cert: dir.path().join("cert.pem"),
-        key: dir.path().join("key.pem"),
-        ca: dir.path().join("ca.pem"),
-    };
+    let files = publish(dir.path(), "1", &pki.server());
     let stack =
         Stack::start_with(Options { pki: Some(pki), server_tls: Some(files), ..Options::default() }).await;
     let first = presented(&stack).await;
