@@ -2,12 +2,11 @@
 //! fake API server (through `--kubeconfig`) and moto (through `--sts-endpoint`), `agent` in
 //! front of it, and `health` as the exec probe.
 
-use std::net::{IpAddr, TcpListener};
+use std::net::IpAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
@@ -15,35 +14,8 @@ use crate::support::fake_kube::FakeKube;
 use crate::support::http::request;
 use crate::support::moto::Moto;
 use crate::support::objects::{namespace, pod};
+use crate::support::process::{free_port, kiam};
 use crate::support::stack::BASE_ARN;
-
-const KIAM: &str = env!("CARGO_BIN_EXE_kiam");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-fn kiam(args: &[&str], tls: &CertFiles, log: &Path) -> Command {
-    let mut cmd = Command::new(KIAM);
-    cmd.args(args)
-        .arg("--cert")
-        .arg(&tls.cert)
-        .arg("--key")
-        .arg(&tls.key)
-        .arg("--ca")
-        .arg(&tls.ca)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        // The server's own AWS identity, from the default chain; moto accepts any key.
-        .env("AWS_ACCESS_KEY_ID", "AKIDSERVER")
-        .env("AWS_SECRET_ACCESS_KEY", "server-secret-key")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .kill_on_drop(true);
-    cmd
-}
 
 async fn health(server: &str, tls: &CertFiles, timeout: &str, log: &Path) -> bool {
     // The Helm chart's probe still passes the deprecated --server-address-refresh.

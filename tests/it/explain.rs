@@ -3,21 +3,18 @@
 //! JSON), and the server's cache state through a real server's `Debug` service.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use kiam::explain::{self, Config, Inventory, NodeBinding, Output, Report, ServerQuery, Settings, Target};
 use kiam::model::BaseArn;
 use kiam::policy::Policy;
 use serde_json::Value;
-use tokio::process::Command;
 
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_kube::FakeKube;
 use crate::support::objects::{namespace, pod};
+use crate::support::process::kiam_explain;
 use crate::support::stack::{BASE_ARN, Stack, tls_files};
-
-const KIAM: &str = env!("CARGO_BIN_EXE_kiam");
 
 fn config(inventory: Inventory, target: Target, requested: Option<&str>) -> Config {
     Config {
@@ -179,29 +176,6 @@ async fn verdicts_from_manifests() {
         ["allowed", "namespace-forbids", "namespace-unset", "no-role-annotation", "host-network"]
     );
     assert_eq!(every.explanations[0].lookup.outcome, "no-ip", "manifests have no status");
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn kiam_explain(args: &[&str]) -> Run {
-    let mut cmd = Command::new(KIAM);
-    cmd.arg("explain")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out =
-        tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("exits").expect("runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 #[tokio::test]

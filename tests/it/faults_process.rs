@@ -3,13 +3,12 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiam::agent::{self, Backend};
 use kiam::client::{ClientConfig, GrpcClient};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::agent_node::agent_config;
@@ -18,40 +17,18 @@ use crate::support::fake_kube::FakeKube;
 use crate::support::http::request;
 use crate::support::moto::Moto;
 use crate::support::objects::{namespace, pod};
+use crate::support::process::{free_port, kiam};
 use crate::support::stack::{BASE_ARN, tls_files};
 use crate::support::sts_faults::{Fault, StsFaults};
 use crate::support::wait::until;
 
-const KIAM: &str = env!("CARGO_BIN_EXE_kiam");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// `kiam server` on `port` against the fake API server and `sts`, with metrics on `metrics`.
 fn server(port: u16, metrics: u16, kubeconfig: &Path, sts: &str, tls: &CertFiles, log: &Path) -> Child {
     let (bind, metrics) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{metrics}"));
-    Command::new(KIAM)
-        .args(["server", "--bind", &bind, "--role-base-arn", BASE_ARN, "--sts-endpoint", sts])
-        .args(["--prometheus-listen-addr", &metrics, "--kubeconfig"])
-        .arg(kubeconfig)
-        .arg("--cert")
-        .arg(&tls.cert)
-        .arg("--key")
-        .arg(&tls.key)
-        .arg("--ca")
-        .arg(&tls.ca)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_ACCESS_KEY_ID", "AKIDSERVER")
-        .env("AWS_SECRET_ACCESS_KEY", "server-secret-key")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kiam server starts")
+    let sa = ["server", "--bind", &bind, "--role-base-arn", BASE_ARN, "--sts-endpoint", sts];
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
+    let args = [&sa[..], &["--prometheus-listen-addr", &metrics, "--kubeconfig", kubeconfig]].concat();
+    kiam(&args, tls, log).spawn().expect("kiam server starts")
 }
 
 /// `kiam_sts_cache_miss_total`, from the server's metrics: the prefetch of a new pod makes

@@ -26,6 +26,7 @@ use crate::support::http::request;
 use crate::support::moto::Moto;
 use crate::support::netns::{NodeNet, PodNet, Relay};
 use crate::support::objects::{namespace, pod};
+use crate::support::process::kiam_explain;
 use crate::support::sdk;
 use crate::support::wait::until;
 
@@ -375,35 +376,18 @@ async fn explain_follows_kube2iam_rules() {
          ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: db\n  namespace: ns\n  annotations:\n    iam.amazonaws.com/role: db\nspec:\n  containers: [{name: c}]\nstatus:\n  podIP: 10.0.0.2\n  phase: Running\n",
     )
     .expect("manifest");
-    let run = |pod: &'static str| {
-        let manifest = manifest.clone();
-        async move {
-            let out = tokio::process::Command::new(KIAM)
-                .args(["explain", "-f"])
-                .arg(&manifest)
-                .args([
-                    "--role-base-arn",
-                    BASE,
-                    "--kube2iam",
-                    "--default-role",
-                    "fallback",
-                    "--namespace-restrictions",
-                    "-o",
-                    "json",
-                    pod,
-                ])
-                .output()
-                .await
-                .expect("explain runs");
-            let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            (out.status.code(), json)
-        }
+    let manifest = manifest.to_str().expect("utf-8 path");
+    let flags = ["-f", manifest, "--role-base-arn", BASE, "--kube2iam", "--default-role", "fallback"];
+    let run = |pod: &'static str| async move {
+        let out =
+            kiam_explain(&[&flags[..], &["--namespace-restrictions", "-o", "json", pod]].concat()).await;
+        (out.code, out.json())
     };
     let (code, plain) = run("ns/plain").await;
-    assert_eq!(code, Some(0), "{plain}");
+    assert_eq!(code, 0, "{plain}");
     assert_eq!(plain["verdict"]["reason"], "pod ns/plain may assume arn:aws:iam::123456789012:role/fallback");
     let (code, db) = run("ns/db").await;
-    assert_eq!(code, Some(1), "{db}");
+    assert_eq!(code, 1, "{db}");
     assert_eq!(db["verdict"]["code"], "namespace-forbids");
     assert!(db["namespace"]["permitted"].as_str().is_some_and(|p| p.contains("app-*")), "{db}");
 }

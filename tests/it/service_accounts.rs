@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::objects::{namespace, pod};
+use crate::support::process::kiam_explain;
 use crate::support::stack::{Options, Stack};
 use crate::support::wait::until;
 
@@ -98,22 +99,12 @@ async fn explain_says_the_role_came_from_the_service_account() {
          ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: ns\nspec:\n  serviceAccountName: web-sa\n  containers: [{name: c}]\nstatus:\n  podIP: 10.0.0.1\n  phase: Running\n",
     )
     .expect("manifest");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiam"))
-        .args(["explain", "-f"])
-        .arg(&manifest)
-        .args([
-            "--role-base-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--service-account-roles",
-            "-o",
-            "json",
-            "ns/web",
-        ])
-        .output()
-        .await
-        .expect("explain runs");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(out.status.code(), Some(0), "{json}");
+    let manifest = manifest.to_str().expect("utf-8 path");
+    let flags =
+        ["-f", manifest, "--role-base-arn", "arn:aws:iam::123456789012:role/", "--service-account-roles"];
+    let out = kiam_explain(&[&flags[..], &["-o", "json", "ns/web"]].concat()).await;
+    let json = out.json();
+    assert_eq!(out.code, 0, "{json}");
     assert_eq!(json["role"]["source"], "service account web-sa");
     assert_eq!(json["role"]["arn"], "arn:aws:iam::123456789012:role/sa-app");
 }
@@ -126,23 +117,11 @@ async fn explain_reads_the_service_account_from_the_cluster() {
     stack.kube.apply(service_account("team-a", "web-sa", Some("arn:aws:iam::123456789012:role/sa-app")));
     stack.kube.apply(pod("team-a", "web").ip("10.70.0.1").service_account("web-sa").build());
     let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiam"))
-        .args(["explain", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .args([
-            "--role-base-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--service-account-roles",
-            "-o",
-            "json",
-            "team-a/web",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .output()
-        .await
-        .expect("explain runs");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
+    let flags = ["--kubeconfig", kubeconfig, "--role-base-arn", "arn:aws:iam::123456789012:role/"];
+    let out =
+        kiam_explain(&[&flags[..], &["--service-account-roles", "-o", "json", "team-a/web"]].concat()).await;
+    let json = out.json();
     assert_eq!(json["role"]["source"], "service account web-sa", "{json}");
-    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(out.code, 0, "{json}");
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::support::moto::AssumeRoleCall;
 use crate::support::objects::{namespace, pod};
+use crate::support::process::kiam_explain;
 use crate::support::stack::{Options, Stack};
 use crate::support::wait::eventually;
 
@@ -134,21 +135,10 @@ async fn explain_shows_tags_and_the_session_policy() {
         POLICY.replace('\'', "''")
     );
     std::fs::write(&manifest, text).expect("manifest");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiam"))
-        .args(["explain", "-f"])
-        .arg(&manifest)
-        .args([
-            "--role-base-arn",
-            "arn:aws:iam::123456789012:role/",
-            "--session-tags=kubernetes-namespace,kubernetes-pod-name",
-            "-o",
-            "json",
-            "ns/web",
-        ])
-        .output()
-        .await
-        .expect("explain runs");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let manifest = manifest.to_str().expect("utf-8 path");
+    let flags = ["-f", manifest, "--role-base-arn", "arn:aws:iam::123456789012:role/"];
+    let tags = "--session-tags=kubernetes-namespace,kubernetes-pod-name";
+    let json = kiam_explain(&[&flags[..], &[tags, "-o", "json", "ns/web"]].concat()).await.json();
     assert_eq!(
         json["session"]["tags"],
         serde_json::json!([["kubernetes-namespace", "ns"], ["kubernetes-pod-name", "web"]])

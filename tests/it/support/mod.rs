@@ -11,6 +11,7 @@ pub mod moto;
 pub mod netns;
 pub mod netns6;
 pub mod objects;
+pub mod process;
 pub mod raw_http;
 pub mod sdk;
 pub mod stack;
