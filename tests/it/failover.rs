@@ -11,7 +11,7 @@ use kiam::client::{ClientConfig, GrpcClient, Resolve, Transport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::agent_node::{TestAgent, agent_config};
+use crate::support::agent_node::TestAgent;
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
 use crate::support::fake_kube::FakeKube;
@@ -168,24 +168,9 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     let name = Arc::new(Name::default());
     name.set(&[server_addr]);
     // As the agent's CLI does: one call may take the whole wait budget.
-    let server = format!("kiam-server:{}", server_addr.port());
-    let upstream = imds.addr().to_string();
-    let flags = [
-        "--host",
-        "127.0.0.1",
-        "--server-address",
-        &server,
-        "--metadata-addr",
-        &upstream,
-        "--pod-wait-timeout",
-        "500ms",
-        "--server-resolve-interval",
-        "100ms",
-    ];
-    let config = agent_config(&c.pki.agent(), &flags);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
-    let runner = kiam::agent::iptables::Command::default();
-    let agent = TestAgent::assemble_with(&config, listener, runner, Arc::clone(&name) as Arc<dyn Resolve>);
+    let resolver = Arc::clone(&name) as Arc<dyn Resolve>;
+    let agent =
+        TestAgent::resolving(&c.pki.agent(), server_addr.port(), imds.addr(), "500ms", resolver).await;
     let url = agent.url();
     let pod: IpAddr = "127.0.0.61".parse().expect("ip");
 

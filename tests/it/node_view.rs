@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::agent_node::{TestAgent, agent_config};
+use crate::support::agent_node::TestAgent;
 use crate::support::fake_kube_auth::TokenIdentity;
 use crate::support::http::request;
 use crate::support::objects::{namespace, pod};
@@ -301,25 +301,9 @@ async fn the_stream_fails_over_to_another_server_and_resynchronises() {
         servers.push((server.addr, stop, server));
     }
     name.set(&[servers[0].0]);
-    let server = format!("kiam-server:{}", servers[0].0.port());
-    let upstream = stack.imds.addr().to_string();
-    let flags = [
-        "--host",
-        "127.0.0.1",
-        "--server-address",
-        &server,
-        "--metadata-addr",
-        &upstream,
-        "--pod-wait-timeout",
-        "1s",
-        "--server-resolve-interval",
-        "100ms",
-    ];
-    let config = agent_config(&stack.pki.agent_for_node("agent-a", "node-a"), &flags);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
-    let runner = kiam::agent::iptables::Command::default();
+    let cert = stack.pki.agent_for_node("agent-a", "node-a");
     let resolver = Arc::clone(&name) as Arc<dyn kiam::client::Resolve>;
-    let agent = TestAgent::assemble_with(&config, listener, runner, resolver);
+    let agent = TestAgent::resolving(&cert, servers[0].0.port(), stack.imds.addr(), "1s", resolver).await;
     live(&agent, 1).await;
     // The name moves to the second server, then the first one stops.
     let second: SocketAddr = servers[1].0;

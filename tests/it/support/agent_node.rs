@@ -83,22 +83,25 @@ impl TestAgent {
         extra: &[&str],
         configure: impl FnOnce(&mut Config),
     ) -> TestAgent {
-        let (server, upstream) = (server.to_string(), upstream.to_string());
-        let flags = [
-            "--host",
-            "127.0.0.1",
-            "--server-address",
-            &server,
-            "--metadata-addr",
-            &upstream,
-            "--pod-wait-timeout",
-            "1s",
-        ];
-        let flags: Vec<&str> = flags.iter().chain(extra).copied().collect();
-        let mut config = agent_config(cert, &flags);
+        let mut config = loopback_config(cert, &server.to_string(), upstream, "1s", extra);
         configure(&mut config);
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind agent");
         TestAgent::assemble(&config, listener, iptables::Command::default())
+    }
+
+    /// An agent on loopback presenting `cert` that finds `kiam-server:<port>` through `resolver`,
+    /// looking again every 100 ms, and waits up to `wait` for an unknown pod.
+    pub async fn resolving(
+        cert: &CertFiles,
+        port: u16,
+        upstream: SocketAddr,
+        wait: &str,
+        resolver: Arc<dyn Resolve>,
+    ) -> TestAgent {
+        let server = format!("kiam-server:{port}");
+        let config = loopback_config(cert, &server, upstream, wait, &["--server-resolve-interval", "100ms"]);
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind agent");
+        TestAgent::assemble_with(&config, listener, iptables::Command::default(), resolver)
     }
 
     /// Assembles and starts an agent for `config` on `listener`.
@@ -215,4 +218,19 @@ pub fn pod_get(net: &PodNet, url: &str) -> Result<Response, String> {
             .expect("a runtime in the pod")
             .block_on(request("GET", url, &[], "", None))
     })
+}
+
+/// An agent's flags on loopback: asking `server`, forwarding to `upstream`, waiting up to `wait`
+/// for an unknown pod, then `extra`.
+fn loopback_config(
+    cert: &CertFiles,
+    server: &str,
+    upstream: SocketAddr,
+    wait: &str,
+    extra: &[&str],
+) -> Config {
+    let upstream = upstream.to_string();
+    let flags = ["--host", "127.0.0.1", "--server-address", server, "--metadata-addr", &upstream];
+    let flags: Vec<&str> = flags.iter().chain(&["--pod-wait-timeout", wait]).chain(extra).copied().collect();
+    agent_config(cert, &flags)
 }
