@@ -29,6 +29,16 @@ pub enum TagKey {
 }
 
 impl TagKey {
+    /// Every tag kiam-rs can set.
+    pub const ALL: [TagKey; 6] = [
+        TagKey::ClusterArn,
+        TagKey::ClusterName,
+        TagKey::Namespace,
+        TagKey::ServiceAccount,
+        TagKey::PodName,
+        TagKey::PodUid,
+    ];
+
     /// The tag key as STS receives it.
     pub fn name(self) -> &'static str {
         match self {
@@ -50,16 +60,8 @@ impl TagKey {
 impl FromStr for TagKey {
     type Err = String;
     fn from_str(s: &str) -> Result<TagKey, String> {
-        let all = [
-            TagKey::ClusterArn,
-            TagKey::ClusterName,
-            TagKey::Namespace,
-            TagKey::ServiceAccount,
-            TagKey::PodName,
-            TagKey::PodUid,
-        ];
-        all.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {
-            let names: Vec<&str> = all.iter().map(|k| k.name()).collect();
+        TagKey::ALL.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {
+            let names: Vec<&str> = TagKey::ALL.iter().map(|k| k.name()).collect();
             format!("unknown session tag {s:?}; expected one of {}", names.join(", "))
         })
     }
@@ -167,14 +169,7 @@ mod tests {
             service_account: Some("web-sa".into()),
             ..PodFacts::test("team-a", "web", "10.0.0.5", Some("r"))
         };
-        let all = tags(&[
-            TagKey::ClusterArn,
-            TagKey::ClusterName,
-            TagKey::Namespace,
-            TagKey::ServiceAccount,
-            TagKey::PodName,
-            TagKey::PodUid,
-        ]);
+        let all = tags(&TagKey::ALL);
         let got = all.for_pod(&pod).expect("valid");
         assert_eq!(got.len(), 6);
         assert!(got.contains(&("kubernetes-service-account".into(), "web-sa".into())));
