@@ -19,6 +19,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ImdsDocument, BackendError>> + Send;
     /// The server's health message (`ok`).
     fn health(&self) -> impl Future<Output = Result<String, BackendError>> + Send;
+    /// Whether [`Backend::token_credentials`] is offered: `GET /v1/credentials` is 404 otherwise.
+    fn serves_pod_tokens(&self) -> bool {
+        false
+    }
     /// Credentials for the pod a projected ServiceAccount token is bound to
     /// (`GET /v1/credentials`). Only a backend that can check tokens offers it.
     fn token_credentials(

@@ -15,6 +15,10 @@ use super::error::AgentError;
 use super::{Agent, Backend, BackendError, ContainerCredentials};
 use crate::metrics::Handler;
 
+/// What a pod is told when this process does not serve the endpoint.
+pub const NOT_SERVED: &str =
+    "/v1/credentials is not served in kube2iam mode: run kiam's agent and server for identity by token";
+
 /// The container credentials document, in EKS Pod Identity's shape.
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -56,6 +60,10 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, AgentError> {
 
 /// Answers `GET /v1/credentials`.
 pub async fn credentials<B: Backend>(agent: &Agent<B>, headers: &HeaderMap) -> Result<Response, AgentError> {
+    if !agent.backend.serves_pod_tokens() {
+        // kube2iam mode: the pod is identified by its address only, as in kube2iam.
+        return Err(AgentError::NotFound(NOT_SERVED.into()));
+    }
     let token = bearer(headers)?;
     let label = Handler { handler: "containerCredentials" };
     let creds = agent.backend.token_credentials(token).await.map_err(|e| {

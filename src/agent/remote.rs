@@ -65,6 +65,10 @@ impl Backend for GrpcClient {
         self.get_health().await.map_err(backend_error)
     }
 
+    fn serves_pod_tokens(&self) -> bool {
+        true
+    }
+
     async fn token_credentials(&self, token: &str) -> Result<ContainerCredentials, BackendError> {
         let reply = GrpcClient::token_credentials(self, token).await.map_err(token_error)?;
         Ok(ContainerCredentials {

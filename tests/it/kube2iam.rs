@@ -350,6 +350,11 @@ async fn namespace_restrictions_and_what_pods_may_not_reach() {
         assert_eq!(got, status, "{path}: {body}");
         assert!(!body.contains(NODE_ACCESS_KEY_ID));
     }
+    // Identity by token is kiam's: here the container endpoint says so, whatever the token.
+    let from = Some("127.0.0.211".parse::<IpAddr>().expect("ip"));
+    let url = format!("{}/v1/credentials", k.url);
+    let token = request("GET", &url, &[("authorization", "eyJ.x.y")], "", from).await.expect("answer");
+    assert_eq!((token.status, token.body.trim()), (404, kiam::agent::container::NOT_SERVED));
     // /debug/store only on the metrics port, only to loopback callers.
     assert_eq!(get(&k, "127.0.0.211", "/debug/store").await.0, 404, "never on the metadata port");
     let store =

@@ -43,6 +43,13 @@ impl NodeNet {
         agent6
     }
 
+    /// Gives the node a default IPv6 route (through its loopback), as [`NodeNet::add_default_route`]
+    /// does for IPv4: without it the node's own connections to `fd00:ec2::23` fail before any DNAT.
+    pub fn add_default_route6(&self) {
+        ip(&["-n", &self.name, "-6", "route", "add", "default", "dev", "lo"])
+            .unwrap_or_else(|e| panic!("an IPv6 default route on {}: {e}", self.name));
+    }
+
     /// Adds `ip`/128 to the node's loopback (`fd00:ec2::254` for a decoy metadata service).
     pub fn add_address6(&self, ip6: Ipv6Addr) {
         ip(&["-n", &self.name, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "lo", "nodad"])
