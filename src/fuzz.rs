@@ -11,12 +11,17 @@ use crate::agent::token::{Tokens, parse_ttl};
 use crate::model::Permitted;
 use crate::policy::paths::{Route, classify};
 
+#[path = "fuzz_request.rs"]
+mod request;
+pub use request::request;
+
 /// One target: it panics on an input that breaks what it checks.
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its corpus directory and libFuzzer binary have.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("paths", paths),
+    ("request", request),
     ("token", token),
     ("duration", duration),
     ("permitted", permitted),

@@ -49,6 +49,42 @@ proptest! {
     fn fuzz_paths(data in bytes()) { paths(&data) }
 
     #[test]
+    fn fuzz_request(
+        setup in any::<u8>(),
+        method in prop_oneof![6 => Just("GET".to_string()), 1 => Just("HEAD".to_string()), 1 => Just("PUT".to_string()), 1 => "[A-Za-z\\x00]{1,8}"],
+        path in prop_oneof![
+            1 => bytes(),
+            2 => "/latest/meta-data/iam/(security-credentials(-extended)?/?(alpha|beta)?|info)".prop_map(String::into_bytes),
+            1 => Just(b"/v1/credentials".to_vec()),
+        ],
+        query in prop_oneof![Just(String::new()), "\\?ip=10\\.0\\.0\\.[12]", "\\?[a-z=&%.0-9]{0,12}"],
+        headers in proptest::collection::vec(prop_oneof![
+            3 => "authorization: (Bearer )?token-(alpha|beta|[a-z]{0,6})",
+            1 => "authorization: [ -~]{0,24}",
+            1 => "x-aws-ec2-metadata-token(-ttl-seconds)?: [ -~]{0,24}",
+            2 => "(x-forwarded-for|host|connection): [ -~]{0,16}",
+            1 => "[!-~]{1,12}: [\\x00-\\xff]{0,12}",
+        ], 0..3),
+        raw in proptest::option::weighted(0.1, proptest::collection::vec(any::<u8>(), 0..128)),
+    ) {
+        let mut data = vec![setup];
+        match raw {
+            Some(raw) => data.extend(raw),
+            None => {
+                data.extend(method.into_bytes());
+                data.push(b' ');
+                data.extend(path);
+                data.extend(query.into_bytes());
+                for header in headers {
+                    data.push(b'\n');
+                    data.extend(header.into_bytes());
+                }
+            }
+        }
+        request(&data)
+    }
+
+    #[test]
     fn fuzz_token(data in prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..96),
         proptest::collection::vec(any::<u8>(), 1..10).prop_map(|mut e| { e.insert(0, 0); e }),
