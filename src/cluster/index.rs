@@ -22,6 +22,25 @@ pub enum Lookup {
 
 type PodKey = (String, String);
 
+/// A pod in the IP and node indexes: the very `Arc` the index holds by name (8 bytes, where a
+/// key would copy the namespace and name again), equal and hashed by identity.
+#[derive(Clone)]
+struct Slot(Arc<PodFacts>);
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Slot) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Slot {}
+
+impl std::hash::Hash for Slot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state)
+    }
+}
+
 /// What an index must do with one change, once relists are accounted for.
 enum Step<T> {
     Upsert(T),
@@ -66,8 +85,8 @@ impl<T> Relist<T> {
 #[derive(Default)]
 pub struct PodIndex {
     pods: HashMap<PodKey, Arc<PodFacts>>,
-    by_ip: HashMap<IpAddr, Vec<PodKey>>,
-    by_node: HashMap<String, HashSet<PodKey>>,
+    by_ip: HashMap<IpAddr, Vec<Slot>>,
+    by_node: HashMap<String, HashSet<Slot>>,
     relist: Relist<PodFacts>,
 }
 
@@ -98,38 +117,38 @@ impl PodIndex {
     fn upsert(&mut self, pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
         let key = (pod.namespace.clone(), pod.name.clone());
         let before = before.or_else(|| self.remove(&key));
+        let pod = Arc::new(pod);
         for ip in pod.addresses() {
-            self.by_ip.entry(ip).or_default().push(key.clone());
+            self.by_ip.entry(ip).or_default().push(Slot(Arc::clone(&pod)));
         }
         if let Some(node) = &pod.node_name {
-            self.by_node.entry(node.clone()).or_default().insert(key.clone());
+            self.by_node.entry(node.clone()).or_default().insert(Slot(Arc::clone(&pod)));
         }
-        let pod = Arc::new(pod);
         self.pods.insert(key, Arc::clone(&pod));
         worth_announcing(before.as_deref(), &pod).then_some(pod)
     }
 
     fn remove(&mut self, key: &PodKey) -> Option<Arc<PodFacts>> {
-        let old = self.pods.remove(key)?;
+        let old = Slot(self.pods.remove(key)?);
         // Only this pod's own slots are touched: a change costs the same at 100 pods and at
         // 100,000 (the whole map was once swept on every removal).
-        for ip in old.addresses() {
-            if let Some(keys) = self.by_ip.get_mut(&ip) {
-                keys.retain(|k| k != key);
-                if keys.is_empty() {
+        for ip in old.0.addresses() {
+            if let Some(slots) = self.by_ip.get_mut(&ip) {
+                slots.retain(|s| *s != old);
+                if slots.is_empty() {
                     self.by_ip.remove(&ip);
                 }
             }
         }
-        if let Some(node) = &old.node_name
-            && let Some(keys) = self.by_node.get_mut(node)
+        if let Some(node) = &old.0.node_name
+            && let Some(slots) = self.by_node.get_mut(node)
         {
-            keys.remove(key);
-            if keys.is_empty() {
+            slots.remove(&old);
+            if slots.is_empty() {
                 self.by_node.remove(node);
             }
         }
-        Some(old)
+        Some(old.0)
     }
 
     /// Calls `f` with every pod that can still get credentials (not finished, not hostNetwork).
@@ -151,7 +170,7 @@ impl PodIndex {
             .get(&ip)
             .into_iter()
             .flatten()
-            .filter_map(|key| self.pods.get(key))
+            .map(|slot| &slot.0)
             .filter(|p| !p.phase.is_finished() && !p.host_network)
             .collect();
         let live: Vec<&&Arc<PodFacts>> = candidates.iter().filter(|p| !p.terminating).collect();
@@ -167,14 +186,8 @@ impl PodIndex {
     /// The IPs of pods on `node`, each with the pod [`lookup`](Self::lookup) finds there (which
     /// may be none, or on another node, when pods disagree about an IP).
     pub fn node_ips(&self, node: &str) -> Vec<(IpAddr, Lookup)> {
-        let ips: HashSet<IpAddr> = self
-            .by_node
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.pods.get(k))
-            .flat_map(|p| p.addresses())
-            .collect();
+        let ips: HashSet<IpAddr> =
+            self.by_node.get(node).into_iter().flatten().flat_map(|slot| slot.0.addresses()).collect();
         ips.into_iter().map(|ip| (ip, self.lookup(ip))).collect()
     }
 
@@ -197,7 +210,10 @@ impl PodIndex {
                 }
                 old.inspect(|old| slot(old));
                 let owners = pod.addresses().into_iter().filter_map(|ip| self.by_ip.get(&ip)).flatten();
-                owners.filter(|k| **k != key).filter_map(|k| self.pods.get(k)).for_each(|p| slot(p));
+                owners
+                    .map(|s| &s.0)
+                    .filter(|p| p.namespace != key.0 || p.name != key.1)
+                    .for_each(|p| slot(p));
             }
             Change::Delete(pod) => {
                 self.pods.get(&(pod.namespace.clone(), pod.name.clone())).inspect(|old| slot(old));
