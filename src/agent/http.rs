@@ -144,6 +144,8 @@ pub async fn serve(
         let Some(share) = sources.claim(peer.ip()) else {
             tally.source_cap.inc();
             tracing::debug!(%peer, "connection refused: its source holds its share of connections");
+            // Reset, not closed: a flood's refused connections leave no TIME_WAIT state behind.
+            let _ = stream.set_zero_linger();
             continue;
         };
         let _ = stream.set_nodelay(true);
