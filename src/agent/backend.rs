@@ -68,6 +68,10 @@ pub enum BackendError {
     /// No server could be reached: worth retrying within the budget.
     #[error("server unavailable: {0}")]
     Unavailable(String),
+    /// The server does not offer what was asked: identity by token, from a kiam server that
+    /// predates it or a server with no API access.
+    #[error("{0}")]
+    NotServed(String),
     /// The pod's token proves no live pod (invalid, expired, wrong audience, deleted pod).
     #[error("{0}")]
     Unauthenticated(String),

@@ -72,6 +72,7 @@ pub async fn credentials<B: Backend>(agent: &Agent<B>, headers: &HeaderMap) -> R
             BackendError::PodNotFound => AgentError::Unauthorized("the token's pod is not running".into()),
             BackendError::Forbidden => AgentError::Forbidden("forbidden by policy".into()),
             BackendError::Unauthenticated(m) => AgentError::Unauthorized(m),
+            BackendError::NotServed(m) => AgentError::NotFound(m),
             BackendError::Unavailable(m) => AgentError::Unavailable(format!("kiam server unavailable: {m}")),
             BackendError::Failed(m) => AgentError::Internal(format!("error fetching credentials: {m}")),
         }

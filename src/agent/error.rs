@@ -109,6 +109,7 @@ pub fn from_backend(err: BackendError, ip: IpAddr) -> AgentError {
         BackendError::Forbidden => AgentError::Forbidden("forbidden by policy".into()),
         BackendError::Unavailable(m) => AgentError::Unavailable(format!("kiam server unavailable: {m}")),
         BackendError::Unauthenticated(m) => AgentError::Unauthorized(m),
+        BackendError::NotServed(m) => AgentError::NotFound(m),
         BackendError::Failed(m) => AgentError::Internal(format!("error fetching credentials: {m}")),
     }
 }

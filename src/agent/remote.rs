@@ -38,6 +38,10 @@ fn token_error(status: Status) -> BackendError {
     match status.code() {
         Code::PermissionDenied => BackendError::Forbidden,
         Code::Unauthenticated => BackendError::Unauthenticated(status.message().to_string()),
+        Code::Unimplemented => BackendError::NotServed(format!(
+            "the kiam server does not serve identity by token (a kiam server without it, or one with no API access): {}",
+            status.message()
+        )),
         _ => backend_error(status),
     }
 }
@@ -101,5 +105,6 @@ mod tests {
         assert!(matches!(over, BackendError::Unavailable(_)), "{over:?}");
         assert!(matches!(token_error(Status::not_found("no")), BackendError::PodNotFound));
         assert_eq!(token_error(Status::permission_denied("other node")), BackendError::Forbidden);
+        assert!(matches!(token_error(Status::unimplemented("")), BackendError::NotServed(_)));
     }
 }

@@ -105,6 +105,12 @@ async fn our_agent_is_served_by_a_grpcio_server_speaking_kiam_v4() {
     assert_eq!(denied.status, 403, "{}", denied.body);
     let unknown = request("GET", &url, &[], "", from("127.0.0.73")).await.expect("answer");
     assert_eq!(unknown.status, 404, "{}", unknown.body);
+    // Identity by token is ours alone: a kiam server has no such call, and the pod is told so.
+    let token_url = format!("{}/v1/credentials", agent.url());
+    let token = request("GET", &token_url, &[("authorization", "eyJ.x.y")], "", from("127.0.0.71")).await;
+    let token = token.expect("answer");
+    assert_eq!(token.status, 404, "{}", token.body);
+    assert!(token.body.contains("does not serve identity by token"), "{}", token.body);
     drop(agent);
     drop(child.stdin.take());
     let _ = child.kill();
