@@ -28,27 +28,29 @@ pub async fn handle<B: Backend>(
     let started = Instant::now();
     // Only the head is needed; the parts are Sync, which the body is not.
     let (parts, _body) = request.into_parts();
-    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
     let ip = match caller(&agent, peer, parts.uri.query()) {
         Ok(ip) => ip,
         Err(err) => return err.into_response(),
     };
-    let response = match dispatch(&agent, ip, &parts).await {
+    let path = parts.uri.path();
+    // Classified once: the answer and the metrics' labels follow the same route.
+    let route = classify(path);
+    let response = match dispatch(&agent, ip, &parts, &route).await {
         Ok(response) => response,
         Err(err) => err.into_response(),
     };
-    let status = response.status().as_u16();
-    let route = classify(&path);
-    record(&agent.metrics.agent, handler_of(&route), status, started.elapsed());
+    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+    record(&agent.metrics.agent, handler_of(&route), status, elapsed);
+    let method = &parts.method;
     if let Some(k) = &agent.metrics.kube2iam {
         let call = HttpCall {
             code: status.to_string(),
             method: method.to_string(),
             handler: kube2iam_handler(&route),
         };
-        k.http_request_duration.get_or_create(&call).observe(started.elapsed().as_secs_f64());
+        k.http_request_duration.get_or_create(&call).observe(elapsed.as_secs_f64());
     }
-    let duration_ms = started.elapsed().as_millis() as u64;
+    let duration_ms = elapsed.as_millis() as u64;
     if status < 400 {
         tracing::debug!(pod.ip = %ip, %method, %path, status, duration_ms, "request");
     } else {
@@ -87,7 +89,7 @@ fn kube2iam_handler(route: &Route<'_>) -> &'static str {
 /// kiam timed, and successes.
 fn record(m: &crate::metrics::AgentMetrics, handler: &'static str, status: u16, elapsed: Duration) {
     let label = Handler { handler };
-    m.responses.get_or_create(&crate::metrics::Response { handler, code: status.to_string() }).inc();
+    m.responses.get_or_create(&crate::metrics::Response { handler, code: status }).inc();
     if matches!(handler, "credentials" | "containerCredentials" | "roleName" | "health") {
         m.handler_latency.get_or_create(&label).observe(elapsed.as_secs_f64());
     }
@@ -107,10 +109,14 @@ fn caller<B>(agent: &Agent<B>, peer: SocketAddr, query: Option<&str>) -> Result<
     }
 }
 
-async fn dispatch<B: Backend>(agent: &Agent<B>, ip: IpAddr, request: &Parts) -> Result<Response, AgentError> {
+async fn dispatch<B: Backend>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    request: &Parts,
+    route: &Route<'_>,
+) -> Result<Response, AgentError> {
     let (method, headers, path) = (&request.method, &request.headers, request.uri.path());
-    let route = classify(path);
-    match route {
+    match *route {
         Route::Token => return token(agent, ip, method, headers),
         Route::Malformed => return Err(AgentError::BadRequest(format!("malformed metadata path: {path}"))),
         _ => {}

@@ -23,7 +23,7 @@ pub struct Handler {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Response {
     pub handler: &'static str,
-    pub code: String,
+    pub code: u16,
 }
 
 /// Why a listener cut a connection (`reason` label).
@@ -104,7 +104,7 @@ impl AgentMetrics {
         ] {
             drop(family.get_or_create(&h));
         }
-        drop(self.responses.get_or_create(&Response { handler: "credentials", code: "200".into() }));
+        drop(self.responses.get_or_create(&Response { handler: "credentials", code: 200 }));
     }
 
     pub(super) fn register(&self, r: &mut Registry) {

@@ -136,7 +136,7 @@ async fn a_reused_ip_never_gets_the_old_pods_credentials_under_load() {
             .metrics
             .agent
             .responses
-            .get_or_create(&kiam::metrics::Response { handler: "credentials", code: "200".into() });
+            .get_or_create(&kiam::metrics::Response { handler: "credentials", code: 200 });
         (n.get() > 400).then_some(())
     });
     after.await;
