@@ -25,17 +25,23 @@ pub async fn handle<B: Backend>(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    let started = Instant::now();
     // Only the head is needed; the parts are Sync, which the body is not.
     let (parts, _body) = request.into_parts();
-    let ip = match caller(&agent, peer, parts.uri.query()) {
+    respond(&agent, peer, &parts).await
+}
+
+/// The agent's answer to the request head `parts` from `peer`: what [`handle`] serves through
+/// axum, and what the listener calls directly ([`Direct`]).
+pub async fn respond<B: Backend>(agent: &Agent<B>, peer: SocketAddr, parts: &Parts) -> Response {
+    let started = Instant::now();
+    let ip = match caller(agent, peer, parts.uri.query()) {
         Ok(ip) => ip,
         Err(err) => return err.into_response(),
     };
     let path = parts.uri.path();
     // Classified once: the answer and the metrics' labels follow the same route.
     let route = classify(path);
-    let response = match dispatch(&agent, ip, &parts, &route).await {
+    let response = match dispatch(agent, ip, parts, &route).await {
         Ok(response) => response,
         Err(err) => err.into_response(),
     };
@@ -57,6 +63,28 @@ pub async fn handle<B: Backend>(
         tracing::info!(pod.ip = %ip, %method, %path, status, duration_ms, "request");
     }
     response
+}
+
+/// The service for one connection: every request straight to [`respond`], with the caller's
+/// address from the connection. The agent has a single handler, so this skips axum's router and
+/// the per-request extension that carries the address there (figure 1's hit path).
+pub struct Direct<B> {
+    pub agent: Arc<Agent<B>>,
+    pub peer: SocketAddr,
+}
+
+impl<B: Backend> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Direct<B> {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let (agent, peer) = (Arc::clone(&self.agent), self.peer);
+        Box::pin(async move {
+            let (parts, _body) = request.into_parts();
+            Ok(respond(&agent, peer, &parts).await)
+        })
+    }
 }
 
 /// kiam's `handler` label for a route.

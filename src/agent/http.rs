@@ -6,12 +6,14 @@
 //! on open connections, and a smaller cap per source address, so that one pod cannot take every
 //! slot of its node. It stops accepting at shutdown and gives open connections a short grace.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -106,6 +108,30 @@ pub async fn serve(
     tally: Tally,
     shutdown: CancellationToken,
 ) {
+    let make = move |peer: SocketAddr| {
+        let router = router.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(request)
+        })
+    };
+    serve_with(listener, make, limits, tally, shutdown).await;
+}
+
+/// [`serve`] with the service for each connection made by `make` from the caller's address.
+pub async fn serve_with<M, S>(
+    listener: TcpListener,
+    make: M,
+    limits: &Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -149,16 +175,12 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (builder, router, shutdown, alive, tally) =
-            (Arc::clone(&builder), router.clone(), shutdown.clone(), alive.clone(), tally.clone());
+        let (builder, service, shutdown, alive, tally) =
+            (Arc::clone(&builder), make(peer), shutdown.clone(), alive.clone(), tally.clone());
         let limits = limits.clone();
         tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
             tally.open.inc();
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                router.clone().oneshot(request)
-            });
             let io =
                 TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone()));
             let connection = builder.serve_connection(io, service);

@@ -148,6 +148,11 @@ impl<B: Backend> Agent<B> {
     }
 }
 
+/// The listener's per-connection service: [`handlers::Direct`], the same handler as [`app`]'s.
+fn direct<B: Backend>(agent: Arc<Agent<B>>) -> impl Fn(SocketAddr) -> handlers::Direct<B> {
+    move |peer| handlers::Direct { agent: Arc::clone(&agent), peer }
+}
+
 /// The router: every path goes through one handler, because what a path means is decided by
 /// [`crate::policy::paths::classify`] on the raw path, not by a route table.
 pub fn app<B: Backend>(agent: Arc<Agent<B>>) -> Router {
@@ -249,9 +254,9 @@ pub fn assemble<B: Backend, R: Runner>(
     if let Some(listener6) = listener6 {
         // The same limits, counted alike; per-source shares are per listener, and a pod has
         // one address in each family.
-        let (router, limits, tally, shutdown) =
-            (app(Arc::clone(&agent)), config.limits.clone(), tally.clone(), shutdown.clone());
-        tokio::spawn(async move { http::serve(listener6, router, &limits, tally, shutdown).await });
+        let (make, limits, tally, shutdown) =
+            (direct(Arc::clone(&agent)), config.limits.clone(), tally.clone(), shutdown.clone());
+        tokio::spawn(async move { http::serve_with(listener6, make, &limits, tally, shutdown).await });
     }
     // The view is followed once the interception is in place: a server that sees this node's
     // agent subscribe knows its pods are intercepted (node readiness relies on it).
@@ -277,7 +282,7 @@ async fn serve<B: Backend, R: Runner>(
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
         start_view(&shutdown);
-        http::serve(listener, app(agent), &limits, tally, shutdown).await;
+        http::serve_with(listener, direct(agent), &limits, tally, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
@@ -286,7 +291,7 @@ async fn serve<B: Backend, R: Runner>(
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    http::serve(listener, app(agent), &limits, tally, shutdown).await;
+    http::serve_with(listener, direct(agent), &limits, tally, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {
