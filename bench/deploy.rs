@@ -111,28 +111,25 @@ impl Env {
     /// The gRPC client of an agent of `node` (its certificate names the node), to the server on
     /// `server_port`: what the agent's node view uses.
     pub fn node_client(&self, server_port: u16, node: &str) -> GrpcClient {
-        let files = self.pki.agent_for_node(&format!("bench-client-{node}"), node);
-        GrpcClient::connect_lazy(&ClientConfig {
-            server_address: format!("127.0.0.1:{server_port}"),
-            tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
-            call_timeout: Duration::from_secs(5),
-            token_file: None,
-        })
-        .expect("build the gRPC client")
+        client_with(server_port, self.pki.agent_for_node(&format!("bench-client-{node}"), node))
     }
 
     /// The agent's own gRPC client (mutual TLS with the agent's certificate), to the server on
     /// `server_port`.
     pub fn client(&self, server_port: u16) -> GrpcClient {
-        let files = self.pki.agent();
-        GrpcClient::connect_lazy(&ClientConfig {
-            server_address: format!("127.0.0.1:{server_port}"),
-            tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
-            call_timeout: Duration::from_secs(5),
-            token_file: None,
-        })
-        .expect("build the gRPC client")
+        client_with(server_port, self.pki.agent())
     }
+}
+
+/// A gRPC client presenting `files` to the server on `server_port`.
+fn client_with(server_port: u16, files: CertFiles) -> GrpcClient {
+    GrpcClient::connect_lazy(&ClientConfig {
+        server_address: format!("127.0.0.1:{server_port}"),
+        tls: TlsFiles { cert: files.cert, key: files.key, ca: files.ca },
+        call_timeout: Duration::from_secs(5),
+        token_file: None,
+    })
+    .expect("build the gRPC client")
 }
 
 /// A running agent: the process, its metadata port and its metrics port.

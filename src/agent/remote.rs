@@ -53,16 +53,7 @@ impl Backend for GrpcClient {
     }
 
     async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
-        let c = self.get_pod_credentials(ip, role).await.map_err(backend_error)?;
-        Ok(ImdsDocument {
-            code: c.code,
-            last_updated: c.last_updated,
-            kind: c.r#type,
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            token: c.token,
-            expiration: c.expiration,
-        })
+        self.get_pod_credentials(ip, role).await.map(ImdsDocument::from).map_err(backend_error)
     }
 
     async fn health(&self) -> Result<String, BackendError> {

@@ -7,6 +7,7 @@ mod gate;
 pub mod lifetimes;
 pub mod model;
 pub mod time;
+pub mod wire;
 
 #[cfg(test)]
 mod cache_tests;

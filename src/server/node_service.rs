@@ -135,16 +135,7 @@ impl<A: AssumeRole> pb::node_view_server::NodeView for NodeViewService<A> {
             self.core.pod_credentials(&ask, &role).await
         };
         match result.await {
-            Ok((_, creds)) => {
-                let d = creds.to_document();
-                Ok(Response::new(pb::CredentialsReply {
-                    access_key_id: d.access_key_id,
-                    secret_access_key: d.secret_access_key,
-                    token: d.token,
-                    expiration: d.expiration,
-                    last_updated: d.last_updated,
-                }))
-            }
+            Ok((_, creds)) => Ok(Response::new(creds.to_document().into())),
             Err(err) => {
                 tracing::info!(pod.ip = %ip, pod.iam.role = %role, error = %err, "node view credentials refused");
                 Err(status(&err, Rpc::Credentials))

@@ -165,16 +165,7 @@ impl<A: AssumeRole> KiamService<A> {
             Ok((pod, creds)) => {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
                     pod.iam.role = %role, duration_ms, "GetPodCredentials");
-                let d = creds.to_document();
-                Ok(Response::new(pb::Credentials {
-                    code: d.code,
-                    r#type: d.kind,
-                    access_key_id: d.access_key_id,
-                    secret_access_key: d.secret_access_key,
-                    token: d.token,
-                    expiration: d.expiration,
-                    last_updated: d.last_updated,
-                }))
+                Ok(Response::new(creds.to_document().into()))
             }
             Err(err) => {
                 if matches!(err, Error::Sts(_) | Error::Forbidden { .. }) {

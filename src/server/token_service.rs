@@ -13,6 +13,7 @@ use super::identity::Identities;
 use super::pod_token::TokenRefusal;
 use super::service::{Rpc, pod_wait, status};
 use crate::creds::AssumeRole;
+use crate::creds::wire::token_reply;
 use crate::pb::token as pb;
 use crate::policy::Caller;
 
@@ -64,16 +65,7 @@ impl<A: AssumeRole> pb::pod_tokens_server::PodTokens for PodTokenService<A> {
             wait,
         };
         match self.core.token_credentials(&ask).await {
-            Ok((_, creds, role_arn)) => {
-                let d = creds.to_document();
-                Ok(Response::new(pb::TokenCredentialsReply {
-                    access_key_id: d.access_key_id,
-                    secret_access_key: d.secret_access_key,
-                    token: d.token,
-                    expiration: d.expiration,
-                    role_arn,
-                }))
-            }
+            Ok((_, creds, role_arn)) => Ok(Response::new(token_reply(creds.to_document(), role_arn))),
             Err(err) => {
                 let pod = format!("{}/{}", ask.namespace, ask.name);
                 tracing::info!(%pod, error = %err, "credentials by pod token refused");

@@ -1,15 +1,13 @@
 //! Start-up hardening of the `kiam` binary: the soft open-file limit is raised to the hard one,
 //! so that the listeners' connection caps, not EMFILE, decide how many clients are served.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
 
 use crate::support::certs::TestPki;
 use crate::support::http::request;
-
-const KIAM: &str = env!("CARGO_BIN_EXE_kiam");
+use crate::support::process::{KIAM, free_port, kiam_through};
 
 /// The soft and hard `Max open files` of a process, from `/proc`.
 fn open_file_limits(pid: u32) -> Option<(String, String)> {
@@ -23,26 +21,14 @@ fn open_file_limits(pid: u32) -> Option<(String, String)> {
 async fn the_agent_raises_its_soft_open_file_limit() {
     let pki = TestPki::new();
     let tls = pki.agent();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let port = port.to_string();
+    let port = free_port().to_string();
     // A shell lowers the soft limit, then becomes the agent (no server needed to start).
-    let mut child = Command::new("sh")
-        .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\"", KIAM, "agent", "--host", "127.0.0.1"])
-        .args(["--port", &port, "--server-address", "127.0.0.1:9", "--metadata-addr", "127.0.0.1:9"])
-        .arg("--cert")
-        .arg(&tls.cert)
-        .arg("--key")
-        .arg(&tls.key)
-        .arg("--ca")
-        .arg(&tls.ca)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kiam agent starts");
+    let mut shell = Command::new("sh");
+    shell.args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\"", KIAM]);
+    let args = ["agent", "--host", "127.0.0.1", "--port", &port, "--server-address", "127.0.0.1:9"];
+    let args = [&args[..], &["--metadata-addr", "127.0.0.1:9"]].concat();
+    let log = pki.dir().join("agent.log");
+    let mut child = kiam_through(shell, &args, &tls, &log).spawn().expect("kiam agent starts");
     let ping = format!("http://127.0.0.1:{port}/ping");
     let up = || async { request("GET", &ping, &[], "", None).await.is_ok_and(|r| r.body == "pong") };
     crate::support::wait::until("the agent answers /ping", Duration::from_secs(15), up).await;

@@ -31,6 +31,27 @@ fn token_for(stack: &Stack, name: &str) -> (String, String) {
     (token, file.to_string_lossy().to_string())
 }
 
+/// A stack whose server knows two pods of node-a: `alpha` on the pod network (also at `pod6`,
+/// when given) with the role `alpha-role`, and the hostNetwork pod `host` with `host-role`.
+async fn two_pods(node: &NodeNet, net: &PodNet, pod6: Option<std::net::Ipv6Addr>) -> Stack {
+    let stack = Stack::start().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    let (pod_ip, node_ip) = (net.pod_ip.to_string(), node.agent_ip.to_string());
+    let mut alpha = pod("team-a", "alpha").ip(&pod_ip).uid("uid-alpha").role("alpha-role").node("node-a");
+    if let Some(pod6) = pod6 {
+        alpha = alpha.also_ip(&pod6.to_string());
+    }
+    stack.kube.apply(alpha.build());
+    let host = pod("team-a", "host").ip(&node_ip).uid("uid-host").role("host-role").node("node-a");
+    stack.kube.apply(host.host_network(true).build());
+    let cluster = std::sync::Arc::clone(stack.core.cluster());
+    until("the server knows both pods", Duration::from_secs(10), move || {
+        std::future::ready(["alpha", "host"].iter().all(|n| cluster.pod_by_name("team-a", n).is_some()))
+    })
+    .await;
+    stack
+}
+
 /// `GET url` with `token` from the node's own network (where hostNetwork pods run).
 fn node_get(node: &NodeNet, url: &str, token: &str) -> Result<crate::support::http::Response, String> {
     node.run_in(|| {
@@ -47,19 +68,7 @@ async fn pods_and_host_network_pods_reach_the_container_endpoint_through_the_dna
     let node = NodeNet::create();
     node.add_default_route().expect("a default route on the node");
     let net = PodNet::create_in(&node);
-    let stack = Stack::start().await;
-    stack.kube.apply(namespace("team-a").permitted(".*").build());
-    let (pod_ip, node_ip) = (net.pod_ip.to_string(), node.agent_ip.to_string());
-    stack
-        .kube
-        .apply(pod("team-a", "alpha").ip(&pod_ip).uid("uid-alpha").role("alpha-role").node("node-a").build());
-    let host = pod("team-a", "host").ip(&node_ip).uid("uid-host").role("host-role").node("node-a");
-    stack.kube.apply(host.host_network(true).build());
-    let cluster = std::sync::Arc::clone(stack.core.cluster());
-    until("the server knows both pods", Duration::from_secs(10), move || {
-        std::future::ready(["alpha", "host"].iter().all(|n| cluster.pod_by_name("team-a", n).is_some()))
-    })
-    .await;
+    let stack = two_pods(&node, &net, None).await;
     let cert = stack.pki.agent_for_node("agent-node-a", "node-a");
     let flags = ["--iptables", "--host-interface=kv+", "--container-endpoint"];
     let _agent = TestAgent::in_node_as(&stack, &node, &cert, &flags).await;
@@ -92,18 +101,7 @@ async fn on_a_node_with_ipv6_the_ipv6_container_endpoint_is_intercepted() {
     let net = PodNet::create_in(&node);
     let (pod6, agent6) = (net.enable_ipv6(), node.enable_ipv6());
     node.add_default_route6();
-    let stack = Stack::start().await;
-    stack.kube.apply(namespace("team-a").permitted(".*").build());
-    let (v4, node_ip) = (net.pod_ip.to_string(), node.agent_ip.to_string());
-    let alpha = pod("team-a", "alpha").ip(&v4).also_ip(&pod6.to_string()).uid("uid-alpha").role("alpha-role");
-    stack.kube.apply(alpha.node("node-a").build());
-    let host = pod("team-a", "host").ip(&node_ip).uid("uid-host").role("host-role").node("node-a");
-    stack.kube.apply(host.host_network(true).build());
-    let cluster = std::sync::Arc::clone(stack.core.cluster());
-    until("the server knows both pods", Duration::from_secs(10), move || {
-        std::future::ready(["alpha", "host"].iter().all(|n| cluster.pod_by_name("team-a", n).is_some()))
-    })
-    .await;
+    let stack = two_pods(&node, &net, Some(pod6)).await;
     let (_, file) = token_for(&stack, "alpha");
     let (host_token, _) = token_for(&stack, "host");
 

@@ -148,15 +148,7 @@ pub async fn fetch(
     }
     match client.node_credentials(ip, &entry.pod.uid, &entry.pod.role).await {
         Ok(reply) => {
-            let document = ImdsDocument {
-                code: "Success".into(),
-                last_updated: reply.last_updated,
-                kind: "AWS-HMAC".into(),
-                access_key_id: reply.access_key_id,
-                secret_access_key: reply.secret_access_key,
-                token: reply.token,
-                expiration: reply.expiration,
-            };
+            let document = ImdsDocument::from(reply);
             entry.store(document.clone(), SystemTime::now());
             Ok(document)
         }

@@ -16,7 +16,12 @@ pub use super::moto::free_port;
 
 /// `kiam <args> --cert --key --ca` with `tls`, killed on drop, its stderr written to `log`.
 pub fn kiam(args: &[&str], tls: &CertFiles, log: &Path) -> Command {
-    let mut cmd = Command::new(KIAM);
+    kiam_through(Command::new(KIAM), args, tls, log)
+}
+
+/// [`kiam`] through `cmd`, a command that ends by running the binary with the arguments it is
+/// given (a shell that sets a limit first, say).
+pub fn kiam_through(mut cmd: Command, args: &[&str], tls: &CertFiles, log: &Path) -> Command {
     cmd.args(args)
         .arg("--cert")
         .arg(&tls.cert)
