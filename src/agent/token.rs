@@ -13,6 +13,13 @@ pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// The header carrying an IMDSv2 token's TTL.
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
+/// The label that starts every tagged message.
+const LABEL: &[u8] = b"kiam-imds-token";
+/// The label, the address family and its 16 octets (IPv4 as IPv4-mapped), the expiry.
+const MESSAGE_LEN: usize = LABEL.len() + 1 + 16 + 8;
+/// An HMAC-SHA256 tag's length in bytes.
+const TAG_LEN: usize = 32;
+
 /// The largest TTL the metadata service accepts, in seconds (6 hours).
 pub const MAX_TTL_SECONDS: u64 = 21_600;
 
@@ -39,14 +46,28 @@ impl Tokens {
         Ok(Tokens { key })
     }
 
-    fn message(ip: IpAddr, expiry: u64) -> String {
-        format!("kiam-imds-token|{ip}|{expiry}")
+    /// What the tag covers: a label, the address (family and octets) and the expiry, in a fixed
+    /// binary layout. Built on the stack: verifying is on every credential GET's path (figure 1),
+    /// and tokens die with the process, so the layout need not be stable across versions.
+    fn message(ip: IpAddr, expiry: u64) -> [u8; MESSAGE_LEN] {
+        let (family, octets) = match ip {
+            IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => (6, v6.octets()),
+        };
+        let mut message = [0u8; MESSAGE_LEN];
+        let (label, rest) = message.split_at_mut(LABEL.len());
+        label.copy_from_slice(LABEL);
+        let (address, time) = rest.split_at_mut(17);
+        address[0] = family;
+        address[1..].copy_from_slice(&octets);
+        time.copy_from_slice(&expiry.to_be_bytes());
+        message
     }
 
     /// A token for `ip`, valid for `ttl` from `now`.
     pub fn mint(&self, ip: IpAddr, ttl: Duration, now: SystemTime) -> String {
         let expiry = (now + ttl).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let tag = hmac::sign(&self.key, Self::message(ip, expiry).as_bytes());
+        let tag = hmac::sign(&self.key, &Self::message(ip, expiry));
         format!("v1.{expiry}.{}", hex(tag.as_ref()))
     }
 
@@ -66,8 +87,7 @@ impl Tokens {
         }
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
         let tag = unhex(tag).ok_or(TokenError::Malformed)?;
-        hmac::verify(&self.key, Self::message(ip, expiry).as_bytes(), &tag)
-            .map_err(|_| TokenError::Invalid)?;
+        hmac::verify(&self.key, &Self::message(ip, expiry), &tag).map_err(|_| TokenError::Invalid)?;
         let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         if now >= expiry {
             return Err(TokenError::Expired);
@@ -85,15 +105,25 @@ pub fn parse_ttl(value: Option<&str>) -> Result<u64, &'static str> {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes.iter().flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]).map(char::from).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+/// A tag's lowercase hex (already checked by the caller) as bytes, without allocating; `None`
+/// unless it is exactly one HMAC-SHA256 tag long.
+fn unhex(s: &str) -> Option<[u8; TAG_LEN]> {
+    let digits = s.as_bytes();
+    if digits.len() != 2 * TAG_LEN {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    let nibble = |d: u8| (d as char).to_digit(16).and_then(|n| u8::try_from(n).ok());
+    let mut tag = [0u8; TAG_LEN];
+    for (byte, pair) in tag.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(tag)
 }
 
 #[cfg(test)]
@@ -126,6 +156,23 @@ mod tests {
         ] {
             assert_eq!(tokens.verify(&variant, a, now), Err(TokenError::Malformed), "{variant}");
         }
+    }
+
+    #[test]
+    fn a_token_names_its_address_family() {
+        let tokens = Tokens::new().expect("key");
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let v4: IpAddr = "10.0.0.1".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        let t = tokens.mint(v4, Duration::from_secs(60), now);
+        assert_eq!(tokens.verify(&t, v4, now), Ok(()));
+        assert_eq!(tokens.verify(&t, mapped, now), Err(TokenError::Invalid));
+        let t6 = tokens.mint(mapped, Duration::from_secs(60), now);
+        assert_eq!(tokens.verify(&t6, v4, now), Err(TokenError::Invalid));
+        // A tag one byte short or long is malformed, not merely wrong.
+        let (head, tag) = t.rsplit_once('.').expect("v1.expiry.tag");
+        assert_eq!(tokens.verify(&format!("{head}.{}", &tag[2..]), v4, now), Err(TokenError::Malformed));
+        assert_eq!(tokens.verify(&format!("{head}.{tag}00"), v4, now), Err(TokenError::Malformed));
     }
 
     #[test]
