@@ -4,7 +4,9 @@
 //! headers (431), a deadline on every write (a client that pipelines requests and never reads
 //! the answers is cut off, [`deadline`](super::deadline)), a maximum age per connection, a cap
 //! on open connections, and a smaller cap per source address, so that one pod cannot take every
-//! slot of its node. It stops accepting at shutdown and gives open connections a short grace.
+//! slot of its node. Connections over a source's cap are reset, but only once the accept queue is
+//! empty, so that a flood from one pod does not make its neighbours' connections wait behind
+//! the resets. It stops accepting at shutdown and gives open connections a short grace.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,6 +29,9 @@ use tower::ServiceExt;
 
 use super::deadline::WriteDeadline;
 use crate::net::Sources;
+
+/// The most refused connections held before they are reset (see [`serve_with`]).
+const REFUSED_BATCH: usize = 256;
 
 /// Limits on what one client may hold or send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,26 +151,47 @@ pub async fn serve_with<M, S>(
     // Every connection task holds a sender; when all are dropped, `open` yields None.
     let (alive, mut open) = mpsc::channel::<()>(1);
     let mut accept_backoff = Duration::from_millis(5);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    // Connections refused by the per-source cap, reset only once the accept queue is empty: the
+    // other sources' connections queued behind a flood are served first (figure 9).
+    let mut refused = Vec::new();
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, say: back off rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(accept_backoff).await;
-                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
-                    continue;
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                reset(&mut refused);
+                tokio::select! {
+                    _ = &mut cancelled => break,
+                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
                 }
-            },
+            }
+        };
+        // What is queued is taken without waiting; only then are the refused reset, and the
+        // loop waits. (tokio's cooperative budget still makes it yield now and then.)
+        let accepted = match listener.accept().now_or_never() {
+            Some(accepted) => accepted,
+            None => {
+                reset(&mut refused);
+                tokio::select! {
+                    _ = &mut cancelled => break,
+                    accepted = listener.accept() => accepted,
+                }
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, say: back off rather than spin.
+                tracing::warn!(%error, "accept failed");
+                reset(&mut refused);
+                tokio::time::sleep(accept_backoff).await;
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
         };
         accept_backoff = Duration::from_millis(5);
         let Some(share) = sources.claim(peer.ip()) else {
@@ -172,6 +199,10 @@ pub async fn serve_with<M, S>(
             tracing::debug!(%peer, "connection refused: its source holds its share of connections");
             // Reset, not closed: a flood's refused connections leave no TIME_WAIT state behind.
             let _ = stream.set_zero_linger();
+            if refused.len() >= REFUSED_BATCH {
+                reset(&mut refused);
+            }
+            refused.push(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -205,6 +236,15 @@ pub async fn serve_with<M, S>(
     }
     drop(alive);
     let _ = tokio::time::timeout(limits.drain, open.recv()).await;
+}
+
+/// Resets the refused connections on a task of their own, so that the accept loop goes on
+/// accepting meanwhile.
+fn reset(refused: &mut Vec<tokio::net::TcpStream>) {
+    if !refused.is_empty() {
+        let batch = std::mem::take(refused);
+        tokio::spawn(async move { drop(batch) });
+    }
 }
 
 #[cfg(test)]
