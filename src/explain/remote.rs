@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::ServerQuery;
 use crate::creds::Identity;
 use crate::pb::debug::debug_client::DebugClient;
-use crate::pb::debug::{CacheStateReply, CacheStateRequest};
+use crate::pb::debug::{CacheStateReply, CacheStateRequest, SessionTag};
 use crate::tls;
 
 /// What the server said about the identity, or why it could not be asked.
@@ -124,6 +124,12 @@ async fn cache_state(
         role_arn: identity.role.to_string(),
         session_name: identity.session_name.clone(),
         external_id: identity.external_id.clone(),
+        tags: identity
+            .tags
+            .iter()
+            .map(|(key, value)| SessionTag { key: key.clone(), value: value.clone() })
+            .collect(),
+        session_policy: identity.policy.clone(),
     };
     let call = client.cache_state(request);
     let reply = tokio::time::timeout(timeout, call).await.map_err(|_| RemoteError::Timeout(timeout))??;

@@ -7,8 +7,8 @@
 //! operator's cannot fetch credentials. With node binding on, a debug certificate must also name
 //! a node (`urn:kiam:node:<name>`), and is answered only about identities that a live pod on that
 //! node uses. The answer is times, flags and the last STS error for an identity the caller names
-//! in full (role ARN, session name and external ID); it never carries credentials, and the
-//! external ID is neither logged nor returned.
+//! in full (role ARN, session name, external ID, session tags and session policy, as the cache
+//! keys it); it never carries credentials, and the external ID is neither logged nor returned.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -73,7 +73,10 @@ fn identity(request: CacheStateRequest) -> Result<Identity, Status> {
         return Err(Status::invalid_argument(format!("role_arn {role:?} is not an ARN")));
     }
     let role = RoleArn::resolve(role, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(Identity::plain(role, request.session_name, request.external_id))
+    let mut identity = Identity::plain(role, request.session_name, request.external_id);
+    identity.tags = request.tags.into_iter().map(|tag| (tag.key, tag.value)).collect();
+    identity.policy = request.session_policy;
+    Ok(identity)
 }
 
 /// The reply for an entry's state, or for no entry.
@@ -143,9 +146,15 @@ mod tests {
             role_arn: "arn:aws:iam::1:role/app".into(),
             session_name: "kiam-kiam".into(),
             external_id: Some("x".into()),
+            tags: vec![crate::pb::debug::SessionTag {
+                key: "kubernetes-namespace".into(),
+                value: "a".into(),
+            }],
+            session_policy: None,
         };
         let id = identity(ok.clone()).expect("an ARN");
         assert_eq!(id.role.as_str(), "arn:aws:iam::1:role/app");
+        assert_eq!(id.tags, vec![("kubernetes-namespace".to_string(), "a".to_string())]);
         assert_eq!(id.external_id.as_deref(), Some("x"));
         let short = CacheStateRequest { role_arn: "app".into(), ..ok };
         assert_eq!(identity(short).map_err(|s| s.code()).err(), Some(tonic::Code::InvalidArgument));

@@ -14,7 +14,7 @@ use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_kube::FakeKube;
 use crate::support::objects::{namespace, pod};
 use crate::support::process::kiam_explain;
-use crate::support::stack::{BASE_ARN, Stack, tls_files};
+use crate::support::stack::{BASE_ARN, Options, Stack, tls_files};
 
 fn config(inventory: Inventory, target: Target, requested: Option<&str>) -> Config {
     Config {
@@ -336,4 +336,37 @@ async fn the_server_reports_its_cache_and_last_sts_error() {
     let refused = explain::run(cfg).await.expect("reads");
     assert!(refused.explanations[0].server.as_ref().is_some_and(|s| s.error.is_some()));
     assert_eq!(refused.exit_code(), 3);
+}
+
+/// Under `--session-tags` the cache keys an identity with its tags: `explain` sends them, so the
+/// server finds the entry (it used to look the identity up without tags and report none).
+#[tokio::test]
+async fn the_server_finds_an_identity_with_session_tags() {
+    use kiam::agent::Backend;
+    use kiam::policy::session::{SessionTags, TagKey};
+    let flags = vec!["--session-tags=kubernetes-namespace,kubernetes-pod-name"];
+    let stack = Stack::start_with(Options { server_flags: flags, ..Options::default() }).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("10.66.0.1").role("app").build());
+    let ip = "10.66.0.1".parse().expect("ip");
+    stack.wait_for_pod(ip).await;
+    stack.client(&stack.pki.agent()).pod_credentials(ip, "app").await.expect("credentials");
+
+    let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
+    let mut cfg = config(Inventory::Kube(Some(kubeconfig)), target("team-a/web"), None);
+    let tags = |keys: Vec<TagKey>| {
+        Some(SessionTags { keys, cluster_name: String::new(), cluster_arn: String::new() })
+    };
+    cfg.settings.policy.session_tags = tags(vec![TagKey::Namespace, TagKey::PodName]);
+    cfg.server = Some(server_query(&stack, &stack.pki.debug("operator", None)));
+    let cache = |report: Report| {
+        let server = report.explanations[0].server.clone().expect("asked the server");
+        server.cache.unwrap_or_else(|| panic!("an answer: {:?}", server.error))
+    };
+    let found = cache(explain::run(cfg.clone()).await.expect("reads"));
+    assert!(found.known && found.has_credentials && found.fresh, "{found:?}");
+    // The tags are part of the key: other tags name an identity the cache does not hold.
+    cfg.settings.policy.session_tags = tags(vec![TagKey::Namespace]);
+    let other = cache(explain::run(cfg).await.expect("reads"));
+    assert!(!other.known, "{other:?}");
 }
