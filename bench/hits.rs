@@ -62,6 +62,8 @@ struct Round {
     anon: u64,
     /// CPU time of the target (and the server behind it), per request served.
     cpu_per_request: Duration,
+    /// The part of it spent in user space (the rest is the kernel's: TCP, wake-ups).
+    user_per_request: Duration,
 }
 
 /// Runs figures 1, 5 and 6.
@@ -299,7 +301,11 @@ async fn wrk(
     target: &mut Child,
     also: Option<&Child>,
 ) -> Round {
-    let cpu = |target: &Child| target.cpu() + also.map_or(Duration::ZERO, Child::cpu);
+    let cpu = |target: &Child| {
+        let (user, system) = target.cpu_split();
+        let (also_user, also_system) = also.map_or((Duration::ZERO, Duration::ZERO), Child::cpu_split);
+        (user + also_user, system + also_system)
+    };
     let cpu_before = cpu(target);
     let args = [
         format!("-t{}", load.threads),
@@ -336,7 +342,9 @@ async fn wrk(
         }
     };
     target.assert_running();
-    let cpu_used = cpu(target).saturating_sub(cpu_before);
+    let cpu_after = cpu(target);
+    let user = cpu_after.0.saturating_sub(cpu_before.0);
+    let cpu_used = user + cpu_after.1.saturating_sub(cpu_before.1);
     // The high-water mark catches what 50 ms samples miss (it also covers start-up).
     let memory = memory.max(target.memory().peak);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -354,6 +362,7 @@ async fn wrk(
         memory,
         anon,
         cpu_per_request: cpu_used / u32::try_from(summary.requests).unwrap_or(u32::MAX),
+        user_per_request: user / u32::try_from(summary.requests).unwrap_or(u32::MAX),
     }
 }
 
@@ -372,7 +381,13 @@ fn describe(rounds: &[Round]) -> String {
     let each: Vec<String> = rounds
         .iter()
         .map(|r| {
-            format!("{:.0}/s p99 {} CPU {:.1} µs/req", r.per_s, stats::ms(r.p99), micros(r.cpu_per_request))
+            format!(
+                "{:.0}/s p99 {} CPU {:.1} µs/req ({:.1} µs of it in user space)",
+                r.per_s,
+                stats::ms(r.p99),
+                micros(r.cpu_per_request),
+                micros(r.user_per_request)
+            )
         })
         .collect();
     each.join(", ")

@@ -81,18 +81,27 @@ impl Child {
 impl Child {
     /// CPU time (user + system) used so far by this process and its descendants.
     pub fn cpu(&self) -> Duration {
-        tree(self.pid()).into_iter().map(cpu).sum()
+        let (user, system) = self.cpu_split();
+        user + system
+    }
+
+    /// The user and the system (kernel) parts of [`Child::cpu`].
+    pub fn cpu_split(&self) -> (Duration, Duration) {
+        tree(self.pid())
+            .into_iter()
+            .map(cpu)
+            .fold((Duration::ZERO, Duration::ZERO), |(u, s), (du, ds)| (u + du, s + ds))
     }
 }
 
-/// CPU time used by one process, from `/proc/<pid>/stat` (zero once it is gone).
-fn cpu(pid: u32) -> Duration {
+/// User and system CPU time used by one process, from `/proc/<pid>/stat` (zero once it is gone).
+fn cpu(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name, which is in parentheses and may hold spaces; utime and
     // stime are the 14th and 15th fields of the line, in clock ticks (100 per second on Linux).
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
     let ticks = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    (Duration::from_millis(ticks(11) * 10), Duration::from_millis(ticks(12) * 10))
 }
 
 impl Drop for Child {
