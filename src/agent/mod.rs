@@ -150,7 +150,7 @@ impl<B: Backend> Agent<B> {
 
 /// The listener's per-connection service: [`handlers::Direct`], the same handler as [`app`]'s.
 fn direct<B: Backend>(agent: Arc<Agent<B>>) -> impl Fn(SocketAddr) -> handlers::Direct<B> {
-    move |peer| handlers::Direct { agent: Arc::clone(&agent), peer }
+    move |peer| handlers::Direct { agent: Arc::clone(&agent), peer, last_token: Arc::default() }
 }
 
 /// The router: every path goes through one handler, because what a path means is decided by

@@ -4,6 +4,7 @@
 //! on time, cost no memory however many are minted, and die with the process.
 
 use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{hmac, rand};
@@ -73,6 +74,31 @@ impl Tokens {
 
     /// Checks that `token` was minted for `ip` and has not expired at `now`.
     pub fn verify(&self, token: &str, ip: IpAddr, now: SystemTime) -> Result<(), TokenError> {
+        self.expiry_of(token, ip, now).map(|_| ())
+    }
+
+    /// [`Tokens::verify`], answered from `last` when the token is the one that passed there
+    /// before, for the same address (then only its expiry is checked); `last` then holds it.
+    pub fn verify_again(
+        &self,
+        last: &LastToken,
+        token: &str,
+        ip: IpAddr,
+        now: SystemTime,
+    ) -> Result<(), TokenError> {
+        let mut last = last.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(passed) = last.as_ref().filter(|p| p.ip == ip && *p.token == *token) {
+            let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            return if now < passed.expiry { Ok(()) } else { Err(TokenError::Expired) };
+        }
+        let expiry = self.expiry_of(token, ip, now)?;
+        *last = Some(Passed { token: token.into(), ip, expiry });
+        Ok(())
+    }
+
+    /// The token's expiry, in seconds since the epoch, once it is checked as [`Tokens::verify`]
+    /// describes.
+    fn expiry_of(&self, token: &str, ip: IpAddr, now: SystemTime) -> Result<u64, TokenError> {
         let mut parts = token.trim().splitn(3, '.');
         let (Some("v1"), Some(expiry), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(TokenError::Malformed);
@@ -92,8 +118,21 @@ impl Tokens {
         if now >= expiry {
             return Err(TokenError::Expired);
         }
-        Ok(())
+        Ok(expiry)
     }
+}
+
+/// The last token that passed on one connection. SDKs send one token for hours, request after
+/// request on a kept-alive connection, so the agent checks its MAC once per connection and then
+/// compares (figure 1's hit path). A token that differs in any byte is checked in full.
+#[derive(Debug, Default)]
+pub struct LastToken(Mutex<Option<Passed>>);
+
+#[derive(Debug)]
+struct Passed {
+    token: Box<str>,
+    ip: IpAddr,
+    expiry: u64,
 }
 
 /// Parses `X-aws-ec2-metadata-token-ttl-seconds`: a whole number from 1 to 21600.
@@ -156,6 +195,32 @@ mod tests {
         ] {
             assert_eq!(tokens.verify(&variant, a, now), Err(TokenError::Malformed), "{variant}");
         }
+    }
+
+    #[test]
+    fn a_remembered_token_passes_only_as_verify_would() {
+        let tokens = Tokens::new().expect("key");
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t = tokens.mint(a, Duration::from_secs(60), now);
+        let last = LastToken::default();
+        assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
+        assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
+        // Another address, another key's token, a forged one, an expired one: refused as before.
+        assert_eq!(tokens.verify_again(&last, &t, b, now), Err(TokenError::Invalid));
+        assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
+        let forged = t.replacen("v1.1000060.", "v1.9000060.", 1);
+        assert_eq!(tokens.verify_again(&last, &forged, a, now), Err(TokenError::Invalid));
+        let other = Tokens::new().expect("key").mint(a, Duration::from_secs(60), now);
+        assert_eq!(tokens.verify_again(&last, &other, a, now), Err(TokenError::Invalid));
+        assert_eq!(
+            tokens.verify_again(&last, &t, a, now + Duration::from_secs(60)),
+            Err(TokenError::Expired)
+        );
+        // A failure does not forget the token that passed, nor make it pass for another address.
+        assert_eq!(tokens.verify_again(&last, &t, a, now + Duration::from_secs(59)), Ok(()));
+        assert_eq!(tokens.verify_again(&last, "v1", a, now), Err(TokenError::Malformed));
+        assert_eq!(tokens.verify_again(&last, &t, b, now), Err(TokenError::Invalid));
     }
 
     #[test]

@@ -63,6 +63,17 @@ pub struct AgentMetrics {
     pub connections_open: Gauge,
     /// New: connections the metadata listener cut, by reason.
     pub connections_cut: Family<Cut, Counter>,
+    /// The series a credential GET answered 200 moves, looked up once (see [`CredentialsOk`]).
+    credentials_ok: std::sync::OnceLock<CredentialsOk>,
+}
+
+/// The three series of a `credentials` response with status 200, in kiam's families: the hit
+/// path moves them on every GET, and a family lookup hashes its labels under a lock each time.
+#[derive(Clone, Debug)]
+pub struct CredentialsOk {
+    pub responses: Counter,
+    pub latency: Histogram,
+    pub success: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -85,11 +96,28 @@ impl Default for AgentMetrics {
             view_refusals: Counter::default(),
             connections_open: Gauge::default(),
             connections_cut: Family::default(),
+            credentials_ok: std::sync::OnceLock::new(),
         }
     }
 }
 
 impl AgentMetrics {
+    /// The series of a `credentials` response with status 200, created at the first one (as
+    /// kiam's are) and kept.
+    pub fn credentials_ok(&self) -> &CredentialsOk {
+        self.credentials_ok.get_or_init(|| {
+            let handler = Handler { handler: "credentials" };
+            CredentialsOk {
+                responses: self
+                    .responses
+                    .get_or_create(&Response { handler: "credentials", code: 200 })
+                    .clone(),
+                latency: self.handler_latency.get_or_create(&handler).clone(),
+                success: self.success.get_or_create(&handler).clone(),
+            }
+        })
+    }
+
     /// Creates one series in every family (families without series are not exposed at all).
     #[cfg(test)]
     pub(super) fn touch(&self) {

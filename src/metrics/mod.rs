@@ -25,8 +25,8 @@ use crate::agent::http::{Limits, Tally};
 use tokio_util::sync::CancellationToken;
 
 pub use families::{
-    AgentMetrics, Cut, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics, code_name,
-    latency_histogram,
+    AgentMetrics, CredentialsOk, Cut, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics,
+    code_name, latency_histogram,
 };
 pub use process::ProcessMetrics;
 
