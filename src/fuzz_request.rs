@@ -1,5 +1,6 @@
 //! The `request` fuzz target: one request head, built from arbitrary bytes, through the agent's
-//! whole handler ([`crate::agent::app`]: the caller's identity, path classification, methods,
+//! whole handler ([`crate::agent::handlers::respond`], as the listener calls it for each request
+//! of a connection: the caller's identity, path classification, methods,
 //! IMDSv2 tokens, `?ip=`, the container endpoint, forwarding) against a backend that knows two
 //! pods. Whatever the request: no panic, no 500, never another pod's credentials, credentials
 //! only with a token under `--require-imdsv2`, and nothing forwarded that the allow-list and the
@@ -7,8 +8,9 @@
 //!
 //! The first byte chooses the set-up: bits 0–1 the caller (pod `alpha`, pod `beta`, an unknown
 //! address, `alpha` as an IPv4-mapped IPv6 address), bit 2 `--require-imdsv2`, bit 3 an IMDSv2
-//! token fetched first and sent, bit 4 a wide `--allow-route-regexp`. The rest is the head:
-//! `METHOD TARGET` on the first line, then `name: value` lines.
+//! token fetched first and sent, bit 4 a wide `--allow-route-regexp`, bit 5 an earlier request on
+//! the same connection that passed with a token of `alpha`'s (so the connection remembers it). The
+//! rest is the head: `METHOD TARGET` on the first line, then `name: value` lines.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,9 +20,10 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use tower::ServiceExt;
 
-use crate::agent::{Agent, Backend, BackendError, Config, ContainerCredentials, Limits, app};
+use crate::agent::handlers::respond;
+use crate::agent::token::LastToken;
+use crate::agent::{Agent, Backend, BackendError, Config, ContainerCredentials, Limits};
 use crate::creds::ImdsDocument;
 use crate::metrics::Metrics;
 use crate::policy::paths::{AllowRoutes, Route, classify};
@@ -129,9 +132,14 @@ fn head(text: &str, caller: IpAddr, token: Option<&str>) -> Option<Request<Body>
     Some(request)
 }
 
-/// One request through the agent's handler: status and body.
-async fn exchange(agent: &Arc<Agent<TwoPods>>, request: Request<Body>) -> (StatusCode, String) {
-    let Ok(response) = app(Arc::clone(agent)).oneshot(request).await;
+/// One request through the agent's handler, on the connection that remembers `last`: status
+/// and body.
+async fn exchange(agent: &Agent<TwoPods>, last: &LastToken, request: Request<Body>) -> (StatusCode, String) {
+    let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no caller".into());
+    };
+    let (parts, _body) = request.into_parts();
+    let response = respond(agent, peer, last, &parts).await;
     let status = response.status();
     let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -153,12 +161,22 @@ pub fn request(data: &[u8]) {
     let metrics = Arc::new(Metrics::default());
     let Ok(agent) = Agent::new(TwoPods, &config(require_imdsv2, &allow), metrics) else { return };
     let agent = Arc::new(agent);
+    let last = LastToken::default();
     runtime.block_on(async {
+        let put = "PUT /latest/api/token\nx-aws-ec2-metadata-token-ttl-seconds: 60";
+        if setup & 32 != 0 {
+            // alpha's token passes once on this connection, for alpha's own role.
+            let Some(put) = head(put, IpAddr::V4(ALPHA), None) else { return };
+            let (_, alphas) = exchange(&agent, &last, put).await;
+            let get = "GET /latest/meta-data/iam/security-credentials/alpha";
+            let Some(get) = head(get, IpAddr::V4(ALPHA), Some(&alphas)) else { return };
+            let (status, body) = exchange(&agent, &last, get).await;
+            assert!(status == StatusCode::OK && body.contains(&key_of("alpha")), "{status}: {body}");
+        }
         let token = match with_token {
             true => {
-                let put = "PUT /latest/api/token\nx-aws-ec2-metadata-token-ttl-seconds: 60";
                 let Some(put) = head(put, caller, None) else { return };
-                let (status, token) = exchange(&agent, put).await;
+                let (status, token) = exchange(&agent, &last, put).await;
                 assert_eq!(status, StatusCode::OK, "{token}");
                 Some(token)
             }
@@ -167,7 +185,7 @@ pub fn request(data: &[u8]) {
         let Some(request) = head(&text, caller, token.as_deref()) else { return };
         let path = request.uri().path().to_string();
         let authorization = request.headers().get("authorization").cloned();
-        let (status, body) = exchange(&agent, request).await;
+        let (status, body) = exchange(&agent, &last, request).await;
         judge(&path, status, &body, caller, token.is_some(), require_imdsv2, authorization, &allow);
     });
 }
