@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 
@@ -114,7 +113,7 @@ fn config(require_imdsv2: bool, allow: &AllowRoutes) -> Config {
 }
 
 /// A request head from `text`, or `None` where hyper would not have parsed one either.
-fn head(text: &str, caller: IpAddr, token: Option<&str>) -> Option<Request<Body>> {
+fn head(text: &str, token: Option<&str>) -> Option<Request<Body>> {
     let mut lines = text.split('\n');
     let (method, target) = lines.next()?.trim_end_matches('\r').split_once(' ')?;
     let mut request = Request::builder().method(Method::from_bytes(method.as_bytes()).ok()?).uri(target);
@@ -127,19 +126,19 @@ fn head(text: &str, caller: IpAddr, token: Option<&str>) -> Option<Request<Body>
     if let Some(token) = token {
         request = request.header("x-aws-ec2-metadata-token", token);
     }
-    let mut request = request.body(Body::empty()).ok()?;
-    request.extensions_mut().insert(ConnectInfo(SocketAddr::new(caller, 40_000)));
-    Some(request)
+    request.body(Body::empty()).ok()
 }
 
-/// One request through the agent's handler, on the connection that remembers `last`: status
-/// and body.
-async fn exchange(agent: &Agent<TwoPods>, last: &LastToken, request: Request<Body>) -> (StatusCode, String) {
-    let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "no caller".into());
-    };
+/// One request from `caller` through the agent's handler, on the connection that remembers
+/// `last`: status and body.
+async fn exchange(
+    agent: &Agent<TwoPods>,
+    last: &LastToken,
+    caller: IpAddr,
+    request: Request<Body>,
+) -> (StatusCode, String) {
     let (parts, _body) = request.into_parts();
-    let response = respond(agent, peer, last, &parts).await;
+    let response = respond(agent, SocketAddr::new(caller, 40_000), last, &parts).await;
     let status = response.status();
     let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -166,26 +165,26 @@ pub fn request(data: &[u8]) {
         let put = "PUT /latest/api/token\nx-aws-ec2-metadata-token-ttl-seconds: 60";
         if setup & 32 != 0 {
             // alpha's token passes once on this connection, for alpha's own role.
-            let Some(put) = head(put, IpAddr::V4(ALPHA), None) else { return };
-            let (_, alphas) = exchange(&agent, &last, put).await;
+            let Some(put) = head(put, None) else { return };
+            let (_, alphas) = exchange(&agent, &last, IpAddr::V4(ALPHA), put).await;
             let get = "GET /latest/meta-data/iam/security-credentials/alpha";
-            let Some(get) = head(get, IpAddr::V4(ALPHA), Some(&alphas)) else { return };
-            let (status, body) = exchange(&agent, &last, get).await;
+            let Some(get) = head(get, Some(&alphas)) else { return };
+            let (status, body) = exchange(&agent, &last, IpAddr::V4(ALPHA), get).await;
             assert!(status == StatusCode::OK && body.contains(&key_of("alpha")), "{status}: {body}");
         }
         let token = match with_token {
             true => {
-                let Some(put) = head(put, caller, None) else { return };
-                let (status, token) = exchange(&agent, &last, put).await;
+                let Some(put) = head(put, None) else { return };
+                let (status, token) = exchange(&agent, &last, caller, put).await;
                 assert_eq!(status, StatusCode::OK, "{token}");
                 Some(token)
             }
             false => None,
         };
-        let Some(request) = head(&text, caller, token.as_deref()) else { return };
+        let Some(request) = head(&text, token.as_deref()) else { return };
         let path = request.uri().path().to_string();
         let authorization = request.headers().get("authorization").cloned();
-        let (status, body) = exchange(&agent, &last, request).await;
+        let (status, body) = exchange(&agent, &last, caller, request).await;
         judge(&path, status, &body, caller, token.is_some(), require_imdsv2, authorization, &allow);
     });
 }

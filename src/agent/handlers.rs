@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,19 +18,8 @@ use crate::metrics::Handler;
 use crate::metrics::kube2iam::HttpCall;
 use crate::policy::paths::{Route, classify};
 
-/// Every request comes through here.
-pub async fn handle<B: Backend>(
-    State(agent): State<Arc<Agent<B>>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    // Only the head is needed; the parts are Sync, which the body is not.
-    let (parts, _body) = request.into_parts();
-    respond(&agent, peer, &LastToken::default(), &parts).await
-}
-
-/// The agent's answer to the request head `parts` from `peer`: what [`handle`] serves through
-/// axum, and what the listener calls directly ([`Direct`]).
+/// The agent's answer to the request head `parts` from `peer`, on the connection that
+/// remembers `last_token`: every request comes through here ([`Direct`]).
 pub async fn respond<B: Backend>(
     agent: &Agent<B>,
     peer: SocketAddr,
@@ -71,8 +59,8 @@ pub async fn respond<B: Backend>(
 }
 
 /// The service for one connection: every request straight to [`respond`], with the caller's
-/// address from the connection. The agent has a single handler, so this skips axum's router and
-/// the per-request extension that carries the address there (figure 1's hit path).
+/// address from the connection. The agent has a single handler, so it needs no router, nor a
+/// per-request extension to carry the address (figure 1's hit path).
 pub struct Direct<B> {
     pub agent: Arc<Agent<B>>,
     pub peer: SocketAddr,

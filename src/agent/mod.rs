@@ -5,7 +5,8 @@
 //! ([`iptables`]).
 //!
 //! [`assemble`] builds and starts an agent from a validated [`Config`] and its [`Deps`]; `main`
-//! and the integration tests both use it. [`app`] is the router, for tests that need no socket.
+//! and the integration tests both use it; [`handlers::respond`] answers one request, for tests
+//! that need no socket.
 
 pub mod answers;
 pub mod backend;
@@ -25,7 +26,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -148,15 +148,9 @@ impl<B: Backend> Agent<B> {
     }
 }
 
-/// The listener's per-connection service: [`handlers::Direct`], the same handler as [`app`]'s.
+/// The listener's per-connection service: [`handlers::Direct`].
 fn direct<B: Backend>(agent: Arc<Agent<B>>) -> impl Fn(SocketAddr) -> handlers::Direct<B> {
     move |peer| handlers::Direct { agent: Arc::clone(&agent), peer, last_token: Arc::default() }
-}
-
-/// The router: every path goes through one handler, because what a path means is decided by
-/// [`crate::policy::paths::classify`] on the raw path, not by a route table.
-pub fn app<B: Backend>(agent: Arc<Agent<B>>) -> Router {
-    Router::new().fallback(handlers::handle::<B>).with_state(agent)
 }
 
 /// What an agent process takes from outside: `main` makes these from the environment, the
