@@ -169,12 +169,18 @@ fn unhex(s: &str) -> Option<[u8; TAG_LEN]> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tokens_are_bound_to_ip_and_time() {
+    /// A minter, two addresses, a time, and a token for the first address valid 60 s from then.
+    fn minted() -> (Tokens, IpAddr, IpAddr, SystemTime, String) {
         let tokens = Tokens::new().expect("key");
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let t = tokens.mint(a, Duration::from_secs(60), now);
+        (tokens, a, b, now, t)
+    }
+
+    #[test]
+    fn tokens_are_bound_to_ip_and_time() {
+        let (tokens, a, b, now, t) = minted();
         assert_eq!(tokens.verify(&t, a, now), Ok(()));
         assert_eq!(tokens.verify(&t, b, now), Err(TokenError::Invalid));
         assert_eq!(tokens.verify(&t, a, now + Duration::from_secs(60)), Err(TokenError::Expired));
@@ -199,10 +205,7 @@ mod tests {
 
     #[test]
     fn a_remembered_token_passes_only_as_verify_would() {
-        let tokens = Tokens::new().expect("key");
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
-        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let t = tokens.mint(a, Duration::from_secs(60), now);
+        let (tokens, a, b, now, t) = minted();
         let last = LastToken::default();
         assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
         assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
