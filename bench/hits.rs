@@ -4,8 +4,9 @@
 //!
 //! Figure 1 runs wrk against nginx and the agent in turns (nginx, agent, nginx, agent, ...),
 //! with the same threads, connections, duration and IMDSv2 token header, and reports the median
-//! round of each (by throughput), and the median of the rounds' latency percentiles. Figure 6 samples the agent's resident memory while it is idle and while wrk
-//! loads it, and strips a copy of the binary to weigh it.
+//! round of each (by throughput), and the median of the rounds' latency percentiles. Figure 6
+//! samples the agent's resident memory while it is idle and while wrk loads it, and strips a copy
+//! of the binary to weigh it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -167,13 +168,10 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     ));
     // Latencies are the median of the rounds' own percentiles, not those of the round with the
     // median throughput: one round's p99 on two shared cores ranges over a factor of four.
-    let median_of = |rounds: &[Round], pick: fn(&Round) -> Duration| {
-        Duration::from_secs_f64(stats::median(
-            &rounds.iter().map(|r| pick(r).as_secs_f64()).collect::<Vec<_>>(),
-        ))
-    };
-    let (a_p50, n_p50) = (median_of(&agent_rounds, |r| r.p50), median_of(&nginx_rounds, |r| r.p50));
-    let (a_p99, n_p99) = (median_of(&agent_rounds, |r| r.p99), median_of(&nginx_rounds, |r| r.p99));
+    let (a_p50, n_p50) =
+        (stats::median_by(&agent_rounds, |r| r.p50), stats::median_by(&nginx_rounds, |r| r.p50));
+    let (a_p99, n_p99) =
+        (stats::median_by(&agent_rounds, |r| r.p99), stats::median_by(&nginx_rounds, |r| r.p99));
     report.row(Row::compared(
         1,
         "credential GET p50 (median of the rounds' p50s)",
@@ -230,8 +228,8 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
          measured rounds) and to nginx ({}, 2 \
          workers, keep-alive unlimited, access log off) serving the agent's exact document as a \
          file. {} rounds of {} s each, alternating, after a 1 s warm-up each; throughput and CPU \
-         per GET are the median-throughput round's, p50 and p99 the median of the rounds' own; CPU per GET counts the agent and the (idle) server. Every process shares \
-         the same {} cores: wrk, nginx or agent + server. \
+         per GET are the median-throughput round's, p50 and p99 the median of the rounds' own; \
+         CPU per GET counts the agent and the (idle) server. Every process shares the same {} cores: wrk, nginx or agent + server. \
          nginx rounds: {}; agent rounds: {}. RSS is VmRSS/VmHWM from /proc, sampled every 50 ms; \
          of the agent's idle {}, {} is anonymous memory (heap, stacks) and the rest pages of the \
          binary and libraries; under load, anonymous memory reached {}.",

@@ -1,11 +1,11 @@
-//! Figure 7 (issue 14): one hostile pod among quiet ones on a node. Quiet pods, each from its own
+//! Figure 9 (issue 14): one hostile pod among quiet ones on a node. Quiet pods, each from its own
 //! address, fetch credentials through the agent in a loop, each request on a new connection (as
 //! a new pod's first requests are, and as SDKs that do not keep connections alive make them);
 //! their p99 is measured alone (the baseline) and while a hostile pod floods the agent with
 //! connections, holds half-sent request heads (slowloris) and pipelines requests it never reads,
 //! in alternating phases. The hostile pod runs on a thread and runtime of its own, as a pod is a
-//! process of its own. The figure is the ratio of the median phases' p99s, in the same run. A request that gets no answer
-//! within 10 s (an SDK's timeout) counts as 10 s.
+//! process of its own. The figure is the ratio of the median phases' p99s, in the same run. A
+//! request that gets no answer within 10 s (an SDK's timeout) counts as 10 s.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -62,13 +62,9 @@ pub async fn run(env: &Env, report: &mut Report) {
         let (loud, attack) = loud_phase(agent, &pods).await;
         phases.push(Phases { quiet, loud, attack });
     }
-    let median = |pick: &dyn Fn(&Phases) -> Duration| {
-        Duration::from_secs_f64(stats::median(
-            &phases.iter().map(|p| pick(p).as_secs_f64()).collect::<Vec<_>>(),
-        ))
-    };
-    let (quiet_p99, loud_p99) = (median(&|p| p.quiet.percentile(99.0)), median(&|p| p.loud.percentile(99.0)));
-    let (quiet_p50, loud_p50) = (median(&|p| p.quiet.percentile(50.0)), median(&|p| p.loud.percentile(50.0)));
+    let median = |pick: fn(&Phases) -> Duration| stats::median_by(&phases, pick);
+    let (quiet_p99, loud_p99) = (median(|p| p.quiet.percentile(99.0)), median(|p| p.loud.percentile(99.0)));
+    let (quiet_p50, loud_p50) = (median(|p| p.quiet.percentile(50.0)), median(|p| p.loud.percentile(50.0)));
     let ratio = loud_p99.as_secs_f64() / quiet_p99.as_secs_f64().max(1e-9);
     report.row(Row::compared(
         9,

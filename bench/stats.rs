@@ -42,6 +42,11 @@ pub fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
 }
 
+/// The median of `pick` over `items` (as [`median`]): each round's own percentile, say.
+pub fn median_by<T>(items: &[T], pick: impl Fn(&T) -> Duration) -> Duration {
+    Duration::from_secs_f64(median(&items.iter().map(|item| pick(item).as_secs_f64()).collect::<Vec<_>>()))
+}
+
 /// Milliseconds with three significant decimals: `0.412 ms`, `12.3 ms`.
 pub fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
@@ -92,5 +97,6 @@ pub fn self_check() {
     assert_eq!(per_second(999.0), "999 req/s");
     assert_eq!(ratio(1.0, 2.0), "0.50×");
     assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(median_by(&[3u64, 1, 2], |n| Duration::from_millis(*n)), Duration::from_millis(2));
     assert_eq!(ms(Duration::from_micros(412)), "0.412 ms");
 }
