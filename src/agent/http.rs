@@ -1,12 +1,13 @@
 //! The agent's HTTP/1 listener (and the metrics listeners'), with limits that clients cannot
 //! talk their way past: a deadline for each request head (a client that sends its headers
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
-//! headers (431), a deadline on every write (a client that pipelines requests and never reads
+//! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that pipelines requests and never reads
 //! the answers is cut off, [`deadline`](super::deadline)), a maximum age per connection, a cap
 //! on open connections, and a smaller cap per source address, so that one pod cannot take every
 //! slot of its node. Connections over a source's cap are reset, but only once the accept queue is
 //! empty, so that a flood from one pod does not make its neighbours' connections wait behind
-//! the resets. It stops accepting at shutdown and gives open connections a short grace.
+//! the resets. Accepted connections are served by [`Workers`] (per-core threads, for the
+//! agent). It stops accepting at shutdown and gives open connections a short grace.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,10 +25,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::deadline::WriteDeadline;
+use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
+use super::workers::Workers;
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
@@ -36,13 +39,13 @@ const REFUSED_BATCH: usize = 256;
 /// Limits on what one client may hold or send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Time allowed for a request head to arrive, counted from the first byte of a request or
-    /// from the end of the previous response on a kept-alive connection.
+    /// Time allowed for a request head to arrive, counted from the connection's start or, on a
+    /// kept-alive connection, from the moment the previous answer was ready.
     pub header_read_timeout: Duration,
     /// The largest request head (request line and headers), in bytes. SDKs send well under 1 KiB.
+    /// (The most headers in one request is hyper's fixed 100: setting another number makes hyper
+    /// fill a vector of that size for every request, a percent of a hit's cost.)
     pub max_header_bytes: usize,
-    /// The most headers in one request.
-    pub max_headers: usize,
     /// The most connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// The most connections one source address may hold open; more are closed at once. SDKs
@@ -62,7 +65,6 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
-            max_headers: 64,
             max_connections: 4096,
             max_connections_per_source: 64,
             write_timeout: Duration::from_secs(10),
@@ -87,6 +89,8 @@ pub struct Tally {
     pub open: Gauge,
     /// Connections closed at once: their source already held its share.
     pub source_cap: Counter,
+    /// Connections cut because a request head was late (or a kept-alive connection idle).
+    pub head_timeout: Counter,
     /// Connections cut because a write made no progress.
     pub write_timeout: Counter,
     /// Connections closed for their age.
@@ -94,10 +98,12 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// How many connections were cut for `reason` (`source_cap`, `write_timeout`, `max_age`).
+    /// How many connections were cut for `reason` (`source_cap`, `head_timeout`,
+    /// `write_timeout`, `max_age`).
     pub fn cut(&self, reason: &str) -> u64 {
         match reason {
             "source_cap" => self.source_cap.get(),
+            "head_timeout" => self.head_timeout.get(),
             "write_timeout" => self.write_timeout.get(),
             "max_age" => self.max_age.get(),
             _ => 0,
@@ -121,14 +127,16 @@ pub async fn serve(
             router.clone().oneshot(request)
         })
     };
-    serve_with(listener, make, limits, tally, shutdown).await;
+    serve_with(listener, make, limits, &Workers::inline(), tally, shutdown).await;
 }
 
-/// [`serve`] with the service for each connection made by `make` from the caller's address.
+/// [`serve`] with the service for each connection made by `make` from the caller's address,
+/// and each connection run by `workers`.
 pub async fn serve_with<M, S>(
     listener: TcpListener,
     make: M,
     limits: &Limits,
+    workers: &Workers,
     tally: Tally,
     shutdown: CancellationToken,
 ) where
@@ -141,9 +149,9 @@ pub async fn serve_with<M, S>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Heads have a deadline of ours (`HeadDeadline`), cheaper than hyper's per-request timer.
+        .header_read_timeout(None)
         .max_header_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -206,24 +214,44 @@ pub async fn serve_with<M, S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (builder, service, shutdown, alive, tally) =
-            (Arc::clone(&builder), make(peer), shutdown.clone(), alive.clone(), tally.clone());
+        let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));
+        let service = Heads::new(make(peer), Arc::clone(&head));
+        let (builder, shutdown, alive, tally) =
+            (Arc::clone(&builder), shutdown.clone(), alive.clone(), tally.clone());
         let limits = limits.clone();
-        tokio::spawn(async move {
+        workers.spawn(stream, move |stream| async move {
             let (_permit, _share, _alive) = (permit, share, alive);
             tally.open.inc();
             let io =
                 TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone()));
             let connection = builder.serve_connection(io, service);
             tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = tokio::time::sleep(limits.max_connection_age) => {
-                    tally.max_age.inc();
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
+            let head_timer = tokio::time::sleep_until(head.first_check());
+            let age = tokio::time::sleep(limits.max_connection_age);
+            tokio::pin!(head_timer, age);
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break Some(result),
+                    () = &mut head_timer => match head.check(Instant::now()) {
+                        // Closed without an answer, as hyper does with its own header timeout.
+                        HeadCheck::Late => {
+                            tally.head_timeout.inc();
+                            break Some(Ok(()));
+                        }
+                        HeadCheck::At(next) => head_timer.as_mut().reset(next),
+                    },
+                    () = &mut age => {
+                        tally.max_age.inc();
+                        break None;
+                    }
+                    () = shutdown.cancelled() => break None,
                 }
-                _ = shutdown.cancelled() => {
+            };
+            // Closed for its age or at shutdown: after the request in flight, if it finishes
+            // within the drain.
+            let result = match result {
+                Some(result) => result,
+                None => {
                     connection.as_mut().graceful_shutdown();
                     tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
                 }

@@ -14,10 +14,14 @@ const LIMIT: Duration = Duration::from_secs(10);
 
 /// A listener answering every GET with `body_len` bytes, under `limits`.
 async fn start(limits: Limits, body_len: usize) -> (SocketAddr, Tally, CancellationToken) {
+    let body = "x".repeat(body_len);
+    start_router(limits, Router::new().fallback(move || std::future::ready(body.clone()))).await
+}
+
+/// A listener serving `router` under `limits`.
+async fn start_router(limits: Limits, router: Router) -> (SocketAddr, Tally, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let body = "x".repeat(body_len);
-    let router = Router::new().fallback(move || std::future::ready(body.clone()));
     let (tally, shutdown) = (Tally::default(), CancellationToken::new());
     tokio::spawn({
         let (tally, shutdown) = (tally.clone(), shutdown.clone());
@@ -117,4 +121,43 @@ async fn a_connection_lives_at_most_its_age() {
     let read = read_to_close(&mut old).await;
     assert!(read.starts_with(b"HTTP/1.1 200"), "answered, then closed");
     assert_eq!(tally.cut("max_age"), 1);
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_not_cut_but_an_idle_connection_after_it_is() {
+    let limits = Limits { header_read_timeout: Duration::from_millis(300), ..Limits::default() };
+    // An answer that takes three head deadlines (a pod being waited for, say).
+    let slow = || async {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        "late"
+    };
+    let (addr, tally, _shutdown) = start_router(limits, Router::new().fallback(slow)).await;
+    let mut client = connect("127.0.0.5", addr, None).await;
+    client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let started = tokio::time::Instant::now();
+    let read = String::from_utf8(read_to_close(&mut client).await).expect("utf-8");
+    assert!(read.starts_with("HTTP/1.1 200") && read.ends_with("late"), "answered: {read}");
+    // Then closed, idle on a kept-alive connection, one deadline after the answer.
+    assert!(started.elapsed() >= Duration::from_millis(1100), "closed after {:?}", started.elapsed());
+    assert_eq!(tally.cut("head_timeout"), 1);
+}
+
+#[tokio::test]
+async fn a_head_sent_a_byte_at_a_time_is_cut_at_its_deadline() {
+    let limits = Limits { header_read_timeout: Duration::from_millis(300), ..Limits::default() };
+    let (addr, tally, _shutdown) = start(limits, 4).await;
+    let mut slow = connect("127.0.0.6", addr, None).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let trickle = async {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow.write_all(b"X-Slow: a\r\n").await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, trickle).await.expect("bounded");
+    until("the late head is cut", || tally.cut("head_timeout") == 1).await;
+    let read = read_to_close(&mut slow).await;
+    assert!(read.is_empty(), "no answer: {}", String::from_utf8_lossy(&read));
 }

@@ -29,8 +29,9 @@ pub struct Response {
 /// Why a listener cut a connection (`reason` label).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Cut {
-    /// `source_cap` (its source already held its share), `write_timeout` (it stopped reading
-    /// its responses) or `max_age` (it lived too long).
+    /// `source_cap` (its source already held its share), `head_timeout` (its request head, or
+    /// the next one on a kept-alive connection, did not arrive in time), `write_timeout` (it
+    /// stopped reading its responses) or `max_age` (it lived too long).
     pub reason: &'static str,
 }
 
