@@ -73,10 +73,13 @@ async fn pod_role<B: Backend>(
     let label = Handler { handler };
     let role = match source {
         Source::Entry(entry) => entry.role().map(str::to_string),
-        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_role(ip)).await.map_err(|e| {
-            agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
-            from_backend(e, ip)
-        })?,
+        // Boxed, as every call to the servers below: a hit's future stays small (figure 1).
+        Source::Backend => {
+            Box::pin(with_budget(agent.pod_wait, || agent.backend.pod_role(ip))).await.map_err(|e| {
+                agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
+                from_backend(e, ip)
+            })?
+        }
     };
     role.ok_or_else(|| {
         agent.metrics.agent.empty_role.get_or_create(&label).inc();
@@ -159,16 +162,28 @@ pub async fn credentials<B: Backend>(
         return Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response());
     }
     let label = Handler { handler: "credentials" };
-    let document = match &source {
+    Box::pin(fetched(agent, ip, &source, &role, account, label)).await
+}
+
+/// [`credentials`] when the document is not held: fetched for exactly that pod.
+async fn fetched<B: Backend>(
+    agent: &Agent<B>,
+    ip: IpAddr,
+    source: &Source,
+    role: &str,
+    account: Option<&str>,
+    label: Handler,
+) -> Result<Response, AgentError> {
+    let document = match source {
         // A fetch through the view that fails for a passing reason (a server over its per-node
         // rate, a server going away) falls back to kiam's call, within the request's budget.
         Source::Entry(entry) => match entry_credentials(agent, ip, entry).await {
             Err(e) if e.is_transient() => {
-                with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await
+                with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, role)).await
             }
             other => other,
         },
-        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, &role)).await,
+        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, role)).await,
     }
     .map_err(|e| {
         agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
