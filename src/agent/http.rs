@@ -6,8 +6,7 @@
 //! on open connections, and a smaller cap per source address, so that one pod cannot take every
 //! slot of its node. Connections over a source's cap are reset, but only once the accept queue is
 //! empty, so that a flood from one pod does not make its neighbours' connections wait behind
-//! the resets. Accepted connections are served by [`Workers`] (per-core threads, for the
-//! agent). It stops accepting at shutdown and gives open connections a short grace.
+//! the resets. It stops accepting at shutdown and gives open connections a short grace.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
-use super::workers::Workers;
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
@@ -127,16 +125,14 @@ pub async fn serve(
             router.clone().oneshot(request)
         })
     };
-    serve_with(listener, make, limits, &Workers::inline(), tally, shutdown).await;
+    serve_with(listener, make, limits, tally, shutdown).await;
 }
 
-/// [`serve`] with the service for each connection made by `make` from the caller's address,
-/// and each connection run by `workers`.
+/// [`serve`] with the service for each connection made by `make` from the caller's address.
 pub async fn serve_with<M, S>(
     listener: TcpListener,
     make: M,
     limits: &Limits,
-    workers: &Workers,
     tally: Tally,
     shutdown: CancellationToken,
 ) where
@@ -219,7 +215,7 @@ pub async fn serve_with<M, S>(
         let (builder, shutdown, alive, tally) =
             (Arc::clone(&builder), shutdown.clone(), alive.clone(), tally.clone());
         let limits = limits.clone();
-        workers.spawn(stream, move |stream| async move {
+        tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
             tally.open.inc();
             let io =
