@@ -1,10 +1,11 @@
 //! The agent's HTTP/1 listener (and the metrics listeners'), with limits that clients cannot
 //! talk their way past: a deadline for each request head (a client that sends its headers
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
-//! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that pipelines requests and never reads
-//! the answers is cut off, [`deadline`](super::deadline)), a maximum age per connection, a cap
-//! on open connections, and a smaller cap per source address, so that one pod cannot take every
-//! slot of its node. Connections over a source's cap are reset, but only once the accept queue is
+//! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that
+//! pipelines requests and never reads the answers is cut off), both in
+//! [`deadline`](super::deadline), a maximum age per connection, a cap on open connections, and
+//! a smaller cap per source address, so that one pod cannot take every slot of its node.
+//! Connections over a source's cap are reset, but only once the accept queue is
 //! empty, so that a flood from one pod does not make its neighbours' connections wait behind
 //! the resets. It stops accepting at shutdown and gives open connections a short grace.
 
