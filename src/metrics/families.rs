@@ -8,9 +8,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::sharded::{ShardedCounter, ShardedHistogram};
+
 /// kiam's latency buckets: 1 ms doubling, 13 of them (up to about 4 s).
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 13)
+}
+
+/// A histogram with kiam's latency buckets.
 pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 13))
+    Histogram::new(latency_buckets())
+}
+
+/// [`latency_histogram`], sharded: the agent's, which every credential hit moves.
+fn sharded_latency_histogram() -> ShardedHistogram {
+    ShardedHistogram::new(latency_buckets())
 }
 
 /// `handler` label of the agent's metrics (`credentials`, `roleName`, `health`, `proxy`, ...).
@@ -38,13 +50,14 @@ pub struct Cut {
 /// The agent's `kiam_metadata_*` family.
 #[derive(Clone, Debug)]
 pub struct AgentMetrics {
-    pub handler_latency: Family<Handler, Histogram, fn() -> Histogram>,
+    /// Sharded, as `success`, `responses` and `view_hits`: every hit moves them.
+    pub handler_latency: Family<Handler, ShardedHistogram, fn() -> ShardedHistogram>,
     pub credential_fetch_errors: Family<Handler, Counter>,
     pub credential_encode_errors: Family<Handler, Counter>,
     pub find_role_errors: Family<Handler, Counter>,
     pub empty_role: Family<Handler, Counter>,
-    pub success: Family<Handler, Counter>,
-    pub responses: Family<Response, Counter>,
+    pub success: Family<Handler, ShardedCounter>,
+    pub responses: Family<Response, ShardedCounter>,
     pub proxy_requests_blocked: Counter,
     /// New: DNAT rules restored after something else deleted them.
     pub iptables_restorations: Counter,
@@ -57,7 +70,7 @@ pub struct AgentMetrics {
     /// New: node-view entries dropped by a Remove or a Fence.
     pub view_invalidations: Counter,
     /// New: credential requests answered from the node view with no network call.
-    pub view_hits: Counter,
+    pub view_hits: ShardedCounter,
     /// New: node-view streams the servers refused (the agent then uses unary calls).
     pub view_refusals: Counter,
     /// New: connections open on the metadata listener.
@@ -72,15 +85,15 @@ pub struct AgentMetrics {
 /// path moves them on every GET, and a family lookup hashes its labels under a lock each time.
 #[derive(Clone, Debug)]
 pub struct CredentialsOk {
-    pub responses: Counter,
-    pub latency: Histogram,
-    pub success: Counter,
+    pub responses: ShardedCounter,
+    pub latency: ShardedHistogram,
+    pub success: ShardedCounter,
 }
 
 impl Default for AgentMetrics {
     fn default() -> Self {
         AgentMetrics {
-            handler_latency: Family::new_with_constructor(latency_histogram),
+            handler_latency: Family::new_with_constructor(sharded_latency_histogram),
             credential_fetch_errors: Family::default(),
             credential_encode_errors: Family::default(),
             find_role_errors: Family::default(),
@@ -93,7 +106,7 @@ impl Default for AgentMetrics {
             view_entries: Gauge::default(),
             view_down_since: Gauge::default(),
             view_invalidations: Counter::default(),
-            view_hits: Counter::default(),
+            view_hits: ShardedCounter::default(),
             view_refusals: Counter::default(),
             connections_open: Gauge::default(),
             connections_cut: Family::default(),
@@ -129,10 +142,10 @@ impl AgentMetrics {
             &self.credential_encode_errors,
             &self.find_role_errors,
             &self.empty_role,
-            &self.success,
         ] {
             drop(family.get_or_create(&h));
         }
+        drop(self.success.get_or_create(&h));
         drop(self.responses.get_or_create(&Response { handler: "credentials", code: 200 }));
     }
 

@@ -10,6 +10,7 @@
 mod families;
 pub mod kube2iam;
 mod process;
+pub mod sharded;
 
 use std::sync::Arc;
 
