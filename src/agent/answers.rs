@@ -53,9 +53,6 @@ enum Source {
 /// defers to the backend.
 async fn source<B>(agent: &Agent<B>, ip: IpAddr) -> Result<Source, AgentError> {
     let Some(node) = &agent.view else { return Ok(Source::Backend) };
-    if !node.view.ever_synced() {
-        return Ok(Source::Backend);
-    }
     match node.view.lookup(ip, tokio::time::Instant::now() + agent.pod_wait).await {
         Lookup::Entry(entry) => Ok(Source::Entry(entry)),
         Lookup::NoPod => Err(AgentError::NotFound(format!("no pod found for IP {ip}"))),

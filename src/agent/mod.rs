@@ -150,7 +150,7 @@ impl<B: Backend> Agent<B> {
 
 /// The listener's per-connection service: [`handlers::Direct`].
 fn direct<B: Backend>(agent: Arc<Agent<B>>) -> impl Fn(SocketAddr) -> handlers::Direct<B> {
-    move |peer| handlers::Direct { agent: Arc::clone(&agent), peer, last_token: Arc::default() }
+    move |peer| handlers::Direct::new(Arc::clone(&agent), peer)
 }
 
 /// What an agent process takes from outside: `main` makes these from the environment, the

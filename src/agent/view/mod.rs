@@ -12,9 +12,10 @@ pub mod sync;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::body::Bytes;
 use tokio::sync::watch;
 
@@ -27,7 +28,12 @@ use crate::pb::node as pb;
 pub struct ViewEntry {
     /// What the server sent.
     pub pod: pb::Entry,
-    creds: RwLock<Option<Held>>,
+    /// Read by every hit, so without a lock: a lock's word is written by each reader, and its
+    /// cache line then moves between the cores that answer hits (figure 1).
+    creds: ArcSwapOption<Held>,
+    /// When to ask the server again (half-life, or later after a fetch that changed nothing or
+    /// failed); `None` until credentials are held.
+    renew_at: Mutex<Option<SystemTime>>,
     /// One fetch at a time per entry.
     pub fetching: tokio::sync::Mutex<()>,
 }
@@ -41,13 +47,16 @@ struct Held {
     body: Option<Bytes>,
     issued: SystemTime,
     expiration: SystemTime,
-    /// When to ask the server again (half-life, or later after a fetch that changed nothing).
-    renew_at: SystemTime,
 }
 
 impl ViewEntry {
     fn new(pod: pb::Entry) -> ViewEntry {
-        ViewEntry { pod, creds: RwLock::default(), fetching: tokio::sync::Mutex::default() }
+        ViewEntry {
+            pod,
+            creds: ArcSwapOption::empty(),
+            renew_at: Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
+        }
     }
 
     /// The pod's role annotation, `None` when it has none.
@@ -58,21 +67,24 @@ impl ViewEntry {
     /// Credentials fit to serve at `now`: with more left than the floor the server serves with
     /// (the SDKs' 15-minute window, or half the session when it is shorter).
     pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
-        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
-        held.as_ref().filter(|h| h.fresh(now)).map(|h| h.document.clone())
+        self.creds.load().as_ref().filter(|h| h.fresh(now)).map(|h| h.document.clone())
     }
 
     /// The same credentials as [`credentials`](Self::credentials), under the same rule, as the
     /// JSON body the legacy credentials path serves (`serde_json::to_vec` of the document).
+    /// Copied, not shared: a shared `Bytes` has a reference count that every hit would write.
     pub fn credentials_body(&self, now: SystemTime) -> Option<Bytes> {
-        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
-        held.as_ref().filter(|h| h.fresh(now)).and_then(|h| h.body.clone())
+        let held = self.creds.load();
+        held.as_ref().filter(|h| h.fresh(now)).and_then(|h| h.body.as_deref()).map(Bytes::copy_from_slice)
     }
 
     /// Whether the background fetcher should ask for (new) credentials at `now`.
     pub fn due(&self, now: SystemTime) -> bool {
-        let held = self.creds.read().unwrap_or_else(PoisonError::into_inner);
-        self.pod.allowed && held.as_ref().is_none_or(|h| now >= h.renew_at)
+        self.pod.allowed && self.renew_at().is_none_or(|renew_at| now >= renew_at)
+    }
+
+    fn renew_at(&self) -> std::sync::MutexGuard<'_, Option<SystemTime>> {
+        self.renew_at.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stores what the server answered. A document that changed nothing (the server has not
@@ -83,19 +95,23 @@ impl ViewEntry {
             return;
         };
         let issued = issued.unwrap_or(now).min(now);
-        let mut held = self.creds.write().unwrap_or_else(PoisonError::into_inner);
-        let same = held.as_ref().is_some_and(|h| h.expiration == expiration);
+        let mut renew_at = self.renew_at();
+        let same = self.creds.load().as_ref().is_some_and(|h| h.expiration == expiration);
         let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
-        let renew_at =
-            if same { now + Duration::from_secs(60) } else { half_life.max(now + Duration::from_secs(1)) };
+        *renew_at = Some(if same {
+            now + Duration::from_secs(60)
+        } else {
+            half_life.max(now + Duration::from_secs(1))
+        });
         let body = serde_json::to_vec(&document).ok().map(Bytes::from);
-        *held = Some(Held { document, body, issued, expiration, renew_at });
+        self.creds.store(Some(Arc::new(Held { document, body, issued, expiration })));
     }
 
     /// After a failed fetch, when to try again.
     pub fn backoff(&self, now: SystemTime, pause: Duration) {
-        if let Some(held) = self.creds.write().unwrap_or_else(PoisonError::into_inner).as_mut() {
-            held.renew_at = now + pause;
+        let mut renew_at = self.renew_at();
+        if renew_at.is_some() {
+            *renew_at = Some(now + pause);
         }
     }
 }
@@ -110,8 +126,8 @@ impl Held {
     }
 }
 
-/// The view's state, swapped under one lock.
-#[derive(Default)]
+/// The view's state, replaced whole on every change (see [`NodeView`]).
+#[derive(Clone, Default)]
 struct State {
     entries: HashMap<IpAddr, Arc<ViewEntry>>,
     /// A snapshot has arrived on the current stream, and the stream is still open.
@@ -134,9 +150,13 @@ pub enum Lookup {
     Unknown,
 }
 
-/// The node's pods, as far as the agent knows.
+/// The node's pods, as far as the agent knows. Every hit reads the state, so it is read without
+/// a lock (arc-swap): a change, rare on one node, copies it and swaps the copy in, one writer
+/// at a time. A reader that loads the state after a swap sees the change.
 pub struct NodeView {
-    state: RwLock<State>,
+    state: ArcSwap<State>,
+    /// Held by the one writer at a time.
+    writer: Mutex<()>,
     changes: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 }
@@ -157,18 +177,31 @@ pub struct ViewHealth {
 impl NodeView {
     /// An empty view counting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> NodeView {
-        NodeView { state: RwLock::default(), changes: watch::Sender::new(0), metrics }
+        NodeView {
+            state: ArcSwap::default(),
+            writer: Mutex::default(),
+            changes: watch::Sender::new(0),
+            metrics,
+        }
     }
 
+    /// Changes the state with `f`, swaps the result in, and wakes the lookups waiting for a pod.
     fn update(&self, f: impl FnOnce(&mut State)) {
-        {
-            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            f(&mut state);
+        self.modify(|state| {
+            f(state);
             let m = &self.metrics.agent;
             m.view_entries.set(state.entries.len() as i64);
             m.view_live.set(i64::from(state.live));
-        }
+        });
         self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Changes a copy of the state with `f` and swaps it in.
+    fn modify(&self, f: impl FnOnce(&mut State)) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = State::clone(&self.state.load());
+        f(&mut state);
+        self.state.store(Arc::new(state));
     }
 
     /// Replaces everything with a snapshot; the view is live from now on.
@@ -216,26 +249,27 @@ impl NodeView {
 
     /// Marks the stream down (entries are kept: static stability).
     pub fn set_down(&self) {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        state.live = false;
-        if state.down_since.is_none() && state.ever_synced {
-            state.down_since = Some(Instant::now());
-            let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-            self.metrics.agent.view_down_since.set(i64::try_from(epoch.as_secs()).unwrap_or(i64::MAX));
-        }
+        self.modify(|state| {
+            state.live = false;
+            if state.down_since.is_none() && state.ever_synced {
+                state.down_since = Some(Instant::now());
+                let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                self.metrics.agent.view_down_since.set(i64::try_from(epoch.as_secs()).unwrap_or(i64::MAX));
+            }
+        });
         self.metrics.agent.view_live.set(0);
     }
 
     /// Every entry, for the fetcher.
     pub fn entries(&self) -> Vec<(IpAddr, Arc<ViewEntry>)> {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.load();
         state.entries.iter().map(|(ip, e)| (*ip, Arc::clone(e))).collect()
     }
 
     /// The entry for `ip`. While the view is live, a pod not in it yet is waited for until
     /// `deadline`, woken by the stream.
     pub async fn lookup(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Lookup {
-        // A pod already in the view (every hit) costs one read lock and no subscription.
+        // A pod already in the view (every hit) costs one load and no subscription.
         if let Some(found) = self.find(ip) {
             return found;
         }
@@ -253,21 +287,19 @@ impl NodeView {
 
     /// What the view says about `ip` now; `None` while a live view has no entry for it.
     fn find(&self, ip: IpAddr) -> Option<Lookup> {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.load();
+        if !state.ever_synced {
+            return Some(Lookup::Unknown);
+        }
         match state.entries.get(&ip) {
             Some(entry) => Some(Lookup::Entry(Arc::clone(entry))),
             None => (!state.live).then_some(Lookup::Unknown),
         }
     }
 
-    /// Whether the view has ever synced (the agent then answers hits from it).
-    pub fn ever_synced(&self) -> bool {
-        self.state.read().unwrap_or_else(PoisonError::into_inner).ever_synced
-    }
-
     /// Live, size and age.
     pub fn health(&self) -> ViewHealth {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.load();
         ViewHealth {
             live: state.live,
             entries: state.entries.len(),
