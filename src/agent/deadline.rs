@@ -4,7 +4,8 @@
 //! [`WriteDeadline`], a socket whose writes have a deadline: a client that pipelines requests
 //! and never reads the answers would otherwise leave the connection waiting to write for as
 //! long as it likes, holding its slot. A write that makes no progress for the given time fails,
-//! and hyper closes the connection.
+//! and hyper closes the connection. The socket also tells [`HeadDeadline`] when a read finds
+//! nothing, so that a pipelined request is told apart and waits for its turn ([`Answering`]).
 //!
 //! Why not hyper's own header-read timeout: it arms a fresh timer for every request (an
 //! allocation, and an insertion into and removal from tokio's timer wheel, under its lock),
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -35,6 +36,9 @@ pub struct HeadDeadline {
     start: Instant,
     /// Nanoseconds after `start` since which a head is awaited, or [`ANSWERING`].
     waiting_since: AtomicU64,
+    /// Whether a read of the connection found nothing since the last head arrived; when not,
+    /// the next head was pipelined behind it.
+    read_idle: AtomicBool,
 }
 
 /// What a connection does when its head timer fires.
@@ -49,7 +53,12 @@ pub enum HeadCheck {
 impl HeadDeadline {
     /// A connection that starts now, waiting for its first head.
     pub fn new(limit: Duration) -> HeadDeadline {
-        HeadDeadline { limit, start: Instant::now(), waiting_since: AtomicU64::new(0) }
+        HeadDeadline {
+            limit,
+            start: Instant::now(),
+            waiting_since: AtomicU64::new(0),
+            read_idle: AtomicBool::new(true),
+        }
     }
 
     /// When the connection's timer should first fire.
@@ -60,6 +69,17 @@ impl HeadDeadline {
     /// A head arrived: the request is being answered, and no head is awaited.
     fn answering(&self) {
         self.waiting_since.store(ANSWERING, Ordering::Relaxed);
+    }
+
+    /// A read of the connection found nothing to read.
+    fn read_was_idle(&self) {
+        self.read_idle.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the head that just arrived was read without a wait since the previous one,
+    /// that is, pipelined behind it.
+    fn pipelined(&self) -> bool {
+        !self.read_idle.swap(false, Ordering::Relaxed)
     }
 
     /// The answer is ready: the next head is awaited from now.
@@ -104,16 +124,21 @@ where
 
     fn call(&self, request: R) -> Self::Future {
         self.deadline.answering();
-        Answering { inner: self.inner.call(request), deadline: Arc::clone(&self.deadline) }
+        let pipelined = self.deadline.pipelined();
+        Answering { inner: self.inner.call(request), deadline: Arc::clone(&self.deadline), pipelined }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An answer being made; when it is ready, the next head is awaited.
+    /// An answer being made; when it is ready, the next head is awaited. A pipelined request
+    /// waits for the connection task's next turn first: hyper would otherwise answer up to 16
+    /// pipelined requests in one turn while other pods' connections wait in the run queue
+    /// (figure 9). A client that waits for each answer, as SDKs do, never waits here.
     pub struct Answering<F> {
         #[pin]
         inner: F,
         deadline: Arc<HeadDeadline>,
+        pipelined: bool,
     }
 }
 
@@ -122,6 +147,11 @@ impl<F: Future> Future for Answering<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        if std::mem::take(this.pipelined) {
+            // Woken while running, tokio puts the task at the back of the run queue.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let answer = ready!(this.inner.poll(cx));
         this.deadline.answered();
         Poll::Ready(answer)
@@ -132,6 +162,8 @@ impl<F: Future> Future for Answering<F> {
 pub struct WriteDeadline<T> {
     inner: T,
     limit: Duration,
+    /// Told when a read finds nothing (see [`Answering`]).
+    head: Arc<HeadDeadline>,
     /// Armed while a write is pending; disarmed by any progress.
     timer: Option<Pin<Box<Sleep>>>,
     /// Counts the connections cut for stalling.
@@ -139,9 +171,9 @@ pub struct WriteDeadline<T> {
 }
 
 impl<T> WriteDeadline<T> {
-    /// Wraps `inner`; a stall counts into `cut`.
-    pub fn new(inner: T, limit: Duration, cut: Counter) -> WriteDeadline<T> {
-        WriteDeadline { inner, limit, timer: None, cut }
+    /// Wraps `inner`, the socket of the connection with `head`; a stall counts into `cut`.
+    pub fn new(inner: T, limit: Duration, cut: Counter, head: Arc<HeadDeadline>) -> WriteDeadline<T> {
+        WriteDeadline { inner, limit, head, timer: None, cut }
     }
 
     /// Turns a pending write into an error once the deadline has passed, and disarms the timer
@@ -167,7 +199,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_pending() {
+            self.head.read_was_idle();
+        }
+        poll
     }
 }
 
@@ -227,5 +263,58 @@ mod tests {
         let answered = Instant::now();
         assert_eq!(head.check(answered + LIMIT / 2), HeadCheck::At(answered + LIMIT));
         assert_eq!(head.check(answered + LIMIT), HeadCheck::Late);
+    }
+
+    /// A service that answers at once.
+    struct Echo;
+
+    impl hyper::service::Service<u32> for Echo {
+        type Response = u32;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<u32, Self::Error>>;
+
+        fn call(&self, request: u32) -> Self::Future {
+            std::future::ready(Ok(request))
+        }
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicU64);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_request_waits_one_turn_and_a_request_after_an_idle_read_does_not() {
+        use hyper::service::Service;
+        let head = Arc::new(HeadDeadline::new(LIMIT));
+        let heads = Heads::new(Echo, Arc::clone(&head));
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+
+        // The first request of a connection is not pipelined.
+        let mut first = std::pin::pin!(heads.call(1));
+        assert!(matches!(first.as_mut().poll(&mut cx), Poll::Ready(Ok(1))));
+
+        // The next head came in without a read finding nothing in between: one turn first.
+        let mut second = std::pin::pin!(heads.call(2));
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "it asks to be polled again at once");
+        assert!(matches!(second.as_mut().poll(&mut cx), Poll::Ready(Ok(2))));
+
+        // A read of the socket that finds nothing: the next request is answered at once.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut socket = WriteDeadline::new(server, LIMIT, Counter::default(), Arc::clone(&head));
+        let mut buf = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut socket).poll_read(&mut cx, &mut buf).is_pending());
+        let mut third = std::pin::pin!(heads.call(3));
+        assert!(matches!(third.as_mut().poll(&mut cx), Poll::Ready(Ok(3))));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
     }
 }

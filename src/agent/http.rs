@@ -3,7 +3,9 @@
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
 //! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that
 //! pipelines requests and never reads the answers is cut off), both in
-//! [`deadline`](super::deadline), a maximum age per connection, a cap on open connections, and
+//! [`deadline`](super::deadline) (which also makes each pipelined request wait for the
+//! connection's next turn, so that pipelining buys a pod no more than its neighbours get), a
+//! maximum age per connection, a cap on open connections, and
 //! a smaller cap per source address, so that one pod cannot take every slot of its node.
 //! Connections over a source's cap are reset, but only once the accept queue is
 //! empty, so that a flood from one pod does not make its neighbours' connections wait behind
@@ -219,8 +221,13 @@ pub async fn serve_with<M, S>(
         tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
             tally.open.inc();
-            let io =
-                TokioIo::new(WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone()));
+            let io = WriteDeadline::new(
+                stream,
+                limits.write_timeout,
+                tally.write_timeout.clone(),
+                Arc::clone(&head),
+            );
+            let io = TokioIo::new(io);
             let connection = builder.serve_connection(io, service);
             tokio::pin!(connection);
             let head_timer = tokio::time::sleep_until(head.first_check());
