@@ -3,6 +3,7 @@
 //! lookup of the view per request: role, verdict and credentials all come from that entry), and
 //! otherwise asks the [`Backend`] within the request's budget.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -60,23 +61,25 @@ async fn source<B>(agent: &Agent<B>, ip: IpAddr) -> Result<Source, AgentError> {
     }
 }
 
-/// The pod's role; `handler` labels kiam's `find_role_errors` and `empty_role` counters.
-async fn pod_role<B: Backend>(
+/// The pod's role (borrowed from a view entry: a hit copies no string); `handler` labels
+/// kiam's `find_role_errors` and `empty_role` counters.
+async fn pod_role<'s, B: Backend>(
     agent: &Agent<B>,
     ip: IpAddr,
-    source: &Source,
+    source: &'s Source,
     handler: &'static str,
-) -> Result<String, AgentError> {
+) -> Result<Cow<'s, str>, AgentError> {
     let label = Handler { handler };
     let role = match source {
-        Source::Entry(entry) => entry.role().map(str::to_string),
+        Source::Entry(entry) => entry.role().map(Cow::Borrowed),
         // Boxed, as every call to the servers below: a hit's future stays small (figure 1).
-        Source::Backend => {
-            Box::pin(with_budget(agent.pod_wait, || agent.backend.pod_role(ip))).await.map_err(|e| {
+        Source::Backend => Box::pin(with_budget(agent.pod_wait, || agent.backend.pod_role(ip)))
+            .await
+            .map_err(|e| {
                 agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
                 from_backend(e, ip)
             })?
-        }
+            .map(Cow::Owned),
     };
     role.ok_or_else(|| {
         agent.metrics.agent.empty_role.get_or_create(&label).inc();
