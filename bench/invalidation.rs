@@ -11,10 +11,11 @@
 //!
 //! The agent drops a view entry in one place (`NodeView::remove`, on the server's Fence or
 //! Remove), counting it in `kiam_agent_view_invalidations_total` in the same call (just before
-//! it takes the view's write lock), and from then on no request is answered from it. A poller scrapes that counter back to back on a kept-alive connection, in
+//! it swaps in the view's state without the entry), and from then on no request is answered
+//! from it. A poller scrapes that counter back to back on a kept-alive connection, in
 //! a thread of its own so that its clock readings are not delayed by the bench's async runtime.
 //! The sample runs from just before the call that commits the change in the fake to the arrival
-//! of the first scrape showing the count moved: an upper bound (to within that lock), since the
+//! of the first scrape showing the count moved: an upper bound (to within that swap), since the
 //! entry was dropped by the time that scrape was read. The send time of the scrape before it is a lower bound; both are
 //! reported. A GET from the pod's address then checks that the old entry is refused.
 //!
@@ -185,8 +186,8 @@ pub async fn run(env: &Env, report: &mut Report) {
          p99 {}). A sample runs from just before the fake API server's commit call to the arrival \
          of the first scrape of the agent's /metrics (polled back to back from a thread of its \
          own) showing kiam_agent_view_invalidations_total moved (the agent counts in the call that \
-         drops the entry, just before it takes the view's write lock). It is an upper bound, to \
-         within that lock; the send time of the scrape \
+         drops the entry, just before it swaps in the view's state without it). It is an upper \
+         bound, to within that swap; the send time of the scrape \
          before it gives a lower bound (p50 {}, p99 {}); a scrape took p50 {} (max {}). After \
          each change, a GET from the pod's address got: {}. The server fences the agent (Fence, \
          then Ack) before it applies a change. The agent ran with --pod-wait-timeout {POD_WAIT} \
