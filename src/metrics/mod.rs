@@ -7,6 +7,7 @@
 //! value), so nothing is copied in at scrape time; only the `process_*` collector reads the
 //! kernel's numbers then.
 
+mod agent;
 mod families;
 pub mod kube2iam;
 mod process;
@@ -25,10 +26,8 @@ use tokio::net::TcpListener;
 use crate::agent::http::{Limits, Tally};
 use tokio_util::sync::CancellationToken;
 
-pub use families::{
-    AgentMetrics, CredentialsOk, Cut, ErrorCode, GrpcMetrics, Handler, Kind, Response, ServerMetrics,
-    code_name, latency_histogram,
-};
+pub use agent::{AgentMetrics, CredentialsOk, Cut, Handler, Response};
+pub use families::{ErrorCode, GrpcMetrics, Kind, ServerMetrics, code_name, latency_histogram};
 pub use process::ProcessMetrics;
 
 /// kiam's `grpc_<side>_tls_certificate_*` gauges for one side of the link.
