@@ -181,11 +181,22 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     let early = request("GET", &creds_url, &[], "", Some(pod)).await.expect("answer");
     assert_eq!(early.status, 503, "{}", early.body);
 
-    let _server = server_on(&c, server_addr, &Options::default()).await;
+    let server = server_on(&c, server_addr, &Options::default()).await;
     let health = format!("{url}/health?deep=1");
     let ready = || async { request("GET", &health, &[], "", None).await.is_ok_and(|r| r.status == 200) };
     let what = "the agent becomes ready once a server appears, without a restart";
     crate::support::wait::until(what, Duration::from_secs(15), ready).await;
+    // The server warms the pod's role as it starts. A first AssumeRole from a cold moto on a
+    // loaded machine can take longer than this agent's 500 ms budget (the request then gets a
+    // 503, rightly), which is not what this test is about: wait until the server holds it.
+    let fetched = || {
+        let text = server.core.metrics().encode();
+        let count = text.lines().find_map(|l| {
+            l.strip_prefix("kiam_sts_assumerole_timing_seconds_count ").and_then(|v| v.parse::<f64>().ok())
+        });
+        std::future::ready(count.is_some_and(|n| n >= 1.0))
+    };
+    crate::support::wait::until("the server fetched the role", Duration::from_secs(15), fetched).await;
     let served = request("GET", &creds_url, &[], "", Some(pod)).await.expect("answer");
     assert_eq!(served.status, 200, "{}", served.body);
     drop(agent);
