@@ -4,8 +4,9 @@
 //! `--prometheus-listen-addr`, a listener of its own, never the agent's metadata port.
 //!
 //! Every component counts into the one [`Metrics`] it is given (clones of a counter share its
-//! value), so nothing is copied in at scrape time; only the `process_*` collector reads the
-//! kernel's numbers then.
+//! value), so nothing is copied in at scrape time; a scrape only adds up the per-thread shards
+//! of the agent's hit series ([`sharded`]), and the `process_*` collector reads the kernel's
+//! numbers then.
 
 mod agent;
 mod families;

@@ -76,10 +76,10 @@ const WORDS: usize = MAX_BUCKETS + 2;
 
 /// A histogram with fixed buckets, as prometheus-client's classic `Histogram`.
 #[derive(Clone, Debug)]
-pub struct ShardedHistogram(Arc<Histogram>);
+pub struct ShardedHistogram(Arc<HistogramShards>);
 
 #[derive(Debug)]
-struct Histogram {
+struct HistogramShards {
     /// Upper bounds, the last one `+Inf`.
     bounds: Vec<f64>,
     shards: [Line<WORDS>; SHARDS],
@@ -92,7 +92,7 @@ impl ShardedHistogram {
         let mut bounds: Vec<f64> =
             bounds.into_iter().filter(|b| b.is_finite()).take(MAX_BUCKETS - 1).collect();
         bounds.push(f64::INFINITY);
-        ShardedHistogram(Arc::new(Histogram { bounds, shards: Default::default() }))
+        ShardedHistogram(Arc::new(HistogramShards { bounds, shards: Default::default() }))
     }
 
     /// Records one observation.

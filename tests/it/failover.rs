@@ -16,6 +16,7 @@ use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_imds::FakeImds;
 use crate::support::fake_kube::FakeKube;
 use crate::support::http::request;
+use crate::support::metrics::sample;
 use crate::support::moto::Moto;
 use crate::support::objects::{namespace, pod};
 use crate::support::stack::{Options, TestServer, start_server, tls_files};
@@ -191,9 +192,7 @@ async fn the_agent_serves_before_any_server_exists_and_works_once_one_appears() 
     // 503, rightly), which is not what this test is about: wait until the server holds it.
     let fetched = || {
         let text = server.core.metrics().encode();
-        let count = text.lines().find_map(|l| {
-            l.strip_prefix("kiam_sts_assumerole_timing_seconds_count ").and_then(|v| v.parse::<f64>().ok())
-        });
+        let count = sample(&text, "kiam_sts_assumerole_timing_seconds_count");
         std::future::ready(count.is_some_and(|n| n >= 1.0))
     };
     crate::support::wait::until("the server fetched the role", Duration::from_secs(15), fetched).await;

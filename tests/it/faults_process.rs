@@ -15,6 +15,7 @@ use crate::support::agent_node::agent_config;
 use crate::support::certs::{CertFiles, TestPki};
 use crate::support::fake_kube::FakeKube;
 use crate::support::http::request;
+use crate::support::metrics::sample;
 use crate::support::moto::Moto;
 use crate::support::objects::{namespace, pod};
 use crate::support::process::{free_port, kiam};
@@ -37,11 +38,7 @@ async fn cache_misses(metrics: u16) -> u64 {
     let Ok(r) = request("GET", &format!("http://127.0.0.1:{metrics}/metrics"), &[], "", None).await else {
         return 0;
     };
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix("kiam_sts_cache_miss_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    sample(&r.body, "kiam_sts_cache_miss_total").map_or(0, |v| v as u64)
 }
 
 /// The server dies (SIGKILL) while a credentials call waits on STS inside it, and comes back on

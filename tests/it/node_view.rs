@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::agent_node::TestAgent;
 use crate::support::fake_kube_auth::TokenIdentity;
 use crate::support::http::request;
+use crate::support::metrics::sample;
 use crate::support::objects::{namespace, pod};
 use crate::support::stack::{Options, Stack, start_server};
 use crate::support::wait::{eventually, until};
@@ -70,11 +71,7 @@ async fn hits_are_answered_from_the_view_without_asking_the_server() {
     live(&agent, 1).await;
     let first = get(&agent, "127.0.0.121", &format!("{CREDS}app")).await;
     assert_eq!(first.0, 200);
-    let lookups = || {
-        stack.core.metrics().encode().lines().find_map(|l| {
-            l.strip_prefix("kiam_server_pod_lookup_seconds_count ").and_then(|v| v.parse::<f64>().ok())
-        })
-    };
+    let lookups = || sample(&stack.core.metrics().encode(), "kiam_server_pod_lookup_seconds_count");
     let (before, hits) = (lookups(), agent.metrics.agent.view_hits.get());
     for _ in 0..20 {
         assert_eq!(get(&agent, "127.0.0.121", CREDS).await, (200, None));

@@ -7,6 +7,7 @@ pub mod fake_kube_auth;
 mod fake_kube_http;
 mod fake_kube_watch;
 pub mod http;
+pub mod metrics;
 pub mod moto;
 pub mod netns;
 pub mod netns6;
