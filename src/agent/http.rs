@@ -9,7 +9,9 @@
 //! a smaller cap per source address, so that one pod cannot take every slot of its node.
 //! Connections over a source's cap are reset, but only once the accept queue is
 //! empty, so that a flood from one pod does not make its neighbours' connections wait behind
-//! the resets. It stops accepting at shutdown and gives open connections a short grace.
+//! the resets. The agent's connections run on [`Workers`] (one runtime per core, each accepting
+//! from the listener; the caps are shared by all of them), the metrics listeners' on the caller's
+//! runtime. It stops accepting at shutdown and gives open connections a short grace.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
+use super::workers::{Place, Workers};
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
@@ -118,6 +121,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &Limits,
+    workers: &Workers,
     tally: Tally,
     shutdown: CancellationToken,
 ) {
@@ -128,18 +132,31 @@ pub async fn serve(
             router.clone().oneshot(request)
         })
     };
-    serve_with(listener, make, limits, tally, shutdown).await;
+    serve_with(listener, make, limits, workers, tally, shutdown).await;
 }
 
-/// [`serve`] with the service for each connection made by `make` from the caller's address.
+/// What every accept loop of one listener shares.
+struct Shared<M> {
+    make: M,
+    builder: http1::Builder,
+    permits: Arc<Semaphore>,
+    sources: Arc<Sources>,
+    limits: Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+}
+
+/// [`serve`] with the service for each connection made by `make` from the caller's address,
+/// and the connections run by `workers` (each accepting from `listener`).
 pub async fn serve_with<M, S>(
     listener: TcpListener,
     make: M,
     limits: &Limits,
+    workers: &Workers,
     tally: Tally,
     shutdown: CancellationToken,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
         + Send
         + 'static,
@@ -152,25 +169,73 @@ pub async fn serve_with<M, S>(
         .header_read_timeout(None)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
-    let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Sources::new(limits.max_connections_per_source);
+    let shared = Arc::new(Shared {
+        make,
+        builder,
+        permits: Arc::new(Semaphore::new(limits.max_connections)),
+        sources: Sources::new(limits.max_connections_per_source),
+        limits: limits.clone(),
+        tally,
+        shutdown,
+    });
     // Every connection task holds a sender; when all are dropped, `open` yields None.
     let (alive, mut open) = mpsc::channel::<()>(1);
+    let places = workers.places();
+    if places.is_empty() {
+        accept(listener, None, Arc::clone(&shared), alive.clone()).await;
+    } else {
+        match listener.into_std() {
+            Ok(listener) => {
+                let mut loops = Vec::with_capacity(places.len());
+                for place in places {
+                    let Ok(listener) = listener.try_clone() else { continue };
+                    let (shared, alive) = (Arc::clone(&shared), alive.clone());
+                    loops.push(place.clone().run(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => accept(listener, Some(place), shared, alive).await,
+                            Err(error) => tracing::warn!(%error, "a worker cannot accept"),
+                        }
+                    }));
+                }
+                for accepting in loops {
+                    let _ = accepting.await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot hand the listener to the workers"),
+        }
+    }
+    drop(alive);
+    let _ = tokio::time::timeout(limits.drain, open.recv()).await;
+}
+
+/// Accepts connections on `listener` until shutdown and serves each (on `place`'s worker, or
+/// another one less loaded).
+async fn accept<M, S>(
+    listener: TcpListener,
+    place: Option<Place>,
+    shared: Arc<Shared<M>>,
+    alive: mpsc::Sender<()>,
+) where
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut accept_backoff = Duration::from_millis(5);
-    let cancelled = shutdown.cancelled();
+    let cancelled = shared.shutdown.cancelled();
     tokio::pin!(cancelled);
     // Connections refused by the per-source cap, reset only once the accept queue is empty: the
     // other sources' connections queued behind a flood are served first (figure 9).
     let mut refused = Vec::new();
     loop {
-        let permit = match Arc::clone(&permits).try_acquire_owned() {
+        let permit = match Arc::clone(&shared.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
                 reset(&mut refused);
                 tokio::select! {
                     _ = &mut cancelled => break,
-                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
                         Ok(permit) => permit,
                         Err(_) => break,
                     },
@@ -201,8 +266,8 @@ pub async fn serve_with<M, S>(
             }
         };
         accept_backoff = Duration::from_millis(5);
-        let Some(share) = sources.claim(peer.ip()) else {
-            tally.source_cap.inc();
+        let Some(share) = shared.sources.claim(peer.ip()) else {
+            shared.tally.source_cap.inc();
             tracing::debug!(%peer, "connection refused: its source holds its share of connections");
             // Reset, not closed: a flood's refused connections leave no TIME_WAIT state behind.
             let _ = stream.set_zero_linger();
@@ -213,61 +278,71 @@ pub async fn serve_with<M, S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));
-        let service = Heads::new(make(peer), Arc::clone(&head));
-        let (builder, shutdown, alive, tally) =
-            (Arc::clone(&builder), shutdown.clone(), alive.clone(), tally.clone());
-        let limits = limits.clone();
-        tokio::spawn(async move {
+        let (shared, alive) = (Arc::clone(&shared), alive.clone());
+        let serve = move |stream| async move {
             let (_permit, _share, _alive) = (permit, share, alive);
-            tally.open.inc();
-            let io = WriteDeadline::new(
-                stream,
-                limits.write_timeout,
-                tally.write_timeout.clone(),
-                Arc::clone(&head),
-            );
-            let io = TokioIo::new(io);
-            let connection = builder.serve_connection(io, service);
-            tokio::pin!(connection);
-            let head_timer = tokio::time::sleep_until(head.first_check());
-            let age = tokio::time::sleep(limits.max_connection_age);
-            tokio::pin!(head_timer, age);
-            let result = loop {
-                tokio::select! {
-                    result = connection.as_mut() => break Some(result),
-                    () = &mut head_timer => match head.check(Instant::now()) {
-                        // Closed without an answer, as hyper does with its own header timeout.
-                        HeadCheck::Late => {
-                            tally.head_timeout.inc();
-                            break Some(Ok(()));
-                        }
-                        HeadCheck::At(next) => head_timer.as_mut().reset(next),
-                    },
-                    () = &mut age => {
-                        tally.max_age.inc();
-                        break None;
-                    }
-                    () = shutdown.cancelled() => break None,
-                }
-            };
-            // Closed for its age or at shutdown: after the request in flight, if it finishes
-            // within the drain.
-            let result = match result {
-                Some(result) => result,
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
-                }
-            };
-            tally.open.dec();
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection closed with an error");
+            connection(stream, peer, &shared).await;
+        };
+        match &place {
+            Some(place) => place.spawn(stream, serve),
+            None => {
+                tokio::spawn(serve(stream));
             }
-        });
+        }
     }
-    drop(alive);
-    let _ = tokio::time::timeout(limits.drain, open.recv()).await;
+}
+
+/// Serves one connection until it ends, is cut, grows too old, or shutdown.
+async fn connection<M, S>(stream: tokio::net::TcpStream, peer: SocketAddr, shared: &Shared<M>)
+where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (limits, tally) = (&shared.limits, &shared.tally);
+    let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));
+    let service = Heads::new((shared.make)(peer), Arc::clone(&head));
+    tally.open.inc();
+    let io = WriteDeadline::new(stream, limits.write_timeout, tally.write_timeout.clone(), Arc::clone(&head));
+    let connection = shared.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let head_timer = tokio::time::sleep_until(head.first_check());
+    let age = tokio::time::sleep(limits.max_connection_age);
+    let cancelled = shared.shutdown.cancelled();
+    tokio::pin!(head_timer, age, cancelled);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break Some(result),
+            () = &mut head_timer => match head.check(Instant::now()) {
+                // Closed without an answer, as hyper does with its own header timeout.
+                HeadCheck::Late => {
+                    tally.head_timeout.inc();
+                    break Some(Ok(()));
+                }
+                HeadCheck::At(next) => head_timer.as_mut().reset(next),
+            },
+            () = &mut age => {
+                tally.max_age.inc();
+                break None;
+            }
+            () = &mut cancelled => break None,
+        }
+    };
+    // Closed for its age or at shutdown: after the request in flight, if it finishes within the
+    // drain.
+    let result = match result {
+        Some(result) => result,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(limits.drain, connection.as_mut()).await.unwrap_or(Ok(()))
+        }
+    };
+    tally.open.dec();
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection closed with an error");
+    }
 }
 
 /// Resets the refused connections on a task of their own, so that the accept loop goes on

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod remote;
 pub mod token;
 pub mod view;
+pub mod workers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -126,6 +127,8 @@ pub enum AgentStartError {
     TokenKey,
     #[error("iptables: {0}")]
     Iptables(#[from] IptablesError),
+    #[error("cannot start the connection workers: {0}")]
+    Workers(std::io::Error),
     #[error("the agent task failed: {0}")]
     Task(String),
 }
@@ -246,12 +249,22 @@ pub fn assemble<B: Backend, R: Runner>(
         write_timeout: cut("write_timeout"),
         max_age: cut("max_age"),
     };
+    // Connections are served on one single-threaded runtime per core (`workers`), as nginx's
+    // worker processes; everything else stays on the process's runtime.
+    let workers = workers::Workers::per_core().map_err(AgentStartError::Workers)?;
     if let Some(listener6) = listener6 {
         // The same limits, counted alike; per-source shares are per listener, and a pod has
         // one address in each family.
-        let (make, limits, tally, shutdown) =
-            (direct(Arc::clone(&agent)), config.limits.clone(), tally.clone(), shutdown.clone());
-        tokio::spawn(async move { http::serve_with(listener6, make, &limits, tally, shutdown).await });
+        let (make, limits, tally, shutdown, workers) = (
+            direct(Arc::clone(&agent)),
+            config.limits.clone(),
+            tally.clone(),
+            shutdown.clone(),
+            workers.clone(),
+        );
+        tokio::spawn(
+            async move { http::serve_with(listener6, make, &limits, &workers, tally, shutdown).await },
+        );
     }
     // The view is followed once the interception is in place: a server that sees this node's
     // agent subscribe knows its pods are intercepted (node readiness relies on it).
@@ -260,7 +273,7 @@ pub fn assemble<B: Backend, R: Runner>(
             view::sync::spawn(view, client, node, shutdown);
         }
     };
-    let limits = (config.limits.clone(), tally);
+    let limits = (config.limits.clone(), tally, workers);
     let task = tokio::spawn(serve(listener, agent, interception.clone(), limits, start_view, shutdown));
     Ok(Running { addr, interception, task })
 }
@@ -271,13 +284,13 @@ async fn serve<B: Backend, R: Runner>(
     listener: TcpListener,
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
-    (limits, tally): (Limits, http::Tally),
+    (limits, tally, workers): (Limits, http::Tally, workers::Workers),
     start_view: impl FnOnce(&CancellationToken),
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
         start_view(&shutdown);
-        http::serve_with(listener, direct(agent), &limits, tally, shutdown).await;
+        http::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
@@ -286,7 +299,7 @@ async fn serve<B: Backend, R: Runner>(
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    http::serve_with(listener, direct(agent), &limits, tally, shutdown).await;
+    http::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {

@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::agent::http::{Limits, Tally};
+use crate::agent::workers::Workers;
 use tokio_util::sync::CancellationToken;
 
 pub use agent::{AgentMetrics, CredentialsOk, Cut, Handler, Response};
@@ -156,13 +157,21 @@ pub async fn serve_with(
     tally: Tally,
     shutdown: CancellationToken,
 ) {
-    crate::agent::http::serve(listener, router(metrics), limits, tally, shutdown).await;
+    crate::agent::http::serve(listener, router(metrics), limits, &Workers::inline(), tally, shutdown).await;
 }
 
 /// Serves `app` (which may read the caller's address as `ConnectInfo`) on `listener` until
 /// `shutdown`, under [`Limits::metrics`] (kube2iam mode's metrics port with `/debug/store`).
 pub async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken) {
-    crate::agent::http::serve(listener, app, &Limits::metrics(), Tally::default(), shutdown).await;
+    crate::agent::http::serve(
+        listener,
+        app,
+        &Limits::metrics(),
+        &Workers::inline(),
+        Tally::default(),
+        shutdown,
+    )
+    .await;
 }
 
 #[cfg(test)]
