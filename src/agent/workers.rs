@@ -80,17 +80,19 @@ impl Workers {
         if count == 0 {
             return Ok(Workers::inline());
         }
-        let stop = CancellationToken::new();
-        let mut workers = Vec::with_capacity(count);
+        // Built before the first thread starts: if a later one fails, dropping the pool stops
+        // the threads already started.
+        let mut pool = Pool { workers: Vec::with_capacity(count), stop: CancellationToken::new() };
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            workers.push(Worker { runtime: runtime.handle().clone(), load: Arc::new(AtomicUsize::new(0)) });
-            let stop = stop.clone();
+            let handle = runtime.handle().clone();
+            let stop = pool.stop.clone();
             std::thread::Builder::new()
                 .name(format!("kiam-conn-{index}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
+            pool.workers.push(Worker { runtime: handle, load: Arc::new(AtomicUsize::new(0)) });
         }
-        Ok(Workers(Some(Arc::new(Pool { workers, stop }))))
+        Ok(Workers(Some(Arc::new(pool))))
     }
 
     /// Each worker's place (none when inline).
@@ -113,8 +115,8 @@ impl Place {
         }
     }
 
-    /// Serves `stream`, accepted by this worker, with `serve`: here, or on the least loaded
-    /// worker when this one holds two connections more than it.
+    /// Serves `stream`, accepted by this worker (on its runtime), with `serve`: here, or on the
+    /// least loaded worker when this one holds two connections more than it.
     pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
