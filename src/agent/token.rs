@@ -208,6 +208,12 @@ mod tests {
         let (tokens, a, b, now, t) = minted();
         let last = LastToken::default();
         assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
+        // Remembered, with its address and expiry: the next request compares instead of a MAC.
+        let remembered = |last: &LastToken| {
+            let held = last.0.lock().expect("not poisoned");
+            held.as_ref().map(|p| (p.token.to_string(), p.ip, p.expiry))
+        };
+        assert_eq!(remembered(&last), Some((t.clone(), a, 1_000_060)));
         assert_eq!(tokens.verify_again(&last, &t, a, now), Ok(()));
         // Another address, another key's token, a forged one, an expired one: refused as before.
         assert_eq!(tokens.verify_again(&last, &t, b, now), Err(TokenError::Invalid));
