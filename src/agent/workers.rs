@@ -23,6 +23,16 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+/// The most connection workers an agent starts. Two serve well over 100 000 hits a second on
+/// loopback (figure 1), far more than one node's pods ask; each costs a thread and a runtime,
+/// and the chart sets no CPU limit by default, so a 96-core node would otherwise get 96.
+pub const MOST_WORKERS: usize = 4;
+
+/// How many workers for `cores` usable cores.
+fn worker_count(cores: usize) -> usize {
+    cores.clamp(1, MOST_WORKERS)
+}
+
 /// Where connections run: per-core workers, or (for [`Workers::inline`]) the caller's runtime.
 #[derive(Clone, Debug, Default)]
 pub struct Workers(Option<Arc<Pool>>);
@@ -70,9 +80,10 @@ impl Workers {
         Workers(None)
     }
 
-    /// One worker thread per core this process may use.
+    /// One worker thread per core this process may use (its CPU quota counts), at most
+    /// [`MOST_WORKERS`].
     pub fn per_core() -> io::Result<Workers> {
-        Workers::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        Workers::new(worker_count(std::thread::available_parallelism().map_or(1, |n| n.get())))
     }
 
     /// `count` worker threads (none: [`Workers::inline`]).
@@ -207,6 +218,13 @@ mod tests {
             }
         };
         tokio::time::timeout(LIMIT, unloaded).await.expect("the share is given back");
+    }
+
+    #[test]
+    fn one_worker_per_core_up_to_the_cap() {
+        assert_eq!(worker_count(1), 1);
+        assert_eq!(worker_count(2), 2);
+        assert_eq!(worker_count(96), MOST_WORKERS);
     }
 
     #[tokio::test]
