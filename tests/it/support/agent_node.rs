@@ -182,6 +182,15 @@ impl TestAgent {
             interception.is_installed().await.unwrap_or(false)
         })
         .await;
+        // The rules are in place before the agent has flushed the flows they redirect, and the
+        // agent serves only once it has: a pod connection made in between could be flushed
+        // under it. An answer from the agent says the flush is done.
+        let ping = format!("http://{addr}/ping");
+        wait_until("the agent serves in the node", Duration::from_secs(20), || {
+            let answer = tokio::task::block_in_place(|| node_get(node, &ping));
+            std::future::ready(answer.is_ok_and(|r| r.status == 200))
+        })
+        .await;
         agent
     }
 
@@ -210,14 +219,22 @@ pub use super::wait::until as wait_until;
 
 /// A GET from inside `net` (a pod), on a runtime of its own in the pod's namespace. Blocking:
 /// call it through `tokio::task::block_in_place` from a multi-thread test.
+/// A GET from inside the node's namespace (not through the interception).
+fn node_get(node: &NodeNet, url: &str) -> Result<Response, String> {
+    node.run_in(|| get_here(url))
+}
+
 pub fn pod_get(net: &PodNet, url: &str) -> Result<Response, String> {
-    net.run_in(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime in the pod")
-            .block_on(request("GET", url, &[], "", None))
-    })
+    net.run_in(|| get_here(url))
+}
+
+/// A GET from this thread's namespace, on a runtime of its own.
+fn get_here(url: &str) -> Result<Response, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime on this thread")
+        .block_on(request("GET", url, &[], "", None))
 }
 
 /// An agent's flags on loopback: asking `server`, forwarding to `upstream`, waiting up to `wait`
