@@ -135,6 +135,29 @@ pub async fn serve(
     serve_with(listener, make, limits, workers, tally, shutdown).await;
 }
 
+/// The service hyper runs for one connection: what `make` returns for each.
+pub trait ConnectionService:
+    hyper::service::Service<
+        hyper::Request<Incoming>,
+        Response = Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> ConnectionService for S where
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// What every accept loop of one listener shares.
 struct Shared<M> {
     make: M,
@@ -157,10 +180,7 @@ pub async fn serve_with<M, S>(
     shutdown: CancellationToken,
 ) where
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     let mut builder = http1::Builder::new();
     builder
@@ -217,10 +237,7 @@ async fn accept<M, S>(
     alive: mpsc::Sender<()>,
 ) where
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     let mut accept_backoff = Duration::from_millis(5);
     let cancelled = shared.shutdown.cancelled();
@@ -296,10 +313,7 @@ async fn accept<M, S>(
 async fn connection<M, S>(stream: tokio::net::TcpStream, peer: SocketAddr, shared: &Shared<M>)
 where
     M: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     let (limits, tally) = (&shared.limits, &shared.tally);
     let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));

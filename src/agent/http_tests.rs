@@ -76,14 +76,18 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn one_source_cannot_take_every_connection() {
-    // A long header deadline: only the per-source cap can close the extra connection in time.
-    let limits = Limits {
+    let (addr, tally, _shutdown) = start(capped(), 4).await;
+    one_source_capped(addr, &tally).await;
+}
+
+/// Three connections per source, and a long header deadline: only the per-source cap can close
+/// an extra connection in time.
+fn capped() -> Limits {
+    Limits {
         max_connections_per_source: 3,
         header_read_timeout: Duration::from_secs(60),
         ..Limits::default()
-    };
-    let (addr, tally, _shutdown) = start(limits, 4).await;
-    one_source_capped(addr, &tally).await;
+    }
 }
 
 /// Three connections from 127.0.0.1 are held, a fourth is reset, 127.0.0.2 is served meanwhile,
@@ -190,14 +194,10 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_its_deadline() {
 
 #[tokio::test]
 async fn with_workers_the_cap_is_per_source_across_them_and_shutdown_drains_them() {
-    let limits = Limits {
-        max_connections_per_source: 3,
-        header_read_timeout: Duration::from_secs(60),
-        ..Limits::default()
-    };
     let thread = || std::future::ready(std::thread::current().name().unwrap_or_default().to_owned());
     let router = Router::new().fallback(thread);
-    let (addr, tally, shutdown, serving) = start_on(limits, router, Workers::new(2).expect("workers")).await;
+    let (addr, tally, shutdown, serving) =
+        start_on(capped(), router, Workers::new(2).expect("workers")).await;
     // Served on a worker's thread, not the caller's runtime.
     let mut client = connect("127.0.0.7", addr, None).await;
     client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
