@@ -9,6 +9,7 @@ Stubs are generated from proto/kiam/service.proto at start, so nothing generated
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from concurrent import futures
@@ -28,7 +29,13 @@ def stubs():
     if rc != 0:
         raise SystemExit(f"protoc failed: {rc}")
     sys.path.insert(0, out)
-    from kiam import service_pb2, service_pb2_grpc  # noqa: E402
+    try:
+        from kiam import service_pb2, service_pb2_grpc  # noqa: E402
+    finally:
+        # Imported modules live on in memory; the files are not needed again. Removing them now
+        # (not at exit) also covers a peer that its test stops with SIGKILL.
+        sys.path.remove(out)
+        shutil.rmtree(out, ignore_errors=True)
     return service_pb2, service_pb2_grpc
 
 
