@@ -1,7 +1,8 @@
 //! The edges of interception, on nodes made of network namespaces with the real `iptables`,
 //! `ip6tables` and `conntrack`: the jump stays first in PREROUTING, a connection opened to the
-//! node's metadata service before the DNAT cannot keep reaching it, and on a node with an IPv6
-//! address the IPv6 endpoint `fd00:ec2::254` is intercepted too. Needs root.
+//! node's metadata service before the DNAT cannot keep reaching it while one already sent to the
+//! agent is kept, and on a node with an IPv6 address the IPv6 endpoint `fd00:ec2::254` is
+//! intercepted too. Needs root.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -121,6 +122,47 @@ async fn a_connection_opened_before_the_dnat_does_not_keep_reaching_the_node() {
     assert!(again.as_deref().is_err(), "the kept-alive connection still reaches the node: {again:?}");
     let mine = block_in_place(|| pod_get(&net, &format!("http://169.254.169.254{ROLES}"))).expect("answered");
     assert_eq!(mine.body, "app-role");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restoration_keeps_the_flows_already_sent_to_the_agent() {
+    let node = NodeNet::create();
+    let net = PodNet::create_in(&node);
+    let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
+    let _decoy = decoy(&node, false);
+    let flags = ["--iptables", "--host-interface=kv+", "--iptables-check-interval=200ms"];
+    let agent = TestAgent::in_node(&stack, &node, &flags).await;
+    let rules = agent.interception.clone().expect("rules");
+
+    // A pod's kept-alive connection, sent to the agent by the DNAT.
+    let mut kept = net.run_in(|| TcpStream::connect((METADATA_IP, 80))).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    assert_eq!(block_in_place(|| exchange(&mut kept, ROLES)).expect("the agent answers"), "app-role");
+    let pod = net.pod_ip.to_string();
+    let before = flow_id(&node, &pod).expect("the pod's flow is tracked");
+
+    // Something empties our chain; the check loop puts the rule back and flushes (restorations
+    // count after the flush).
+    node.iptables(&["-F", "KIAM-RS"]).expect("empty the chain");
+    wait_until("the rules are restored", Duration::from_secs(10), || {
+        std::future::ready(rules.restorations() >= 1)
+    })
+    .await;
+    // The flush deleted the flows that reach the node's service, not this one: it is the same
+    // tracked flow, and the connection goes on.
+    assert_eq!(flow_id(&node, &pod), Some(before), "{}", tracked_flows(&node));
+    assert_eq!(block_in_place(|| exchange(&mut kept, ROLES)).expect("still answered"), "app-role");
+}
+
+/// The conntrack id of the flow from `pod` to the metadata address, inside the node.
+fn flow_id(node: &NodeNet, pod: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, "conntrack", "-L", "-p", "tcp", "--orig-src", pod])
+        .args(["--orig-dst", "169.254.169.254", "-o", "id"])
+        .output()
+        .expect("run conntrack");
+    let flows = String::from_utf8_lossy(&out.stdout).into_owned();
+    flows.split_whitespace().find_map(|word| word.strip_prefix("id=")).map(str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread")]

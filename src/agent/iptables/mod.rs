@@ -10,9 +10,10 @@
 //!
 //! When the agent also listens on the node's IPv6 address, the same two rules are kept with
 //! `ip6tables` for the IPv6 endpoint (`fd00:ec2::254`). After each install or restoration, the
-//! tracked flows to the metadata addresses are deleted with `conntrack`, so that a connection
-//! opened before the DNAT (a kept-alive one, or one from before an agent restart) cannot keep
-//! reaching the node's real service (kiam #284).
+//! tracked flows that reach the metadata addresses themselves are deleted with `conntrack`, so
+//! that a connection opened before the DNAT (a kept-alive one, or one opened while no agent ran)
+//! cannot keep reaching the node's real service (kiam #284). Flows already sent to an agent are
+//! kept, so that pods' connections opened meanwhile are not cut.
 //!
 //! The programs are run as child processes ([`Command`]) behind the [`Runner`] trait, so the
 //! logic here is tested against a recording fake without root.
@@ -219,7 +220,7 @@ impl<R: Runner> Interception<R> {
     }
 
     /// Makes the rules of every family what they should be; when anything changed, deletes the
-    /// tracked flows to the metadata addresses, which would otherwise bypass the new DNAT.
+    /// tracked flows that reach the metadata addresses, which would otherwise bypass the new DNAT.
     /// Returns whether anything changed.
     pub async fn install(&self) -> Result<bool, IptablesError> {
         let mut changed = false;

@@ -171,13 +171,19 @@ impl Rules {
         Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"] }
     }
 
-    /// `conntrack` arguments that delete the tracked flows to the metadata address: a flow
-    /// opened before the DNAT existed (a kept-alive connection, one from before an agent's
-    /// restart) would otherwise keep reaching the node's real service (kiam #284).
+    /// `conntrack` arguments that delete the tracked flows that reach the metadata address
+    /// itself: a flow opened before the DNAT existed (a kept-alive connection, one opened while
+    /// no agent ran) would otherwise keep reaching the node's real service (kiam #284).
+    ///
+    /// Only flows whose replies come from that address are deleted. A flow already sent to an
+    /// agent answers from the agent's address and is left alone: deleting it would cut a pod's
+    /// connection opened between the rules going in and the flush. One sent to an earlier agent
+    /// keeps going there, and never to the node's service, since NAT is decided once per flow.
     pub fn flush(&self) -> Vec<String> {
         let family = if self.metadata.is_ipv4() { "ipv4" } else { "ipv6" };
-        let dst = self.metadata.to_string();
-        ["-D", "-f", family, "-p", "tcp", "--orig-dst", dst.as_str(), "--dport", "80"]
+        let address = self.metadata.to_string();
+        let address = address.as_str();
+        ["-D", "-f", family, "-p", "tcp", "--orig-dst", address, "--reply-src", address, "--dport", "80"]
             .map(String::from)
             .to_vec()
     }
@@ -243,7 +249,10 @@ mod tests {
         let negated = Rules::new(&config("!eth0"));
         assert_eq!(negated.dnat[..3].join(" "), "! -i eth0");
         assert_eq!(Rules::new6(&config("cali+")), None);
-        assert_eq!(rules.flush().join(" "), "-D -f ipv4 -p tcp --orig-dst 169.254.169.254 --dport 80");
+        assert_eq!(
+            rules.flush().join(" "),
+            "-D -f ipv4 -p tcp --orig-dst 169.254.169.254 --reply-src 169.254.169.254 --dport 80"
+        );
     }
 
     #[test]
@@ -255,6 +264,9 @@ mod tests {
             rules.dnat.join(" "),
             "-i cali+ -p tcp -d fd00:ec2::254/128 --dport 80 -j DNAT --to-destination [fd00:1::5]:8181"
         );
-        assert_eq!(rules.flush().join(" "), "-D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --dport 80");
+        assert_eq!(
+            rules.flush().join(" "),
+            "-D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --reply-src fd00:ec2::254 --dport 80"
+        );
     }
 }
