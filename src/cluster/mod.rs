@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -257,13 +259,18 @@ impl Cluster {
     }
 
     /// Relists and watch failures so far.
+    ///
+    /// Each count is read, and its lock released, before the next: a series' guard held while
+    /// the same family creates another (a write lock) would deadlock the thread. Reading does not
+    /// create series either, so `/metrics` shows none that never moved.
     pub fn watch_stats(&self) -> WatchStats {
         let m = &self.metrics.server;
+        let count = |family: &Family<Kind, Counter>, kind: &Kind| family.get(kind).map_or(0, |c| c.get());
         WatchStats {
-            pod_relists: m.relists.get_or_create(&PODS).get(),
-            namespace_relists: m.relists.get_or_create(&NAMESPACES).get(),
-            pod_watch_errors: m.watch_restarts.get_or_create(&PODS).get(),
-            namespace_watch_errors: m.watch_restarts.get_or_create(&NAMESPACES).get(),
+            pod_relists: count(&m.relists, &PODS),
+            namespace_relists: count(&m.relists, &NAMESPACES),
+            pod_watch_errors: count(&m.watch_restarts, &PODS),
+            namespace_watch_errors: count(&m.watch_restarts, &NAMESPACES),
         }
     }
 
@@ -402,6 +409,19 @@ mod tests {
         // A pod without a role is never announced, so never dropped either.
         cluster.apply_pod(Change::Apply(PodFacts::test("ns", "d", "10.0.0.4", None)));
         assert_eq!(cluster.dropped_announcements(), 2);
+    }
+
+    #[test]
+    fn watch_stats_read_counts_that_never_moved_without_creating_them() {
+        // Before any failure no series exists. Reading used to create them, holding one guard
+        // while the same family took its write lock for the next: the thread hung here.
+        let metrics = Arc::new(Metrics::default());
+        let cluster = Cluster::new(None, Arc::clone(&metrics));
+        assert_eq!(cluster.watch_stats(), WatchStats::default());
+        assert!(metrics.server.watch_restarts.get(&PODS).is_none(), "reading created a series");
+        cluster.note_watch_error(true);
+        let stats = cluster.watch_stats();
+        assert_eq!((stats.pod_watch_errors, stats.namespace_watch_errors), (0, 1));
     }
 
     #[test]
