@@ -59,8 +59,7 @@ impl KubeSource {
             }
             None => kube::Config::infer().await.map_err(|e| SourceError::Kubeconfig(e.to_string()))?,
         };
-        let client = Client::try_from(config).map_err(SourceError::Kube)?;
-        Ok(KubeSource::from_client(client))
+        Ok(KubeSource::from_client(client(config)?))
     }
 
     /// The client, for writing Events with the same credentials.
@@ -94,7 +93,7 @@ impl KubeSource {
             }
         };
         config.accept_invalid_certs = insecure;
-        Ok(KubeSource::from_client(Client::try_from(config).map_err(SourceError::Kube)?))
+        Ok(KubeSource::from_client(client(config)?))
     }
 
     async fn connect_insecure(path: Option<PathBuf>, insecure: bool) -> Result<KubeSource, SourceError> {
@@ -113,7 +112,7 @@ impl KubeSource {
             None => kube::Config::infer().await.map_err(|e| SourceError::Kubeconfig(e.to_string()))?,
         };
         config.accept_invalid_certs = true;
-        Ok(KubeSource::from_client(Client::try_from(config).map_err(SourceError::Kube)?))
+        Ok(KubeSource::from_client(client(config)?))
     }
 
     /// Reads annotations with `projection`'s keys.
@@ -139,6 +138,17 @@ impl KubeSource {
         self.watch_timeout = timeout;
         self
     }
+}
+
+/// A client for `config` without kube's own retries. kube retries a 429, 503 or 504 up to 15
+/// times with a backoff that grows to minutes, inside the request, so that during an outage the
+/// watchers saw no error for minutes: `kiam_k8s_watch_restarts_total` stayed flat, and the
+/// watchers' own backoff (which serves the last known state meanwhile) never ran. A TokenReview
+/// in a pod's request also waited through those retries instead of failing fast with a 503 that
+/// the pod's SDK retries. Events are best effort either way.
+fn client(mut config: kube::Config) -> Result<Client, SourceError> {
+    config.default_retry = false;
+    Client::try_from(config).map_err(SourceError::Kube)
 }
 
 impl Source for KubeSource {

@@ -45,7 +45,8 @@ fn pod_watches(stack: &Stack) -> usize {
 
 /// The API server goes down (a 60 s outage in production; here until the watcher has been
 /// refused three times, which is all the server can notice of any outage) and comes back: known pods keep
-/// their credentials throughout, a pod created during the outage waits and is then served.
+/// their credentials throughout, a pod created during the outage waits and is then served. The
+/// refusals show in `kiam_k8s_watch_restarts_total` (kube's client no longer retries them out of sight).
 #[tokio::test]
 async fn the_api_server_down_and_back() {
     let stack = Stack::start().await;
@@ -59,6 +60,11 @@ async fn the_api_server_down_and_back() {
     stack.kube.set_down(true);
     let refused = || std::future::ready(pod_watches(&stack) >= watches + 3);
     until("the watcher has been refused three times", Duration::from_secs(20), refused).await;
+    let errors = || stack.core.cluster().watch_stats().pod_watch_errors;
+    until("the refusals are counted as watch restarts", Duration::from_secs(20), || {
+        std::future::ready(errors() >= 1)
+    })
+    .await;
     grpc.get_pod_credentials(creds("10.80.0.1", "app"))
         .await
         .expect("a known pod is served during the outage");
