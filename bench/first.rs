@@ -127,9 +127,11 @@ pub async fn run(env: &Env, report: &mut Report) {
          agent: PUT token, GET role, GET credentials, one kept-alive connection, up \
          to {TRIES} tries per request (the pods' objects and the parked clients are made before \
          the burst; the clients speak HTTP/1.1 on a plain socket). {} clients got credentials, \
-         {} failed{}, {retries} retried; max {}. Since creation (p50 / p99): token {} / {} (includes the connection; {resent} \
-         clients waited a second for it, their first SYN dropped by a full accept queue), role \
-         {} / {} (the server has to learn of the pod), credentials {} / {}. The burst took the release server {calls} AssumeRole calls (moto's recorder). \
+         {} failed{}, {retries} retried; max {}. Since creation (p50 / p99): token {} / {} \
+         (includes the connection; {resent} clients waited a second for it, their first SYN \
+         dropped by a full accept queue), role {} / {} (the server has to learn of the pod), \
+         credentials {} / {}. The burst took the release server {calls} AssumeRole calls \
+         (moto's recorder). \
          Baseline: {} sequential AssumeRole calls from the bench process to the same moto (p50 \
          {}, p99 {}). The fake creates pods with their IP already set; a real pod gets its IP \
          later, from the kubelet, so real clocks start later than this one.",

@@ -46,7 +46,8 @@ fn pod_watches(stack: &Stack) -> usize {
 /// The API server goes down (a 60 s outage in production; here until the watcher has been
 /// refused three times, which is all the server can notice of any outage) and comes back: known pods keep
 /// their credentials throughout, a pod created during the outage waits and is then served. The
-/// refusals show in `kiam_k8s_watch_restarts_total` (kube's client no longer retries them out of sight).
+/// refusals show in `kiam_k8s_watch_restarts_total` (kube's client no longer retries them out of
+/// sight).
 #[tokio::test]
 async fn the_api_server_down_and_back() {
     let stack = Stack::start().await;

@@ -6,9 +6,10 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use kiam::agent::iptables::{METADATA_IP, METADATA_IP6};
+use kiam::agent::iptables::{Interception, METADATA_IP, METADATA_IP6};
 use tokio::task::block_in_place;
 
 use crate::support::agent_node::{TestAgent, pod_get, wait_until};
@@ -68,15 +69,31 @@ fn tracked_flows(node: &NodeNet) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_rule_put_above_the_jump_is_put_below_it_again() {
+/// A node with a pod (`app`, role `app-role`), the node's own metadata service, and an agent that
+/// checks its rules every 200 ms. Fields drop in order: the agent before the namespaces.
+struct CheckedNode {
+    rules: Arc<Interception<kiam::agent::iptables::Command>>,
+    _agent: TestAgent,
+    _decoy: Vec<FakeImds>,
+    _stack: Stack,
+    net: PodNet,
+    node: NodeNet,
+}
+
+async fn checked_node() -> CheckedNode {
     let node = NodeNet::create();
     let net = PodNet::create_in(&node);
     let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
-    let _decoy = decoy(&node, false);
+    let decoy = decoy(&node, false);
     let flags = ["--iptables", "--host-interface=kv+", "--iptables-check-interval=200ms"];
     let agent = TestAgent::in_node(&stack, &node, &flags).await;
     let rules = agent.interception.clone().expect("rules");
+    CheckedNode { rules, _agent: agent, _decoy: decoy, _stack: stack, net, node }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_put_above_the_jump_is_put_below_it_again() {
+    let CheckedNode { rules, net, node, .. } = &checked_node().await;
 
     // A rule on top of PREROUTING that lets metadata traffic through to the node's service.
     node.iptables(&["-I", "PREROUTING", "1", "-p", "tcp", "-d", "169.254.169.254/32", "-j", "ACCEPT"])
@@ -88,7 +105,7 @@ async fn a_rule_put_above_the_jump_is_put_below_it_again() {
     wait_until("the jump is first again", Duration::from_secs(10), restored).await;
     let first = node.nat_rules().lines().find(|l| l.starts_with("-A PREROUTING")).unwrap_or("").to_string();
     assert!(first.ends_with("-j KIAM-RS"), "{}", node.nat_rules());
-    let mine = block_in_place(|| pod_get(&net, &format!("http://169.254.169.254{ROLES}"))).expect("answered");
+    let mine = block_in_place(|| pod_get(net, &format!("http://169.254.169.254{ROLES}"))).expect("answered");
     assert_eq!(mine.body, "app-role");
 }
 
@@ -126,20 +143,14 @@ async fn a_connection_opened_before_the_dnat_does_not_keep_reaching_the_node() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restoration_keeps_the_flows_already_sent_to_the_agent() {
-    let node = NodeNet::create();
-    let net = PodNet::create_in(&node);
-    let stack = Stack::with_pod_nets(&[(&net, "app", "app-role")]).await;
-    let _decoy = decoy(&node, false);
-    let flags = ["--iptables", "--host-interface=kv+", "--iptables-check-interval=200ms"];
-    let agent = TestAgent::in_node(&stack, &node, &flags).await;
-    let rules = agent.interception.clone().expect("rules");
+    let CheckedNode { rules, net, node, .. } = &checked_node().await;
 
     // A pod's kept-alive connection, sent to the agent by the DNAT.
     let mut kept = net.run_in(|| TcpStream::connect((METADATA_IP, 80))).expect("connect");
     kept.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     assert_eq!(block_in_place(|| exchange(&mut kept, ROLES)).expect("the agent answers"), "app-role");
     let pod = net.pod_ip.to_string();
-    let before = flow_id(&node, &pod).expect("the pod's flow is tracked");
+    let before = flow_id(node, &pod).expect("the pod's flow is tracked");
 
     // Something empties our chain; the check loop puts the rule back and flushes (restorations
     // count after the flush).
@@ -150,7 +161,7 @@ async fn a_restoration_keeps_the_flows_already_sent_to_the_agent() {
     .await;
     // The flush deleted the flows that reach the node's service, not this one: it is the same
     // tracked flow, and the connection goes on.
-    assert_eq!(flow_id(&node, &pod), Some(before), "{}", tracked_flows(&node));
+    assert_eq!(flow_id(node, &pod), Some(before), "{}", tracked_flows(node));
     assert_eq!(block_in_place(|| exchange(&mut kept, ROLES)).expect("still answered"), "app-role");
 }
 

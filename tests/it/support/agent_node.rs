@@ -182,9 +182,8 @@ impl TestAgent {
             interception.is_installed().await.unwrap_or(false)
         })
         .await;
-        // The rules are in place before the agent has flushed the flows they redirect, and the
-        // agent serves only once it has: a pod connection made in between could be flushed
-        // under it. An answer from the agent says the flush is done.
+        // The agent serves only once its rules are in and the tracked flows flushed: an answer
+        // from it says the node is ready, whatever a test's pods do next.
         let ping = format!("http://{addr}/ping");
         wait_until("the agent serves in the node", Duration::from_secs(20), || {
             let answer = tokio::task::block_in_place(|| node_get(node, &ping));
