@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
-use super::workers::{Place, Workers};
+use super::workers::Workers;
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
@@ -202,7 +202,7 @@ pub async fn serve_with<M, S>(
     let (alive, mut open) = mpsc::channel::<()>(1);
     let places = workers.places();
     if places.is_empty() {
-        accept(listener, None, Arc::clone(&shared), alive.clone()).await;
+        accept(listener, Arc::clone(&shared), alive.clone()).await;
     } else {
         match listener.into_std() {
             Ok(listener) => {
@@ -210,9 +210,9 @@ pub async fn serve_with<M, S>(
                 for place in places {
                     let Ok(listener) = listener.try_clone() else { continue };
                     let (shared, alive) = (Arc::clone(&shared), alive.clone());
-                    loops.push(place.clone().run(async move {
+                    loops.push(place.run(async move {
                         match TcpListener::from_std(listener) {
-                            Ok(listener) => accept(listener, Some(place), shared, alive).await,
+                            Ok(listener) => accept(listener, shared, alive).await,
                             Err(error) => tracing::warn!(%error, "a worker cannot accept"),
                         }
                     }));
@@ -228,14 +228,10 @@ pub async fn serve_with<M, S>(
     let _ = tokio::time::timeout(limits.drain, open.recv()).await;
 }
 
-/// Accepts connections on `listener` until shutdown and serves each (on `place`'s worker, or
-/// another one less loaded).
-async fn accept<M, S>(
-    listener: TcpListener,
-    place: Option<Place>,
-    shared: Arc<Shared<M>>,
-    alive: mpsc::Sender<()>,
-) where
+/// Accepts connections on `listener` until shutdown and serves each on the runtime this runs on
+/// (a worker's, when there are workers).
+async fn accept<M, S>(listener: TcpListener, shared: Arc<Shared<M>>, alive: mpsc::Sender<()>)
+where
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
@@ -296,16 +292,10 @@ async fn accept<M, S>(
         };
         let _ = stream.set_nodelay(true);
         let (shared, alive) = (Arc::clone(&shared), alive.clone());
-        let serve = move |stream| async move {
+        tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
             connection(stream, peer, &shared).await;
-        };
-        match &place {
-            Some(place) => place.spawn(stream, serve),
-            None => {
-                tokio::spawn(serve(stream));
-            }
-        }
+        });
     }
 }
 

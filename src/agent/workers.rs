@@ -5,11 +5,12 @@
 //! the tasks it wakes are handed to the other threads (a futex wake-up and a cache miss per
 //! hand-off). A hit is a few microseconds of work, so those hand-offs show (figure 1 in
 //! BENCHMARKS.md). Every worker accepts from the same listening socket (each through its own
-//! epoll), so a new connection goes to whichever worker gets to it first: an idle one, when a
-//! busy one is still working through its queue (figure 9). A worker that holds two connections
-//! more than another hands what it accepts to the least loaded one, so that kept-alive clients
-//! that all connect at once do not all land on one core. Everything else (the node view's
-//! stream, the gRPC client, metrics, iptables) stays on the main runtime.
+//! epoll) and serves what it accepts, so a new connection goes to whichever worker gets to it
+//! first: an idle one, when a busy one is still working through its queue (figure 9). Nothing
+//! moves a connection afterwards, as in nginx: handing connections to the least loaded worker was
+//! tried (9bca69f) and cost more than it gave, in both figure 1 and figure 9 (BENCHMARKS.md).
+//! Everything else (the node view's stream, the gRPC client, metrics, iptables) stays on the main
+//! runtime.
 //!
 //! The worker threads end when the last [`Workers`] handle is gone (the listeners' accept loops
 //! have returned, after their drain), dropping whatever connection they still hold.
@@ -17,9 +18,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +38,8 @@ pub struct Workers(Option<Arc<Pool>>);
 
 #[derive(Debug)]
 struct Pool {
-    workers: Vec<Worker>,
+    /// Each worker's runtime.
+    workers: Vec<Handle>,
     /// Cancelled when the last handle is gone: the worker threads then stop.
     stop: CancellationToken,
 }
@@ -50,27 +50,11 @@ impl Drop for Pool {
     }
 }
 
-#[derive(Debug)]
-struct Worker {
-    runtime: Handle,
-    /// Connections this worker holds now.
-    load: Arc<AtomicUsize>,
-}
-
-/// One worker's place in the pool: where its accept loop runs and what it holds.
+/// One worker's place in the pool: where its accept loop runs (and so what it accepts).
 #[derive(Clone, Debug)]
 pub struct Place {
     workers: Workers,
     index: usize,
-}
-
-/// Gives back a worker's share when its connection ends.
-struct Held(Arc<AtomicUsize>);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Workers {
@@ -101,7 +85,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("kiam-conn-{index}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
-            pool.workers.push(Worker { runtime: handle, load: Arc::new(AtomicUsize::new(0)) });
+            pool.workers.push(handle);
         }
         Ok(Workers(Some(Arc::new(pool))))
     }
@@ -121,55 +105,10 @@ impl Place {
         F::Output: Send + 'static,
     {
         match &self.workers.0 {
-            Some(pool) => pool.workers[self.index].runtime.spawn(future),
+            Some(pool) => pool.workers[self.index].spawn(future),
             None => tokio::spawn(future),
         }
     }
-
-    /// Serves `stream`, accepted by this worker (on its runtime), with `serve`: here, or on the
-    /// least loaded worker when this one holds two connections more than it.
-    pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
-    where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let Some(pool) = &self.workers.0 else {
-            tokio::spawn(serve(stream));
-            return;
-        };
-        let own = &pool.workers[self.index];
-        let least = pool.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).unwrap_or(own);
-        let held = own_or(least, own);
-        held.load.fetch_add(1, Ordering::Relaxed);
-        let share = Held(Arc::clone(&held.load));
-        if std::ptr::eq(held, own) {
-            tokio::spawn(async move {
-                let _share = share;
-                serve(stream).await;
-            });
-            return;
-        }
-        // Moved to the other worker's epoll: deregistered here, registered there.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "cannot hand a connection to another worker");
-                return;
-            }
-        };
-        held.runtime.spawn(async move {
-            let _share = share;
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
-                Err(error) => tracing::debug!(%error, "a worker cannot take a connection"),
-            }
-        });
-    }
-}
-
-/// `least` when `own` holds at least two connections more, else `own`.
-fn own_or<'w>(least: &'w Worker, own: &'w Worker) -> &'w Worker {
-    if own.load.load(Ordering::Relaxed) >= least.load.load(Ordering::Relaxed) + 2 { least } else { own }
 }
 
 #[cfg(test)]
@@ -177,14 +116,14 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
     const LIMIT: Duration = Duration::from_secs(10);
 
-    /// A connection accepted by the first worker and served by whichever worker it picks; the
-    /// name of the thread that served it, as its client read it.
+    /// A connection accepted on the first worker; the name of the thread that served it, as its
+    /// client read it.
     async fn accepted_at_first(workers: &Workers) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("non-blocking");
@@ -196,11 +135,11 @@ mod tests {
             stream.read_to_string(&mut answer).await.expect("read");
             answer
         });
-        let first = workers.places()[0].clone();
-        let accepting = first.clone().run(async move {
+        let accepting = workers.places()[0].run(async move {
             let listener = TcpListener::from_std(listener).expect("register");
-            let (stream, _) = listener.accept().await.expect("accept");
-            first.spawn(stream, |mut stream| async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            // As the agent's accept loop does: the connection's task runs where it was accepted.
+            tokio::spawn(async move {
                 let mut ping = [0u8; 4];
                 stream.read_exact(&mut ping).await.expect("read");
                 let name = std::thread::current().name().unwrap_or("unnamed").to_owned();
@@ -209,15 +148,6 @@ mod tests {
         });
         tokio::time::timeout(LIMIT, accepting).await.expect("accepted").expect("the accept task");
         tokio::time::timeout(LIMIT, client).await.expect("the connection is served").expect("client")
-    }
-
-    async fn until_unloaded(worker: &Worker) {
-        let unloaded = async {
-            while worker.load.load(Ordering::Relaxed) != 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(LIMIT, unloaded).await.expect("the share is given back");
     }
 
     #[test]
@@ -231,29 +161,9 @@ mod tests {
     async fn a_connection_is_served_on_the_worker_that_accepted_it() {
         let workers = Workers::new(2).expect("workers");
         assert_eq!(workers.places().len(), 2);
-        let name = workers.places()[0].run(async { std::thread::current().name().map(str::to_owned) });
-        assert_eq!(name.await.expect("ran").as_deref(), Some("kiam-conn-0"));
-        // No worker is ahead: the one that accepted the connection serves it.
+        let name = workers.places()[1].run(async { std::thread::current().name().map(str::to_owned) });
+        assert_eq!(name.await.expect("ran").as_deref(), Some("kiam-conn-1"));
         assert_eq!(accepted_at_first(&workers).await, "kiam-conn-0");
-    }
-
-    #[tokio::test]
-    async fn a_worker_two_connections_ahead_hands_new_ones_to_the_least_loaded() {
-        let workers = Workers::new(2).expect("workers");
-        let pool = workers.0.as_ref().expect("a pool");
-        pool.workers[0].load.store(2, Ordering::Relaxed);
-        // The socket moves to worker 1's epoll and still works there.
-        assert_eq!(accepted_at_first(&workers).await, "kiam-conn-1");
-        until_unloaded(&pool.workers[1]).await;
-        // One ahead only: kept.
-        pool.workers[0].load.store(1, Ordering::Relaxed);
-        assert_eq!(accepted_at_first(&workers).await, "kiam-conn-0");
-        let own_back = async {
-            while pool.workers[0].load.load(Ordering::Relaxed) != 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(LIMIT, own_back).await.expect("its own share is given back too");
     }
 
     #[tokio::test]
@@ -271,19 +181,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn inline_workers_serve_on_the_callers_runtime() {
+    async fn inline_workers_run_on_the_callers_runtime() {
         let workers = Workers::inline();
         assert!(workers.places().is_empty());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (stream, _) = listener.accept().await.expect("accept");
         let place = Place { workers, index: 0 };
-        let (done, finished) = tokio::sync::oneshot::channel();
-        place.spawn(stream, |_stream| async move {
-            let _ = done.send(std::thread::current().name().map(str::to_owned));
-        });
-        let name = tokio::time::timeout(LIMIT, finished).await.expect("served").expect("sent");
+        let name = place.run(async { std::thread::current().name().map(str::to_owned) });
+        let name = tokio::time::timeout(LIMIT, name).await.expect("ran").expect("joined");
         assert!(!name.unwrap_or_default().starts_with("kiam-conn-"));
     }
 }
