@@ -9,6 +9,7 @@ mod agent_hostile;
 mod architecture;
 mod binary;
 mod certs;
+mod certs_renew;
 mod deploy;
 mod deploy_cases;
 mod deploy_kube2iam;
