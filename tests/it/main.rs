@@ -25,6 +25,7 @@ mod hardening;
 mod kube2iam;
 mod lookup;
 mod metrics;
+mod monitoring;
 mod netns_agent;
 mod netns_binary;
 mod netns_interception;
