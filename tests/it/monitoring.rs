@@ -238,3 +238,18 @@ async fn every_alert_and_dashboard_query_names_metrics_the_binary_exports() {
         "{soon}"
     );
 }
+
+/// The values of docs/monitoring.md (rendered by tests/it/deploy.rs): the PodMonitors, the rule
+/// and the dashboard, in the namespace the guide names, none of them in the default render.
+pub fn docs_monitoring(r: &crate::deploy::Rendered) {
+    for (kind, count) in [("PodMonitor", 2), ("PrometheusRule", 1), ("ConfigMap", 1)] {
+        let objects = r.kinds(kind);
+        assert_eq!(objects.len(), count, "{kind}");
+        for object in objects {
+            assert_eq!(object["metadata"]["namespace"], "monitoring", "{kind}");
+        }
+    }
+    let dashboard = r.json("ConfigMap/kiam-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert!(dashboard["data"]["kiam-rs.json"].as_str().is_some_and(|d| d.contains("\"uid\": \"kiam-rs\"")));
+}
