@@ -15,7 +15,7 @@ use std::process::Command;
 use clap::Parser;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -40,6 +40,7 @@ pub enum Object {
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
     MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
+    ConfigMap(Box<ConfigMap>),
     Custom(Value),
 }
 
@@ -58,7 +59,10 @@ fn parse(value: &Value) -> Object {
         "PodDisruptionBudget" => Object::PodDisruptionBudget(typed(value)),
         "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
         "MutatingWebhookConfiguration" => Object::MutatingWebhookConfiguration(typed(value)),
-        "ServiceMonitor" | "Certificate" | "Issuer" => Object::Custom(value.clone()),
+        "ConfigMap" => Object::ConfigMap(typed(value)),
+        "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" | "Issuer" => {
+            Object::Custom(value.clone())
+        }
         other => panic!("the chart renders a kind the tests do not know: {other}"),
     }
 }

@@ -409,7 +409,8 @@ pub fn check(report: &Report) {
     assert!(!has(&kiam_upgrade.args("server"), "--agent-node-binding"), "kiam agents still run");
     assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
     crate::deploy_kube2iam::check(report);
-    assert_eq!(report.cases.len(), 23, "a case without assertions");
+    crate::monitoring::docs_monitoring(case("docs/monitoring#1"));
+    assert_eq!(report.cases.len(), 24, "a case without assertions");
     // Kustomize: TLS from the user's secrets; each overlay does what its name says.
     let base = &report.kustomize["base"];
     assert!(base.kinds("Secret").is_empty());

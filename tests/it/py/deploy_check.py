@@ -271,6 +271,8 @@ def leaf_paths(tree, prefix=()):
 # Custom resources: no upstream schema; checked for their required shape here instead.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ["selector", "endpoints"],
+    ("monitoring.coreos.com/v1", "PodMonitor"): ["selector", "podMetricsEndpoints"],
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ["groups"],
     ("cert-manager.io/v1", "Certificate"): ["secretName", "issuerRef"],
     ("cert-manager.io/v1", "Issuer"): [],
 }
