@@ -21,6 +21,7 @@ mod faults;
 mod faults_process;
 mod grpcio;
 mod hardening;
+mod image_user;
 mod kube2iam;
 mod lookup;
 mod metrics;
