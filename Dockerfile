@@ -24,6 +24,12 @@ RUN if ! command -v iptables-legacy >/dev/null || [ ! -e /etc/ssl/certs/ca-certi
       && rm -rf /var/lib/apt/lists/*; \
     fi
 
+# kiam's chart mounts the node's /usr/share/ca-certificates over /etc/ssl/certs; on Debian and
+# Ubuntu nodes that holds only mozilla/*.crt subfolders, which no TLS library reads. A copy of
+# the bundle outside that directory, a real file where kiam's Alpine image keeps one (and where
+# the binary looks next), survives the mount. The binary logs at start where its roots came from.
+RUN cp /etc/ssl/certs/ca-certificates.crt /etc/ssl/cert.pem
+
 COPY target/release/kiam /kiam
 COPY deploy/image/iptables /usr/local/sbin/iptables
 RUN ln -s /kiam /usr/local/bin/kiam && ln -s /kiam /usr/local/bin/kube2iam

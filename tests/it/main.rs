@@ -37,6 +37,7 @@ mod readiness;
 mod server;
 mod service_accounts;
 mod session;
+mod sts_roots;
 mod support;
 mod transport;
 mod webhook;
