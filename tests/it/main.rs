@@ -39,5 +39,6 @@ mod service_accounts;
 mod session;
 mod sts_roots;
 mod support;
+mod tls_usages;
 mod transport;
 mod webhook;
