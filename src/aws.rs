@@ -1,6 +1,7 @@
 //! The STS adapter: [`AssumeRole`] over `aws-sdk-sts`. The only module that touches the AWS SDK.
 //! The server's own identity comes from the SDK's default credential chain (environment, web
-//! identity for IRSA, profile, instance profile).
+//! identity for IRSA, profile, instance profile). HTTPS to AWS trusts the roots that
+//! [`crate::aws_roots`] finds.
 
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +34,9 @@ impl Sts {
     /// Builds a client from the default credential chain (wrapped in an assume-role provider
     /// with `--assume-role-arn`) and the given settings.
     pub async fn from_env(config: &StsConfig) -> Sts {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        // Roots of trust chosen (and logged) here, not left to the SDK: see aws_roots.
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(crate::aws_roots::logged_https_client());
         if let Some(region) = &config.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }

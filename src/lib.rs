@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod aws;
+pub mod aws_roots;
 pub mod certs;
 pub mod cli;
 pub mod client;

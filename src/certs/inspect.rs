@@ -3,7 +3,8 @@
 //! For each certificate: subject, issuer, validity (and whether it holds now), the key, key
 //! usages, SANs and the node it is bound to. With a CA bundle, the first certificate of each
 //! file that is not a CA is verified against the bundle (the rest of the file is its chain),
-//! once as a server and once as a client, with rustls-webpki, the verifier rustls runs.
+//! once as a server and once as a client, with rustls-webpki, the verifier rustls runs, and
+//! the extended-key-usage rule the agent and server apply (anyExtendedKeyUsage passes).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use webpki::{EndEntityCert, KeyUsage};
+use webpki::EndEntityCert;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::{Error, pem_certificates, read};
+use crate::tls::verify::{Purpose, Side};
 use crate::tls::x509::NODE_URI_PREFIX;
 
 /// One certificate, read.
@@ -206,8 +208,8 @@ pub(super) fn verify(
         })
     };
     Verification {
-        as_server: check(KeyUsage::server_auth(), "serverAuth"),
-        as_client: check(KeyUsage::client_auth(), "clientAuth"),
+        as_server: check(Purpose(Side::Server), "serverAuth"),
+        as_client: check(Purpose(Side::Client), "clientAuth"),
     }
 }
 

@@ -15,9 +15,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::kiam_service_client::KiamServiceClient;
+use crate::tls::ClientTls;
 use crate::tls::reload::Reloading;
 
 /// Name resolution, behind a trait so that tests can move a name between servers.
@@ -73,7 +74,7 @@ impl Pool {
     pub fn start(
         host: String,
         port: u16,
-        tls: Arc<Reloading<ClientTlsConfig>>,
+        tls: Arc<Reloading<ClientTls>>,
         link: Link,
         resolver: Arc<dyn Resolve>,
         every: Duration,
@@ -128,8 +129,8 @@ impl Pool {
     }
 }
 
-fn endpoint(addr: SocketAddr, tls: &ClientTlsConfig, link: &Link) -> Option<Endpoint> {
-    let endpoint = Endpoint::from_shared(format!("https://{addr}")).ok()?.tls_config(tls.clone()).ok()?;
+fn endpoint(addr: SocketAddr, tls: &ClientTls, link: &Link) -> Option<Endpoint> {
+    let endpoint = tls.apply(Endpoint::from_shared(format!("https://{addr}")).ok()?).ok()?;
     Some(
         endpoint
             .connect_timeout(link.connect_timeout)
@@ -141,7 +142,7 @@ fn endpoint(addr: SocketAddr, tls: &ClientTlsConfig, link: &Link) -> Option<Endp
 }
 
 /// A new balanced channel over `servers`.
-fn fresh(tls: &Reloading<ClientTlsConfig>, link: &Link, servers: &HashSet<SocketAddr>) -> Live {
+fn fresh(tls: &Reloading<ClientTls>, link: &Link, servers: &HashSet<SocketAddr>) -> Live {
     let (channel, changes) = Channel::balance_channel(64);
     let config = tls.current();
     for addr in servers {
@@ -154,12 +155,7 @@ fn fresh(tls: &Reloading<ClientTlsConfig>, link: &Link, servers: &HashSet<Socket
 }
 
 /// Adds new servers and removes gone ones.
-async fn update(
-    live: &mut Live,
-    tls: &Reloading<ClientTlsConfig>,
-    link: &Link,
-    servers: HashSet<SocketAddr>,
-) {
+async fn update(live: &mut Live, tls: &Reloading<ClientTls>, link: &Link, servers: HashSet<SocketAddr>) {
     let config = tls.current();
     for gone in live.servers.difference(&servers) {
         tracing::info!(server = %gone, "server left");

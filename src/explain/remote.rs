@@ -111,7 +111,7 @@ fn client(server: &ServerQuery, timeout: Duration) -> Result<DebugClient<Channel
     let (uri, domain) =
         target(&server.address).ok_or_else(|| RemoteError::Address(server.address.clone()))?;
     let tls = tls::client_config(&server.tls, &domain)?;
-    let endpoint = Endpoint::from_shared(uri)?.tls_config(tls)?.connect_timeout(timeout).timeout(timeout);
+    let endpoint = tls.apply(Endpoint::from_shared(uri)?)?.connect_timeout(timeout).timeout(timeout);
     Ok(DebugClient::new(endpoint.connect_lazy()))
 }
 

@@ -1,15 +1,16 @@
 //! Mutual TLS material for both ends of the agent ↔ server link: PEM files to a rustls server
 //! configuration that requires a client certificate signed by the CA, and to tonic's client TLS.
 //! A CA file may hold several CAs; all are trusted, so a CA can be rotated with an overlap.
+//! Extended key usage is checked as kiam (Go) checks it: see [`verify`].
 
 pub mod reload;
+pub mod verify;
 pub mod x509;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -64,27 +65,43 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots(&files.ca)?))
-        .build()
+    let verifier = verify::AgentVerifier::new(Arc::new(roots(&files.ca)?))
         .map_err(|e| TlsError::Invalid(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Invalid(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// The client's TLS configuration for tonic: present our certificate, trust the CA file, and
-/// expect the server to be named `domain` (the host part of `--server-address`).
-pub fn client_config(files: &TlsFiles, domain: &str) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+/// The client's TLS material for tonic: our certificate, and the servers' check (the CA file,
+/// kiam's EKU rule, the name `domain`, the host part of `--server-address`).
+#[derive(Clone)]
+pub struct ClientTls {
+    config: tonic::transport::ClientTlsConfig,
+    verifier: Arc<verify::ServerVerifier>,
+}
+
+impl ClientTls {
+    /// `endpoint` speaking TLS with this material.
+    pub fn apply(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        endpoint.tls_config_with_verifier(self.config.clone(), Arc::clone(&self.verifier) as _)
+    }
+}
+
+/// The client's TLS material: present our certificate, trust the CA file, and expect the server
+/// to be named `domain` (the host part of `--server-address`).
+pub fn client_config(files: &TlsFiles, domain: &str) -> Result<ClientTls, TlsError> {
     // Parse now so that a broken file fails at start-up with its path, not at the first call.
     certs(&files.cert)?;
-    certs(&files.ca)?;
+    let verifier =
+        verify::ServerVerifier::new(Arc::new(roots(&files.ca)?)).map_err(|e| file_error(&files.ca, e))?;
     PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
     let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read(&files.ca)?))
-        .identity(identity)
-        .domain_name(domain))
+    let config = tonic::transport::ClientTlsConfig::new().identity(identity).domain_name(domain);
+    Ok(ClientTls { config, verifier: Arc::new(verifier) })
 }

@@ -16,12 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{TlsError, TlsFiles, certs, roots};
 use crate::metrics::TlsGauges;
 
-/// Which side of the link the material is for: it decides which key usage is verified.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Server,
-    Client,
-}
+pub use super::verify::Side;
 
 /// Turns the files into usable material (a rustls or tonic configuration).
 type Build<T> = Box<dyn Fn(&TlsFiles) -> Result<T, TlsError> + Send + Sync>;
@@ -123,10 +118,19 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         if let Some(expiry) = super::x509::not_after(leaf) {
             self.gauges.expiry_seconds.set(super::x509::epoch_seconds(expiry));
         }
-        let verified = roots(&self.files.ca).is_ok_and(|roots| verify(self.side, leaf, &chain[1..], roots));
-        self.gauges.verify_error.set(i64::from(!verified));
-        if !verified {
-            tracing::warn!(cert = %self.files.cert.display(), "certificate does not verify against the CA bundle");
+        let verified = match roots(&self.files.ca) {
+            Ok(roots) => verify(self.side, leaf, &chain[1..], &roots).map_err(|e| format!("{e:?}")),
+            Err(error) => Err(error.to_string()),
+        };
+        self.gauges.verify_error.set(i64::from(verified.is_err()));
+        if let Err(reason) = verified {
+            tracing::warn!(
+                cert = %self.files.cert.display(),
+                ca = %self.files.ca.display(),
+                side = ?self.side,
+                reason,
+                "certificate does not verify against the CA bundle"
+            );
         }
     }
 
@@ -149,36 +153,16 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     }
 }
 
-/// Whether `leaf` chains to `roots` with the key usage its side needs.
+/// Whether `leaf` chains to `roots` with the key usage its side needs (kiam's rule, as the
+/// peers check it: [`super::verify`]); the reason when it does not.
 fn verify(
     side: Side,
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-    roots: RootCertStore,
-) -> bool {
+    roots: &RootCertStore,
+) -> Result<(), webpki::Error> {
     let now = UnixTime::since_unix_epoch(
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
     );
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    match side {
-        Side::Server => {
-            let Ok(parsed) = rustls::server::ParsedCertificate::try_from(leaf) else { return false };
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &parsed,
-                &roots,
-                intermediates,
-                now,
-                provider.signature_verification_algorithms.all,
-            )
-            .is_ok()
-        }
-        Side::Client => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                Arc::new(provider),
-            )
-            .build();
-            verifier.is_ok_and(|v| v.verify_client_cert(leaf, intermediates, now).is_ok())
-        }
-    }
+    super::verify::chain(side, roots, leaf, intermediates, now)
 }

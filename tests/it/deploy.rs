@@ -239,5 +239,53 @@ fn chart_and_manifests_render_lint_validate_and_parse() {
             }
         }
     }
+    for (name, rendered) in report.cases.iter().chain(report.kustomize.iter()) {
+        users_are_explicit(name, rendered);
+    }
     crate::deploy_cases::check(&report);
+}
+
+/// The image's default user is root (kiam's and kube2iam's charts rely on it), so every
+/// container of ours names its user: 65532:65532, non-root, no capabilities, or root with
+/// every capability dropped but the one or two that its job needs.
+fn users_are_explicit(name: &str, rendered: &Rendered) {
+    for (key, (_, object)) in &rendered.0 {
+        let pod = match object {
+            Object::DaemonSet(d) => d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+            Object::Deployment(d) => d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+            _ => continue,
+        };
+        let pod = pod.unwrap_or_else(|| panic!("{name}: {key} has no pod spec"));
+        let pod_context = pod.security_context.as_ref();
+        let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+        for c in containers {
+            let context = c.security_context.as_ref();
+            let user = context.and_then(|s| s.run_as_user).or(pod_context.and_then(|s| s.run_as_user));
+            let group = context.and_then(|s| s.run_as_group).or(pod_context.and_then(|s| s.run_as_group));
+            let non_root =
+                context.and_then(|s| s.run_as_non_root).or(pod_context.and_then(|s| s.run_as_non_root));
+            let caps = context.and_then(|s| s.capabilities.as_ref());
+            let dropped = caps.and_then(|c| c.drop.clone()).unwrap_or_default();
+            let added = caps.and_then(|c| c.add.clone()).unwrap_or_default();
+            let privileged = context.and_then(|s| s.privileged).unwrap_or(false);
+            let at = format!("{name}: {key} container {}", c.name);
+            assert!(!privileged, "{at} is privileged");
+            assert_eq!(dropped, ["ALL"], "{at} drops every capability");
+            match user {
+                Some(0) => {
+                    let needs: &[&[&str]] = &[&["NET_ADMIN", "NET_RAW"], &["NET_BIND_SERVICE"]];
+                    assert!(
+                        needs.contains(&added.iter().map(String::as_str).collect::<Vec<_>>().as_slice()),
+                        "{at}: root with {added:?}"
+                    );
+                    assert_eq!(non_root, Some(false), "{at}");
+                }
+                Some(65532) => {
+                    assert_eq!((group, non_root), (Some(65532), Some(true)), "{at}");
+                    assert!(added.is_empty(), "{at}: non-root with {added:?} has none effective");
+                }
+                other => panic!("{at} runs as {other:?}: the image's default user is root"),
+            }
+        }
+    }
 }

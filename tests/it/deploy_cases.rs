@@ -154,7 +154,7 @@ fn rbac(r: &Rendered, tokens: bool) {
 
 fn kiam_values(r: &Rendered) {
     let agent = r.container("agent");
-    assert_eq!(caps_added(agent), ["NET_ADMIN"], "iptables needs NET_ADMIN");
+    assert_eq!(caps_added(agent), ["NET_ADMIN", "NET_RAW"], "iptables needs NET_ADMIN (NET_RAW: legacy)");
     assert_eq!(run_as(agent, None), Some(0));
     assert_eq!(agent.image.as_deref(), Some("registry.example/kiam-rs:v1"));
     let args = r.args("agent");
@@ -418,7 +418,7 @@ pub fn check(report: &Report) {
     proves_node_by_token(base, "kiam", 3600, "kube-system:kiam-agent");
     assert!(has(&base.args("server"), "--agent-node-binding"));
     let iptables = &report.kustomize["iptables"];
-    assert_eq!(caps_added(iptables.container("agent")), ["NET_ADMIN"]);
+    assert_eq!(caps_added(iptables.container("agent")), ["NET_ADMIN", "NET_RAW"]);
     assert!(has(&iptables.args("agent"), "--iptables"));
     node_certificates(&report.kustomize["node-certificates"]);
     let mixed = &report.kustomize["mixed-fleet"];

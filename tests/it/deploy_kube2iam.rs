@@ -75,11 +75,11 @@ fn xtables_mounted(r: &Rendered) -> bool {
     volume.is_some_and(|h| h.path == "/run/xtables.lock" && h.type_.as_deref() == Some("FileOrCreate"))
 }
 
-/// With --iptables: root with NET_ADMIN only (kube2iam's chart: privileged), the lock shared.
+/// With --iptables: root with NET_ADMIN and NET_RAW (legacy mode) only (kube2iam's chart: privileged), the lock shared.
 fn kube2iam_iptables(r: &Rendered) {
     let container = r.container("kube2iam");
     assert!(kube2iam_args(r).iptables);
-    assert_eq!(caps_added(container), ["NET_ADMIN"]);
+    assert_eq!(caps_added(container), ["NET_ADMIN", "NET_RAW"]);
     assert_eq!(run_as(container, None), Some(0));
     let sc = container.security_context.as_ref().expect("a security context");
     assert_eq!((sc.privileged, sc.allow_privilege_escalation), (None, Some(false)));

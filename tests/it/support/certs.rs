@@ -226,3 +226,18 @@ fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
     fs::write(&path, pem).expect("write a PEM file into the PKI temp dir");
     path
 }
+
+impl TestPki {
+    /// A leaf from the real CA with the given extended key usages (none: no EKU extension): a
+    /// server leaf (the server's names) when `server`, else an agent leaf (CN `kiam-agent`).
+    pub fn leaf_with_usages(
+        &self,
+        file_stem: &str,
+        server: bool,
+        ekus: &[ExtendedKeyUsagePurpose],
+    ) -> CertFiles {
+        let (cn, sans): (&str, &[&str]) =
+            if server { (SERVER_NAME, &[SERVER_NAME, "localhost", "127.0.0.1"]) } else { (AGENT_NAME, &[]) };
+        leaf(self.dir.path(), file_stem, &self.ca, cn, sans, ekus, &self.server.ca)
+    }
+}
