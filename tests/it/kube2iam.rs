@@ -149,9 +149,9 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
 }
 
 /// kube2iam mode in the test process, assembled as `kube2iam` assembles it, from `flags`.
-struct InProcess {
-    kube: FakeKube,
-    moto: Moto,
+pub(crate) struct InProcess {
+    pub(crate) kube: FakeKube,
+    pub(crate) moto: Moto,
     _imds: FakeImds,
     _pki: TestPki,
     url: String,
@@ -165,7 +165,7 @@ impl Drop for InProcess {
     }
 }
 
-async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
+pub(crate) async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
     kiam::install_crypto_provider();
     let (kube, moto, imds, pki) =
         (FakeKube::start().await, Moto::start().await, FakeImds::start().await, TestPki::new());
@@ -218,7 +218,7 @@ async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
     InProcess { kube, moto, _imds: imds, _pki: pki, url, metrics_url, shutdown }
 }
 
-async fn get(k: &InProcess, from: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(k: &InProcess, from: &str, path: &str) -> (u16, String) {
     let from = Some(from.parse::<IpAddr>().expect("ip"));
     let r = request("GET", &format!("{}{path}", k.url), &[], "", from).await.expect("answer");
     (r.status, r.body)
