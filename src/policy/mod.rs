@@ -5,6 +5,7 @@
 //! ARNs, and the namespace's `iam.amazonaws.com/permitted` expression must match that ARN. A
 //! namespace without the annotation permits nothing.
 
+pub mod access;
 pub mod kube2iam;
 pub mod node;
 pub mod paths;
