@@ -102,6 +102,7 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
         remove_at_exit: true,
         check_interval: Duration::from_secs(5),
         container: false,
+        connlimit: None,
     };
     let check = Arc::new(Interception::new(iptables::Command::with_program(node.iptables_program()), rules));
     let installed = || {

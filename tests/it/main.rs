@@ -27,6 +27,7 @@ mod lookup;
 mod metrics;
 mod netns_agent;
 mod netns_binary;
+mod netns_connlimit;
 mod netns_interception;
 mod netns_pod_token;
 mod node_view;
