@@ -153,9 +153,9 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
 pub(crate) struct InProcess {
     pub(crate) kube: FakeKube,
     pub(crate) moto: Moto,
-    _imds: FakeImds,
+    pub(crate) imds: FakeImds,
     _pki: TestPki,
-    url: String,
+    pub(crate) url: String,
     metrics_url: String,
     shutdown: CancellationToken,
 }
@@ -216,7 +216,7 @@ pub(crate) async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
             .expect("starts")
             .expect("running");
     std::mem::forget(running.agent);
-    InProcess { kube, moto, _imds: imds, _pki: pki, url, metrics_url, shutdown }
+    InProcess { kube, moto, imds, _pki: pki, url, metrics_url, shutdown }
 }
 
 pub(crate) async fn get(k: &InProcess, from: &str, path: &str) -> (u16, String) {
