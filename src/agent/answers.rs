@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use std::sync::Arc;
@@ -211,17 +211,11 @@ pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Respon
 }
 
 /// `/health`: 200 when the node's metadata service answers `instance-id` (with a token when
-/// the node requires one), and with `?deep` when a server answers too; 503 otherwise.
+/// the node requires one; the answer is reused for a second, see `instance_check`), and with
+/// `?deep` when a server answers too; 503 otherwise.
 pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result<Response, AgentError> {
     let unavailable = |what: String| AgentError::Unavailable(format!("metadata service: {what}"));
-    let upstream = agent
-        .upstream
-        .forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new())
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    if !upstream.status().is_success() {
-        return Err(unavailable(format!("instance-id answered {}", upstream.status())));
-    }
+    agent.upstream.instance_id().await.map_err(unavailable)?;
     let deep = query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("deep")));
     if deep {
         let message = with_budget(agent.pod_wait, || agent.backend.health())
@@ -258,13 +252,7 @@ pub async fn healthz<B>(agent: &Agent<B>) -> Result<Response, AgentError> {
             k.healthcheck_status.set(i64::from(up));
         }
     };
-    let answer =
-        agent.upstream.forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new()).await;
-    let instance = match answer {
-        Ok(r) if r.status().is_success() => axum::body::to_bytes(r.into_body(), 4096).await.ok(),
-        _ => None,
-    };
-    let Some(instance) = instance.and_then(|b| String::from_utf8(b.to_vec()).ok()) else {
+    let Ok(instance) = agent.upstream.instance_id().await else {
         status(false);
         return Err(AgentError::Internal("the metadata service did not answer instance-id".into()));
     };

@@ -16,6 +16,7 @@ pub mod documents;
 pub mod error;
 pub mod handlers;
 pub mod http;
+pub mod instance_check;
 pub mod iptables;
 pub mod proxy;
 pub mod remote;

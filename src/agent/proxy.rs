@@ -7,7 +7,8 @@
 //! The agent speaks IMDSv2 itself: it asks the node for a session token, keeps it until shortly
 //! before it expires, and asks again once if the node answers 401. A node that refuses tokens
 //! (IMDSv1 only, or an emulator without them) is asked without one, and asked again for a token
-//! a minute later.
+//! a minute later. The health checks' `instance-id` is cached briefly and asked once for all
+//! concurrent callers ([`super::instance_check`]).
 
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::instance_check::InstanceCheck;
 use super::token::{TOKEN_HEADER, TTL_HEADER};
 
 /// How long the upstream gets to answer.
@@ -74,6 +76,8 @@ pub struct Upstream {
     client: Client<HttpConnector, Empty<Bytes>>,
     authority: String,
     token: Mutex<TokenState>,
+    /// The health checks' `instance-id`, cached and single-flight.
+    instance: InstanceCheck,
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -120,7 +124,31 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Upstream { client, authority: authority.to_string(), token: Mutex::new(TokenState::Unknown) }
+        Upstream {
+            client,
+            authority: authority.to_string(),
+            token: Mutex::new(TokenState::Unknown),
+            instance: InstanceCheck::default(),
+        }
+    }
+
+    /// The instance ID, for the health checks: asked of the node at most once per
+    /// [`instance_check::TTL`](super::instance_check::TTL), concurrent callers sharing the call.
+    pub async fn instance_id(&self) -> Result<String, String> {
+        self.instance
+            .get(|| async {
+                let path = "/latest/meta-data/instance-id";
+                let answer =
+                    self.forward(&Method::GET, path, &HeaderMap::new()).await.map_err(|e| e.to_string())?;
+                if !answer.status().is_success() {
+                    return Err(format!("instance-id answered {}", answer.status()));
+                }
+                let body = axum::body::to_bytes(answer.into_body(), 4096).await.map_err(|e| e.to_string())?;
+                let id =
+                    String::from_utf8(body.to_vec()).map_err(|_| "instance-id is not UTF-8".to_string())?;
+                Ok(id.trim().to_string())
+            })
+            .await
     }
 
     /// Forwards a GET or HEAD for `path_and_query` with the caller's end-to-end headers.

@@ -65,6 +65,13 @@ pub struct AgentArgs {
     /// How often the DNAT rule is checked, and restored if something deleted it.
     #[arg(long, env = "KIAM_IPTABLES_CHECK_INTERVAL", default_value = "5s", value_parser = go_duration)]
     pub iptables_check_interval: Duration,
+    /// With --iptables, also have the kernel reset a new connection to --host:--port from a
+    /// source address that already holds this many (iptables connlimit, in a filter chain of
+    /// the agent's own jumped to first from INPUT), so that a flood from one pod is dropped
+    /// before it costs the agent a file descriptor. Off (0) by default; set it above the
+    /// agent's own per-source cap (64).
+    #[arg(long, env = "KIAM_IPTABLES_CONNLIMIT", default_value_t = 0)]
+    pub iptables_connlimit: u32,
     /// With --iptables, also send the container credentials endpoint (169.254.170.23:80, EKS
     /// Pod Identity's) to the agent, from pods and from the node itself (hostNetwork pods).
     /// Leave it off where EKS's own Pod Identity agent runs: it owns that address.
@@ -124,7 +131,10 @@ impl AgentArgs {
                 remove_at_exit: self.iptables_remove && !self.no_iptables_remove,
                 check_interval: self.iptables_check_interval,
                 container: self.container_endpoint,
+                connlimit: Some(self.iptables_connlimit).filter(|n| *n > 0),
             })
+        } else if self.iptables_connlimit > 0 {
+            return Err("--iptables-connlimit needs --iptables".into());
         } else {
             None
         };
@@ -203,5 +213,10 @@ mod tests {
         assert!(iface("eth0 -j ACCEPT").is_err());
         assert!(parse(&["--iptables", "--host", "::1"]).is_err_and(|e| e.contains("IPv4")));
         assert!(parse(&["--iptables-check-interval", "0s", "--iptables"]).is_err());
+        let limited = parse(&["--iptables", "--iptables-connlimit=128"]).expect("a limit");
+        assert_eq!(limited.iptables.expect("rules").connlimit, Some(128));
+        let unlimited = parse(&["--iptables"]).expect("no limit");
+        assert_eq!(unlimited.iptables.expect("rules").connlimit, None, "off by default");
+        assert!(parse(&["--iptables-connlimit=128"]).is_err_and(|e| e.contains("needs --iptables")));
     }
 }

@@ -136,6 +136,7 @@ pub fn denial_code(denial: &Denial) -> &'static str {
         Denial::NamespaceForbids { .. } => "namespace-forbids",
         Denial::SessionTags(_) => "session-tags-invalid",
         Denial::SessionPolicy(_) => "session-policy-invalid",
+        Denial::SessionPolicyCeiling { .. } => "session-policy-ceiling",
     }
 }
 
@@ -323,7 +324,10 @@ pub fn explain(
     };
     let session_name = role::session_name(pod.session_name.as_deref(), &settings.default_session);
     let from_annotation = pod.session_name.as_deref().is_some_and(|s| !s.trim().is_empty());
-    let extras = policy.session_extras(pod, namespace).unwrap_or_default();
+    // The server refuses a pod whose session extras STS would refuse (or that would lift its
+    // namespace's session policy), after the role decision: so does the verdict.
+    let extras_verdict = policy.session_extras(pod, namespace);
+    let extras = extras_verdict.clone().unwrap_or_default();
     let session_view = SessionView {
         name: session_name.clone(),
         source: if from_annotation { "annotation" } else { "--session" },
@@ -332,13 +336,15 @@ pub fn explain(
         policy: extras.1.clone(),
     };
     let (node_view, node_verdict) = node(&settings.node_binding, pod);
-    let policy_verdict = match &decision {
-        Ok(arn) => Verdict {
+    let policy_verdict = match (&decision, &extras_verdict) {
+        (Ok(arn), Ok(_)) => Verdict {
             allowed: true,
             code: "allowed",
             reason: format!("pod {} may assume {arn}", pod.qualified_name()),
         },
-        Err(d) => denied(denial_code(d), format!("pod {} is forbidden: {d}", pod.qualified_name())),
+        (Err(d), _) | (Ok(_), Err(d)) => {
+            denied(denial_code(d), format!("pod {} is forbidden: {d}", pod.qualified_name()))
+        }
     };
     let identity = resolved.and_then(Result::ok).map(|arn| Identity {
         role: arn,

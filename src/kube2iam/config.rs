@@ -121,7 +121,10 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             remove_at_exit: false,
             check_interval: Duration::from_secs(5),
             container: false,
+            connlimit: Some(args.iptables_connlimit).filter(|n| *n > 0),
         })
+    } else if args.iptables_connlimit > 0 {
+        return Err("--iptables-connlimit needs --iptables".into());
     } else {
         None
     };

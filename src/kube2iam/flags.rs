@@ -73,6 +73,10 @@ pub struct Kube2iamArgs {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub iptables: bool,
+    /// kiam-rs: with --iptables, reset a new connection to --host-ip:--app-port from a source
+    /// address that already holds this many (iptables connlimit); 0, the default, sets none.
+    #[arg(long, default_value_t = 0)]
+    pub iptables_connlimit: u32,
     /// Take the base ARN from the instance profile (over IMDSv2).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", value_parser = BoolishValueParser::new())]

@@ -5,6 +5,7 @@
 //! ARNs, and the namespace's `iam.amazonaws.com/permitted` expression must match that ARN. A
 //! namespace without the annotation permits nothing.
 
+pub mod access;
 pub mod kube2iam;
 pub mod node;
 pub mod paths;
@@ -67,6 +68,14 @@ pub enum Denial {
     /// The pod's (or its namespace's) session policy annotation is invalid.
     #[error("session policy: {0}")]
     SessionPolicy(String),
+    /// The pod has its own session policy, in a namespace whose session policy is a ceiling for
+    /// every pod in it ([`session::policy_for`] says why the two cannot be combined).
+    #[error(
+        "session policy: the pod has its own iam.amazonaws.com/session-policy, but namespace {namespace} \
+         sets one, a ceiling for every pod in it that no pod may replace or widen (STS would allow the \
+         union of the two): remove the pod's annotation"
+    )]
+    SessionPolicyCeiling { namespace: String },
 }
 
 /// What a denial adds when the expression can only match role names.
@@ -112,7 +121,12 @@ impl Policy {
             Some(settings) => settings.for_pod(pod).map_err(Denial::SessionTags)?,
             None => Vec::new(),
         };
-        let policy = session::policy_for(pod, namespace).map_err(Denial::SessionPolicy)?;
+        let policy = session::policy_for(pod, namespace).map_err(|error| match error {
+            session::PolicyError::Invalid(error) => Denial::SessionPolicy(error),
+            session::PolicyError::Ceiling => {
+                Denial::SessionPolicyCeiling { namespace: pod.namespace.clone() }
+            }
+        })?;
         Ok((tags, policy))
     }
 

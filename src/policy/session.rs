@@ -142,12 +142,33 @@ pub fn parse_policy(text: &str) -> Result<String, String> {
     Ok(minified)
 }
 
-/// The session policy for `pod`: its own annotation, else its namespace's; or why it is invalid.
-pub fn policy_for(pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Result<Option<String>, String> {
-    match pod.session_policy.as_ref().or_else(|| namespace.and_then(|n| n.session_policy.as_ref())) {
-        None => Ok(None),
-        Some(Ok(policy)) => Ok(Some(policy.clone())),
-        Some(Err(error)) => Err(error.clone()),
+/// Why a pod's session may carry no policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The pod's or the namespace's annotation is not a policy STS would take.
+    Invalid(String),
+    /// The pod brings its own policy into a namespace that sets one (a ceiling).
+    Ceiling,
+}
+
+/// The session policy for `pod`, or why it may have none.
+///
+/// A namespace's policy is a ceiling for every pod in it, so it always applies. STS intersects
+/// the role's permissions with the session policies, but its session policies (the one inline
+/// `Policy` and the managed `PolicyArns`) are not intersected with one another: an `Allow` in any
+/// of them counts. Sending the pod's policy beside the namespace's would therefore widen the
+/// ceiling to their union, and STS offers no way to intersect two documents. So a pod that
+/// brings its own policy into a namespace that sets one is refused ([`PolicyError::Ceiling`]:
+/// an Event and a 403), never served with one of the two silently dropped. A pod alone, or a
+/// namespace alone, sends its own; an invalid namespace policy refuses every pod of the
+/// namespace, whatever the pod says.
+pub fn policy_for(pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Result<Option<String>, PolicyError> {
+    match (pod.session_policy.as_ref(), namespace.and_then(|n| n.session_policy.as_ref())) {
+        (None, None) => Ok(None),
+        (_, Some(Err(error))) => Err(PolicyError::Invalid(format!("the namespace's {error}"))),
+        (Some(_), Some(Ok(_))) => Err(PolicyError::Ceiling),
+        (None, Some(Ok(policy))) | (Some(Ok(policy)), None) => Ok(Some(policy.clone())),
+        (Some(Err(error)), None) => Err(PolicyError::Invalid(error.clone())),
     }
 }
 
@@ -193,5 +214,38 @@ mod tests {
         assert!(parse_policy("{").is_err());
         let big = format!(r#"{{"Sid":"{}"}}"#, "x".repeat(MAX_POLICY));
         assert!(parse_policy(&big).is_err());
+    }
+
+    #[test]
+    fn the_namespace_policy_is_a_ceiling_a_pod_cannot_replace() {
+        let narrow = r#"{"Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#;
+        let wide = r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+        let ns = |policy: Option<Result<String, String>>| NamespaceFacts {
+            name: "team-a".into(),
+            session_policy: policy,
+            ..NamespaceFacts::default()
+        };
+        let pod = |policy: Option<Result<String, String>>| PodFacts {
+            session_policy: policy,
+            ..PodFacts::test("team-a", "web", "10.0.0.5", Some("r"))
+        };
+        let ok = |p: &str| Some(Ok(p.to_string()));
+        let bad = Some(Err("session policy is not JSON".to_string()));
+        assert_eq!(policy_for(&pod(None), Some(&ns(None))), Ok(None));
+        assert_eq!(policy_for(&pod(None), None), Ok(None));
+        assert_eq!(policy_for(&pod(ok(narrow)), Some(&ns(None))), Ok(Some(narrow.into())));
+        assert_eq!(policy_for(&pod(None), Some(&ns(ok(narrow)))), Ok(Some(narrow.into())));
+        // The attack: a pod's own policy must not replace (or widen) the namespace's.
+        assert_eq!(policy_for(&pod(ok(wide)), Some(&ns(ok(narrow)))), Err(PolicyError::Ceiling));
+        assert_eq!(
+            policy_for(&pod(ok(narrow)), Some(&ns(ok(narrow)))),
+            Err(PolicyError::Ceiling),
+            "even an equal one"
+        );
+        assert_eq!(policy_for(&pod(bad.clone()), Some(&ns(ok(narrow)))), Err(PolicyError::Ceiling));
+        // An invalid namespace policy refuses every pod, a pod's valid policy included.
+        assert!(policy_for(&pod(ok(wide)), Some(&ns(bad.clone()))).is_err());
+        assert!(policy_for(&pod(None), Some(&ns(bad.clone()))).is_err());
+        assert!(policy_for(&pod(bad), Some(&ns(None))).is_err());
     }
 }

@@ -15,12 +15,13 @@ use std::time::{Duration, SystemTime};
 
 use tonic::{Request, Response, Status};
 
+use super::access::{Grant, authorize};
 use super::core::Core;
 use crate::creds::cache::EntryState;
 use crate::creds::{Identity, time};
 use crate::model::RoleArn;
 use crate::pb::debug::{CacheStateReply, CacheStateRequest, debug_server};
-use crate::policy::NodeDenial;
+use crate::policy::access::{Refusal, Rpc};
 
 /// The `Debug` service over a server's [`Core`].
 pub struct DebugService<A> {
@@ -37,23 +38,15 @@ impl<A> DebugService<A> {
 }
 
 impl<A: crate::creds::AssumeRole> DebugService<A> {
-    /// Whether the holder of `leaf` may ask about `identity`.
-    fn authorise(&self, leaf: Option<&[u8]>, identity: &Identity) -> Result<(), Status> {
-        let Some(leaf) = leaf.filter(|leaf| crate::tls::x509::is_debug(leaf)) else {
-            return Err(Status::permission_denied(format!(
-                "the Debug service needs a certificate with the debug role ({})",
-                crate::tls::x509::DEBUG_ROLE_URI
-            )));
-        };
-        if !self.node_binding {
+    /// Whether a caller granted cache state on `node` (any node: `None`) may ask about
+    /// `identity`.
+    fn authorise(&self, node: Option<&str>, identity: &Identity) -> Result<(), Status> {
+        let Some(node) = node else {
             return Ok(());
-        }
-        let Some(node) = crate::tls::x509::node_name(leaf) else {
-            return Err(Status::permission_denied(NodeDenial::Unnamed.to_string()));
         };
         let mut used_on_node = false;
         self.core.cluster().for_each_live_pod(|pod| {
-            used_on_node |= pod.node_name.as_deref() == Some(node.as_str())
+            used_on_node |= pod.node_name.as_deref() == Some(node)
                 && pod.role.as_deref().and_then(|role| self.core.identity_for(pod, role).ok()).as_ref()
                     == Some(identity);
         });
@@ -112,10 +105,13 @@ impl<A: crate::creds::AssumeRole> debug_server::Debug for DebugService<A> {
         &self,
         request: Request<CacheStateRequest>,
     ) -> Result<Response<CacheStateReply>, Status> {
-        let certs = request.peer_certs();
-        let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+        let grant = authorize(&request, Rpc::CacheState, self.node_binding, None).await;
+        let node = match grant.map_err(|denied| Status::permission_denied(denied.detail))? {
+            Grant::CacheState(node) => node,
+            _ => return Err(Status::permission_denied(Refusal::NotDebug.text())),
+        };
         let identity = identity(request.get_ref().clone())?;
-        self.authorise(leaf, &identity)?;
+        self.authorise(node.as_deref(), &identity)?;
         let state = self.core.cache().state(&identity);
         tracing::debug!(
             role = %identity.role,

@@ -117,6 +117,11 @@ impl Identities {
         {
             return Ok(node);
         }
+        self.token_node(request).await
+    }
+
+    /// The node the caller's bearer token proves, whatever its certificate says.
+    pub async fn token_node<T>(&self, request: &Request<T>) -> Result<String, String> {
         let token = request
             .metadata()
             .get("authorization")

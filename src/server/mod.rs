@@ -4,6 +4,7 @@
 //! [`assemble`] builds and starts a server from a validated [`Config`] and its [`Deps`]; `main`
 //! and the integration tests both use it, so the tests run the wiring that production runs.
 
+pub mod access;
 pub mod config;
 pub mod core;
 pub mod debug;
@@ -205,10 +206,16 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     let debug = debug::DebugService::new(Arc::clone(&core), settings.node_binding);
     let service =
         service::KiamService::new(Arc::clone(&core), settings.node_binding, Arc::clone(&identities));
-    let view = settings
-        .node_view
-        .then(|| NodeViewService::new(Arc::clone(&core), hub, Arc::clone(&identities), shutdown.clone()));
-    let tokens = token_service::PodTokenService::new(Arc::clone(&core), identities);
+    let view = settings.node_view.then(|| {
+        NodeViewService::new(
+            Arc::clone(&core),
+            hub,
+            Arc::clone(&identities),
+            settings.node_binding,
+            shutdown.clone(),
+        )
+    });
+    let tokens = token_service::PodTokenService::new(Arc::clone(&core), identities, settings.node_binding);
     let services = grpc::Services { kiam: service, debug, view, tokens };
     let grpc_settings = config.grpc.clone();
     let task =

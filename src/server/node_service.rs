@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::access::authorize;
 use super::core::{Ask, Core, parse_ip};
 use super::identity::Identities;
 use super::service::{Rpc, pod_wait, status};
@@ -19,6 +20,7 @@ use super::view::{self, Hub, Outgoing};
 use crate::creds::AssumeRole;
 use crate::pb::node::{self as pb, agent_message};
 use crate::policy::Caller;
+use crate::policy::access;
 
 /// Messages a slow agent may have waiting before its subscriber task waits for it.
 const STREAM_BUFFER: usize = 64;
@@ -51,28 +53,30 @@ pub struct NodeViewService<A> {
     core: Arc<Core<A>>,
     hub: Arc<Hub>,
     identities: Arc<Identities>,
+    node_binding: bool,
     limiter: Limiter,
     shutdown: CancellationToken,
 }
 
 impl<A> NodeViewService<A> {
-    /// Serves `core`'s view through `hub` until `shutdown`.
+    /// Serves `core`'s view through `hub` until `shutdown` (`node_binding` as the server's;
+    /// the view is bound to the proven node either way).
     pub fn new(
         core: Arc<Core<A>>,
         hub: Arc<Hub>,
         identities: Arc<Identities>,
+        node_binding: bool,
         shutdown: CancellationToken,
     ) -> Self {
-        NodeViewService { core, hub, identities, limiter: Limiter::default(), shutdown }
+        NodeViewService { core, hub, identities, node_binding, limiter: Limiter::default(), shutdown }
     }
 
     async fn node<T>(&self, request: &Request<T>, watch: bool) -> Result<String, Status> {
-        // A debug certificate (`urn:kiam:role:debug`) may read cache state, never pods' views.
-        let certs = request.peer_certs();
-        if certs.as_ref().and_then(|c| c.first()).is_some_and(|leaf| crate::tls::x509::is_debug(leaf)) {
-            return Err(Status::permission_denied("a debug certificate may not follow a node view"));
-        }
-        let node = self.identities.node(request).await.map_err(Status::unauthenticated)?;
+        let rpc = if watch { access::Rpc::ViewWatch } else { access::Rpc::ViewCredentials };
+        let grant = authorize(request, rpc, self.node_binding, Some(&self.identities)).await;
+        let grant = grant.map_err(|denied| denied.status())?;
+        // The table grants the node view only bound to a proven node.
+        let node = grant.node().ok_or_else(|| Status::permission_denied("no node proven"))?.to_string();
         let per_second = if watch { WATCHES_PER_SECOND } else { CREDENTIALS_PER_SECOND };
         if !self.limiter.allow(&node, watch, per_second) {
             return Err(Status::resource_exhausted(format!("node {node} is over its rate")));

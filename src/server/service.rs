@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 
+use super::access::{Denied, Grant, authorize};
 use super::core::{Ask, Core, Error, parse_ip};
 use super::identity::Identities;
 use crate::creds::{AssumeRole, StsErrorKind};
 use crate::pb;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
-use crate::policy::Caller;
+use crate::policy::{NodeDenial, access};
 
 /// Which RPC an error came from: kiam spelled "pod not found" differently in each.
 #[derive(Clone, Copy)]
@@ -95,28 +96,29 @@ impl<A> KiamService<A> {
         KiamService { core, node_binding, identities }
     }
 
-    /// Who asks, as node binding sees it.
-    async fn caller<T>(&self, request: &Request<T>) -> Caller {
-        if !self.node_binding {
-            return Caller::Any;
-        }
-        match self.identities.node(request).await {
-            Ok(node) => Caller::Node(node),
-            Err(error) => {
-                tracing::info!(%error, "node binding: the caller proves no node");
-                Caller::Unnamed
+    /// The request's IP, caller and wait, as the authorization table grants `rpc` to the
+    /// caller; or the status that refuses it.
+    async fn ask<T>(
+        &self,
+        request: &Request<T>,
+        ip: &str,
+        rpc: access::Rpc,
+        kind: Rpc,
+    ) -> Result<Ask, Status> {
+        let caller = match authorize(request, rpc, self.node_binding, Some(&self.identities)).await {
+            Ok(Grant::Pods(caller)) => caller,
+            Ok(_) => return Err(Status::permission_denied(access::Refusal::Debug.text())),
+            // kiam's texts and codes for the refusals KiamService always had.
+            Err(Denied { refusal: access::Refusal::Debug, .. }) => {
+                return Err(status(&Error::DebugCertificate, kind));
             }
-        }
-    }
-
-    /// The request's IP, caller and wait, or why the IP is not one (or the caller may not ask).
-    async fn ask<T>(&self, request: &Request<T>, ip: &str) -> Result<Ask, Error> {
-        let certs = request.peer_certs();
-        if certs.as_ref().and_then(|c| c.first()).is_some_and(|leaf| crate::tls::x509::is_debug(leaf)) {
-            return Err(Error::DebugCertificate);
-        }
-        let ip = parse_ip(ip)?;
-        Ok(Ask::new(ip, self.caller(request).await, pod_wait(request)))
+            Err(Denied { refusal: access::Refusal::NoNode, .. }) => {
+                return Err(status(&Error::Node(NodeDenial::Unnamed), kind));
+            }
+            Err(denied) => return Err(Status::permission_denied(denied.detail)),
+        };
+        let ip = parse_ip(ip).map_err(|err| status(&err, kind))?;
+        Ok(Ask::new(ip, caller, pod_wait(request)))
     }
 }
 
@@ -132,10 +134,10 @@ impl<A: AssumeRole> KiamService<A> {
     ) -> Result<Response<pb::Role>, Status> {
         let started = Instant::now();
         let ip = request.get_ref().ip.clone();
-        let result = match self.ask(&request, &ip).await {
-            Ok(ask) => self.core.pod_role(&ask).await,
-            Err(err) => Err(err),
-        };
+        let ask = self.ask(&request, &ip, access::Rpc::GetPodRole, Rpc::Role).await;
+        let ask =
+            ask.inspect_err(|s| tracing::info!(pod.ip = %ip, error = %s.message(), "GetPodRole refused"))?;
+        let result = self.core.pod_role(&ask).await;
         match result {
             Ok((pod, role)) => {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
@@ -156,10 +158,11 @@ impl<A: AssumeRole> KiamService<A> {
     ) -> Result<Response<pb::Credentials>, Status> {
         let started = Instant::now();
         let pb::GetPodCredentialsRequest { ip, role } = request.get_ref().clone();
-        let result = match self.ask(&request, &ip).await {
-            Ok(ask) => self.core.pod_credentials(&ask, &role).await,
-            Err(err) => Err(err),
-        };
+        let ask = self.ask(&request, &ip, access::Rpc::GetPodCredentials, Rpc::Credentials).await;
+        let ask = ask.inspect_err(
+            |s| tracing::info!(pod.ip = %ip, error = %s.message(), "GetPodCredentials refused"),
+        )?;
+        let result = self.core.pod_credentials(&ask, &role).await;
         let duration_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok((pod, creds)) => {
@@ -180,8 +183,10 @@ impl<A: AssumeRole> KiamService<A> {
 
     async fn health_rpc(
         &self,
-        _: Request<pb::GetHealthRequest>,
+        request: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::HealthStatus>, Status> {
+        let grant = authorize(&request, access::Rpc::GetHealth, self.node_binding, None).await;
+        grant.map_err(|denied| denied.status())?;
         Ok(Response::new(pb::HealthStatus { message: "ok".into() }))
     }
 }

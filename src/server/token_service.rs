@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::access::{Grant, authorize};
 use super::core::{Core, TokenAsk};
 use super::identity::Identities;
 use super::pod_token::TokenRefusal;
@@ -16,17 +17,20 @@ use crate::creds::AssumeRole;
 use crate::creds::wire::token_reply;
 use crate::pb::token as pb;
 use crate::policy::Caller;
+use crate::policy::access;
 
 /// The service over a server's core.
 pub struct PodTokenService<A> {
     core: Arc<Core<A>>,
     identities: Arc<Identities>,
+    node_binding: bool,
 }
 
 impl<A> PodTokenService<A> {
-    /// Answers from `core` for agents proven by `identities`.
-    pub fn new(core: Arc<Core<A>>, identities: Arc<Identities>) -> Self {
-        PodTokenService { core, identities }
+    /// Answers from `core` for agents proven by `identities` (`node_binding` as the server's; a
+    /// token's pod must be on the proven node either way).
+    pub fn new(core: Arc<Core<A>>, identities: Arc<Identities>, node_binding: bool) -> Self {
+        PodTokenService { core, identities, node_binding }
     }
 }
 
@@ -46,7 +50,14 @@ impl<A: AssumeRole> pb::pod_tokens_server::PodTokens for PodTokenService<A> {
         &self,
         request: Request<pb::TokenCredentialsRequest>,
     ) -> Result<Response<pb::TokenCredentialsReply>, Status> {
-        let node = self.identities.node(&request).await.map_err(Status::unauthenticated)?;
+        let grant =
+            authorize(&request, access::Rpc::TokenCredentials, self.node_binding, Some(&self.identities))
+                .await;
+        // The table grants tokens only bound to a proven node: never to a debug certificate.
+        let node = match grant.map_err(|denied| denied.status())? {
+            Grant::Pods(Caller::Node(node)) => node,
+            _ => return Err(Status::permission_denied("no node proven")),
+        };
         let wait = pod_wait(&request);
         let token = request.into_inner().token;
         let verifier = self.identities.pod_tokens().ok_or_else(|| refusal(&TokenRefusal::Unsupported))?;

@@ -14,6 +14,8 @@ pub const NODE_URI_PREFIX: &str = "urn:kiam:node:";
 /// --server-address`). The server answers such a certificate only there, and refuses it on
 /// `KiamService`'s pod RPCs; agents' certificates, without it, may not use `Debug`.
 pub const DEBUG_ROLE_URI: &str = "urn:kiam:role:debug";
+/// The URI SAN prefix of every role; a role other than [`DEBUG_ROLE_URI`] is refused everywhere.
+pub const ROLE_URI_PREFIX: &str = "urn:kiam:role:";
 
 /// One DER element: tag, contents, and what follows it.
 fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -97,6 +99,12 @@ pub fn node_name(cert: &[u8]) -> Option<String> {
 /// Whether the certificate carries the debug role ([`DEBUG_ROLE_URI`]).
 pub fn is_debug(cert: &[u8]) -> bool {
     uri_sans(cert).iter().any(|u| u == DEBUG_ROLE_URI)
+}
+
+/// Whether the certificate carries a role other than the debug one: the server knows no other,
+/// and gives such a certificate nothing rather than guess what it was meant for.
+pub fn has_unknown_role(cert: &[u8]) -> bool {
+    uri_sans(cert).iter().any(|u| u.starts_with(ROLE_URI_PREFIX) && u != DEBUG_ROLE_URI)
 }
 
 /// Seconds since the epoch, for gauges.

@@ -242,3 +242,44 @@ async fn a_remembered_role_never_serves_a_reused_ip_the_old_pods_credentials() {
     assert_ne!(r.status, 200, "{}", r.body);
     assert_no_credentials(&r);
 }
+
+/// How many times `imds` was asked for the instance ID (the health checks' question).
+fn instance_id_calls(imds: &FakeImds) -> usize {
+    imds.requests().iter().filter(|r| r.method == "GET" && r.path == "/latest/meta-data/instance-id").count()
+}
+
+/// Concurrent, then sequential, `url`s: all must answer 200. Returns how long they took.
+async fn health_burst(url: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let burst = (0..40).map(|_| request("GET", url, &[], "", None));
+    for r in futures::future::join_all(burst).await {
+        let r = r.expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for _ in 0..20 {
+        let r = request("GET", url, &[], "", None).await.expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    started.elapsed()
+}
+
+/// A pod spamming `/health` (or kube2iam mode's `/healthz`) used to cost the node's metadata
+/// service one call each, which EC2 throttles per instance for the CNI and kubelet too. The
+/// check is asked at most once per second (`instance_check::TTL`), concurrent callers sharing
+/// one call: 60 requests within the window make one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_asks_the_node_once_per_second_whatever_the_callers() {
+    let stack = Stack::start().await;
+    let node = FakeImds::start().await;
+    let agent = TestAgent::on_loopback(&stack, node.addr(), |_| ()).await;
+    let took = health_burst(&format!("{}/health", agent.url())).await;
+    let calls = instance_id_calls(&node);
+    // One call per second at most (the bound allows for a slow machine; unbounded, it was 60).
+    assert!(calls >= 1 && calls as u64 <= 1 + took.as_secs(), "{calls} calls in {took:?}");
+
+    let k = crate::kube2iam::start(&["--base-role-arn=arn:aws:iam::123456789012:role/"], vec![]).await;
+    let before = instance_id_calls(&k.imds);
+    let took = health_burst(&format!("{}/healthz", k.url)).await;
+    let calls = instance_id_calls(&k.imds) - before;
+    assert!(calls as u64 <= 1 + took.as_secs(), "kube2iam mode: {calls} calls in {took:?}");
+}

@@ -102,6 +102,7 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
         remove_at_exit: true,
         check_interval: Duration::from_secs(5),
         container: false,
+        connlimit: None,
     };
     let check = Arc::new(Interception::new(iptables::Command::with_program(node.iptables_program()), rules));
     let installed = || {
@@ -149,12 +150,12 @@ async fn the_readme_daemonset_serves_sdks_in_pods_through_its_iptables_rule() {
 }
 
 /// kube2iam mode in the test process, assembled as `kube2iam` assembles it, from `flags`.
-struct InProcess {
-    kube: FakeKube,
-    moto: Moto,
-    _imds: FakeImds,
+pub(crate) struct InProcess {
+    pub(crate) kube: FakeKube,
+    pub(crate) moto: Moto,
+    pub(crate) imds: FakeImds,
     _pki: TestPki,
-    url: String,
+    pub(crate) url: String,
     metrics_url: String,
     shutdown: CancellationToken,
 }
@@ -165,7 +166,7 @@ impl Drop for InProcess {
     }
 }
 
-async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
+pub(crate) async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
     kiam::install_crypto_provider();
     let (kube, moto, imds, pki) =
         (FakeKube::start().await, Moto::start().await, FakeImds::start().await, TestPki::new());
@@ -215,10 +216,10 @@ async fn start(flags: &[&str], objects: Vec<Value>) -> InProcess {
             .expect("starts")
             .expect("running");
     std::mem::forget(running.agent);
-    InProcess { kube, moto, _imds: imds, _pki: pki, url, metrics_url, shutdown }
+    InProcess { kube, moto, imds, _pki: pki, url, metrics_url, shutdown }
 }
 
-async fn get(k: &InProcess, from: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(k: &InProcess, from: &str, path: &str) -> (u16, String) {
     let from = Some(from.parse::<IpAddr>().expect("ip"));
     let r = request("GET", &format!("{}{path}", k.url), &[], "", from).await.expect("answer");
     (r.status, r.body)

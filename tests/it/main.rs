@@ -4,6 +4,7 @@
 //! API server that follows the list/watch protocol, a fake upstream metadata service, test
 //! certificates, pod network namespaces and the real AWS SDKs as pod-side clients.
 
+mod access;
 mod agent;
 mod agent_hostile;
 mod architecture;
@@ -29,6 +30,7 @@ mod metrics;
 mod monitoring;
 mod netns_agent;
 mod netns_binary;
+mod netns_connlimit;
 mod netns_interception;
 mod netns_pod_token;
 mod node_view;

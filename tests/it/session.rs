@@ -1,9 +1,11 @@
 //! What sessions carry besides their role, as STS (moto's recorder) received it: session tags
 //! with EKS Pod Identity's keys, marked transitive; inline session policies; one STS call per
-//! identity with and without per-pod tags; and refusals turned into Events and denials.
+//! identity with and without per-pod tags; refusals turned into Events and denials; and a
+//! namespace's session policy as a ceiling no pod of it can lift (kiam and kube2iam modes).
 
 use std::time::Duration;
 
+use crate::support::http::get;
 use crate::support::moto::AssumeRoleCall;
 use crate::support::objects::{namespace, pod};
 use crate::support::process::kiam_explain;
@@ -144,4 +146,125 @@ async fn explain_shows_tags_and_the_session_policy() {
         serde_json::json!([["kubernetes-namespace", "ns"], ["kubernetes-pod-name", "web"]])
     );
     assert!(json["session"]["policy"].as_str().is_some_and(|p| p.contains("s3:GetObject")), "{json}");
+}
+
+/// What a pod that may create pods in a namespace would bring to lift the namespace's ceiling.
+const WIDE: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/app";
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).expect("JSON")
+}
+
+/// Every call STS received for a pod of `namespace` (by the namespace tag) carried exactly the
+/// namespace's policy, and none was made for `refused`.
+fn assert_ceiling_held(calls: &[AssumeRoleCall], namespace: &str, refused: &str) {
+    let tagged =
+        |c: &AssumeRoleCall, key: &str, value: &str| c.tags.iter().any(|(k, v)| k == key && v == value);
+    let ours: Vec<_> = calls.iter().filter(|c| tagged(c, "kubernetes-namespace", namespace)).collect();
+    assert!(!ours.is_empty(), "the ceiling's plain pod was served: {calls:?}");
+    for call in ours {
+        let sent = call.policy.as_deref().map(json);
+        assert_eq!(sent, Some(json(POLICY)), "a call without the namespace's policy: {call:?}");
+    }
+    assert!(!calls.iter().any(|c| tagged(c, "kubernetes-pod-name", refused)), "{calls:?}");
+}
+
+/// The attack: whoever may create pods in a namespace whose `session-policy` narrows every pod
+/// annotates a pod with its own `Allow *`. It used to replace the namespace's policy. The pod is
+/// refused (403 to the pod, an Event, `kiam explain` says why), its neighbour keeps the ceiling,
+/// and STS never receives a call for the namespace without the namespace's policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_cannot_lift_its_namespaces_session_policy() {
+    let flags = vec!["--session-tags=kubernetes-namespace,kubernetes-pod-name"];
+    // The agent waits for moto's first answers (300 ms by default in tests).
+    let pod_wait = Duration::from_secs(5);
+    let stack = Stack::start_with(Options { server_flags: flags, pod_wait, ..Options::default() }).await;
+    stack.moto.start_recording().await;
+    let ceiling = namespace("ceiling").permitted(".*").annotation("iam.amazonaws.com/session-policy", POLICY);
+    stack.kube.apply(ceiling.build());
+    stack.kube.apply(namespace("free").permitted(".*").build());
+    let with_policy = |ns: &str, name: &str, ip: &str| {
+        pod(ns, name).ip(ip).role("app").annotation("iam.amazonaws.com/session-policy", WIDE).build()
+    };
+    stack.kube.apply(pod("ceiling", "plain").ip("127.0.0.225").role("app").build());
+    stack.kube.apply(with_policy("ceiling", "lifter", "127.0.0.226"));
+    stack.kube.apply(with_policy("free", "own", "127.0.0.227"));
+    let agent = stack.agent_url(std::net::Ipv4Addr::LOCALHOST);
+    for ip in ["127.0.0.225", "127.0.0.226", "127.0.0.227"] {
+        stack.wait_for_pod(ip.parse().expect("ip")).await;
+    }
+    let from = |ip: &str| Some(ip.parse().expect("ip"));
+    let lifter = get(&format!("{agent}{CREDS}"), from("127.0.0.226")).await.expect("an answer");
+    assert_eq!(lifter.status, 403, "{}", lifter.body);
+    assert!(!lifter.body.contains("AccessKeyId"), "{}", lifter.body);
+    let plain = get(&format!("{agent}{CREDS}"), from("127.0.0.225")).await.expect("an answer");
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    // Without a namespace policy, a pod's own still narrows its own session.
+    let own = get(&format!("{agent}{CREDS}"), from("127.0.0.227")).await.expect("an answer");
+    assert_eq!(own.status, 200, "{}", own.body);
+    let refused = ask(&stack, "127.0.0.226", "app").await.expect_err("refused by the server too");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let calls = stack.wait_for_sts_calls(2).await;
+    assert_ceiling_held(&calls, "ceiling", "lifter");
+    let own = calls.iter().find(|c| c.tags.iter().any(|(_, v)| v == "own")).expect("own's call");
+    assert_eq!(own.policy.as_deref().map(json), Some(json(WIDE)));
+    let note = || async {
+        let events = stack.kube.events();
+        events.into_iter().find(|e| {
+            e["reason"] == "KiamRoleForbidden"
+                && e["regarding"]["name"] == "lifter"
+                && e["note"].as_str().is_some_and(|n| n.contains("namespace ceiling sets one"))
+        })
+    };
+    eventually("an Event on the refused pod", Duration::from_secs(10), note).await;
+    // The prefetcher and the refresher work from the same decision: still nothing without it.
+    assert_ceiling_held(&stack.moto.recorded_assume_roles().await, "ceiling", "lifter");
+}
+
+/// `kiam explain` shows the refusal and its reason.
+#[tokio::test]
+async fn explain_shows_the_session_policy_ceiling() {
+    let dir = tempfile::tempdir().expect("dir");
+    let manifest = dir.path().join("m.yaml");
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns\n  annotations:\n    iam.amazonaws.com/permitted: '.*'\n    iam.amazonaws.com/session-policy: '{}'\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: ns\n  annotations:\n    iam.amazonaws.com/role: app\n    iam.amazonaws.com/session-policy: '{}'\nspec:\n  containers: [{{name: c}}]\nstatus:\n  podIP: 10.0.0.1\n  phase: Running\n",
+        POLICY.replace('\'', "''"),
+        WIDE.replace('\'', "''"),
+    );
+    std::fs::write(&manifest, text).expect("manifest");
+    let manifest = manifest.to_str().expect("utf-8 path");
+    let flags = ["-f", manifest, "--role-base-arn", "arn:aws:iam::123456789012:role/"];
+    let json = kiam_explain(&[&flags[..], &["-o", "json", "ns/web"]].concat()).await.json();
+    assert_eq!(json["verdict"]["allowed"], false, "{json}");
+    assert_eq!(json["verdict"]["code"], "session-policy-ceiling", "{json}");
+    assert!(
+        json["verdict"]["reason"].as_str().is_some_and(|r| r.contains("namespace ns sets one")),
+        "{json}"
+    );
+    let text = kiam_explain(&[&flags[..], &["ns/web"]].concat()).await;
+    assert!(text.stdout.contains("DENIED (session-policy-ceiling)"), "{}", text.stdout);
+}
+
+/// kube2iam mode reads the same annotations and decides with the same code: the same ceiling.
+#[tokio::test(flavor = "multi_thread")]
+async fn kube2iam_mode_keeps_the_namespace_session_policy() {
+    let objects = vec![
+        namespace("ceiling").annotation("iam.amazonaws.com/session-policy", POLICY).build(),
+        pod("ceiling", "plain").ip("127.0.0.228").role("app").build(),
+        pod("ceiling", "lifter")
+            .ip("127.0.0.229")
+            .role("app")
+            .annotation("iam.amazonaws.com/session-policy", WIDE)
+            .build(),
+    ];
+    let k = crate::kube2iam::start(&["--base-role-arn=arn:aws:iam::123456789012:role/"], objects).await;
+    assert_eq!(crate::kube2iam::get(&k, "127.0.0.229", CREDS).await.0, 403);
+    assert_eq!(crate::kube2iam::get(&k, "127.0.0.228", CREDS).await.0, 200);
+    let calls = k.moto.recorded_assume_roles().await;
+    assert!(!calls.is_empty(), "the plain pod's call");
+    for call in &calls {
+        assert_eq!(call.policy.as_deref().map(json), Some(json(POLICY)), "{call:?}");
+    }
 }

@@ -1,4 +1,4 @@
-//! A [`Runner`] that keeps a `nat` table per family in memory and records every command, for
+//! A [`Runner`] that keeps a `nat` and a `filter` table per family in memory and records every command, for
 //! unit tests of the rule logic without root. It understands the commands the logic uses
 //! (`-S`, `-N`, `-C`, `-I`, `-A`, `-D` by rule or number, `-F`, `-X`) with iptables' exit
 //! semantics, and records `conntrack` calls apart.
@@ -19,6 +19,9 @@ type Table = BTreeMap<String, Vec<Vec<String>>>;
 struct State {
     chains: Table,
     chains6: Table,
+    /// The `filter` tables (IPv4, IPv6).
+    filter: Table,
+    filter6: Table,
     log: Vec<Vec<String>>,
     conntrack: Vec<Vec<String>>,
     fail: bool,
@@ -28,7 +31,16 @@ impl Default for State {
     fn default() -> State {
         let chains =
             BTreeMap::from([("PREROUTING".to_string(), Vec::new()), ("OUTPUT".to_string(), Vec::new())]);
-        State { chains6: chains.clone(), chains, log: Vec::new(), conntrack: Vec::new(), fail: false }
+        let filter = BTreeMap::from([("INPUT".to_string(), Vec::new())]);
+        State {
+            chains6: chains.clone(),
+            chains,
+            filter6: filter.clone(),
+            filter,
+            log: Vec::new(),
+            conntrack: Vec::new(),
+            fail: false,
+        }
     }
 }
 
@@ -49,6 +61,11 @@ impl FakeIptables {
     /// The IPv6 rules of `chain`, `None` if it does not exist.
     pub fn chain6(&self, chain: &str) -> Option<Vec<Vec<String>>> {
         self.state().chains6.get(chain).cloned()
+    }
+
+    /// The rules of `chain` in the IPv4 `filter` table, `None` if it does not exist.
+    pub fn filter_chain(&self, chain: &str) -> Option<Vec<Vec<String>>> {
+        self.state().filter.get(chain).cloned()
     }
 
     /// Every `conntrack` command run so far.
@@ -114,6 +131,14 @@ impl Runner for FakeIptables {
             Tool::Ip6tables => {
                 state.log.push(args.to_vec());
                 &mut state.chains6
+            }
+            Tool::IptablesFilter => {
+                state.log.push(args.to_vec());
+                &mut state.filter
+            }
+            Tool::Ip6tablesFilter => {
+                state.log.push(args.to_vec());
+                &mut state.filter6
             }
         };
         Ok(apply(table, args))

@@ -123,6 +123,9 @@ impl<R: Runner> Family<'_, R> {
     /// Deletes the tracked flows to the metadata address. Best effort: a failure is logged,
     /// since the rules themselves are in place and new connections are intercepted.
     pub async fn flush_flows(&self) {
+        if self.rules.table == super::rules::Table::Filter {
+            return; // the connection limit intercepts nothing
+        }
         match self.runner.run(Tool::Conntrack, &self.rules.flush()).await {
             // conntrack exits 1 when there was nothing to delete.
             Ok(outcome) if outcome.success || outcome.stderr.contains("0 flow entries") => {

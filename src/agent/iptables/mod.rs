@@ -64,7 +64,7 @@ pub enum IptablesError {
     Failed { args: String, stderr: String },
 }
 
-/// The programs the rules are kept with.
+/// The programs (and tables) the rules are kept with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tool {
     /// `iptables -w -t nat`.
@@ -73,6 +73,22 @@ pub enum Tool {
     Ip6tables,
     /// `conntrack`.
     Conntrack,
+    /// `iptables -w -t filter` (the connection limit).
+    IptablesFilter,
+    /// `ip6tables -w -t filter`.
+    Ip6tablesFilter,
+}
+
+impl Tool {
+    /// The tool for `rules` of one address family (`ipv6`).
+    fn for_rules(rules: &Rules, ipv6: bool) -> Tool {
+        match (rules.table, ipv6) {
+            (rules::Table::Nat, false) => Tool::Iptables,
+            (rules::Table::Nat, true) => Tool::Ip6tables,
+            (rules::Table::Filter, false) => Tool::IptablesFilter,
+            (rules::Table::Filter, true) => Tool::Ip6tablesFilter,
+        }
+    }
 }
 
 /// Runs one command. The seam between the rule logic and the system.
@@ -110,8 +126,8 @@ impl Command {
 
     fn program(&self, tool: Tool) -> String {
         match tool {
-            Tool::Iptables => self.iptables.clone(),
-            Tool::Ip6tables => self.iptables.replacen("iptables", "ip6tables", 1),
+            Tool::Iptables | Tool::IptablesFilter => self.iptables.clone(),
+            Tool::Ip6tables | Tool::Ip6tablesFilter => self.iptables.replacen("iptables", "ip6tables", 1),
             Tool::Conntrack => "conntrack".into(),
         }
     }
@@ -124,8 +140,14 @@ impl Runner for Command {
         let program = words.next().map_or(named.as_str(), String::as_str).to_string();
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(words);
-        if tool != Tool::Conntrack {
-            cmd.args(["-w", "-t", "nat"]);
+        match tool {
+            Tool::Conntrack => {}
+            Tool::Iptables | Tool::Ip6tables => {
+                cmd.args(["-w", "-t", "nat"]);
+            }
+            Tool::IptablesFilter | Tool::Ip6tablesFilter => {
+                cmd.args(["-w", "-t", "filter"]);
+            }
         }
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let spawn_error = |source| IptablesError::Spawn { program: named.clone(), source };
@@ -151,6 +173,9 @@ pub struct Interception<R> {
     /// The container endpoint's rules (`--container-endpoint`), IPv4 and, with an IPv6 target, IPv6.
     container: Option<Rules>,
     container6: Option<Rules>,
+    /// The per-source connection limit (`--iptables-connlimit`), IPv4 and IPv6.
+    limit: Option<Rules>,
+    limit6: Option<Rules>,
     config: Config,
     /// `kiam_agent_iptables_restorations_total`, counted directly.
     restorations: Counter,
@@ -161,12 +186,15 @@ impl<R: Runner> Interception<R> {
     pub fn new(runner: R, config: Config) -> Interception<R> {
         let (rules, rules6) = (Rules::new(&config), Rules::new6(&config));
         let (container, container6) = (Rules::container(&config), Rules::container6(&config));
+        let (limit, limit6) = (Rules::limit(&config), Rules::limit6(&config));
         Interception {
             runner,
             rules,
             rules6,
             container,
             container6,
+            limit,
+            limit6,
             config,
             restorations: Counter::default(),
         }
@@ -197,6 +225,11 @@ impl<R: Runner> Interception<R> {
         self.container6.as_ref()
     }
 
+    /// The connection limit's IPv4 rules, with `--iptables-connlimit`.
+    pub fn limit_rules(&self) -> Option<&Rules> {
+        self.limit.as_ref()
+    }
+
     /// How many times the check loop found the rules missing or changed and put them back.
     pub fn restorations(&self) -> u64 {
         self.restorations.get()
@@ -209,14 +242,11 @@ impl<R: Runner> Interception<R> {
     }
 
     fn families(&self) -> impl Iterator<Item = family::Family<'_, R>> {
-        let v4 = std::iter::once((Tool::Iptables, &self.rules));
-        let container = self.container.iter().map(|rules| (Tool::Iptables, rules));
-        let v6 = self.rules6.iter().chain(&self.container6).map(|rules| (Tool::Ip6tables, rules));
-        v4.chain(container).chain(v6).map(|(tool, rules)| family::Family {
-            runner: &self.runner,
-            tool,
-            rules,
-        })
+        let v4 = std::iter::once(&self.rules).chain(&self.container).chain(&self.limit);
+        let v6 = self.rules6.iter().chain(&self.container6).chain(&self.limit6);
+        let v4 = v4.map(|rules| (Tool::for_rules(rules, false), rules));
+        let v6 = v6.map(|rules| (Tool::for_rules(rules, true), rules));
+        v4.chain(v6).map(|(tool, rules)| family::Family { runner: &self.runner, tool, rules })
     }
 
     /// Makes the rules of every family what they should be; when anything changed, deletes the

@@ -1,5 +1,6 @@
 //! The interception rules as data (pure): which interface, which chain, and the exact
-//! `iptables` (and `ip6tables`) argument lists that add, check and delete them.
+//! `iptables` (and `ip6tables`) argument lists that add, check and delete them; and, with
+//! `--iptables-connlimit`, the per-source connection limit in front of the agent's port.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -92,6 +93,9 @@ pub struct Config {
     pub check_interval: Duration,
     /// `--container-endpoint`: also send 169.254.170.23:80 to the agent.
     pub container: bool,
+    /// `--iptables-connlimit`: the most connections one source address may hold to the agent's
+    /// port; the kernel resets the ones above it ([`Rules::limit`]).
+    pub connlimit: Option<u32>,
 }
 
 /// The two rules of one address family, as `iptables -t nat` (or `ip6tables`) argument lists
@@ -108,8 +112,17 @@ pub struct Rules {
     /// In our chain: the DNAT to the agent, for traffic that arrived on the pod interface.
     pub dnat: Vec<String>,
     /// The built-in chains whose first rule is the jump: `PREROUTING` (pods); the container
-    /// endpoint's also `OUTPUT` (hostNetwork pods).
+    /// endpoint's also `OUTPUT` (hostNetwork pods); the connection limit's `INPUT`.
     pub builtins: &'static [&'static str],
+    /// `nat` for the interception, `filter` for the connection limit.
+    pub table: Table,
+}
+
+/// The table a set of rules lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Nat,
+    Filter,
 }
 
 fn metadata_match(metadata: IpAddr) -> Vec<String> {
@@ -142,7 +155,14 @@ impl Rules {
         dnat.extend(metadata_match(metadata));
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
         dnat.push(target.to_string());
-        Rules { metadata, chain: config.chain.clone(), jump, dnat, builtins: &["PREROUTING"] }
+        Rules {
+            metadata,
+            chain: config.chain.clone(),
+            jump,
+            dnat,
+            builtins: &["PREROUTING"],
+            table: Table::Nat,
+        }
     }
 
     /// With `--container-endpoint`: 169.254.170.23:80 sent to the agent, in a chain of its own
@@ -168,7 +188,49 @@ impl Rules {
         let mut dnat = metadata_match(ip);
         dnat.extend(["-j", "DNAT", "--to-destination"].map(String::from));
         dnat.push(target.to_string());
-        Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"] }
+        Rules { metadata: ip, chain, jump, dnat, builtins: &["PREROUTING", "OUTPUT"], table: Table::Nat }
+    }
+
+    /// With `--iptables-connlimit N`: in `filter`, a chain of our own (`<chain>-LIM`) jumped to
+    /// first from `INPUT` for TCP to the agent's address and port (where the DNAT sends pods),
+    /// whose one rule resets a new connection from a source address (`/32`, `/128` for IPv6)
+    /// that already holds `N`. The kernel refuses it before the agent accepts it, so a flood
+    /// costs the agent no file descriptor, and other sources are not counted against it.
+    /// (`nat` may not filter: the limit cannot live beside the DNAT.)
+    pub fn limit(config: &Config) -> Option<Rules> {
+        Rules::limit_to(config, SocketAddr::V4(config.target))
+    }
+
+    /// The same for the agent's IPv6 address, with `ip6tables`.
+    pub fn limit6(config: &Config) -> Option<Rules> {
+        Rules::limit_to(config, SocketAddr::V6(config.target6?))
+    }
+
+    fn limit_to(config: &Config, target: SocketAddr) -> Option<Rules> {
+        let above = config.connlimit?;
+        let chain = format!("{}-LIM", config.chain);
+        let (address, mask) = match target.ip() {
+            IpAddr::V4(ip) => (format!("{ip}/32"), "32"),
+            IpAddr::V6(ip) => (format!("{ip}/128"), "128"),
+        };
+        let port = target.port().to_string();
+        let mut jump: Vec<String> =
+            ["-p", "tcp", "-d", address.as_str(), "--dport", port.as_str()].map(String::from).to_vec();
+        jump.extend(["-j".to_string(), chain.clone()]);
+        let mut reject: Vec<String> =
+            ["-p", "tcp", "--syn", "-m", "connlimit", "--connlimit-above"].map(String::from).to_vec();
+        reject.push(above.to_string());
+        reject.extend(
+            ["--connlimit-mask", mask, "-j", "REJECT", "--reject-with", "tcp-reset"].map(String::from),
+        );
+        Some(Rules {
+            metadata: target.ip(),
+            chain,
+            jump,
+            dnat: reject,
+            builtins: &["INPUT"],
+            table: Table::Filter,
+        })
     }
 
     /// `conntrack` arguments that delete the tracked flows that reach the metadata address
@@ -207,6 +269,7 @@ pub(crate) fn test_config(interface: &str) -> Config {
         remove_at_exit: true,
         check_interval: Duration::from_secs(2),
         container: false,
+        connlimit: None,
     }
 }
 
@@ -268,5 +331,27 @@ mod tests {
             rules.flush().join(" "),
             "-D -f ipv6 -p tcp --orig-dst fd00:ec2::254 --reply-src fd00:ec2::254 --dport 80"
         );
+    }
+
+    #[test]
+    fn the_connection_limit_resets_the_connection_above_it_per_source_address() {
+        assert_eq!(Rules::limit(&config("cali+")), None, "off by default");
+        let limited = Config { connlimit: Some(64), ..config("cali+") };
+        let rules = Rules::limit(&limited).expect("a limit");
+        assert_eq!(
+            (rules.table, rules.chain.as_str(), rules.builtins),
+            (Table::Filter, "KIAM-RS-LIM", &["INPUT"][..])
+        );
+        assert_eq!(rules.jump.join(" "), "-p tcp -d 10.0.0.5/32 --dport 8181 -j KIAM-RS-LIM");
+        assert_eq!(
+            rules.dnat.join(" "),
+            "-p tcp --syn -m connlimit --connlimit-above 64 --connlimit-mask 32 -j REJECT --reject-with tcp-reset"
+        );
+        assert_eq!(Rules::limit6(&limited), None, "no IPv6 address, no IPv6 limit");
+        let dual = Config { target6: Some("[fd00:1::5]:8181".parse().expect("v6")), ..limited };
+        let rules6 = Rules::limit6(&dual).expect("an IPv6 limit");
+        assert_eq!(rules6.jump.join(" "), "-p tcp -d fd00:1::5/128 --dport 8181 -j KIAM-RS-LIM");
+        assert!(rules6.dnat.join(" ").contains("--connlimit-mask 128"));
+        assert_eq!(Rules::new(&dual).table, Table::Nat);
     }
 }

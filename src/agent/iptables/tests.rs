@@ -197,3 +197,32 @@ async fn with_an_ipv6_address_the_container_endpoints_ipv6_address_is_intercepte
     rules.remove().await.expect("remove");
     assert_eq!(fake.chain6(&ct6.chain), None);
 }
+
+#[tokio::test]
+async fn the_connection_limit_is_a_filter_chain_of_its_own_jumped_to_first_from_input() {
+    let fake = FakeIptables::default();
+    fake.append("PREROUTING", &["-j", "KUBE-SERVICES"]);
+    let without = Interception::new(fake.clone(), config("cali+"));
+    without.install().await.expect("install");
+    assert_eq!(fake.filter_chain("INPUT"), Some(vec![]), "off by default: filter untouched");
+
+    let rules = Interception::new(fake.clone(), Config { connlimit: Some(8), ..config("cali+") });
+    assert!(!rules.is_installed().await.expect("check"), "the limit is missing");
+    assert!(rules.install().await.expect("install"));
+    let limit = rules.limit_rules().expect("limit rules").clone();
+    assert_eq!(fake.filter_chain(&limit.chain), Some(vec![limit.dnat.clone()]));
+    assert_eq!(fake.filter_chain("INPUT").expect("INPUT"), vec![limit.jump.clone()]);
+    assert_eq!(fake.chain(&limit.chain), None, "nothing of it in nat");
+    let flush = rules.rules().flush();
+    assert!(
+        fake.conntrack().iter().all(|c| *c == flush),
+        "no flush of the limit's own: {:?}",
+        fake.conntrack()
+    );
+    assert!(rules.is_installed().await.expect("check"));
+    fake.clear_log();
+    assert!(!rules.install().await.expect("again"), "stable");
+    rules.remove().await.expect("remove");
+    assert_eq!(fake.filter_chain(&limit.chain), None);
+    assert_eq!(fake.filter_chain("INPUT"), Some(vec![]));
+}

@@ -138,6 +138,13 @@ CASES = {
         "server": {"agentNodeBinding": True},
         "agent": {"tlsHostPath": "/etc/kiam/tls", "host": {"iptables": True, "containerEndpoint": True}},
     },
+    # The kernel's per-source connection limit in front of the agent, and of kube2iam mode.
+    "connlimit": {"agent": {"host": {"iptables": True, "iptablesConnlimit": 128}}},
+    "kube2iam-connlimit": {
+        "agent": {"enabled": False},
+        "server": {"enabled": False},
+        "kube2iam": {"enabled": True, "host": {"iptables": True, "iptablesConnlimit": 128}},
+    },
     # The admission webhook beside the container endpoint.
     "webhook": {
         "webhook": {"enabled": True, "caBundle": B64},

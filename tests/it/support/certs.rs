@@ -143,6 +143,20 @@ impl TestPki {
         )
     }
 
+    /// A client leaf from the real CA with these URI SANs (a role kiam-rs does not know, say).
+    pub fn client_with_uris(&self, file_stem: &str, uris: &[&str]) -> CertFiles {
+        leaf_with(
+            self.dir.path(),
+            file_stem,
+            &self.ca,
+            AGENT_NAME,
+            &[],
+            uris,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            &self.server.ca,
+        )
+    }
+
     /// Another server leaf from the real CA (same names as [`server`](Self::server)), for rotation.
     pub fn server_leaf(&self, file_stem: &str) -> CertFiles {
         leaf(
