@@ -35,6 +35,7 @@ mod peers_tests;
 mod pod_token;
 mod prefetch;
 mod readiness;
+mod release;
 mod server;
 mod service_accounts;
 mod session;
