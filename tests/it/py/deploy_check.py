@@ -444,12 +444,13 @@ def check(out_path):
             values = BASE_VALUES
             for name in chosen:
                 values = merge(values, OVERLAY_VALUES[name])
-            for order in itertools.permutations(chosen):
+            for i, order in enumerate(itertools.permutations(chosen)):
                 label = "+".join(order)
                 objects = combination(order)
-                validate(objects, version, f"kustomize {label}", errors)
+                if i == 0:  # the other orders must equal the same chart rendering
+                    validate(objects, version, f"kustomize {label}", errors)
+                    overlays["+".join(chosen)] = objects
                 compare(label, objects, values, errors)
-                overlays.setdefault("+".join(chosen), objects)
     report = {
         "kubernetes_version": version,
         "errors": errors,
