@@ -20,9 +20,9 @@ use super::{Error, read, write};
 use crate::tls::x509::NODE_URI_PREFIX;
 
 /// Private keys: owner read/write only.
-const KEY_MODE: u32 = 0o600;
+pub(super) const KEY_MODE: u32 = 0o600;
 /// Certificates are public.
-const CERT_MODE: u32 = 0o644;
+pub(super) const CERT_MODE: u32 = 0o644;
 /// Clocks on nodes may lag the machine that signs: leaves are valid from a little earlier.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
@@ -175,7 +175,7 @@ fn ensure_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|source| Error::Io { path: dir.to_path_buf(), source })
 }
 
-fn base_params(common_name: &str, lifetime: Duration) -> Result<CertificateParams, Error> {
+pub(super) fn base_params(common_name: &str, lifetime: Duration) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, common_name);

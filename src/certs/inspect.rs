@@ -179,7 +179,7 @@ fn key_name(cert: &X509Certificate<'_>) -> String {
     }
 }
 
-fn verify(
+pub(super) fn verify(
     leaf: &CertificateDer<'_>,
     chain: &[CertificateDer<'static>],
     bundle: &[CertificateDer<'static>],

@@ -5,10 +5,12 @@
 //! ([`crate::tls::x509::NODE_URI_PREFIX`]). Keys are ECDSA P-256, written with mode 0600, and an
 //! existing key is never replaced without `force`. [`inspect`] reads certificates back: subject,
 //! SANs, node binding, validity, usages, and whether a CA bundle verifies each leaf for the
-//! role it plays (rustls-webpki, the verifier rustls itself uses).
+//! role it plays (rustls-webpki, the verifier rustls itself uses). [`renew`] signs new leaves
+//! for old with the same CA, keeping their subjects, SANs and usages.
 
 mod generate;
 mod inspect;
+mod renew;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -20,6 +22,7 @@ use rustls_pki_types::pem::PemObject;
 
 pub use generate::{Outcome, Plan, generate};
 pub use inspect::{CertInfo, FileReport, Verification, inspect};
+pub use renew::{RenewPlan, Renewed, key_path, leaves_in, renew};
 
 /// Why certificates could not be made or read.
 #[derive(Debug, thiserror::Error)]

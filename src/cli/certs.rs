@@ -1,4 +1,5 @@
-//! `kiam certs` flags: `generate` writes the mutual-TLS material, `inspect` reads it back.
+//! `kiam certs` flags: `generate` writes the mutual-TLS material, `inspect` reads it back,
+//! `renew` signs new leaves for old with the same CA.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,10 @@ pub enum CertsCommand {
     /// Show what certificate files hold: subject, SANs, node binding, validity, usages, and with
     /// --ca whether that bundle verifies each leaf. Exit 1 when one is expired or unverified.
     Inspect(InspectArgs),
+    /// Sign new leaf certificates (new keys) for existing ones with the CA that signed them,
+    /// keeping their subjects, SANs (per-node URI SANs included) and usages; see docs/tls.md.
+    /// Nothing is written unless every leaf can be renewed.
+    Renew(RenewArgs),
 }
 
 /// Flags of `kiam certs generate`.
@@ -72,6 +77,29 @@ pub struct InspectArgs {
     pub ca: Option<PathBuf>,
 }
 
+/// Flags of `kiam certs renew`.
+#[derive(Clone, Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["dir", "files"])))]
+pub struct RenewArgs {
+    /// A `kiam certs generate` directory: its CA (ca.pem, ca-key.pem) renews every other
+    /// <name>.pem there (server, agent, agent-<node>), each key in <name>-key.pem.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Leaf certificates to renew; the key of <name>.pem is <name>-key.pem, of cert (or tls.crt)
+    /// the key (or tls.key) beside it.
+    #[arg(value_name = "CERT")]
+    pub files: Vec<PathBuf>,
+    /// The CA certificate that signed them (default: ca.pem in --dir).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The CA's private key (default: ca-key.pem in --dir).
+    #[arg(long)]
+    pub ca_key: Option<PathBuf>,
+    /// How long the new certificates are valid (no longer than the CA).
+    #[arg(long, default_value = "8760h", value_parser = go_duration)]
+    pub validity: Duration,
+}
+
 impl CertsArgs {
     /// Runs the subcommand: output on stdout, errors on stderr; exit 0, 1 (inspect found a
     /// problem) or 2 (nothing could be done).
@@ -79,6 +107,7 @@ impl CertsArgs {
         let result = match &self.command {
             CertsCommand::Generate(args) => args.run(),
             CertsCommand::Inspect(args) => args.run(),
+            CertsCommand::Renew(args) => args.run(),
         };
         match result {
             Ok(code) => code,
@@ -130,5 +159,38 @@ impl InspectArgs {
             print!("{report}");
         }
         Ok(if reports.iter().all(|r| r.ok()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    }
+}
+
+impl RenewArgs {
+    /// The plan these flags describe.
+    pub fn plan(&self) -> Result<certs::RenewPlan, certs::Error> {
+        let in_dir = |name: &str| self.dir.as_ref().map(|d| d.join(name));
+        let missing = |flag: &str| certs::Error::Invalid(format!("{flag} is required without --dir"));
+        let ca_cert = self.ca.clone().or_else(|| in_dir("ca.pem")).ok_or_else(|| missing("--ca"))?;
+        let ca_key =
+            self.ca_key.clone().or_else(|| in_dir("ca-key.pem")).ok_or_else(|| missing("--ca-key"))?;
+        let mut leaves = self.files.clone();
+        if let Some(dir) = &self.dir {
+            leaves.extend(certs::leaves_in(dir)?);
+        }
+        leaves.sort();
+        leaves.dedup();
+        Ok(certs::RenewPlan { ca_cert, ca_key, leaves, lifetime: self.validity })
+    }
+
+    fn run(&self) -> Result<ExitCode, certs::Error> {
+        let fmt = crate::creds::time::format;
+        for renewed in certs::renew(&self.plan()?, SystemTime::now())? {
+            let cap = if renewed.capped { " (cut to the CA's end: renew the CA soon)" } else { "" };
+            println!(
+                "renewed {} and {}: valid until {}{cap} (was {})",
+                renewed.cert.display(),
+                renewed.key.display(),
+                fmt(renewed.not_after),
+                fmt(renewed.old_not_after)
+            );
+        }
+        Ok(ExitCode::SUCCESS)
     }
 }

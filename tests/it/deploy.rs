@@ -17,7 +17,9 @@ use std::process::Command;
 use clap::{ArgAction, CommandFactory, Parser};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, Pod, PodSpec, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -42,6 +44,7 @@ pub enum Object {
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
     MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
+    ConfigMap(Box<ConfigMap>),
     /// The `helm test` hook.
     Pod(Box<Pod>),
     Custom(Value),
@@ -62,8 +65,11 @@ fn parse(value: &Value) -> Object {
         "PodDisruptionBudget" => Object::PodDisruptionBudget(typed(value)),
         "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
         "MutatingWebhookConfiguration" => Object::MutatingWebhookConfiguration(typed(value)),
+        "ConfigMap" => Object::ConfigMap(typed(value)),
         "Pod" => Object::Pod(typed(value)),
-        "ServiceMonitor" | "Certificate" | "Issuer" => Object::Custom(value.clone()),
+        "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" | "Issuer" => {
+            Object::Custom(value.clone())
+        }
         other => panic!("the chart renders a kind the tests do not know: {other}"),
     }
 }

@@ -409,7 +409,8 @@ pub fn check(report: &Report) {
     assert!(!has(&kiam_upgrade.args("server"), "--agent-node-binding"), "kiam agents still run");
     assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
     crate::deploy_kube2iam::check(report);
-    assert_eq!(report.cases.len(), 23, "a case without assertions");
+    crate::monitoring::docs_monitoring(case("docs/monitoring#1"));
+    assert_eq!(report.cases.len(), 24, "a case without assertions");
     crate::deploy_kustomize::check(report);
     crate::deploy_helm_test::check(report);
 }

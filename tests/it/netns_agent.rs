@@ -63,6 +63,51 @@ async fn sdks_in_pods_get_their_own_credentials_through_the_dnat() {
     assert_eq!(agent.interception.as_ref().map(|i| i.restorations()), Some(0));
 }
 
+/// The Ruby SDK and the JavaScript SDK v3's default chain, each as a pod: each gets its own role
+/// through the DNAT over IMDSv2 (the agent refuses token-less requests), and a pod that names a
+/// role its namespace does not permit (another pod's) gets nothing from either.
+#[tokio::test(flavor = "multi_thread")]
+async fn ruby_and_javascript_v3_sdks_get_their_own_role_over_imdsv2_and_no_other() {
+    use crate::support::objects::{namespace, pod};
+    let node = NodeNet::create();
+    let (alpha, beta, gamma) = (PodNet::create_in(&node), PodNet::create_in(&node), PodNet::create_in(&node));
+    let stack = Stack::start().await;
+    stack.moto.start_recording().await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(namespace("team-b").permitted(".*:role/team-b-.*").build());
+    stack.kube.apply(pod("team-a", "alpha").ip(&alpha.pod_ip.to_string()).role("alpha-role").build());
+    stack.kube.apply(pod("team-a", "beta").ip(&beta.pod_ip.to_string()).role("beta-role").build());
+    // gamma names alpha's role, which its namespace does not permit.
+    stack.kube.apply(pod("team-b", "gamma").ip(&gamma.pod_ip.to_string()).role("alpha-role").build());
+    for net in [&alpha, &beta, &gamma] {
+        stack.wait_for_pod(IpAddr::V4(net.pod_ip)).await;
+    }
+    // The server has fetched both permitted roles ahead of need, so the JavaScript chain's
+    // one-second metadata timeout (its default, not configurable by environment) measures the
+    // agent's answer, not STS.
+    stack.wait_for_sts_calls(2).await;
+    let flags = ["--iptables", "--host-interface=kv+", "--require-imdsv2"];
+    let _agent = TestAgent::in_node(&stack, &node, &flags).await;
+    let sts = stack.moto.endpoint();
+
+    // Token-less requests are refused, so an SDK that gets credentials used IMDSv2.
+    let v1 = block_in_place(|| pod_get(&alpha, ROLE_LIST)).expect("the agent answers");
+    assert_eq!(v1.status, 401, "IMDSv1 is refused: {v1:?}");
+
+    let ruby = block_in_place(|| sdk::ruby_sdk(&alpha, None, &sts)).expect("Ruby SDK in alpha");
+    let js = block_in_place(|| sdk::node_default_chain(&beta, None, &sts)).expect("JS v3 chain in beta");
+    assert_eq!(ruby.caller_arn, assumed("alpha-role"));
+    assert_eq!(js.caller_arn, assumed("beta-role"));
+    assert_ne!(ruby.access_key_id, js.access_key_id, "two pods, two identities");
+    assert!([&ruby.access_key_id, &js.access_key_id].iter().all(|k| *k != NODE_ACCESS_KEY_ID));
+
+    let ruby_refused = block_in_place(|| sdk::ruby_sdk(&gamma, None, &sts));
+    let js_refused = block_in_place(|| sdk::node_default_chain(&gamma, None, &sts));
+    assert!(ruby_refused.is_err(), "Ruby SDK in gamma got credentials: {ruby_refused:?}");
+    assert!(js_refused.is_err(), "JS v3 chain in gamma got credentials: {js_refused:?}");
+    assert!(stack.imds.requests().is_empty(), "nothing reached the node's metadata service");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sdks_in_pods_are_answered_from_the_node_view() {
     use crate::support::objects::{namespace, pod};

@@ -228,7 +228,8 @@ def docs_values(errors):
         }
         values, n = {}, 0
         for line in text.splitlines():
-            if "helm install" not in line and "helm upgrade" not in line:
+            # Commands only: a line that starts with one (prose and headings may name them).
+            if line.split()[:2] not in (["helm", "install"], ["helm", "upgrade"]):
                 continue
             if "deploy/helm/kiam-rs" not in line:
                 errors.append(f"{doc.name}: a helm command not naming deploy/helm/kiam-rs: {line.strip()}")
@@ -281,6 +282,8 @@ def leaf_paths(tree, prefix=()):
 # Custom resources: no upstream schema; checked for their required shape here instead.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ["selector", "endpoints"],
+    ("monitoring.coreos.com/v1", "PodMonitor"): ["selector", "podMetricsEndpoints"],
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ["groups"],
     ("cert-manager.io/v1", "Certificate"): ["secretName", "issuerRef"],
     ("cert-manager.io/v1", "Issuer"): [],
 }

@@ -1,5 +1,6 @@
-//! The real AWS SDKs as pod-side clients: boto3, the AWS CLI, the Rust SDK (aws-config) and the
-//! node SDK (`@smithy/credential-provider-imds`, from the repo's `node_modules`).
+//! The real AWS SDKs as pod-side clients: boto3, the AWS CLI, the Rust SDK (aws-config), the
+//! node SDK (`@smithy/credential-provider-imds`, and the JavaScript SDK v3's default credential
+//! chain, from the repo's `node_modules`) and the Ruby SDK (Debian's `ruby-aws-sdk-core`).
 //!
 //! Each one runs inside a [`PodNet`] and may find credentials through the instance-metadata
 //! provider only (a scrubbed environment: no env keys, no config or credentials files, a temp
@@ -29,6 +30,9 @@ pub const SDK_TIMEOUT: Duration = Duration::from_secs(60);
 
 const BOTO3_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/boto3_probe.py");
 const NODE_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/imds_probe.mjs");
+const NODE_DEFAULT_CHAIN_PROBE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/default_chain_probe.mjs");
+const RUBY_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/rb/imds_probe.rb");
 const NODE_CONTAINER_PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/js/container_probe.mjs");
 
 /// What a pod-side SDK ended up with.
@@ -62,6 +66,26 @@ pub fn node_sdk(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<S
     cmd.arg(NODE_PROBE).arg(&sts_url);
     let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
     probe_outcome("node probe", &stdout)
+}
+
+/// The JavaScript SDK v3's default credential chain (`tests/it/js/default_chain_probe.mjs`): an
+/// STS client given no credentials, as most apps build one, inside `net`.
+pub fn node_default_chain(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command("node");
+    cmd.arg(NODE_DEFAULT_CHAIN_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
+    probe_outcome("default chain probe", &stdout)
+}
+
+/// The Ruby SDK (`tests/it/rb/imds_probe.rb`): `Aws::InstanceProfileCredentials`, then STS
+/// `GetCallerIdentity`, inside `net`.
+pub fn ruby_sdk(net: &PodNet, imds_url: Option<&str>, sts_url: &str) -> Result<SdkOutcome, String> {
+    let (_relay, sts_url) = reachable_from_pod(net, sts_url);
+    let mut cmd = net.command("ruby");
+    cmd.arg(RUBY_PROBE).arg(&sts_url);
+    let (stdout, _stderr) = run_isolated(cmd, imds_url)?;
+    probe_outcome("ruby probe", &stdout)
 }
 
 /// Reads a probe's one-line JSON `{"access_key_id", "caller_arn"}`.
