@@ -3,19 +3,23 @@
 //! `py/deploy_check.py` renders the chart with real Helm for a table of value sets, lints it,
 //! renders the kustomize base and overlays with `kubectl kustomize`, validates every object
 //! strictly against a current Kubernetes version's schemas, and checks that the kustomize
-//! manifests equal the chart. Here every object is parsed as its k8s-openapi type, every
-//! container command line is parsed by the binary's own flag parser (a container without a
-//! command runs the image's entrypoint, `kube2iam`, so its args go to kube2iam mode's parser),
-//! and each value set is checked for what it must change.
+//! manifests (the base, each overlay, every combination of components) equal the chart. Here
+//! every object is parsed as its k8s-openapi type, every container command line is parsed by the
+//! binary's own flag parser (a container without a command runs the image's entrypoint,
+//! `kube2iam`, so its args go to kube2iam mode's parser), with the flags that its environment
+//! sets (each flag's `KIAM_*` variable, as the binary reads them), and each value set is checked
+//! for what it must change.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use clap::Parser;
+use clap::{ArgAction, CommandFactory, Parser};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, Pod, PodSpec, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -41,6 +45,8 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
     ConfigMap(Box<ConfigMap>),
+    /// The `helm test` hook.
+    Pod(Box<Pod>),
     Custom(Value),
 }
 
@@ -60,6 +66,7 @@ fn parse(value: &Value) -> Object {
         "NetworkPolicy" => Object::NetworkPolicy(typed(value)),
         "MutatingWebhookConfiguration" => Object::MutatingWebhookConfiguration(typed(value)),
         "ConfigMap" => Object::ConfigMap(typed(value)),
+        "Pod" => Object::Pod(typed(value)),
         "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" | "Issuer" => {
             Object::Custom(value.clone())
         }
@@ -110,8 +117,10 @@ impl Rendered {
         &self.pod(component).containers[0]
     }
 
+    /// The container's flags: those its environment sets, then its args.
     pub fn args(&self, component: &str) -> Vec<String> {
-        self.container(component).args.clone().unwrap_or_default()
+        let container = self.container(component);
+        env_flags(container).into_iter().chain(container.args.clone().unwrap_or_default()).collect()
     }
 }
 
@@ -167,13 +176,50 @@ fn expand(arg: &str, env: &[EnvVar]) -> String {
     out
 }
 
+/// The flags a container's environment sets, written as flags: each variable with a literal value
+/// that the container's subcommand reads as a flag (found in the binary's own flag definitions),
+/// unless its args give that flag, since the command line wins. A boolean set to `true` is the
+/// bare flag; a switch set to `false` is no flag; anything else is `--flag=value`, which the
+/// parser then checks.
+pub fn env_flags(container: &Container) -> Vec<String> {
+    let command = match container.command.as_deref() {
+        Some([_, sub, ..]) => Cli::command().find_subcommand(sub).cloned(),
+        Some(_) => None,
+        None => Some(Kube2iamCli::command()),
+    };
+    let Some(command) = command else { return Vec::new() };
+    let args = container.args.clone().unwrap_or_default();
+    let mut flags = Vec::new();
+    for var in container.env.iter().flatten() {
+        let Some(value) = var.value.as_deref() else { continue };
+        let arg = command.get_arguments().find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()));
+        let Some(long) = arg.and_then(|a| a.get_long()) else { continue };
+        let flag = format!("--{long}");
+        if args.iter().any(|a| *a == flag || a.starts_with(&format!("{flag}="))) {
+            continue;
+        }
+        let optional = arg.and_then(|a| a.get_num_args()).is_some_and(|n| n.min_values() == 0);
+        match (arg.map(|a| a.get_action()), value) {
+            (Some(ArgAction::SetTrue), "false") => {}
+            (Some(ArgAction::SetTrue), "true") => flags.push(flag),
+            (_, "true") if optional => flags.push(flag),
+            _ => flags.push(format!("{flag}={value}")),
+        }
+    }
+    flags
+}
+
 /// Parses a container's command line with the binary's own parser, TLS paths pointed at real
-/// files, so a flag the binary lacks, a bad value or a rejected combination fails here. A
+/// files, so a flag the binary lacks, a bad value or a rejected combination fails here. The flags
+/// its environment sets come first (the command line wins over them). A
 /// container without a command runs the image's entrypoint, `kube2iam`: kube2iam mode's parser
 /// and validation, as `kube2iam ARGS` (the binary invoked by that name) runs them.
 pub fn parse_command(container: &Container, pki: &Path) -> Sub {
     let env = container.env.clone().unwrap_or_default();
-    let args = container.args.clone().unwrap_or_default().iter().map(|a| expand(a, &env)).collect();
+    let args: Vec<String> = env_flags(container)
+        .into_iter()
+        .chain(container.args.clone().unwrap_or_default().iter().map(|a| expand(a, &env)))
+        .collect();
     match &container.command {
         Some(command) => parse_argv(command.iter().cloned().chain(args).collect(), pki),
         None => parse_kube2iam(args),

@@ -36,7 +36,7 @@ fn node_token(r: &Rendered) -> Option<(String, i64)> {
 /// Node proof by token, end to end: the agent's projected token (`audience`, `lifetime`), mounted
 /// where `--token-file` reads it; the server checking that audience and the agent's
 /// `service_account`, with TokenReview in its RBAC.
-fn proves_node_by_token(r: &Rendered, audience: &str, lifetime: i64, service_account: &str) {
+pub fn proves_node_by_token(r: &Rendered, audience: &str, lifetime: i64, service_account: &str) {
     assert_eq!(node_token(r), Some((audience.to_string(), lifetime)));
     assert!(has(&r.args("agent"), "--token-file=/var/run/secrets/kiam/token"), "{:?}", r.args("agent"));
     let mounts = r.container("agent").volume_mounts.clone().unwrap_or_default();
@@ -55,7 +55,7 @@ fn proves_node_by_token(r: &Rendered, audience: &str, lifetime: i64, service_acc
 }
 
 /// No tokens: none projected or sent, none checked, no TokenReview permission.
-fn proves_no_node_by_token(r: &Rendered) {
+pub fn proves_no_node_by_token(r: &Rendered) {
     assert_eq!(node_token(r), None);
     assert!(!r.args("agent").iter().any(|a| a.starts_with("--token-file")));
     assert!(!r.args("server").iter().any(|a| a.starts_with("--agent-token-audience")));
@@ -160,7 +160,7 @@ fn kiam_values(r: &Rendered) {
     let args = r.args("agent");
     for flag in [
         "--iptables",
-        "--no-iptables-remove",
+        "--iptables-remove=false",
         "--host-interface=!eth0",
         "--allow-route-regexp=^/latest/meta-data/placement/",
         "--grpc-keepalive-time-duration=10s",
@@ -411,24 +411,6 @@ pub fn check(report: &Report) {
     crate::deploy_kube2iam::check(report);
     crate::monitoring::docs_monitoring(case("docs/monitoring#1"));
     assert_eq!(report.cases.len(), 24, "a case without assertions");
-    // Kustomize: TLS from the user's secrets; each overlay does what its name says.
-    let base = &report.kustomize["base"];
-    assert!(base.kinds("Secret").is_empty());
-    assert!(caps_added(base.container("agent")).is_empty());
-    proves_node_by_token(base, "kiam", 3600, "kube-system:kiam-agent");
-    assert!(has(&base.args("server"), "--agent-node-binding"));
-    let iptables = &report.kustomize["iptables"];
-    assert_eq!(caps_added(iptables.container("agent")), ["NET_ADMIN", "NET_RAW"]);
-    assert!(has(&iptables.args("agent"), "--iptables"));
-    node_certificates(&report.kustomize["node-certificates"]);
-    let mixed = &report.kustomize["mixed-fleet"];
-    assert!(!has(&mixed.args("server"), "--agent-node-binding"), "kiam agents prove no node");
-    proves_node_by_token(mixed, "kiam", 3600, "kube-system:kiam-agent");
-    for rendered in report.kustomize.values() {
-        for value in rendered.0.values().map(|(v, _)| v) {
-            if value["kind"] != "ClusterRole" && value["kind"] != "ClusterRoleBinding" {
-                assert_eq!(value["metadata"]["namespace"], "kube-system", "{}", value["metadata"]["name"]);
-            }
-        }
-    }
+    crate::deploy_kustomize::check(report);
+    crate::deploy_helm_test::check(report);
 }

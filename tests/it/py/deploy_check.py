@@ -2,20 +2,28 @@
 
 `deploy_check.py OUT.json` renders the Helm chart deploy/helm/kiam-rs with real Helm (the
 helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for the `helm` commands of docs/*.md, lints it, renders the
-kustomize base and overlays with `kubectl kustomize`, validates every object strictly against
-the Kubernetes OpenAPI schemas of a current version (kubernetes-validate), and checks that the
-committed kustomize base is what the chart renders and that each overlay equals the chart with
-the overlay's values, and that the guides' JSON blocks parse and the overlays they name exist. It writes the objects and every problem found to OUT.json; the Rust test
+kustomize base, overlays and every combination of its components (each pair and the three, in
+every order) with `kubectl kustomize`, validates every object strictly against the Kubernetes
+OpenAPI schemas of a current version (kubernetes-validate), and checks that the committed
+kustomize base is what the chart renders, that each overlay and each combination of components
+equals the chart with their values merged, and that the guides' JSON blocks parse and the
+overlays and components they name exist. It writes the objects and every problem found to OUT.json; the Rust test
 parses the objects as k8s-openapi types and asserts on them.
+
+`deploy_check.py --render VALUES_JSON OUT.json` writes the chart's objects for those values,
+hooks included, as a JSON list.
 
 `deploy_check.py --write-base` regenerates the generated manifests (deploy/kustomize/base/kiam-rs.yaml
 and deploy/kustomize/overlays/kube2iam/kube2iam.yaml) from the chart.
 """
 
+import itertools
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -44,8 +52,10 @@ KUBE2IAM_VALUES = {
 # The generated files of deploy/kustomize, each the chart rendered with these values.
 GENERATED = {BASE_FILE: BASE_VALUES, KUBE2IAM_FILE: KUBE2IAM_VALUES}
 
-# Each overlay equals the chart rendered with the base values merged with these (kube2iam: its
-# own generated file, with KUBE2IAM_VALUES alone).
+# Each component (deploy/kustomize/components) equals the chart rendered with the base values
+# merged with these; so does its overlay (the base with that component alone), and so does any
+# combination of components, with their values merged. kube2iam's overlay is its own generated
+# file, with KUBE2IAM_VALUES alone.
 OVERLAY_VALUES = {
     "iptables": {"agent": {"host": {"iptables": True}}},
     "node-certificates": {"agent": {"tlsHostPath": "/etc/kiam/tls", "requireImdsv2": True}},
@@ -225,7 +235,8 @@ def docs_values(errors):
         }
         values, n = {}, 0
         for line in text.splitlines():
-            if "helm install" not in line and "helm upgrade" not in line:
+            # Commands only: a line that starts with one (prose and headings may name them).
+            if line.split()[:2] not in (["helm", "install"], ["helm", "upgrade"]):
                 continue
             if "deploy/helm/kiam-rs" not in line:
                 errors.append(f"{doc.name}: a helm command not naming deploy/helm/kiam-rs: {line.strip()}")
@@ -262,9 +273,9 @@ def docs_references(errors):
                 json.loads(block)
             except json.JSONDecodeError as e:
                 errors.append(f"{doc.name}: a JSON block does not parse: {e}")
-        for overlay in re.findall(r"deploy/kustomize/overlays/([A-Za-z0-9_-]+)", text):
-            if not (KUSTOMIZE / "overlays" / overlay / "kustomization.yaml").is_file():
-                errors.append(f"{doc.name}: no overlay deploy/kustomize/overlays/{overlay}")
+        for kind, name in re.findall(r"deploy/kustomize/(overlays|components)/([A-Za-z0-9_-]+)", text):
+            if not (KUSTOMIZE / kind / name / "kustomization.yaml").is_file():
+                errors.append(f"{doc.name}: no deploy/kustomize/{kind}/{name}")
 
 
 def leaf_paths(tree, prefix=()):
@@ -292,13 +303,16 @@ def merge(base, extra):
     return out
 
 
-def render_chart(values):
+def render_chart(values, hooks=False):
+    """The chart's objects; with `hooks`, also its hooks (the `helm test` Pod), which installs
+    and the kustomize manifests leave out."""
     files = helm_python.Chart.load(str(CHART)).render(values=values, name=RELEASE, namespace=NAMESPACE)
     docs = []
     for name in sorted(files):
         if name.endswith(".yaml"):
             docs.extend(d for d in yaml.safe_load_all(files[name]) if d)
-    return docs
+    is_hook = lambda d: "helm.sh/hook" in (d.get("metadata", {}).get("annotations") or {})
+    return [d for d in docs if hooks or not is_hook(d)]
 
 
 def kustomize(path):
@@ -323,14 +337,67 @@ def validate(objects, version, where, errors):
             errors.append(f"{label}: no schema for {obj.get('apiVersion')}")
 
 
+def combination(names):
+    """The base with these components, in this order, as a user's own kustomization would list
+    them: written to a temporary directory outside the tree (paths relative: kustomize refuses
+    absolute ones)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = os.path.relpath(KUSTOMIZE, tmp)
+        text = yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [f"{rel}/base"],
+                "components": [f"{rel}/components/{name}" for name in names],
+            }
+        )
+        Path(tmp, "kustomization.yaml").write_text(text)
+        return kustomize(tmp)
+
+
+# Lists that Kubernetes keys by a field and whose order means nothing here: strategic merge
+# patches add new entries at the front, so a component's entries land where the chart's
+# template order does not put them. (An env entry's order would matter only for a $(VAR)
+# reference to an earlier entry; none of the chart's has one.) An empty list is no list.
+KEYED_LISTS = {"env": "name", "volumes": "name", "volumeMounts": "mountPath"}
+
+
+def normalise(node):
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in KEYED_LISTS and isinstance(value, list):
+                if not value:
+                    continue
+                value = sorted(value, key=lambda entry: str(entry.get(KEYED_LISTS[key])))
+            out[key] = normalise(value)
+        return out
+    if isinstance(node, list):
+        return [normalise(v) for v in node]
+    return node
+
+
 def comparable(objects):
-    """Objects keyed by kind/name, without the namespace kustomize adds."""
+    """Objects keyed by kind/name, without the namespace kustomize adds, keyed lists sorted."""
     out = {}
     for obj in objects:
-        obj = json.loads(json.dumps(obj))
+        obj = normalise(json.loads(json.dumps(obj)))
         obj.get("metadata", {}).pop("namespace", None)
         out[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
     return out
+
+
+RENDERED = {}
+
+
+def compare(name, objects, values, errors):
+    key = json.dumps(values, sort_keys=True)
+    if key not in RENDERED:
+        RENDERED[key] = comparable(render_chart(values))
+    want, got = RENDERED[key], comparable(objects)
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            errors.append(f"kustomize {name}: {key} differs from the chart with {json.dumps(values)}")
 
 
 def generated_text(values):
@@ -350,7 +417,7 @@ def check(out_path):
         lint = helm_python.lint(str(CHART), values=values, namespace=NAMESPACE, strict=True)
         errors.extend(f"lint {name}: {e}" for e in lint.get("errors") or [])
         errors.extend(f"lint {name}: {m}" for m in lint.get("messages") or [] if m.get("severity", 0) > 1)
-        objects = render_chart(values)
+        objects = render_chart(values, hooks=True)
         validate(objects, version, f"chart {name}", errors)
         cases[name] = objects
     refused = {}
@@ -376,10 +443,24 @@ def check(out_path):
         objects = kustomize(KUSTOMIZE / "overlays" / name)
         validate(objects, version, f"kustomize {name}", errors)
         overlays[name] = objects
-        want, got = comparable(render_chart(values)), comparable(objects)
-        for key in sorted(set(want) | set(got)):
-            if want.get(key) != got.get(key):
-                errors.append(f"overlay {name}: {key} differs from the chart with {json.dumps(values)}")
+        compare(name, objects, values, errors)
+    # Every pair of components and all of them, in every order: each reported as its names in
+    # sorted order joined by "+", e.g. "iptables+mixed-fleet".
+    components = sorted(p.name for p in (KUSTOMIZE / "components").iterdir())
+    if components != sorted(OVERLAY_VALUES):
+        errors.append(f"components {components} are not those of OVERLAY_VALUES")
+    for size in range(2, len(components) + 1):
+        for chosen in itertools.combinations(components, size):
+            values = BASE_VALUES
+            for name in chosen:
+                values = merge(values, OVERLAY_VALUES[name])
+            for i, order in enumerate(itertools.permutations(chosen)):
+                label = "+".join(order)
+                objects = combination(order)
+                if i == 0:  # the other orders must equal the same chart rendering
+                    validate(objects, version, f"kustomize {label}", errors)
+                    overlays["+".join(chosen)] = objects
+                compare(label, objects, values, errors)
     report = {
         "kubernetes_version": version,
         "errors": errors,
@@ -394,10 +475,12 @@ def main():
     if sys.argv[1:] == ["--write-base"]:
         for path, values in GENERATED.items():
             path.write_text(generated_text(values))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--render":
+        Path(sys.argv[3]).write_text(json.dumps(render_chart(json.loads(sys.argv[2]), hooks=True)))
     elif len(sys.argv) == 2:
         check(sys.argv[1])
     else:
-        sys.exit("usage: deploy_check.py OUT.json | --write-base")
+        sys.exit("usage: deploy_check.py OUT.json | --write-base | --render VALUES_JSON OUT.json")
 
 
 if __name__ == "__main__":

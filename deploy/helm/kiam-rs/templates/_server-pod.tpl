@@ -98,9 +98,6 @@ spec:
         {{- if $server.disableStrictNamespaceRegexp }}
         - --disable-strict-namespace-regexp
         {{- end }}
-        {{- if $server.agentNodeBinding }}
-        - --agent-node-binding
-        {{- end }}
         {{- if $server.serviceAccountRoles }}
         - --service-account-roles
         {{- end }}
@@ -118,10 +115,6 @@ spec:
         {{- if $server.nodeReadiness.reapply }}
         - --node-readiness-reapply
         {{- end }}
-        {{- end }}
-        {{- if include "kiam.agentToken" . }}
-        - {{ printf "--agent-token-audience=%s" .Values.agent.nodeToken.audience | quote }}
-        - --agent-service-account={{ .Release.Namespace }}:{{ include "kiam.serviceAccountName.agent" . }}
         {{- end }}
         {{- if $server.prometheus.scrape }}
         - --prometheus-listen-addr=0.0.0.0:{{ $server.prometheus.port }}
@@ -143,9 +136,22 @@ spec:
         {{- end }}
         {{- include "kiam.extraArgs" .Values.extraArgs | nindent 8 }}
         {{- include "kiam.extraArgs" $server.extraArgs | nindent 8 }}
-      {{- with $server.extraEnv }}
+      {{- $token := include "kiam.agentToken" . }}
+      {{- if or $server.agentNodeBinding $token $server.extraEnv }}
       env:
-        {{- include "kiam.extraEnv" . | nindent 8 }}
+        # The settings that deploy/kustomize's components switch are given as each flag's KIAM_*
+        # variable, not as args, so that a component sets or deletes one by name.
+        {{- if $server.agentNodeBinding }}
+        - name: KIAM_AGENT_NODE_BINDING
+          value: "true"
+        {{- end }}
+        {{- if $token }}
+        - name: KIAM_AGENT_TOKEN_AUDIENCE
+          value: {{ .Values.agent.nodeToken.audience | quote }}
+        - name: KIAM_AGENT_SERVICE_ACCOUNT
+          value: {{ printf "%s:%s" .Release.Namespace (include "kiam.serviceAccountName.agent" .) }}
+        {{- end }}
+        {{- include "kiam.extraEnv" $server.extraEnv | nindent 8 }}
       {{- end }}
       securityContext:
         allowPrivilegeEscalation: false
