@@ -5,9 +5,11 @@
 //! - [`agent`]: the node's metadata endpoint. Identifies the pod by source IP, classifies the
 //!   path ([`policy::paths`]), mints IMDSv2 tokens, and asks a [`agent::Backend`].
 //! - [`client`]: the gRPC backend the agent and `kiam health` use (mutual TLS).
-//! - [`server`]: `kiam.KiamService` over a [`server::Core`]: pod lookup in [`cluster`], the
-//!   decision in [`policy`], and credentials from the single-flight cache in [`creds`], which
-//!   calls STS through [`aws`].
+//! - [`core`]: the request core both modes sit on ([`core::Core`]): pod lookup in [`cluster`],
+//!   the decision in [`policy`], and credentials from the single-flight cache in [`creds`],
+//!   which calls STS through [`aws`]; plus the prefetcher.
+//! - [`server`]: `kiam server`, `kiam.KiamService` and the node view over gRPC on the core.
+//! - [`kube2iam`]: kube2iam mode, the agent's metadata surface on an in-process core.
 //! - [`cluster`]: pods by IP and namespaces by name, fed by a [`cluster::Source`] (the
 //!   Kubernetes watch, or a manifest file).
 //! - [`explain`]: `kiam explain`, the server's decision chain for one pod, from the cluster or
@@ -26,6 +28,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod core;
 pub mod creds;
 pub mod explain;
 pub mod fuzz;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::{Backend, BackendError};
+use crate::core::{Ask, Core, Error};
 use crate::creds::{AssumeRole, ImdsDocument};
 use crate::metrics::Metrics;
 use crate::policy::Caller;
-use crate::server::{Ask, Core, Error};
 
 /// The core, asked directly.
 pub struct InProcess<A> {

@@ -30,9 +30,9 @@ use crate::aws::{Sts, StsConfig};
 use crate::cluster::events::NoEvents;
 use crate::cluster::kube::KubeSource;
 use crate::cluster::{Source, SourceError};
+use crate::core::Core;
 use crate::creds::AssumeRole;
 use crate::metrics::Metrics;
-use crate::server::Core;
 
 /// The metadata paths forwarded to the node by default: what pods commonly read (instance ID,
 /// placement, local address, the unsigned identity document), never user-data (which holds
@@ -84,15 +84,8 @@ pub async fn assemble<A: AssumeRole, S: Source, R: Runner>(
 ) -> Result<Option<Running<A, R>>, Kube2iamError> {
     let Deps { sts, source, listener, metrics_listener, metrics, iptables } = deps;
     let events = Arc::new(NoEvents);
-    let core = crate::server::start_core(
-        &config.settings,
-        sts,
-        source,
-        events,
-        Arc::clone(&metrics),
-        None,
-        &shutdown,
-    );
+    let core =
+        crate::core::start(&config.settings, sts, source, events, Arc::clone(&metrics), None, &shutdown);
     if let Some(listener) = metrics_listener {
         let mut app = crate::metrics::router(Arc::clone(&metrics));
         if config.debug {

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tonic::{Request, Response, Status};
 
-use super::core::Core;
+use crate::core::Core;
 use crate::creds::cache::EntryState;
 use crate::creds::{Identity, time};
 use crate::model::RoleArn;
