@@ -29,7 +29,7 @@ use crate::agent::iptables::{self, Runner};
 use crate::aws::{Sts, StsConfig};
 use crate::cluster::events::NoEvents;
 use crate::cluster::kube::KubeSource;
-use crate::cluster::{Source, SourceError};
+use crate::cluster::{Lookup, Source, SourceError};
 use crate::core::Core;
 use crate::creds::AssumeRole;
 use crate::metrics::Metrics;
@@ -123,13 +123,18 @@ async fn debug_store<A: AssumeRole>(
         return (StatusCode::FORBIDDEN, "/debug/store answers loopback callers only\n").into_response();
     }
     let (mut roles, mut namespaces) = (serde_json::Map::new(), serde_json::Map::new());
-    core.cluster().for_each_live_pod(|pod| {
-        if let Some(ip) = pod.ip {
-            let role = core.policy().effective_role(pod).unwrap_or_default();
+    let mut ips = std::collections::BTreeSet::new();
+    core.cluster().for_each_live_pod(|pod| ips.extend(pod.ip));
+    // Each address under the pod that owns it, by the rule every request follows
+    // (`model::ip_owner`): a terminating pod whose IP was reused is not listed, nor an IP that
+    // several pods claim.
+    for ip in ips {
+        if let Lookup::Found(pod) = core.cluster().pod_by_ip(ip) {
+            let role = core.policy().effective_role(&pod).unwrap_or_default();
             roles.insert(ip.to_string(), role.into());
             namespaces.insert(ip.to_string(), pod.namespace.clone().into());
         }
-    });
+    }
     let allowed: serde_json::Map<String, serde_json::Value> = core
         .cluster()
         .namespaces()
