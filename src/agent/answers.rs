@@ -254,11 +254,7 @@ pub async fn healthz<B>(agent: &Agent<B>) -> Result<Response, AgentError> {
     let Some(host) = agent.healthz else {
         return Err(AgentError::NotFound("/healthz is kube2iam mode's; use /health or /ping".into()));
     };
-    let status = |up: bool| {
-        if let Some(k) = &agent.metrics.kube2iam {
-            k.healthcheck_status.set(i64::from(up));
-        }
-    };
+    let status = |up: bool| agent.metrics.health_checked(up);
     let answer =
         agent.upstream.forward(&Method::GET, "/latest/meta-data/instance-id", &HeaderMap::new()).await;
     let instance = match answer {

@@ -28,16 +28,10 @@ impl<A> InProcess<A> {
 
     /// The agent's error kind for `error`, counted under kube2iam's names.
     fn error(&self, error: Error) -> BackendError {
-        if let Some(k) = self.metrics.kube2iam.as_ref() {
-            match error {
-                Error::PodNotFound(_) | Error::PodChanged(_) => {
-                    k.pod_not_in_pod_cache.inc();
-                }
-                Error::AmbiguousIp { .. } => {
-                    k.dup_req_count.inc();
-                }
-                _ => {}
-            }
+        match error {
+            Error::PodNotFound(_) | Error::PodChanged(_) => self.metrics.pod_not_found(),
+            Error::AmbiguousIp { .. } => self.metrics.ambiguous_ip(),
+            _ => {}
         }
         backend_error(&error)
     }
