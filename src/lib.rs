@@ -16,7 +16,9 @@
 //!   from manifests, plus the server's cache state through [`server::debug`].
 //! - [`cli`], [`telemetry`], [`tls`], [`pb`]: flags, logs, certificates, generated protobuf;
 //!   [`certs`] makes and inspects the certificates (`kiam certs`).
-//! - [`fuzz`]: the fuzz targets over every parser of untrusted input (SECURITY.md).
+//! - `fuzz`: the fuzz targets over every parser of untrusted input (SECURITY.md). A harness,
+//!   not part of the library: compiled for the unit tests (the smoke) and under cargo-fuzz
+//!   (`--cfg fuzzing`, the `fuzz/` crate) only.
 //! - [`webhook`]: `kiam webhook`, the admission webhook that sets opted-in pods up for the
 //!   agent's `GET /v1/credentials` (identity by projected token, EKS Pod Identity's contract).
 
@@ -31,6 +33,7 @@ pub mod cluster;
 pub mod core;
 pub mod creds;
 pub mod explain;
+#[cfg(any(test, fuzzing))]
 pub mod fuzz;
 pub mod health;
 pub mod kube2iam;
