@@ -18,10 +18,10 @@ use kiam::aws::Sts;
 use kiam::cluster::events::NoEvents;
 use kiam::cluster::kube::KubeSource;
 use kiam::cluster::{Cluster, Source};
+use kiam::core::{Ask, Core, prefetch};
 use kiam::creds::{AssumeRole, Clock, CredentialCache, Credentials, Identity, Lifetimes, StsError};
 use kiam::model::BaseArn;
 use kiam::policy::{Caller, Policy};
-use kiam::server::{Ask, Core, prefetch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

@@ -3,6 +3,9 @@
 //! answer). The same functions run as property tests in the normal test run (a bounded smoke,
 //! with the corpus under `fuzz/corpus/` replayed first) and under libFuzzer for long runs
 //! (`scripts/fuzz`, with cargo-fuzz on a nightly toolchain). SECURITY.md records the runs.
+//!
+//! Not part of the normal library: `lib.rs` compiles this module only for the unit tests and
+//! under cargo-fuzz, which builds every crate with `--cfg fuzzing`.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,7 +1,8 @@
 //! The answers the agent writes itself: the pod's role, its credentials (legacy and extended),
 //! `iam/info`, and `/health`. Each is answered from the node view when the pod is in it (one
 //! lookup of the view per request: role, verdict and credentials all come from that entry), and
-//! otherwise asks the [`Backend`] within the request's budget.
+//! otherwise asks the [`Backend`] within the request's budget. Either way a failure reaches the
+//! pod through [`answer`], as the backend's would.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
 use super::documents::{ExtendedDocument, IamInfo, role_account};
-use super::error::{AgentError, from_backend};
+use super::error::{AgentError, Endpoint, answer};
 use super::view::sync::fetch;
 use super::view::{Lookup, ViewEntry};
 use super::{Agent, Backend, BackendError};
@@ -56,7 +57,7 @@ async fn source<B>(agent: &Agent<B>, ip: IpAddr) -> Result<Source, AgentError> {
     let Some(node) = &agent.view else { return Ok(Source::Backend) };
     match node.view.lookup(ip, tokio::time::Instant::now() + agent.pod_wait).await {
         Lookup::Entry(entry) => Ok(Source::Entry(entry)),
-        Lookup::NoPod => Err(AgentError::NotFound(format!("no pod found for IP {ip}"))),
+        Lookup::NoPod => Err(answer(BackendError::PodNotFound, Endpoint::Metadata(ip))),
         Lookup::Unknown => Ok(Source::Backend),
     }
 }
@@ -77,7 +78,7 @@ async fn pod_role<'s, B: Backend>(
             .await
             .map_err(|e| {
                 agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
-                from_backend(e, ip)
+                answer(e, Endpoint::Metadata(ip))
             })?
             .map(Cow::Owned),
     };
@@ -187,7 +188,7 @@ async fn fetched<B: Backend>(
     }
     .map_err(|e| {
         agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
-        from_backend(e, ip)
+        answer(e, Endpoint::Metadata(ip))
     })?;
     let body = match account {
         Some(account_id) => serde_json::to_vec(&ExtendedDocument { credentials: &document, account_id }),
@@ -247,11 +248,7 @@ pub async fn healthz<B>(agent: &Agent<B>) -> Result<Response, AgentError> {
     let Some(host) = agent.healthz else {
         return Err(AgentError::NotFound("/healthz is kube2iam mode's; use /health or /ping".into()));
     };
-    let status = |up: bool| {
-        if let Some(k) = &agent.metrics.kube2iam {
-            k.healthcheck_status.set(i64::from(up));
-        }
-    };
+    let status = |up: bool| agent.metrics.health_checked(up);
     let Ok(instance) = agent.upstream.instance_id().await else {
         status(false);
         return Err(AgentError::Internal("the metadata service did not answer instance-id".into()));

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::documents::role_account;
-use super::error::AgentError;
+use super::error::{AgentError, Endpoint, answer};
 use super::{Agent, Backend, BackendError, ContainerCredentials};
 use crate::metrics::Handler;
 
@@ -62,20 +62,13 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, AgentError> {
 pub async fn credentials<B: Backend>(agent: &Agent<B>, headers: &HeaderMap) -> Result<Response, AgentError> {
     if !agent.backend.serves_pod_tokens() {
         // kube2iam mode: the pod is identified by its address only, as in kube2iam.
-        return Err(AgentError::NotFound(NOT_SERVED.into()));
+        return Err(answer(BackendError::NotServed(NOT_SERVED.into()), Endpoint::Container));
     }
     let token = bearer(headers)?;
     let label = Handler { handler: "containerCredentials" };
     let creds = agent.backend.token_credentials(token).await.map_err(|e| {
         agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
-        match e {
-            BackendError::PodNotFound => AgentError::Unauthorized("the token's pod is not running".into()),
-            BackendError::Forbidden => AgentError::Forbidden("forbidden by policy".into()),
-            BackendError::Unauthenticated(m) => AgentError::Unauthorized(m),
-            BackendError::NotServed(m) => AgentError::NotFound(m),
-            BackendError::Unavailable(m) => AgentError::Unavailable(format!("kiam server unavailable: {m}")),
-            BackendError::Failed(m) => AgentError::Internal(format!("error fetching credentials: {m}")),
-        }
+        answer(e, Endpoint::Container)
     })?;
     let body = serde_json::to_vec(&ContainerDocument::new(&creds)).map_err(|e| {
         agent.metrics.agent.credential_encode_errors.get_or_create(&label).inc();

@@ -1,5 +1,6 @@
-//! The agent's one error type, and the one place its failures become HTTP statuses (and where
-//! the backend's and the upstream's errors become the agent's).
+//! The agent's one error type, and the one place its failures become HTTP statuses: [`answer`]
+//! turns a backend's failure (either mode, either endpoint) into what the pod sees, and the
+//! upstream's errors become the agent's here too.
 //!
 //! Failures of the agent's peers (the kiam server, STS behind it, the node's metadata service)
 //! reach the pod as a short fixed text and a request ID; the full text, which can name the
@@ -102,15 +103,35 @@ impl IntoResponse for AgentError {
     }
 }
 
-/// The error for a backend failure on behalf of the pod at `ip`.
-pub fn from_backend(err: BackendError, ip: IpAddr) -> AgentError {
-    match err {
-        BackendError::PodNotFound => AgentError::NotFound(format!("no pod found for IP {ip}")),
-        BackendError::Forbidden => AgentError::Forbidden("forbidden by policy".into()),
-        BackendError::Unavailable(m) => AgentError::Unavailable(format!("kiam server unavailable: {m}")),
-        BackendError::Unauthenticated(m) => AgentError::Unauthorized(m),
-        BackendError::NotServed(m) => AgentError::NotFound(m),
-        BackendError::Failed(m) => AgentError::Internal(format!("error fetching credentials: {m}")),
+/// Where a pod asked: the metadata paths, which know the pod by its address, or
+/// `GET /v1/credentials`, which knows it by its token.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint {
+    /// The metadata paths, for the pod at this address.
+    Metadata(IpAddr),
+    /// `GET /v1/credentials`.
+    Container,
+}
+
+/// The one place a failure to answer for a pod becomes what the pod sees (with
+/// [`AgentError`]'s status and body), for both modes and both endpoints. Both modes report in
+/// [`BackendError`]'s kinds: kiam's agent reads them from the server's gRPC status
+/// (`agent/remote.rs`), kube2iam mode from the core's error (`kube2iam/backend.rs`), so an STS
+/// that throttles is 503 in both, and every SDK retries it.
+pub fn answer(err: BackendError, endpoint: Endpoint) -> AgentError {
+    match (err, endpoint) {
+        (BackendError::PodNotFound, Endpoint::Metadata(ip)) => {
+            AgentError::NotFound(format!("no pod found for IP {ip}"))
+        }
+        // A token names its pod: one that is not running is the token's failure, not a lookup's.
+        (BackendError::PodNotFound, Endpoint::Container) => {
+            AgentError::Unauthorized("the token's pod is not running".into())
+        }
+        (BackendError::Forbidden, _) => AgentError::Forbidden("forbidden by policy".into()),
+        (BackendError::Unavailable(m), _) => AgentError::Unavailable(format!("credentials unavailable: {m}")),
+        (BackendError::Unauthenticated(m), _) => AgentError::Unauthorized(m),
+        (BackendError::NotServed(m), _) => AgentError::NotFound(m),
+        (BackendError::Failed(m), _) => AgentError::Internal(format!("error fetching credentials: {m}")),
     }
 }
 
@@ -137,8 +158,8 @@ mod tests {
     async fn peers_failures_reach_the_pod_as_a_short_text_and_an_id() {
         let secret = "AccessDenied: User arn:aws:iam::999988887777:role/kiam-server is not authorized";
         for err in [
-            from_backend(BackendError::Failed(secret.into()), "10.0.0.1".parse().expect("ip")),
-            from_backend(BackendError::Unavailable(secret.into()), "10.0.0.1".parse().expect("ip")),
+            answer(BackendError::Failed(secret.into()), Endpoint::Metadata("10.0.0.1".parse().expect("ip"))),
+            answer(BackendError::Unavailable(secret.into()), Endpoint::Container),
             AgentError::Upstream(secret.into()),
         ] {
             let response = err.into_response();

@@ -15,7 +15,6 @@ use super::token::{LastToken, TOKEN_HEADER, TTL_HEADER, parse_ttl};
 use super::{Agent, Backend};
 use super::{answers, container};
 use crate::metrics::Handler;
-use crate::metrics::kube2iam::HttpCall;
 use crate::policy::paths::{Route, classify};
 
 /// The agent's answer to the request head `parts` from `peer`, on the connection that
@@ -41,14 +40,7 @@ pub async fn respond<B: Backend>(
     let (status, elapsed) = (response.status().as_u16(), started.elapsed());
     record(&agent.metrics.agent, handler_of(&route), status, elapsed);
     let method = &parts.method;
-    if let Some(k) = &agent.metrics.kube2iam {
-        let call = HttpCall {
-            code: status.to_string(),
-            method: method.to_string(),
-            handler: kube2iam_handler(&route),
-        };
-        k.http_request_duration.get_or_create(&call).observe(elapsed.as_secs_f64());
-    }
+    agent.metrics.http_answered(status, method.as_str(), || kube2iam_handler(&route), elapsed);
     let duration_ms = elapsed.as_millis() as u64;
     if status < 400 {
         tracing::debug!(pod.ip = %ip, %method, %path, status, duration_ms, "request");

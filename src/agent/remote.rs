@@ -34,7 +34,7 @@ pub fn backend_error(status: Status) -> BackendError {
 
 /// Maps a status of `PodTokens.Credentials`: there a denial is final whatever its text, and
 /// node binding's refusal (the pod is on another node) is a denial too.
-fn token_error(status: Status) -> BackendError {
+pub fn token_error(status: Status) -> BackendError {
     match status.code() {
         Code::PermissionDenied => BackendError::Forbidden,
         Code::Unauthenticated => BackendError::Unauthenticated(status.message().to_string()),

@@ -154,12 +154,14 @@ impl ServerArgs {
             inventory,
             autodetect_base_arn: autodetect,
             pending_assume_role,
-            settings: Settings {
+            core: crate::core::Settings {
                 policy,
                 lifetimes: Lifetimes { session: self.session_duration, refresh_lead: self.session_refresh },
                 session: self.policy.session.clone(),
                 fetchers: usize::from(self.fetchers),
                 prefetch_buffer: self.prefetch_buffer_size as usize,
+            },
+            settings: Settings {
                 node_binding: self.policy.agent_node_binding,
                 node_view: !self.disable_node_view,
                 agent_token_audience: self.agent_token_audience.clone(),

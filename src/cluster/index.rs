@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::Change;
-use crate::model::{NamespaceFacts, PodFacts, ServiceAccountFacts};
+use crate::model::{IpOwner, NamespaceFacts, PodFacts, ServiceAccountFacts, ip_owner};
 
 /// The pods found at one IP.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,7 +153,7 @@ impl PodIndex {
 
     /// Calls `f` with every pod that can still get credentials (not finished, not hostNetwork).
     pub fn for_each_live(&self, mut f: impl FnMut(&PodFacts)) {
-        self.pods.values().filter(|p| !p.phase.is_finished() && !p.host_network).for_each(|p| f(p));
+        self.pods.values().filter(|p| p.can_own_ip()).for_each(|p| f(p));
     }
 
     /// The pod called `name` in `namespace`, whatever its state.
@@ -161,25 +161,14 @@ impl PodIndex {
         self.pods.get(&(namespace.to_string(), name.to_string())).cloned()
     }
 
-    /// The pod that owns `ip`. Finished pods and hostNetwork pods never match. A terminating pod
-    /// keeps its IP until another live pod has it: a new pod on a reused IP wins, so it never
-    /// receives the old pod's credentials, and two live non-terminating pods are an error.
+    /// The pod that owns `ip`, by the one rule ([`ip_owner`]): finished and hostNetwork pods never
+    /// match, a terminating pod keeps its IP until another live pod has it, and two live
+    /// non-terminating pods are an error.
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
-        let candidates: Vec<&Arc<PodFacts>> = self
-            .by_ip
-            .get(&ip)
-            .into_iter()
-            .flatten()
-            .map(|slot| &slot.0)
-            .filter(|p| !p.phase.is_finished() && !p.host_network)
-            .collect();
-        let live: Vec<&&Arc<PodFacts>> = candidates.iter().filter(|p| !p.terminating).collect();
-        match (live.len(), candidates.len()) {
-            (1, _) => Lookup::Found(Arc::clone(live[0])),
-            (0, 1) => Lookup::Found(Arc::clone(candidates[0])),
-            (0, 0) => Lookup::NotFound,
-            (0, _) => Lookup::Ambiguous(candidates.into_iter().cloned().collect()),
-            _ => Lookup::Ambiguous(live.into_iter().map(|p| Arc::clone(p)).collect()),
+        match ip_owner(self.by_ip.get(&ip).into_iter().flatten().map(|slot| &slot.0)) {
+            IpOwner::One(pod) => Lookup::Found(Arc::clone(pod)),
+            IpOwner::Several(pods) => Lookup::Ambiguous(pods.into_iter().cloned().collect()),
+            IpOwner::Nobody => Lookup::NotFound,
         }
     }
 
@@ -277,7 +266,7 @@ impl PodIndex {
 
 /// Whether a pod's credentials should be fetched ahead of its first request.
 fn worth_announcing(before: Option<&PodFacts>, now: &PodFacts) -> bool {
-    let live = |p: &PodFacts| !p.phase.is_finished() && !p.host_network && p.role.is_some();
+    let live = |p: &PodFacts| p.can_own_ip() && p.role.is_some();
     live(now)
         && before.is_none_or(|b| {
             !live(b)

@@ -192,14 +192,8 @@ impl<A: AssumeRole> CredentialCache<A> {
             let code = e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind));
             m.sts_errors.get_or_create(&ErrorCode { code }).inc();
         }
-        if let Some(k) = &self.metrics.kube2iam {
-            let code = match &result {
-                Ok(_) => "Success".to_string(),
-                Err(e) => e.code.clone().unwrap_or_else(|| "UnknownError".into()),
-            };
-            let call = crate::metrics::kube2iam::IamCall { code, role_arn: identity.role.to_string() };
-            k.iam_request_duration.get_or_create(&call).observe(started.elapsed().as_secs_f64());
-        }
+        let error_code = result.as_ref().err().map(|e| e.code.as_deref().unwrap_or("UnknownError"));
+        self.metrics.sts_call(identity.role.as_str(), error_code, started.elapsed());
         result
     }
 
@@ -216,10 +210,7 @@ impl<A: AssumeRole> CredentialCache<A> {
         let entry = self.entry(identity);
         if let Some(c) = entry.current().filter(|c| self.lifetimes.is_fresh(c, (self.clock)())) {
             self.stats.hits.inc();
-            if let Some(k) = &self.metrics.kube2iam {
-                let role = crate::metrics::kube2iam::RoleLabel { role_arn: identity.role.to_string() };
-                k.iam_cache_hits.get_or_create(&role).inc();
-            }
+            self.metrics.cache_hit(identity.role.as_str());
             return Ok(c);
         }
         self.stats.misses.inc();

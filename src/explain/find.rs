@@ -1,7 +1,8 @@
 //! Finding the pod to explain exactly as the server would: the pods read from the cluster or
-//! the manifests are fed to the server's own [`PodIndex`], and its `lookup` decides who owns an
-//! IP (finished and hostNetwork pods never match, a terminating pod keeps its IP until another
-//! live pod has it, and several live pods on one IP are an error).
+//! the manifests are fed to the server's own [`PodIndex`], whose `lookup` applies the one rule
+//! for who owns an IP ([`crate::model::ip_owner`]: finished and hostNetwork pods never match, a
+//! terminating pod keeps its IP until another live pod has it, and several live pods on one IP
+//! are an error).
 
 use std::net::IpAddr;
 
@@ -44,9 +45,9 @@ fn index(pods: &[PodFacts]) -> PodIndex {
     index
 }
 
-/// Whether the server ever matches `pod` by its IP.
+/// Whether the server never matches `pod` by its IP (the one rule, [`PodFacts::can_own_ip`]).
 fn skipped(pod: &PodFacts) -> bool {
-    pod.host_network || pod.phase.is_finished()
+    !pod.can_own_ip()
 }
 
 /// The pod `namespace/name` among `pods` (which should hold every pod sharing its IP).

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::{Backend, BackendError};
-use crate::creds::{AssumeRole, ImdsDocument};
+use crate::core::{Ask, Core, Error};
+use crate::creds::{AssumeRole, ImdsDocument, StsErrorKind};
 use crate::metrics::Metrics;
 use crate::policy::Caller;
-use crate::server::{Ask, Core, Error};
 
 /// The core, asked directly.
 pub struct InProcess<A> {
@@ -26,25 +26,30 @@ impl<A> InProcess<A> {
         InProcess { core, metrics, wait }
     }
 
+    /// The agent's error kind for `error`, counted under kube2iam's names.
     fn error(&self, error: Error) -> BackendError {
-        let k = self.metrics.kube2iam.as_ref();
         match error {
-            Error::PodNotFound(_) | Error::PodChanged(_) => {
-                if let Some(k) = k {
-                    k.pod_not_in_pod_cache.inc();
-                }
-                BackendError::PodNotFound
-            }
-            Error::AmbiguousIp { .. } => {
-                if let Some(k) = k {
-                    k.dup_req_count.inc();
-                }
-                BackendError::Failed(error.to_string())
-            }
-            Error::Forbidden { .. } | Error::Node(_) | Error::DebugCertificate => BackendError::Forbidden,
-            Error::InvalidIp(_) | Error::Sts(_) | Error::PodGone(_) => {
-                BackendError::Failed(error.to_string())
-            }
+            Error::PodNotFound(_) | Error::PodChanged(_) => self.metrics.pod_not_found(),
+            Error::AmbiguousIp { .. } => self.metrics.ambiguous_ip(),
+            _ => {}
+        }
+        backend_error(&error)
+    }
+}
+
+/// The agent's error kind for a core error: the kind kiam's agent reads from the server's gRPC
+/// status for the same error (`agent/remote.rs`), so that a pod sees the same answer in both
+/// modes (`agent::error::answer`). A throttled STS is worth retrying: unavailable, 503.
+pub fn backend_error(error: &Error) -> BackendError {
+    match error {
+        Error::PodNotFound(_) | Error::PodChanged(_) => BackendError::PodNotFound,
+        Error::Forbidden { .. } | Error::Node(_) | Error::DebugCertificate => BackendError::Forbidden,
+        Error::PodGone(_) => BackendError::Unauthenticated(error.to_string()),
+        Error::Sts(sts) if sts.kind == StsErrorKind::Throttled => {
+            BackendError::Unavailable(error.to_string())
+        }
+        Error::AmbiguousIp { .. } | Error::InvalidIp(_) | Error::Sts(_) => {
+            BackendError::Failed(error.to_string())
         }
     }
 }

@@ -10,12 +10,12 @@ use super::flags::Kube2iamArgs;
 use crate::agent::iptables::{self, DEFAULT_CHAIN, Interface};
 use crate::cluster::kube::KubeAccess;
 use crate::cluster::project::Projection;
+use crate::core::Settings;
 use crate::creds::Lifetimes;
 use crate::model::BaseArn;
 use crate::policy::Policy;
 use crate::policy::kube2iam::{PatternFormat, Rules};
 use crate::policy::paths::AllowRoutes;
-use crate::server::Settings;
 
 /// STS refuses sessions shorter than this; kube2iam asks for twice the session TTL.
 const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -23,7 +23,7 @@ const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
 /// Everything kube2iam mode runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Policy, lifetimes, prefetch: the server's core settings with kube2iam's rules.
+    /// Policy, lifetimes, prefetch: the request core's settings, with kube2iam's rules.
     pub settings: Settings,
     /// The metadata endpoint, as an agent without a server link.
     pub agent: crate::agent::Config,
@@ -181,13 +181,6 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         session: "kube2iam".into(),
         fetchers: 8,
         prefetch_buffer: 1000,
-        node_binding: false,
-        node_view: false,
-        agent_token_audience: String::new(),
-        pod_token_audience: String::new(),
-        agent_service_account: String::new(),
-        readiness_taint: None,
-        readiness_reapply: false,
     };
     let projection = Projection {
         role_key: args.iam_role_key.clone(),

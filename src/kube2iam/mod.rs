@@ -29,10 +29,10 @@ use crate::agent::iptables::{self, Runner};
 use crate::aws::{Sts, StsConfig};
 use crate::cluster::events::NoEvents;
 use crate::cluster::kube::KubeSource;
-use crate::cluster::{Source, SourceError};
+use crate::cluster::{Lookup, Source, SourceError};
+use crate::core::Core;
 use crate::creds::AssumeRole;
 use crate::metrics::Metrics;
-use crate::server::Core;
 
 /// The metadata paths forwarded to the node by default: what pods commonly read (instance ID,
 /// placement, local address, the unsigned identity document), never user-data (which holds
@@ -84,15 +84,8 @@ pub async fn assemble<A: AssumeRole, S: Source, R: Runner>(
 ) -> Result<Option<Running<A, R>>, Kube2iamError> {
     let Deps { sts, source, listener, metrics_listener, metrics, iptables } = deps;
     let events = Arc::new(NoEvents);
-    let core = crate::server::start_core(
-        &config.settings,
-        sts,
-        source,
-        events,
-        Arc::clone(&metrics),
-        None,
-        &shutdown,
-    );
+    let core =
+        crate::core::start(&config.settings, sts, source, events, Arc::clone(&metrics), None, &shutdown);
     if let Some(listener) = metrics_listener {
         let mut app = crate::metrics::router(Arc::clone(&metrics));
         if config.debug {
@@ -130,13 +123,18 @@ async fn debug_store<A: AssumeRole>(
         return (StatusCode::FORBIDDEN, "/debug/store answers loopback callers only\n").into_response();
     }
     let (mut roles, mut namespaces) = (serde_json::Map::new(), serde_json::Map::new());
-    core.cluster().for_each_live_pod(|pod| {
-        if let Some(ip) = pod.ip {
-            let role = core.policy().effective_role(pod).unwrap_or_default();
+    let mut ips = std::collections::BTreeSet::new();
+    core.cluster().for_each_live_pod(|pod| ips.extend(pod.ip));
+    // Each address under the pod that owns it, by the rule every request follows
+    // (`model::ip_owner`): a terminating pod whose IP was reused is not listed, nor an IP that
+    // several pods claim.
+    for ip in ips {
+        if let Lookup::Found(pod) = core.cluster().pod_by_ip(ip) {
+            let role = core.policy().effective_role(&pod).unwrap_or_default();
             roles.insert(ip.to_string(), role.into());
             namespaces.insert(ip.to_string(), pod.namespace.clone().into());
         }
-    });
+    }
     let allowed: serde_json::Map<String, serde_json::Value> = core
         .cluster()
         .namespaces()

@@ -2,6 +2,8 @@
 //! that existing dashboards keep working after the switch. The role label is bounded by the
 //! roles in use, never by pods.
 
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -106,5 +108,69 @@ impl Kube2iamMetrics {
             self.healthcheck_status.clone(),
         );
         r.register("info", "Build information", self.info.clone());
+    }
+}
+
+/// The events whose series depend on the mode: each counts kiam's own series where its caller
+/// does, and kube2iam's here, in kube2iam mode only.
+impl super::Metrics {
+    fn kube2iam(&self) -> Option<&Kube2iamMetrics> {
+        match &self.mode {
+            super::Mode::Kube2iam(families) => Some(families),
+            super::Mode::Kiam => None,
+        }
+    }
+
+    /// An STS call for `role_arn` ended after `elapsed`, with AWS's error code on failure
+    /// (`None` when it succeeded).
+    pub fn sts_call(&self, role_arn: &str, error_code: Option<&str>, elapsed: Duration) {
+        if let Some(k) = self.kube2iam() {
+            let code = error_code.unwrap_or("Success").to_string();
+            let call = IamCall { code, role_arn: role_arn.to_string() };
+            k.iam_request_duration.get_or_create(&call).observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Credentials for `role_arn` were served from the cache.
+    pub fn cache_hit(&self, role_arn: &str) {
+        if let Some(k) = self.kube2iam() {
+            k.iam_cache_hits.get_or_create(&RoleLabel { role_arn: role_arn.to_string() }).inc();
+        }
+    }
+
+    /// The metadata endpoint answered `status` to `method` after `elapsed`; `handler` names the
+    /// route kube2iam's way (called only in kube2iam mode).
+    pub fn http_answered(
+        &self,
+        status: u16,
+        method: &str,
+        handler: impl FnOnce() -> &'static str,
+        elapsed: Duration,
+    ) {
+        if let Some(k) = self.kube2iam() {
+            let call = HttpCall { code: status.to_string(), method: method.to_string(), handler: handler() };
+            k.http_request_duration.get_or_create(&call).observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// kube2iam's `/healthz` found the node's metadata service up or down.
+    pub fn health_checked(&self, up: bool) {
+        if let Some(k) = self.kube2iam() {
+            k.healthcheck_status.set(i64::from(up));
+        }
+    }
+
+    /// A request came from an IP no known pod has.
+    pub fn pod_not_found(&self) {
+        if let Some(k) = self.kube2iam() {
+            k.pod_not_in_pod_cache.inc();
+        }
+    }
+
+    /// A request came from an IP several pods claim (and was refused).
+    pub fn ambiguous_ip(&self) {
+        if let Some(k) = self.kube2iam() {
+            k.dup_req_count.inc();
+        }
     }
 }

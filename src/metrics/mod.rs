@@ -3,6 +3,10 @@
 //! have bounded values only (never a pod name or an IP). [`serve`] exposes them on
 //! `--prometheus-listen-addr`, a listener of its own, never the agent's metadata port.
 //!
+//! The handle knows its process's mode ([`Mode`]): a shared component reports an event once
+//! (an STS call, a cache hit, an answered request) and the handle counts it under the mode's
+//! own names too (kube2iam's, in [`kube2iam`]).
+//!
 //! Every component counts into the one [`Metrics`] it is given (clones of a counter share its
 //! value), so nothing is copied in at scrape time; a scrape only adds up the per-thread shards
 //! of the agent's hit series ([`sharded`]), and the `process_*` collector reads the kernel's
@@ -74,8 +78,18 @@ pub struct Metrics {
     pub tls_server: TlsGauges,
     pub tls_client: TlsGauges,
     pub process: ProcessMetrics,
-    /// kube2iam's families, in kube2iam mode only.
-    pub kube2iam: Option<kube2iam::Kube2iamMetrics>,
+    /// The process's mode, and with it the families only that mode has: what the
+    /// mode-specific methods ([`kube2iam`]) count into, so callers never ask.
+    mode: Mode,
+}
+
+/// Which process the metrics belong to.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// kiam's agent or server (or any other `kiam` command): kiam's families only.
+    Kiam,
+    /// kube2iam mode: kube2iam's `kube2iam_*` families as well.
+    Kube2iam(kube2iam::Kube2iamMetrics),
 }
 
 impl Default for Metrics {
@@ -90,7 +104,7 @@ impl Default for Metrics {
             tls_server: TlsGauges::default(),
             tls_client: TlsGauges::default(),
             process: ProcessMetrics::default(),
-            kube2iam: None,
+            mode: Mode::Kiam,
         };
         m.agent.register(&mut registry);
         m.server.register(&mut registry);
@@ -111,8 +125,13 @@ impl Metrics {
         families.register(&mut metrics.registry);
         let info = kube2iam::Info { version: env!("CARGO_PKG_VERSION"), build_date: "", commit_hash: "" };
         families.info.get_or_create(&info).set(1);
-        metrics.kube2iam = Some(families);
+        metrics.mode = Mode::Kube2iam(families);
         metrics
+    }
+
+    /// The process's mode.
+    pub fn mode(&self) -> &Mode {
+        &self.mode
     }
 
     /// The text exposition of every metric, refreshed.

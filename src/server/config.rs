@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::aws::StsConfig;
-use crate::creds::Lifetimes;
 use crate::model::{BaseArn, RoleArn, RoleError};
-use crate::policy::Policy;
 use crate::tls::TlsFiles;
 
 /// Where the server learns about pods and namespaces.
@@ -20,17 +18,9 @@ pub enum Inventory {
     File(PathBuf),
 }
 
-/// How the server decides and caches: everything but its listener, TLS and sources.
+/// What the server adds to the core's settings: node binding, the node view, tokens, readiness.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub policy: Policy,
-    pub lifetimes: Lifetimes,
-    /// `--session`: the session-name suffix for pods without the annotation.
-    pub session: String,
-    /// `--fetchers`: prefetch workers, and the bound on STS calls in flight.
-    pub fetchers: usize,
-    /// `--prefetch-buffer-size`: announcements waiting for a worker.
-    pub prefetch_buffer: usize,
     /// `--agent-node-binding`: answer an agent only about pods on the node it proves.
     pub node_binding: bool,
     /// Serve agents the node view (`--disable-node-view` turns it off).
@@ -73,6 +63,8 @@ pub struct Config {
     pub autodetect_base_arn: bool,
     /// A short `--assume-role-arn` that can only be resolved once the base ARN is detected.
     pub pending_assume_role: Option<String>,
+    /// How the request core decides and caches (shared with kube2iam mode).
+    pub core: crate::core::Settings,
     pub settings: Settings,
     pub grpc: GrpcSettings,
     /// STS, with `--assume-role-arn` already resolved to a full ARN.
@@ -137,10 +129,10 @@ impl Config {
         let base = crate::aws::detect_base_arn().await.map_err(ConfigError::Autodetect)?;
         tracing::info!(base_arn = base.as_str(), "role base ARN detected from the instance profile");
         if let Some(role) = self.pending_assume_role.take() {
-            let arn = resolve_assume_role(&role, Some(&base), self.settings.lifetimes.session)?;
+            let arn = resolve_assume_role(&role, Some(&base), self.core.lifetimes.session)?;
             self.sts.assume_role_arn = Some(arn.to_string());
         }
-        self.settings.policy.base_arn = Some(base);
+        self.core.policy.base_arn = Some(base);
         Ok(self)
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 
 use super::access::{Grant, authorize};
-use super::core::Core;
+use crate::core::Core;
 use crate::creds::cache::EntryState;
 use crate::creds::{Identity, time};
 use crate::model::RoleArn;

@@ -6,15 +6,12 @@
 
 pub mod access;
 pub mod config;
-pub mod core;
 pub mod debug;
 pub mod grpc;
 pub mod identity;
 pub mod idle;
 pub mod node_service;
-pub mod pitfalls;
 pub mod pod_token;
-pub mod prefetch;
 pub mod readiness;
 pub mod service;
 pub mod token_service;
@@ -30,14 +27,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::{Config, ConfigError, GrpcSettings, Inventory, Settings};
-pub use self::core::{Ask, Core, Error, TokenAsk};
 pub use self::identity::DEFAULT_POD_TOKEN_AUDIENCE;
 use crate::aws::Sts;
 use crate::cluster::events::{EventSink, KubeEvents, NoEvents};
 use crate::cluster::file::FileSource;
 use crate::cluster::kube::KubeSource;
 use crate::cluster::{Cluster, Source, SourceError};
-use crate::creds::{AssumeRole, CredentialCache};
+use crate::core::Core;
+use crate::creds::AssumeRole;
 use crate::metrics::Metrics;
 use crate::tls::reload::{Reloading, Side};
 use crate::tls::{self};
@@ -106,7 +103,7 @@ pub async fn open_inventory(
             let source = KubeSource::connect(path.clone())
                 .await?
                 .watching_for(config.watch_timeout)
-                .with_service_accounts(config.settings.policy.service_account_roles);
+                .with_service_accounts(config.core.policy.service_account_roles);
             let events = KubeEvents::new(source.client(), config.pod_name.clone(), shutdown.clone());
             let settings = &config.settings;
             let tokens = TokenVerifier::new(
@@ -169,7 +166,7 @@ impl<A> Server<A> {
     }
 }
 
-/// Assembles a server: loads its TLS material (and follows rotation), builds the cluster view,
+/// Assembles a server on the request core ([`crate::core`]): loads its TLS material (and follows rotation), builds the cluster view,
 /// the cache and the core, starts the source and the prefetcher, waits until both caches have
 /// synced, and then serves. Returns `None` when `shutdown` fires before the caches sync.
 pub async fn assemble<A: AssumeRole, S: Source>(
@@ -192,7 +189,7 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     }
     let hub = Arc::new(hub);
     let fence = settings.node_view.then(|| Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
-    let core = start_core(settings, sts, source, events, Arc::clone(&metrics), fence, &shutdown);
+    let core = crate::core::start(&config.core, sts, source, events, Arc::clone(&metrics), fence, &shutdown);
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics), shutdown.clone()));
     }
@@ -221,43 +218,6 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     let task =
         tokio::spawn(async move { grpc::run(listener, tls, services, &grpc_settings, shutdown).await });
     Ok(Some(Server { core, addr, task }))
-}
-
-/// Builds the core (cluster view, cache, policy) and starts what feeds it: the source of pods
-/// and namespaces and the prefetcher. Used by [`assemble`] and by kube2iam mode, which runs
-/// the same core in every node's process. The caller serves it once its cluster has synced.
-pub fn start_core<A: AssumeRole, S: Source>(
-    settings: &Settings,
-    sts: A,
-    source: S,
-    events: Arc<dyn EventSink>,
-    metrics: Arc<Metrics>,
-    fence: Option<Arc<dyn crate::cluster::Fence>>,
-    shutdown: &CancellationToken,
-) -> Arc<Core<A>> {
-    let (announce, announcements) = mpsc::channel(settings.prefetch_buffer.max(1));
-    let cluster = Arc::new(Cluster::new(Some(announce), Arc::clone(&metrics)));
-    if let Some(fence) = fence {
-        cluster.set_fence(fence);
-    }
-    if settings.policy.kube2iam.is_none() {
-        let warnings = pitfalls::NameOnlyWarnings::new(settings.policy.clone());
-        cluster.set_namespace_check(Arc::new(move |ns| {
-            warnings.check(ns);
-        }));
-    }
-    let cache = CredentialCache::new(sts, settings.lifetimes, settings.fetchers, Arc::clone(&metrics));
-    let policy = settings.policy.clone();
-    let core = Core::new(Arc::clone(&cluster), policy, cache, settings.session.clone(), events, metrics);
-    let core = Arc::new(core);
-    let source_stop = shutdown.clone();
-    crate::task::spawn_until(shutdown, async move {
-        if let Err(error) = source.run(cluster, source_stop).await {
-            tracing::error!(%error, "pod/namespace source stopped");
-        }
-    });
-    prefetch::spawn(Arc::clone(&core), announcements, settings.fetchers, shutdown.clone());
-    core
 }
 
 /// Runs the server process until `shutdown`.

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::access::authorize;
-use super::core::{Ask, Core, parse_ip};
 use super::identity::Identities;
 use super::service::{Rpc, pod_wait, status};
 use super::view::{self, Hub, Outgoing};
+use crate::core::{Ask, Core, parse_ip};
 use crate::creds::AssumeRole;
 use crate::pb::node::{self as pb, agent_message};
 use crate::policy::Caller;

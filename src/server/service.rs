@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tonic::{Code, Request, Response, Status};
 
 use super::access::{Denied, Grant, authorize};
-use super::core::{Ask, Core, Error, parse_ip};
 use super::identity::Identities;
+use crate::core::{Ask, Core, Error, parse_ip};
 use crate::creds::{AssumeRole, StsErrorKind};
 use crate::pb;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::access::{Grant, authorize};
-use super::core::{Core, TokenAsk};
 use super::identity::Identities;
 use super::pod_token::TokenRefusal;
 use super::service::{Rpc, pod_wait, status};
+use crate::core::{Core, TokenAsk};
 use crate::creds::AssumeRole;
 use crate::creds::wire::token_reply;
 use crate::pb::token as pb;

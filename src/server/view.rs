@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::core::Core;
 use crate::cluster::{Fence, FenceGuard, Lookup};
+use crate::core::Core;
 use crate::creds::AssumeRole;
 use crate::pb::node::{self as pb, view_message::Kind};
 

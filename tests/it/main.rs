@@ -20,6 +20,7 @@ mod e2e;
 mod events;
 mod explain;
 mod failover;
+mod failures;
 mod fake_kube_tests;
 mod faults;
 mod faults_process;

@@ -1,7 +1,7 @@
-//! The server's request path, free of gRPC. One function answers each request, top to bottom,
-//! on one lookup of the pod: lookup → node check → namespace → policy decision → cache. The gRPC
-//! service is a thin wrapper over it; a check and the action it guards are never made on two
-//! reads of the cluster.
+//! The request path, free of any protocol. One function answers each request, top to bottom,
+//! on one lookup of the pod: lookup → node check → namespace → policy decision → cache. kiam's
+//! gRPC service and kube2iam mode's in-process backend are thin wrappers over it; a check and
+//! the action it guards are never made on two reads of the cluster.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -22,7 +22,8 @@ use crate::policy::{Caller, Denial, NodeDenial, Policy, check_node, role};
 /// they get.
 pub const TERMINATING_GRACE: Duration = Duration::from_millis(500);
 
-/// Why a request failed; mapped to a gRPC status in exactly one place (`service.rs`).
+/// Why a request failed; mapped to a gRPC status in one place (`server/service.rs`) and to what a
+/// pod sees in one place (`agent/error.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request's IP is not an IP address.
@@ -348,5 +349,5 @@ pub fn parse_ip(ip: &str) -> Result<IpAddr, Error> {
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
+#[path = "request_tests.rs"]
 mod tests;
