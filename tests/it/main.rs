@@ -11,6 +11,7 @@ mod binary;
 mod certs;
 mod deploy;
 mod deploy_cases;
+mod deploy_compat;
 mod deploy_kube2iam;
 mod e2e;
 mod events;

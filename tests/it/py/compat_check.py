@@ -30,8 +30,9 @@ import compat_kube2iam  # noqa: E402
 from deploy_check import CHART, NAMESPACE, RELEASE, validate  # noqa: E402
 
 
-class StrictLoader(yaml.SafeLoader):
-    """YAML that refuses a mapping key given twice, as Helm's and kubectl's decoders do."""
+class StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """YAML that refuses a mapping key given twice, as Helm's and kubectl's decoders do (parsed
+    by libyaml when PyYAML has it: a few hundred renderings are read)."""
 
 
 def _strict_mapping(loader, node, deep=False):
@@ -41,7 +42,7 @@ def _strict_mapping(loader, node, deep=False):
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep)
 
 
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
@@ -73,9 +74,25 @@ def render(values):
     return copy.deepcopy(result)
 
 
+_CHART = []
+_VALID = set()
+
+
+def check_objects(objects, version, where, errors):
+    """validate() for the objects not seen before: most objects of a change are the same as
+    before it, and schema validation is the costly part."""
+    fresh = [o for o in objects if json.dumps(o, sort_keys=True) not in _VALID]
+    before = len(errors)
+    validate(fresh, version, where, errors)
+    if len(errors) == before:
+        _VALID.update(json.dumps(o, sort_keys=True) for o in fresh)
+
+
 def _render(values):
+    if not _CHART:
+        _CHART.append(helm_python.Chart.load(str(CHART)))
     try:
-        files = helm_python.Chart.load(str(CHART)).render(values=values, name=RELEASE, namespace=NAMESPACE)
+        files = _CHART[0].render(values=values, name=RELEASE, namespace=NAMESPACE)
     except helm_python.errors.HelmError as e:
         raise Refused(str(e)) from e
     objects = []
@@ -136,7 +153,7 @@ def run_module(module, version, report):
         except (Refused, yaml.YAMLError) as e:
             errors.append(label(f"{name} with a kiam-rs image: {e}"))
             continue
-        validate(objects, version, label(name), errors)
+        check_objects(objects, version, label(name), errors)
         cases[label(name)] = objects
         for problem in module.check_file(name, objects):
             errors.append(label(f"{name}: {problem}"))
@@ -173,7 +190,7 @@ def run_module(module, version, report):
         if change.refused is not None:
             errors.append(f"{name}: rendered, but must be refused naming {module.key_of(change.path)}")
             continue
-        validate(got, version, name, errors)
+        check_objects(got, version, name, errors)
         cases[name] = got
         if change.same != (got == want):
             errors.append(f"{name}: the render {'changed' if change.same else 'did not change'}")

@@ -86,8 +86,8 @@ SM_ON = {"prometheus.serviceMonitor.enabled": True}
 SVC_NAME = "kiam-kube2iam"
 
 CHANGES = [
-    change("extraArgs", {"base-role-arn": "arn:aws:iam::123456789012:role/", "default-role": "d", "auto-discover-default-role": None},
-           arg(C, "--base-role-arn=arn:aws:iam::123456789012:role/", "--default-role=d", "--auto-discover-default-role")),
+    change("extraArgs", {"base-role-arn": "arn:aws:iam::123456789012:role/", "default-role": "d", "namespace-restrictions": None},
+           arg(C, "--base-role-arn=arn:aws:iam::123456789012:role/", "--default-role=d", "--namespace-restrictions")),
     refuse("extraArgs", {"auto-discover-base-arn": False}, "bare --auto-discover-base-arn"),
     change("extraEnv", {"HTTPS_PROXY": "http://proxy:3128"}, env(C, "HTTPS_PROXY", "http://proxy:3128")),
     change("host.ip", "10.0.0.9", arg(C, "--host-ip=10.0.0.9")),
