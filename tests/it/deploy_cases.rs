@@ -116,7 +116,7 @@ fn default(r: &Rendered) {
         assert_eq!(secret_keys(r, name), ["ca", "cert", "key"]);
     }
     assert_eq!(r.json("Secret/kiam-agent")["data"]["ca"], r.json("Secret/kiam-server")["data"]["ca"]);
-    assert!(r.has("PodDisruptionBudget/kiam-server"));
+    assert!(!r.has("PodDisruptionBudget/kiam-server"), "no budget over a DaemonSet: drains skip its pods");
     assert!(!r.has("NetworkPolicy/kiam-server") && r.kinds("ServiceMonitor").is_empty());
 }
 
@@ -170,7 +170,7 @@ fn kiam_values(r: &Rendered) {
     ] {
         assert!(has(&args, flag), "{flag} in {args:?}");
     }
-    assert!(!args.iter().any(|a| a.contains("allow-ip-query")), "false extraArgs are left out");
+    assert!(has(&args, "--allow-ip-query=false"), "a \"false\" string is passed as written");
     let path = &r.json("DaemonSet/kiam-agent")["spec"]["template"]["spec"]["containers"][0]["livenessProbe"];
     assert_eq!(path["httpGet"]["path"], "/health?deep=1");
     let mounts: Vec<_> = agent.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();

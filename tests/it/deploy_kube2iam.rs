@@ -126,7 +126,10 @@ fn kube2iam_values(r: &Rendered) {
     assert!(args.namespace_restrictions && args.debug && args.verbose);
     assert_eq!(args.namespace_restriction_format, "regexp");
     assert!(!args.auto_discover_base_arn);
-    assert!(!r.args("kube2iam").iter().any(|a| a.contains("auto-discover")), "false extraArgs are left out");
+    assert!(
+        r.args("kube2iam").iter().any(|a| a == "--auto-discover-base-arn=false"),
+        "a \"false\" string as written"
+    );
     let container = r.container("kube2iam");
     assert_eq!(container.image.as_deref(), Some("registry.example/kiam-rs:v1"));
     assert_eq!(env_value(container, "AWS_REGION").as_deref(), Some("eu-west-1"));

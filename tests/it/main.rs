@@ -14,6 +14,7 @@ mod certs_renew;
 mod deploy;
 mod deploy_cases;
 mod deploy_helm_test;
+mod deploy_compat;
 mod deploy_kube2iam;
 mod deploy_kustomize;
 mod e2e;

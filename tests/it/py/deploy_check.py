@@ -76,7 +76,7 @@ CASES = {
             "whiteListRouteRegexp": "^/latest/meta-data/placement/",
             "host": {"iptables": True, "interface": "!eth0", "port": 8181},
             "keepaliveParams": {"time": "10s", "permitWithoutStream": True},
-            "extraArgs": {"iptables-check-interval": "10s", "allow-ip-query": False},
+            "extraArgs": {"iptables-check-interval": "10s", "allow-ip-query": "false"},
             "extraEnv": [{"name": "AWS_REGION", "value": "eu-west-1"}],
             "tlsSecret": "kiam-agent-tls",
             "deepLivenessProbe": True,
@@ -131,6 +131,7 @@ CASES = {
     },
     "hardened": {
         "server": {
+            "deployment": {"enabled": True},
             "useHostNetwork": True,
             "priorityClassName": "system-cluster-critical",
             "podDisruptionBudget": {"maxUnavailable": 2},
@@ -178,7 +179,7 @@ CASES = {
                 "namespace-restrictions": True,
                 "namespace-restriction-format": "regexp",
                 "debug": "",
-                "auto-discover-base-arn": False,
+                "auto-discover-base-arn": "false",
             },
             "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"},
             "aws": {"region": "eu-west-1"},

@@ -43,9 +43,29 @@ component: {{ .component | quote }}
 release: {{ .root.Release.Name }}
 {{- end -}}
 
+{{/*
+Per-component full names, as the community kiam chart computes them for its ServiceAccounts:
+agent.fullnameOverride / server.fullnameOverride, else <release>-<component name> (the release
+name holding the chart name) or <release>-<name>-<component name>. fullnameOverride does not
+reach them there, so it does not here: IRSA trust policies and RBAC bindings name these.
+*/}}
+{{- define "kiam.componentFullname" -}}
+{{- $values := index .root.Values .component -}}
+{{- if $values.fullnameOverride -}}
+{{- $values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default "kiam" .root.Values.nameOverride -}}
+{{- if contains $name .root.Release.Name -}}
+{{- printf "%s-%s" .root.Release.Name $values.name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s-%s" .root.Release.Name $name $values.name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "kiam.serviceAccountName.agent" -}}
 {{- if .Values.serviceAccounts.agent.create -}}
-{{- default (printf "%s-agent" (include "kiam.fullname" .)) .Values.serviceAccounts.agent.name -}}
+{{- default (include "kiam.componentFullname" (dict "root" . "component" "agent")) .Values.serviceAccounts.agent.name -}}
 {{- else -}}
 {{- default "default" .Values.serviceAccounts.agent.name -}}
 {{- end -}}
@@ -53,15 +73,41 @@ release: {{ .root.Release.Name }}
 
 {{- define "kiam.serviceAccountName.server" -}}
 {{- if .Values.serviceAccounts.server.create -}}
-{{- default (printf "%s-server" (include "kiam.fullname" .)) .Values.serviceAccounts.server.name -}}
+{{- default (include "kiam.componentFullname" (dict "root" . "component" "server")) .Values.serviceAccounts.server.name -}}
 {{- else -}}
 {{- default "default" .Values.serviceAccounts.server.name -}}
 {{- end -}}
 {{- end -}}
 
+{{/*
+kube2iam mode's name: <fullname>-kube2iam, or with kube2iam.nameOverride as kube2iam's chart
+names its objects (<release>-<nameOverride>, or the release name alone when they are equal).
+*/}}
+{{- define "kiam.kube2iam.fullname" -}}
+{{- with .Values.kube2iam.nameOverride -}}
+{{- if ne . $.Release.Name -}}
+{{- printf "%s-%s" $.Release.Name . | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- . | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- else -}}
+{{- printf "%s-kube2iam" (include "kiam.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the chart makes kube2iam mode's ServiceAccount and ClusterRole: rbac.create and
+kube2iam.rbac.create (kube2iam's chart key; false there means "use rbac.serviceAccountName").
+*/}}
+{{- define "kiam.kube2iam.rbac" -}}
+{{- if and .Values.rbac.create (ne (toString .Values.kube2iam.rbac.create) "false") -}}true{{- end -}}
+{{- end -}}
+
 {{- define "kiam.serviceAccountName.kube2iam" -}}
-{{- if .Values.serviceAccounts.kube2iam.create -}}
-{{- default (printf "%s-kube2iam" (include "kiam.fullname" .)) .Values.serviceAccounts.kube2iam.name -}}
+{{- if eq (toString .Values.kube2iam.rbac.create) "false" -}}
+{{- default "default" .Values.kube2iam.rbac.serviceAccountName -}}
+{{- else if .Values.serviceAccounts.kube2iam.create -}}
+{{- default (include "kiam.kube2iam.fullname" .) .Values.serviceAccounts.kube2iam.name -}}
 {{- else -}}
 {{- default "default" .Values.serviceAccounts.kube2iam.name -}}
 {{- end -}}
@@ -72,8 +118,17 @@ release: {{ .root.Release.Name }}
 {{- if ne (int .Values.kube2iam.prometheus.metricsPort) (int .Values.kube2iam.host.port) -}}true{{- end -}}
 {{- end -}}
 
+{{/*
+The image reference; called with (dict "image" IMAGE "key" "agent.image"). kiam's and
+kube2iam's own images do not take kiam-rs's arguments: a values file that still names them is
+refused rather than rolled out into a crash loop.
+*/}}
 {{- define "kiam.image" -}}
-{{- printf "%s:%s" .repository (toString (default "latest" .tag)) -}}
+{{- $image := .image -}}
+{{- if regexMatch "(^|/)(uswitch/kiam|jtblin/kube2iam)$" (toString $image.repository) -}}
+{{- fail (printf "%s.repository is %s, the upstream image, which does not run kiam-rs's arguments: set it (and %s.tag) to your kiam-rs image" .key $image.repository .key) -}}
+{{- end -}}
+{{- printf "%s:%s" $image.repository (toString (default "latest" $image.tag)) -}}
 {{- end -}}
 
 {{/* TLS secret names: the community chart's defaults, <fullname>-agent and <fullname>-server. */}}
@@ -99,21 +154,22 @@ used with certManager.enabled; otherwise tlsCerts.* (the community chart's cert,
 {{- end -}}
 
 {{/*
-extraArgs, as a map (the community chart's form): key: value gives --key=value, key: true or an
-empty value gives --key, key: false gives nothing. A list of literal arguments is accepted too.
+extraArgs, as a map (the community charts' form), called with (dict "args" MAP "key" "agent.extraArgs"):
+key: value gives --key=value, key: true, null or "" gives --key. key: false (and 0) is refused:
+kiam's and kube2iam's charts render it as the bare --key, which turns a switch on, while older
+kiam-rs charts dropped it; the message names the key. A list of literal arguments is accepted too.
 */}}
 {{- define "kiam.extraArgs" -}}
-{{- if kindIs "slice" . -}}
-{{- range . }}
+{{- $path := .key -}}
+{{- if kindIs "slice" .args -}}
+{{- range .args }}
 - {{ . | quote }}
 {{- end -}}
 {{- else -}}
-{{- range $key, $value := . }}
-{{- if kindIs "bool" $value }}
-{{- if $value }}
-- --{{ $key }}
-{{- end }}
-{{- else if or (kindIs "invalid" $value) (eq (toString $value) "") }}
+{{- range $key, $value := .args }}
+{{- if and (not $value) (not (kindIs "invalid" $value)) (ne (toString $value) "") }}
+{{- fail (printf "%s.%s: %v is ambiguous (kiam's and kube2iam's charts render it as the bare --%s, which turns a switch on): write true for --%s, the string \"%v\" for --%s=%v, or remove it" $path $key $value $key $key $value $key $value) }}
+{{- else if or (kindIs "bool" $value) (kindIs "invalid" $value) (eq (toString $value) "") }}
 - --{{ $key }}
 {{- else }}
 - {{ printf "--%s=%v" $key $value | quote }}
@@ -149,3 +205,22 @@ unless a per-node certificate (agent.tlsHostPath) proves it. The servers then ch
 
 {{/* Where the agent's projected token is mounted. */}}
 {{- define "kiam.agentTokenDir" -}}/var/run/secrets/kiam{{- end -}}
+
+{{/*
+Pod or Service annotations: the prometheus.io ones the community chart adds when
+prometheus.scrape is on, merged with the user's (called with (dict "prometheus" P "user" MAP));
+the user's win, so a key never appears twice (Helm and kubectl refuse duplicates).
+*/}}
+{{- define "kiam.annotations" -}}
+{{- $out := dict -}}
+{{- if .prometheus.scrape -}}
+{{- $_ := set $out "prometheus.io/scrape" "true" -}}
+{{- $_ := set $out "prometheus.io/port" (toString .prometheus.port) -}}
+{{- end -}}
+{{- range $k, $v := .user -}}
+{{- $_ := set $out $k (toString $v) -}}
+{{- end -}}
+{{- if $out -}}
+{{- toYaml $out -}}
+{{- end -}}
+{{- end -}}

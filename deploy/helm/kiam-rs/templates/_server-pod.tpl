@@ -9,15 +9,10 @@ metadata:
     {{- with $server.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- if or $server.podAnnotations $server.prometheus.scrape }}
+  {{- /* As the community chart: prometheus.io annotations go on the Service, not the pods. */}}
+  {{- with $server.podAnnotations }}
   annotations:
-    {{- if $server.prometheus.scrape }}
-    prometheus.io/scrape: "true"
-    prometheus.io/port: {{ $server.prometheus.port | quote }}
-    {{- end }}
-    {{- with $server.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-    {{- end }}
   {{- end }}
 spec:
   serviceAccountName: {{ include "kiam.serviceAccountName.server" . }}
@@ -54,7 +49,13 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $server.affinity }}
+  {{- $affinity := deepCopy (default dict $server.affinity) }}
+  {{- if and $server.deployment.enabled (not (hasKey $affinity "podAntiAffinity")) }}
+  {{- /* As the community chart: one server per node, so a node's loss takes one replica. */}}
+  {{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchExpressions" (list (dict "key" "app" "operator" "In" "values" (list (include "kiam.name" .))) (dict "key" "component" "operator" "In" "values" (list $server.name)))) }}
+  {{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+  {{- end }}
+  {{- with $affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -68,7 +69,7 @@ spec:
   {{- end }}
   containers:
     - name: {{ include "kiam.name" . }}-{{ $server.name }}
-      image: {{ include "kiam.image" $server.image | quote }}
+      image: {{ include "kiam.image" (dict "image" $server.image "key" "server.image") | quote }}
       imagePullPolicy: {{ $server.image.pullPolicy }}
       command:
         - /kiam
@@ -118,6 +119,7 @@ spec:
         {{- end }}
         {{- if $server.prometheus.scrape }}
         - --prometheus-listen-addr=0.0.0.0:{{ $server.prometheus.port }}
+        - --prometheus-sync-interval={{ $server.prometheus.syncInterval }}
         {{- end }}
         {{- with $server.keepaliveParams.time }}
         - --grpc-keepalive-time-duration={{ . }}
@@ -134,8 +136,8 @@ spec:
         {{- with $server.keepaliveParams.maxConnectionAgeGrace }}
         - --grpc-max-connection-age-grace-duration={{ . }}
         {{- end }}
-        {{- include "kiam.extraArgs" .Values.extraArgs | nindent 8 }}
-        {{- include "kiam.extraArgs" $server.extraArgs | nindent 8 }}
+        {{- include "kiam.extraArgs" (dict "args" .Values.extraArgs "key" "extraArgs") | nindent 8 }}
+        {{- include "kiam.extraArgs" (dict "args" $server.extraArgs "key" "server.extraArgs") | nindent 8 }}
       {{- $token := include "kiam.agentToken" . }}
       {{- if or $server.agentNodeBinding $token $server.extraEnv }}
       env:
@@ -174,7 +176,7 @@ spec:
           containerPort: {{ $server.prometheus.port }}
           protocol: TCP
         {{- end }}
-      {{- $probe := list "/kiam" "health" (printf "--server-address=%s:%v" $server.probes.serverAddress $server.service.targetPort) "--timeout=5s" }}
+      {{- $probe := list "/kiam" "health" (printf "--server-address=%s:%v" $server.probes.serverAddress $server.service.targetPort) "--timeout=5s" (printf "--gateway-timeout-creation=%v" $server.gatewayTimeoutCreation) }}
       {{- $tls := include "kiam.tlsArgs" (dict "root" . "tlsCerts" $server.tlsCerts) | fromYamlArray }}
       livenessProbe:
         exec:
