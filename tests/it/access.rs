@@ -68,7 +68,8 @@ fn channel(stack: &Stack, cert: Option<&CertFiles>) -> Channel {
             .expect("tls"),
         None => {
             let ca = std::fs::read(&stack.pki.server().ca).expect("CA");
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("127.0.0.1");
+            let tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("127.0.0.1");
             endpoint.tls_config(tls).expect("tls")
         }
     };

@@ -18,7 +18,11 @@ fn iptables(r: &Rendered, on: bool) {
     let mounts = agent.volume_mounts.clone().unwrap_or_default();
     let xtables = mounts.iter().any(|m| m.name == "xtables" && m.mount_path == "/run/xtables.lock");
     if on {
-        assert_eq!(caps_added(agent), ["NET_ADMIN", "NET_RAW"], "iptables needs NET_ADMIN (and legacy iptables NET_RAW)");
+        assert_eq!(
+            caps_added(agent),
+            ["NET_ADMIN", "NET_RAW"],
+            "iptables needs NET_ADMIN (and legacy iptables NET_RAW)"
+        );
         assert_eq!(run_as(agent, None), Some(0));
         assert!(has(&args, "--iptables") && has(&args, "--iptables-remove=false"), "{args:?}");
         assert!(xtables, "the node's xtables lock");
