@@ -25,7 +25,10 @@ use crate::model::listed_name;
 
 /// Calls `f` until it succeeds, fails for good, or `budget` runs out: a pod the server has not
 /// seen yet, or a server that is briefly unreachable, is waited for instead of failing at once.
-/// Policy denials are final and never retried.
+/// Policy denials are final and never retried. The budget bounds the whole, not each attempt: an
+/// attempt still running when it ends is dropped, and the last failure (or, with none yet,
+/// "unavailable") is the answer, so a pod is answered within `--pod-wait-timeout` however long
+/// one call to a server may wait.
 pub async fn with_budget<T, F, Fut>(budget: Duration, mut f: F) -> Result<T, BackendError>
 where
     F: FnMut() -> Fut,
@@ -33,9 +36,16 @@ where
 {
     let deadline = tokio::time::Instant::now() + budget;
     let mut delay = Duration::from_millis(5);
+    let mut last = None;
     loop {
-        match f().await {
+        let Ok(result) = tokio::time::timeout_at(deadline, f()).await else {
+            return Err(
+                last.unwrap_or_else(|| BackendError::Unavailable("no answer within the pod wait".into()))
+            );
+        };
+        match result {
             Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
+                last = Some(e);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 3 / 2).min(Duration::from_millis(250));
             }
@@ -211,12 +221,14 @@ pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Respon
     Ok(([(header::CONTENT_TYPE, "text/plain")], Body::from(body)).into_response())
 }
 
-/// `/health`: 200 when the node's metadata service answers `instance-id` (with a token when
-/// the node requires one; the answer is reused for a second, see `instance_check`), and with
-/// `?deep` when a server answers too; 503 otherwise.
+/// `/health`: 200 with the node's instance ID as the body, as kiam answers (scripts and
+/// liveness checks read it), when the node's metadata service answers `instance-id` (with a
+/// token when the node requires one; the answer is reused for a second, see `instance_check`),
+/// and with `?deep` when a server answers too; 503 otherwise. What `?deep` found is in the
+/// `kiam-health` header: `server: ok, node view: ...`.
 pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result<Response, AgentError> {
     let unavailable = |what: String| AgentError::Unavailable(format!("metadata service: {what}"));
-    agent.upstream.instance_id().await.map_err(unavailable)?;
+    let instance = agent.upstream.instance_id().await.map_err(unavailable)?;
     let deep = query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("deep")));
     if deep {
         let message = with_budget(agent.pod_wait, || agent.backend.health())
@@ -237,9 +249,12 @@ pub async fn health<B: Backend>(agent: &Agent<B>, query: Option<&str>) -> Result
                 }
             }
         };
-        return Ok(format!("metadata: ok, server: {message}, node view: {view}").into_response());
+        let detail = format!("server: {message}, node view: {view}");
+        let detail =
+            header::HeaderValue::from_str(&detail).map_err(|e| AgentError::Internal(e.to_string()))?;
+        return Ok(([(header::HeaderName::from_static("kiam-health"), detail)], instance).into_response());
     }
-    Ok("metadata: ok".into_response())
+    Ok(instance.into_response())
 }
 
 /// kube2iam's `/healthz` (kube2iam mode): 200 with `{"hostIP", "instanceId"}` when the node's
@@ -291,6 +306,24 @@ mod tests {
         );
         let (calls, _) = calls_until_done(budget, BackendError::Unavailable("down".into())).await;
         assert!(calls > 10);
+    }
+
+    /// A server that waits almost the whole budget for an unknown pod before saying "not found"
+    /// (as it does with the request's deadline) is not asked again with a fresh wait: the
+    /// answer comes within the budget (it came after 1.8 times the budget before).
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_bounds_every_attempt_together() {
+        let budget = Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        let result: Result<(), BackendError> = with_budget(budget, || async {
+            tokio::time::sleep(budget * 9 / 10).await;
+            Err(BackendError::PodNotFound)
+        })
+        .await;
+        assert_eq!(result, Err(BackendError::PodNotFound));
+        assert_eq!(started.elapsed(), budget);
+        let silent: Result<(), BackendError> = with_budget(budget, std::future::pending).await;
+        assert!(matches!(silent, Err(BackendError::Unavailable(_))), "{silent:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,7 +38,9 @@ pub async fn respond<B: Backend>(
         Err(err) => err.into_response(),
     };
     let (status, elapsed) = (response.status().as_u16(), started.elapsed());
-    record(&agent.metrics.agent, handler_of(&route), status, elapsed);
+    if let Some(handler) = handler_of(&route) {
+        record(&agent.metrics.agent, handler, status, elapsed);
+    }
     let method = &parts.method;
     agent.metrics.http_answered(status, method.as_str(), || kube2iam_handler(&route), elapsed);
     let duration_ms = elapsed.as_millis() as u64;
@@ -86,18 +88,19 @@ impl<B: Backend> hyper::service::Service<hyper::Request<hyper::body::Incoming>> 
     }
 }
 
-/// kiam's `handler` label for a route.
-fn handler_of(route: &Route<'_>) -> &'static str {
-    match route {
+/// kiam's `handler` label for a route, as kiam counts the same request: `/ping` and the
+/// trailing-slash redirect are not counted (kiam serves them outside its metered handlers), and
+/// what kiam proxied is `proxy` even where kiam-rs answers it itself (IMDSv2 token PUTs,
+/// `iam/info`), so that dashboards built on kiam's series see the same counts.
+fn handler_of(route: &Route<'_>) -> Option<&'static str> {
+    Some(match route {
         Route::Credentials(_) | Route::ExtendedCredentials(_) => "credentials",
-        Route::RoleList | Route::ExtendedRoleList | Route::CredentialsRedirect => "roleName",
+        Route::RoleList | Route::ExtendedRoleList => "roleName",
         Route::Health => "health",
         Route::ContainerCredentials => "containerCredentials",
-        Route::IamInfo => "iamInfo",
-        Route::Token => "token",
-        Route::Ping => "ping",
+        Route::Ping | Route::CredentialsRedirect => return None,
         _ => "proxy",
-    }
+    })
 }
 
 /// kube2iam's `handler` label for a route (its handler function names).

@@ -146,7 +146,11 @@ impl Upstream {
                 let body = axum::body::to_bytes(answer.into_body(), 4096).await.map_err(|e| e.to_string())?;
                 let id =
                     String::from_utf8(body.to_vec()).map_err(|_| "instance-id is not UTF-8".to_string())?;
-                Ok(id.trim().to_string())
+                // kube2iam reports an empty answer as a failure; kiam-rs does in both modes.
+                match id.trim() {
+                    "" => Err("instance-id is empty".to_string()),
+                    id => Ok(id.to_string()),
+                }
             })
             .await
     }

@@ -69,6 +69,10 @@ pub enum RoleError {
     /// The base ARN is not of the form `arn:<partition>:iam::<account>:role/[path/]`.
     #[error("invalid base ARN {0:?}: expected arn:<partition>:iam::<account>:role/")]
     BadBase(String),
+    /// An ARN whose `arn:` prefix is in another case (`ARN:aws:iam::...`): not a role name, and
+    /// not an ARN STS would take either (kube2iam passed it on as it was).
+    #[error("role {0:?} starts like an ARN but not with a lowercase \"arn:\": write \"arn:\" in lowercase")]
+    MiscasedArn(String),
 }
 
 impl BaseArn {
@@ -109,6 +113,9 @@ impl RoleArn {
         let role = role.trim();
         if role.starts_with("arn:") {
             return Ok(RoleArn(role.to_string()));
+        }
+        if role.get(..4).is_some_and(|prefix| prefix.eq_ignore_ascii_case("arn:")) {
+            return Err(RoleError::MiscasedArn(role.to_string()));
         }
         let short = role.trim_start_matches('/');
         if short.is_empty() {
@@ -169,6 +176,15 @@ mod tests {
 
     fn base() -> BaseArn {
         BaseArn::parse("arn:aws:iam::123456789012:role/").expect("valid base")
+    }
+
+    #[test]
+    fn an_arn_in_another_case_is_refused_not_prefixed() {
+        for role in ["ARN:aws:iam::123456789012:role/app", "Arn:aws:iam::123456789012:role/app"] {
+            assert_eq!(RoleArn::resolve(role, Some(&base())), Err(RoleError::MiscasedArn(role.to_string())));
+        }
+        let arn = RoleArn::resolve("arnold", Some(&base())).expect("a name that starts with arn");
+        assert_eq!(arn.as_str(), "arn:aws:iam::123456789012:role/arnold");
     }
 
     #[test]

@@ -58,7 +58,11 @@ impl Rules {
                 annotated: role.to_string(),
             });
         }
-        let Some(format) = self.restrictions.filter(|_| !is_default) else { return Ok(arn) };
+        // kube2iam exempts the default role whenever it is the role used, also when a pod
+        // names it itself (by name or full ARN).
+        let default_arn = self.default_role.as_deref().and_then(|r| RoleArn::resolve(r, base).ok());
+        let exempt = is_default || default_arn.as_ref() == Some(&arn);
+        let Some(format) = self.restrictions.filter(|_| !exempt) else { return Ok(arn) };
         let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.clone()))?;
         let patterns = match &namespace.allowed_roles {
             None => return Err(Denial::NamespaceUnset(arn.to_string())),
@@ -169,6 +173,22 @@ mod tests {
             (&regexp, Some("app"), Some(r#"["("]"#), "app", Err("invalid")),
             (&glob, None, Some(r#"["other"]"#), "fallback", Ok("arn:aws:iam::123456789012:role/fallback")),
             (&open, None, None, "app", Err("no iam.amazonaws.com/role")),
+            // The default role is exempt however the pod names it, as in kube2iam.
+            (
+                &glob,
+                Some("fallback"),
+                Some(r#"["other"]"#),
+                "fallback",
+                Ok("arn:aws:iam::123456789012:role/fallback"),
+            ),
+            (
+                &glob,
+                Some("arn:aws:iam::123456789012:role/fallback"),
+                None,
+                "fallback",
+                Ok("arn:aws:iam::123456789012:role/fallback"),
+            ),
+            (&glob, Some("ARN:aws:iam::123456789012:role/app"), None, "app", Err("lowercase")),
             (&glob, Some("app"), Some(r#"["app"]"#), "other", Err("requested 'other'")),
             (
                 &glob,

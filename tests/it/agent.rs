@@ -189,7 +189,8 @@ async fn the_agent_uses_imdsv2_towards_a_node_that_requires_it() {
     assert_eq!(puts(&node).len(), 2);
 
     let health = request("GET", &format!("{}/health", agent.url()), &[], "", None).await.expect("health");
-    assert_eq!((health.status, health.body.as_str()), (200, "metadata: ok"));
+    // kiam's answer: the node's instance ID (scripts and liveness checks read it).
+    assert_eq!((health.status, health.body.as_str()), (200, crate::support::fake_imds::INSTANCE_ID));
 }
 
 #[tokio::test]
@@ -205,7 +206,11 @@ async fn health_reports_the_metadata_service_and_with_deep_the_server() {
     assert_eq!(deep.status, 200, "{}", deep.body);
     // This agent proves no node (no node in its certificate, no token): the servers give it no
     // view, and the deep check says so.
-    assert_eq!(deep.body, "metadata: ok, server: ok, node view: down (never synced), 0 entries held");
+    assert_eq!(deep.body, crate::support::fake_imds::INSTANCE_ID);
+    assert_eq!(
+        deep.header("kiam-health"),
+        Some("server: ok, node view: down (never synced), 0 entries held")
+    );
 
     // Nothing listens at `dead`.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");

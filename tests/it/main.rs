@@ -11,6 +11,7 @@ mod architecture;
 mod binary;
 mod certs;
 mod certs_renew;
+mod compat;
 mod deploy;
 mod deploy_cases;
 mod deploy_compat;

@@ -69,6 +69,8 @@ struct Shared {
     tokens: Mutex<HashMap<String, Instant>>,
     /// Tokens issued so far, so that every token is new even after [`FakeImds::forget_tokens`].
     issued: std::sync::atomic::AtomicU64,
+    /// What `instance-id` answers ([`INSTANCE_ID`] unless a test sets another).
+    instance_id: Mutex<String>,
 }
 
 impl FakeImds {
@@ -110,6 +112,7 @@ impl FakeImds {
             requests: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
             issued: std::sync::atomic::AtomicU64::new(0),
+            instance_id: Mutex::new(INSTANCE_ID.to_string()),
         });
         let app = Router::new().fallback(handle).with_state(Arc::clone(&shared));
         // Small responses in one segment: no Nagle/delayed-ACK stalls (test-peers.md §2).
@@ -139,6 +142,11 @@ impl FakeImds {
     /// carry one get 401 from now on.
     pub fn forget_tokens(&self) {
         self.shared.tokens.lock().expect("fake IMDS tokens poisoned").clear();
+    }
+
+    /// Makes `instance-id` answer `id` (an empty one, say, as a broken node's service might).
+    pub fn set_instance_id(&self, id: &str) {
+        *self.shared.instance_id.lock().expect("fake IMDS instance id poisoned") = id.to_string();
     }
 
     /// Every request received so far, oldest first.
@@ -188,7 +196,8 @@ async fn handle(
     if let Some(refusal) = check_token(&shared, headers) {
         return refusal;
     }
-    match content(req.uri().path()) {
+    let instance_id = shared.instance_id.lock().expect("fake IMDS instance id poisoned").clone();
+    match content(req.uri().path(), instance_id) {
         Some((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
@@ -236,12 +245,12 @@ fn check_token(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// The metadata tree: (content type, body) for a path, `None` for 404.
-fn content(path: &str) -> Option<(&'static str, String)> {
+fn content(path: &str, instance_id: String) -> Option<(&'static str, String)> {
     const TEXT: &str = "text/plain";
     const JSON: &str = "application/json";
     let now = SystemTime::now();
     let body = match path {
-        "/latest/meta-data/instance-id" => (TEXT, INSTANCE_ID.to_string()),
+        "/latest/meta-data/instance-id" => (TEXT, instance_id),
         "/latest/meta-data/placement/region" => (TEXT, REGION.to_string()),
         "/latest/meta-data/iam/security-credentials/" => (TEXT, NODE_ROLE.to_string()),
         "/latest/user-data" => (TEXT, USER_DATA.to_string()),
