@@ -11,6 +11,7 @@ pub mod debug;
 pub mod grpc;
 pub mod identity;
 pub mod idle;
+pub mod jwks;
 pub mod node_service;
 pub mod pitfalls;
 pub mod pod_token;
@@ -18,6 +19,7 @@ pub mod prefetch;
 pub mod readiness;
 pub mod service;
 pub mod token_service;
+pub mod token_verify;
 pub mod view;
 
 use std::net::SocketAddr;

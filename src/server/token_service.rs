@@ -59,9 +59,9 @@ impl<A: AssumeRole> pb::pod_tokens_server::PodTokens for PodTokenService<A> {
             _ => return Err(Status::permission_denied("no node proven")),
         };
         let wait = pod_wait(&request);
-        let token = request.into_inner().token;
+        let pb::TokenCredentialsRequest { token, source } = request.into_inner();
         let verifier = self.identities.pod_tokens().ok_or_else(|| refusal(&TokenRefusal::Unsupported))?;
-        let claims = match verifier.verify(&node, &token).await {
+        let claims = match verifier.verify(&node, &source, &token).await {
             Ok(claims) => claims,
             Err(err) => {
                 tracing::info!(%node, error = %err, "pod token refused");

@@ -36,6 +36,7 @@ mod netns_pod_token;
 mod node_view;
 mod peers_tests;
 mod pod_token;
+mod pod_token_keys;
 mod prefetch;
 mod readiness;
 mod server;
