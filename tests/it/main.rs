@@ -37,6 +37,7 @@ mod node_view;
 mod peers_tests;
 mod pod_token;
 mod pod_token_keys;
+mod pod_token_source;
 mod prefetch;
 mod readiness;
 mod server;

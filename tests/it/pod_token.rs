@@ -24,14 +24,15 @@ fn caller_arn(role: &str) -> String {
     format!("arn:aws:sts::{ACCOUNT}:assumed-role/{role}/kiam-kiam")
 }
 
-/// A stack with namespace `team-a` permitting every role and these pods: `web` (role `app`) and
+/// A stack with namespace `team-a` permitting every role and these pods: `web` (role `app`, at
+/// 127.0.0.1, where the tests' and SDKs' requests come from) and
 /// `host` (hostNetwork, at the node's address, role `host-role`) on node-a, `away` on node-b,
 /// `plain` (no role) on node-a; and an agent whose certificate proves node-a.
 pub(crate) async fn setup() -> (Stack, TestAgent) {
     let stack = Stack::start_with(Options::default()).await;
     stack.kube.apply(namespace("team-a").permitted(".*").build());
     let pods = [
-        pod("team-a", "web").ip("127.0.0.191").uid("uid-web").role("app").node("node-a"),
+        pod("team-a", "web").ip("127.0.0.1").uid("uid-web").role("app").node("node-a"),
         pod("team-a", "host")
             .ip("127.0.0.190")
             .uid("uid-host")

@@ -17,7 +17,9 @@ use crate::support::stack::Stack;
 use crate::support::wait::until;
 
 /// `web`'s address in [`setup`]: its requests come from there.
-const WEB_IP: &str = "127.0.0.191";
+const WEB_IP: &str = "127.0.0.1";
+/// An address no pod has: the sprayer's.
+const SPRAYER: &str = "127.0.0.195";
 
 fn web() -> TokenIdentity {
     TokenIdentity::pod("team-a", "web", "uid-web", "node-a")
@@ -47,7 +49,7 @@ async fn a_spray_of_forged_tokens_makes_no_api_call_and_the_neighbour_is_served_
         let uid = if i % 2 == 0 { format!("uid-fresh-{i}") } else { "uid-web".to_string() };
         let signer = if i % 4 < 2 { Signer::Forger } else { Signer::UnknownKid };
         let forged = TokenIdentity { pod_uid: uid, signer, ..web() }.jwt();
-        assert_eq!(get_from(&agent, "127.0.0.1", &forged).await, 401, "forged token {i}");
+        assert_eq!(get_from(&agent, SPRAYER, &forged).await, 401, "forged token {i}");
         if i % 20 == 0 {
             assert_eq!(get_from(&agent, WEB_IP, &real).await, 200, "the neighbour, during ({i})");
         }
@@ -103,7 +105,7 @@ async fn without_the_keys_token_review_is_the_fallback_within_a_budget_per_sourc
     let before = count(&stack, "tokenreviews");
     for i in 0..30 {
         let forged = TokenIdentity { pod_uid: format!("uid-fresh-{i}"), ..web() }.jwt();
-        assert_ne!(get_from(&agent, "127.0.0.1", &forged).await, 200, "forged token {i}");
+        assert_ne!(get_from(&agent, SPRAYER, &forged).await, 200, "forged token {i}");
     }
     let spent = count(&stack, "tokenreviews") - before;
     assert!(spent < 30, "the budget is per source, not per claimed pod: {spent} reviews");
