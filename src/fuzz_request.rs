@@ -78,7 +78,7 @@ impl Backend for TwoPods {
         true
     }
 
-    async fn token_credentials(&self, token: &str) -> Result<ContainerCredentials, BackendError> {
+    async fn token_credentials(&self, token: &str, _: IpAddr) -> Result<ContainerCredentials, BackendError> {
         let pod = token.strip_prefix("token-").filter(|p| ["alpha", "beta"].contains(p));
         let pod = pod.ok_or_else(|| BackendError::Unauthenticated("the token is not valid".into()))?;
         Ok(ContainerCredentials {

@@ -24,12 +24,13 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
     /// Credentials for the pod a projected ServiceAccount token is bound to
-    /// (`GET /v1/credentials`). Only a backend that can check tokens offers it.
+    /// (`GET /v1/credentials`), asked from `source`. Only a backend that can check tokens offers it.
     fn token_credentials(
         &self,
         token: &str,
+        source: IpAddr,
     ) -> impl Future<Output = Result<ContainerCredentials, BackendError>> + Send {
-        let _ = token;
+        let _ = (token, source);
         async { Err(BackendError::Failed("this agent's backend cannot check pod tokens".into())) }
     }
 }

@@ -5,6 +5,8 @@
 //! never by its address, so hostNetwork pods are served too. The agent holds no API access:
 //! the server checks the token ([`Backend::token_credentials`]). The token is never logged.
 
+use std::net::IpAddr;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -59,14 +61,18 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, AgentError> {
 }
 
 /// Answers `GET /v1/credentials`.
-pub async fn credentials<B: Backend>(agent: &Agent<B>, headers: &HeaderMap) -> Result<Response, AgentError> {
+pub async fn credentials<B: Backend>(
+    agent: &Agent<B>,
+    source: IpAddr,
+    headers: &HeaderMap,
+) -> Result<Response, AgentError> {
     if !agent.backend.serves_pod_tokens() {
         // kube2iam mode: the pod is identified by its address only, as in kube2iam.
         return Err(answer(BackendError::NotServed(NOT_SERVED.into()), Endpoint::Container));
     }
     let token = bearer(headers)?;
     let label = Handler { handler: "containerCredentials" };
-    let creds = agent.backend.token_credentials(token).await.map_err(|e| {
+    let creds = agent.backend.token_credentials(token, source).await.map_err(|e| {
         agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
         answer(e, Endpoint::Container)
     })?;

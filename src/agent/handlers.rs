@@ -194,7 +194,7 @@ async fn others<B: Backend>(
         Route::Health => return answers::health(agent, request.uri.query()).await,
         Route::Healthz => return answers::healthz(agent).await,
         // Identified by the token it carries, not by its address or an IMDSv2 token.
-        Route::ContainerCredentials => return container::credentials(agent, headers).await,
+        Route::ContainerCredentials => return container::credentials(agent, ip, headers).await,
         _ => {}
     }
     check_token(agent, ip, last_token, headers)?;

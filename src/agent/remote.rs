@@ -64,8 +64,12 @@ impl Backend for GrpcClient {
         true
     }
 
-    async fn token_credentials(&self, token: &str) -> Result<ContainerCredentials, BackendError> {
-        let reply = GrpcClient::token_credentials(self, token).await.map_err(token_error)?;
+    async fn token_credentials(
+        &self,
+        token: &str,
+        source: IpAddr,
+    ) -> Result<ContainerCredentials, BackendError> {
+        let reply = GrpcClient::token_credentials(self, token, source).await.map_err(token_error)?;
         Ok(ContainerCredentials {
             access_key_id: reply.access_key_id,
             secret_access_key: reply.secret_access_key,

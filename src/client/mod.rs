@@ -313,8 +313,13 @@ impl GrpcClient {
     }
 
     /// `PodTokens.Credentials`: credentials for the pod a projected token is bound to.
-    pub async fn token_credentials(&self, token: &str) -> Result<pb::token::TokenCredentialsReply, Status> {
-        let message = pb::token::TokenCredentialsRequest { token: token.to_string() };
+    pub async fn token_credentials(
+        &self,
+        token: &str,
+        source: IpAddr,
+    ) -> Result<pb::token::TokenCredentialsReply, Status> {
+        let message =
+            pb::token::TokenCredentialsRequest { token: token.to_string(), source: source.to_string() };
         let result = self
             .call_with_retries(|_, left| {
                 let mut client = PodTokensClient::new(self.pool.channel());

@@ -84,6 +84,8 @@ pub struct TokenAsk {
     pub caller: Caller,
     /// How long to wait for a pod the watch has not delivered yet.
     pub wait: Duration,
+    /// The address the pod's request came from, as its agent saw it.
+    pub source: std::net::IpAddr,
 }
 
 /// Lookup, policy and credentials.
@@ -170,6 +172,7 @@ impl<A: AssumeRole> Core<A> {
         }
         let pod = self.named_pod(ask, deadline).await?;
         check_node(&pod, &ask.caller)?;
+        crate::policy::node::check_source(&pod, ask.source)?;
         let Some(role) = self.policy.effective_role(&pod).map(str::to_string) else {
             let denial = Denial::NoRoleAnnotation;
             return Err(Error::Forbidden { pod: pod.qualified_name(), denial });

@@ -23,6 +23,9 @@ pub enum NodeDenial {
     /// The pod runs on another node than the caller's (or on none).
     #[error("pod {pod} is not on node {node}, the caller's")]
     OtherNode { pod: String, node: String },
+    /// A pod's token came from an address that is not the pod's (`GET /v1/credentials`).
+    #[error("the token of pod {pod} was presented from {from}, not from the pod's own address")]
+    OtherSource { pod: String, from: std::net::IpAddr },
 }
 
 /// Whether `caller` may ask about `pod`.
@@ -33,6 +36,17 @@ pub fn check_node(pod: &PodFacts, caller: &Caller) -> Result<(), NodeDenial> {
         Caller::Node(node) if pod.node_name.as_deref() == Some(node.as_str()) => Ok(()),
         Caller::Node(node) => Err(NodeDenial::OtherNode { pod: pod.qualified_name(), node: node.clone() }),
     }
+}
+
+/// Whether a request from `source` may present `pod`'s token: it must come from one of the pod's
+/// own addresses, or, for a hostNetwork pod (whose addresses are the node's), from the node's
+/// loopback, which no other machine can send from.
+pub fn check_source(pod: &PodFacts, source: std::net::IpAddr) -> Result<(), NodeDenial> {
+    let source = source.to_canonical();
+    if pod.addresses().contains(&source) || (pod.host_network && source.is_loopback()) {
+        return Ok(());
+    }
+    Err(NodeDenial::OtherSource { pod: pod.qualified_name(), from: source })
 }
 
 #[cfg(test)]
@@ -51,5 +65,18 @@ mod tests {
         assert_eq!(check_node(&pod, &Caller::Unnamed), Err(NodeDenial::Unnamed));
         let nowhere = PodFacts { node_name: None, ..pod };
         assert!(check_node(&nowhere, &Caller::Node("node-1".into())).is_err());
+    }
+
+    #[test]
+    fn a_token_is_served_only_from_its_pods_address_or_a_host_network_pods_loopback() {
+        let mut pod = PodFacts::test("ns", "web", "10.0.0.5", Some("r"));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(check_source(&pod, ip("10.0.0.5")).is_ok());
+        assert!(check_source(&pod, ip("::ffff:10.0.0.5")).is_ok(), "v4-mapped");
+        assert!(check_source(&pod, ip("10.0.0.6")).is_err(), "a neighbour");
+        assert!(check_source(&pod, ip("127.0.0.1")).is_err(), "the node, for a pod-network pod");
+        pod.host_network = true;
+        assert!(check_source(&pod, ip("127.0.0.1")).is_ok(), "the node, for a hostNetwork pod");
+        assert!(check_source(&pod, ip("10.0.0.7")).is_err(), "another machine");
     }
 }

@@ -10,11 +10,13 @@ pub mod debug;
 pub mod grpc;
 pub mod identity;
 pub mod idle;
+pub mod jwks;
 pub mod node_service;
 pub mod pod_token;
 pub mod readiness;
 pub mod service;
 pub mod token_service;
+pub mod token_verify;
 pub mod view;
 
 use std::net::SocketAddr;

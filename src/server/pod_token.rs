@@ -1,12 +1,14 @@
-//! Pods' projected ServiceAccount tokens, as `GET /v1/credentials` presents them: checked with
-//! the TokenReview API for our audience, and read for the pod they are bound to (the
-//! `authentication.kubernetes.io/pod-name` and `pod-uid` extras). Whether that pod is still alive,
-//! on the caller's node, and may have its role is the core's business, not this module's.
+//! Pods' projected ServiceAccount tokens, as `GET /v1/credentials` presents them: verified
+//! locally against the cluster's signing keys ([`token_verify`](super::token_verify)), and read
+//! for the pod they are bound to. Whether that pod is still alive, on the caller's node, and may
+//! have its role is the core's business, not this module's.
 //!
-//! Two defences keep the API server out of the request path's blast radius: positive verdicts
-//! are remembered (by the token's SHA-256, never the token) for a short while that always ends
-//! before the token's own `exp`, and TokenReviews are rate-limited per node and claimed pod, so
-//! that one pod spraying garbage spends only its own budget. Tokens never reach a log line.
+//! Only when the keys cannot be had (no discovery, no JWKS) is a token sent to the TokenReview
+//! API, and then within budgets keyed on what a pod cannot forge: the agent's proven node and
+//! the request's source address, under a global cap per second. A token naming a key the
+//! cluster does not publish is refused without an API call. Positive TokenReview verdicts are
+//! remembered (by the token's SHA-256, never the token) for a short while that always ends
+//! before the token's own `exp`. Tokens never reach a log line.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -16,12 +18,17 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::Api;
 use kube::api::PostParams;
 
+use super::jwks::{Jwks, Lookup};
+use super::token_verify;
+
 /// The longest a positive verdict is reused.
 const VERDICT_TTL: Duration = Duration::from_secs(60);
 /// The most verdicts remembered.
 const VERDICT_CACHE: usize = 10_000;
-/// TokenReviews one (node, claimed pod) may cause per second.
+/// TokenReviews one (node, source address) may cause per second, when keys cannot be had.
 const REVIEWS_PER_SECOND: u32 = 5;
+/// TokenReviews the whole server may make per second, when keys cannot be had.
+const GLOBAL_REVIEWS_PER_SECOND: u32 = 50;
 /// The longest token accepted (projected tokens are about 1 KiB).
 const MAX_TOKEN: usize = 16 * 1024;
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -51,8 +58,8 @@ pub enum TokenRefusal {
     /// It is not a pod-bound ServiceAccount token.
     #[error("the token is not bound to a pod")]
     NotPodBound,
-    /// This pod's tokens were reviewed too often in the last second.
-    #[error("too many token reviews for this pod")]
+    /// This source (or the server as a whole) had too many tokens reviewed in the last second.
+    #[error("too many token reviews")]
     RateLimited,
     /// TokenReview could not be asked.
     #[error("TokenReview failed: {0}")]
@@ -62,30 +69,48 @@ pub enum TokenRefusal {
     Unsupported,
 }
 
-/// Checks pods' tokens with TokenReview.
+/// Checks pods' tokens: locally, or with TokenReview when the keys cannot be had.
 pub struct PodTokens {
     client: kube::Client,
+    keys: Jwks,
     audience: String,
     verdicts: Mutex<HashMap<[u8; 32], (Instant, PodClaims)>>,
     reviews: Mutex<HashMap<String, (Instant, u32)>>,
+    global: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
 impl PodTokens {
     /// Checks tokens through `client` for `audience`.
     pub fn new(client: kube::Client, audience: &str) -> PodTokens {
         PodTokens {
+            keys: Jwks::new(client.clone()),
             client,
+            global: Mutex::default(),
             audience: audience.to_string(),
             verdicts: Mutex::default(),
             reviews: Mutex::default(),
         }
     }
 
-    /// The pod `token` is bound to, for an agent on `node`.
-    pub async fn verify(&self, node: &str, token: &str) -> Result<PodClaims, TokenRefusal> {
+    /// The pod `token` is bound to, for an agent on `node` asked from `source`.
+    pub async fn verify(&self, node: &str, source: &str, token: &str) -> Result<PodClaims, TokenRefusal> {
         let token = token.trim();
         if token.is_empty() || token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenRefusal::Malformed);
+        }
+        let header = token_verify::header(token)?;
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        match self.keys.lookup(header.kid.as_deref()).await {
+            Lookup::Keys(keys, issuer) => {
+                return token_verify::verify(token, &keys, &issuer, &self.audience, epoch.as_secs())
+                    .map(|(claims, _)| claims);
+            }
+            Lookup::Unknown => {
+                return Err(TokenRefusal::NotAuthenticated(
+                    "signed by a key the cluster does not publish".into(),
+                ));
+            }
+            Lookup::Unavailable(_) => {}
         }
         let key = digest(token);
         let now = Instant::now();
@@ -93,12 +118,12 @@ impl PodTokens {
             return Ok(claims);
         }
         let unverified = jwt::Unverified::read(token);
-        let claimed = unverified.as_ref().and_then(|u| u.pod_uid.clone()).unwrap_or_default();
-        if !self.allow_review(&format!("{node}/{claimed}"), now) {
+        if !allow(&self.reviews, &format!("{node}/{source}"), REVIEWS_PER_SECOND, now)
+            || !allow(&self.global, "", GLOBAL_REVIEWS_PER_SECOND, now)
+        {
             return Err(TokenRefusal::RateLimited);
         }
         let claims = self.review(token).await?;
-        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         if let Some(ttl) = verdict_ttl(unverified.and_then(|u| u.expires), epoch) {
             self.remember(key, now + ttl, claims.clone());
         }
@@ -120,10 +145,6 @@ impl PodTokens {
             }
         }
         verdicts.insert(key, (until, claims));
-    }
-
-    fn allow_review(&self, key: &str, now: Instant) -> bool {
-        allow(&self.reviews, key, now)
     }
 
     async fn review(&self, token: &str) -> Result<PodClaims, TokenRefusal> {
@@ -170,8 +191,8 @@ fn verdict_ttl(exp: Option<u64>, now: Duration) -> Option<Duration> {
     Some(left.min(VERDICT_TTL)).filter(|t| !t.is_zero())
 }
 
-/// Counts one review for `key` in its one-second window at `now`; false once over the budget.
-fn allow(reviews: &Mutex<HashMap<String, (Instant, u32)>>, key: &str, now: Instant) -> bool {
+/// Counts one review for `key` in its one-second window at `now`; false once over `budget`.
+fn allow(reviews: &Mutex<HashMap<String, (Instant, u32)>>, key: &str, budget: u32, now: Instant) -> bool {
     let mut windows = reviews.lock().unwrap_or_else(PoisonError::into_inner);
     if windows.len() > VERDICT_CACHE {
         windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
@@ -181,7 +202,7 @@ fn allow(reviews: &Mutex<HashMap<String, (Instant, u32)>>, key: &str, now: Insta
         *window = (now, 0);
     }
     window.1 += 1;
-    window.1 <= REVIEWS_PER_SECOND
+    window.1 <= budget
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -229,11 +250,12 @@ mod tests {
     fn reviews_are_budgeted_per_key_and_second() {
         let reviews = Mutex::default();
         let start = Instant::now();
-        for _ in 0..REVIEWS_PER_SECOND {
-            assert!(allow(&reviews, "node-a/uid-1", start));
+        let b = REVIEWS_PER_SECOND;
+        for _ in 0..b {
+            assert!(allow(&reviews, "node-a/10.0.0.1", b, start));
         }
-        assert!(!allow(&reviews, "node-a/uid-1", start), "over the budget");
-        assert!(allow(&reviews, "node-a/uid-2", start), "another pod has its own");
-        assert!(allow(&reviews, "node-a/uid-1", start + Duration::from_secs(1)), "a new second");
+        assert!(!allow(&reviews, "node-a/10.0.0.1", b, start), "over the budget");
+        assert!(allow(&reviews, "node-a/10.0.0.2", b, start), "another source has its own");
+        assert!(allow(&reviews, "node-a/10.0.0.1", b, start + Duration::from_secs(1)), "a new second");
     }
 }

@@ -59,9 +59,13 @@ impl<A: AssumeRole> pb::pod_tokens_server::PodTokens for PodTokenService<A> {
             _ => return Err(Status::permission_denied("no node proven")),
         };
         let wait = pod_wait(&request);
-        let token = request.into_inner().token;
+        let pb::TokenCredentialsRequest { token, source } = request.into_inner();
+        // An agent that does not say where the request came from cannot have it checked.
+        let Ok(source_ip) = source.parse::<std::net::IpAddr>() else {
+            return Err(Status::invalid_argument("no source address: the agent is older than the server"));
+        };
         let verifier = self.identities.pod_tokens().ok_or_else(|| refusal(&TokenRefusal::Unsupported))?;
-        let claims = match verifier.verify(&node, &token).await {
+        let claims = match verifier.verify(&node, &source, &token).await {
             Ok(claims) => claims,
             Err(err) => {
                 tracing::info!(%node, error = %err, "pod token refused");
@@ -74,6 +78,7 @@ impl<A: AssumeRole> pb::pod_tokens_server::PodTokens for PodTokenService<A> {
             uid: claims.pod_uid,
             caller: Caller::Node(node),
             wait,
+            source: source_ip,
         };
         match self.core.token_credentials(&ask).await {
             Ok((_, creds, role_arn)) => Ok(Response::new(token_reply(creds.to_document(), role_arn))),

@@ -28,6 +28,17 @@ const AWAY: &str = "127.0.0.182";
 const AGENT_TOKEN: &str = "agent-token-node-a";
 const LIMIT: Duration = Duration::from_secs(10);
 
+/// Each pod's own token (`here`, `away`), signed by the fake API server's key, made once.
+fn pod_tokens() -> &'static [String; 2] {
+    static TOKENS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    TOKENS.get_or_init(|| {
+        [
+            TokenIdentity::pod("team-a", "here", "uid-here", "node-a").jwt(),
+            TokenIdentity::pod("team-a", "away", "uid-away", "node-b").jwt(),
+        ]
+    })
+}
+
 /// A stack with binding as given, a pod on node-a (`here`, role `app-a`) and one on node-b
 /// (`away`, role `app-b`), an agent token proving node-a, and each pod's own token.
 async fn stack(binding: bool) -> Stack {
@@ -36,8 +47,9 @@ async fn stack(binding: bool) -> Stack {
     stack.kube.apply(pod("team-a", "here").ip(HERE).uid("uid-here").role("app-a").node("node-a").build());
     stack.kube.apply(pod("team-a", "away").ip(AWAY).uid("uid-away").role("app-b").node("node-b").build());
     stack.kube.issue_token(AGENT_TOKEN, TokenIdentity::agent_on("node-a"));
-    stack.kube.issue_token("pod-token-here", TokenIdentity::pod("team-a", "here", "uid-here", "node-a"));
-    stack.kube.issue_token("pod-token-away", TokenIdentity::pod("team-a", "away", "uid-away", "node-b"));
+    let [here, away] = pod_tokens();
+    stack.kube.issue_token(here, TokenIdentity::pod("team-a", "here", "uid-here", "node-a"));
+    stack.kube.issue_token(away, TokenIdentity::pod("team-a", "away", "uid-away", "node-b"));
     for ip in [HERE, AWAY] {
         stack.wait_for_pod(ip.parse().expect("ip")).await;
     }
@@ -88,7 +100,8 @@ fn request<T>(message: T, token: Option<&str>) -> Request<T> {
 async fn call(stack: &Stack, rpc: Rpc, who: Who) -> [Result<(), Status>; 2] {
     let (cert, token) = caller(stack, who);
     let channel = channel(stack, cert.as_ref());
-    let pods = [(HERE, "uid-here", "app-a", "pod-token-here"), (AWAY, "uid-away", "app-b", "pod-token-away")];
+    let [here, away] = pod_tokens();
+    let pods = [(HERE, "uid-here", "app-a", here.as_str()), (AWAY, "uid-away", "app-b", away.as_str())];
     if rpc == Rpc::ViewWatch {
         // One stream (a node holds few), whose snapshot says which pods it shows.
         let subscribe = pb::node::AgentMessage {
@@ -137,7 +150,8 @@ async fn call(stack: &Stack, rpc: Rpc, who: Who) -> [Result<(), Status>; 2] {
                     NodeViewClient::new(channel).credentials(request(message, token)).await.map(drop)
                 }
                 Rpc::TokenCredentials => {
-                    let message = pb::token::TokenCredentialsRequest { token: pod_token.into() };
+                    let message =
+                        pb::token::TokenCredentialsRequest { token: pod_token.into(), source: ip.into() };
                     PodTokensClient::new(channel).credentials(request(message, token)).await.map(drop)
                 }
                 Rpc::CacheState => {

@@ -41,6 +41,8 @@ mod netns_pod_token;
 mod node_view;
 mod peers_tests;
 mod pod_token;
+mod pod_token_keys;
+mod pod_token_source;
 mod prefetch;
 mod readiness;
 mod release;

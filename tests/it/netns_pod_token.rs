@@ -31,18 +31,24 @@ fn token_for(stack: &Stack, name: &str) -> (String, String) {
     (token, file.to_string_lossy().to_string())
 }
 
-/// A stack whose server knows two pods of node-a: `alpha` on the pod network (also at `pod6`,
-/// when given) with the role `alpha-role`, and the hostNetwork pod `host` with `host-role`.
-async fn two_pods(node: &NodeNet, net: &PodNet, pod6: Option<std::net::Ipv6Addr>) -> Stack {
+/// A stack whose server knows two pods of node-a: `alpha` on the pod network (also at the first
+/// of `v6`, when given, and `host` at the second) with the role `alpha-role`, and the hostNetwork pod `host` with `host-role`.
+async fn two_pods(
+    node: &NodeNet,
+    net: &PodNet,
+    v6: Option<(std::net::Ipv6Addr, std::net::Ipv6Addr)>,
+) -> Stack {
     let stack = Stack::start().await;
     stack.kube.apply(namespace("team-a").permitted(".*").build());
     let (pod_ip, node_ip) = (net.pod_ip.to_string(), node.agent_ip.to_string());
     let mut alpha = pod("team-a", "alpha").ip(&pod_ip).uid("uid-alpha").role("alpha-role").node("node-a");
-    if let Some(pod6) = pod6 {
+    let mut host = pod("team-a", "host").ip(&node_ip).uid("uid-host").role("host-role").node("node-a");
+    // A hostNetwork pod's addresses are the node's, both families on a dual-stack node.
+    if let Some((pod6, node6)) = v6 {
         alpha = alpha.also_ip(&pod6.to_string());
+        host = host.also_ip(&node6.to_string());
     }
     stack.kube.apply(alpha.build());
-    let host = pod("team-a", "host").ip(&node_ip).uid("uid-host").role("host-role").node("node-a");
     stack.kube.apply(host.host_network(true).build());
     let cluster = std::sync::Arc::clone(stack.core.cluster());
     until("the server knows both pods", Duration::from_secs(10), move || {
@@ -101,7 +107,7 @@ async fn on_a_node_with_ipv6_the_ipv6_container_endpoint_is_intercepted() {
     let net = PodNet::create_in(&node);
     let (pod6, agent6) = (net.enable_ipv6(), node.enable_ipv6());
     node.add_default_route6();
-    let stack = two_pods(&node, &net, Some(pod6)).await;
+    let stack = two_pods(&node, &net, Some((pod6, agent6))).await;
     let (_, file) = token_for(&stack, "alpha");
     let (host_token, _) = token_for(&stack, "host");
 

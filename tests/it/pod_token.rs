@@ -1,6 +1,6 @@
 //! `GET /v1/credentials`, the EKS-Pod-Identity-compatible endpoint, end to end: the pod is
-//! identified by its projected ServiceAccount token (checked by the server with TokenReview on
-//! the fake API server), never by its address. Real SDKs (botocore, the Rust and node SDKs)
+//! identified by its projected ServiceAccount token (verified by the server against the fake API
+//! server's published signing key), never by its address. Real SDKs (botocore, the Rust and node SDKs)
 //! configured only through `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` get their pod's role, a hostNetwork pod's included;
 //! and every kind of bad token is refused.
@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::agent_node::TestAgent;
-use crate::support::fake_kube_auth::TokenIdentity;
+use crate::support::fake_kube_auth::{Signer, TokenIdentity};
 use crate::support::http::request;
 use crate::support::objects::{namespace, pod};
 use crate::support::sdk;
@@ -24,14 +24,15 @@ fn caller_arn(role: &str) -> String {
     format!("arn:aws:sts::{ACCOUNT}:assumed-role/{role}/kiam-kiam")
 }
 
-/// A stack with namespace `team-a` permitting every role and these pods: `web` (role `app`) and
+/// A stack with namespace `team-a` permitting every role and these pods: `web` (role `app`, at
+/// 127.0.0.1, where the tests' and SDKs' requests come from) and
 /// `host` (hostNetwork, at the node's address, role `host-role`) on node-a, `away` on node-b,
 /// `plain` (no role) on node-a; and an agent whose certificate proves node-a.
-async fn setup() -> (Stack, TestAgent) {
+pub(crate) async fn setup() -> (Stack, TestAgent) {
     let stack = Stack::start_with(Options::default()).await;
     stack.kube.apply(namespace("team-a").permitted(".*").build());
     let pods = [
-        pod("team-a", "web").ip("127.0.0.191").uid("uid-web").role("app").node("node-a"),
+        pod("team-a", "web").ip("127.0.0.1").uid("uid-web").role("app").node("node-a"),
         pod("team-a", "host")
             .ip("127.0.0.190")
             .uid("uid-host")
@@ -101,12 +102,12 @@ async fn refused_tokens() {
         stack.kube.issue_token(&token, identity);
         token
     };
-    let unknown = web().jwt();
+    let unknown = TokenIdentity { signer: Signer::Forger, ..web() }.jwt();
     let cases: Vec<(&str, Option<String>, u16)> = vec![
         ("no token", None, 401),
         ("empty", Some("Bearer ".into()), 401),
         ("malformed", Some("not a token".into()), 401),
-        ("unknown to the API server", Some(unknown), 401),
+        ("signed by another key", Some(unknown), 401),
         ("wrong audience", Some(issue(TokenIdentity { audiences: vec!["vault".into()], ..web() })), 401),
         ("expired", Some(issue(TokenIdentity { expired: true, ..web() })), 401),
         ("not pod-bound", Some(issue(TokenIdentity { pod_uid: String::new(), ..web() })), 401),

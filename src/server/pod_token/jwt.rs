@@ -1,6 +1,6 @@
 //! What a projected token says about itself before anyone has checked it: its `exp` and the pod
-//! UID it claims. Used only to bound how long a verdict is remembered and to key the review rate
-//! limit; never to decide who the caller is (TokenReview does that).
+//! UID it claims. Used only to bound how long a TokenReview verdict is remembered; never to
+//! decide who the caller is, nor to key a budget (a pod can write anything there).
 
 use serde::Deserialize;
 
@@ -45,7 +45,7 @@ impl Unverified {
 }
 
 /// Decodes unpadded base64url (RFC 7515 §2).
-fn base64url(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64url(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);
     for c in text.bytes() {

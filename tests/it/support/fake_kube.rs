@@ -56,6 +56,7 @@ impl FakeKube {
             shutdown: shutdown.clone(),
             open_watches: AtomicUsize::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
+            keys_withheld: std::sync::atomic::AtomicBool::new(false),
         });
         let app = axum::Router::new().fallback(fake_kube_http::handle).with_state(shared.clone());
         // As a real API server does (Go sets TCP_NODELAY on every connection): without it, watch
@@ -103,6 +104,12 @@ impl FakeKube {
     /// Makes TokenReview accept `token` as `identity`.
     pub fn issue_token(&self, token: &str, identity: TokenIdentity) {
         self.shared.lock().tokens.insert(token.to_string(), identity);
+    }
+
+    /// Makes issuer discovery and the JWKS unavailable (503), as an API server whose
+    /// `--service-account-jwks-uri` is unreachable: clients must fall back to TokenReview.
+    pub fn withhold_keys(&self, withheld: bool) {
+        self.shared.keys_withheld.store(withheld, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A kube client pointed at this server (must be called inside a tokio runtime).
@@ -371,6 +378,8 @@ pub(crate) struct Shared {
     pub(crate) open_watches: AtomicUsize,
     /// Set by [`FakeKube::set_down`]: every request fails with 503.
     pub(crate) down: std::sync::atomic::AtomicBool,
+    /// Set by [`FakeKube::withhold_keys`]: issuer discovery and the JWKS answer 503.
+    pub(crate) keys_withheld: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

@@ -52,6 +52,8 @@ enum Target {
     Object(Key),
     /// TokenReview.
     TokenReview,
+    /// Issuer discovery (`true`) or the JWKS (`false`).
+    Keys(bool),
 }
 
 pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -91,6 +93,7 @@ fn serve(
     match (target, method.as_str()) {
         (Target::Document(document), "GET") => Ok(respond(200, &document)),
         (Target::TokenReview, "POST") => super::fake_kube_auth::token_review(shared, headers, body),
+        (Target::Keys(discovery), "GET") => super::fake_kube_auth::keys(shared, headers, discovery),
         (Target::Collection(resource, namespace), "GET") if watching => {
             watch::watch(shared, resource, namespace, query)
         }
@@ -132,6 +135,8 @@ fn route(path: &str, headers: &HeaderMap) -> Option<Target> {
             return discovery(path.trim_matches('/'), host).map(Target::Document);
         }
         ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => return Some(Target::TokenReview),
+        [".well-known", "openid-configuration"] => return Some(Target::Keys(true)),
+        ["openid", "v1", "jwks"] => return Some(Target::Keys(false)),
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", "events.k8s.io", "v1", rest @ ..] => ("events.k8s.io", rest),
         _ => return None,
