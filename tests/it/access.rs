@@ -59,15 +59,21 @@ fn caller(stack: &Stack, who: Who) -> (Option<CertFiles>, Option<&'static str>) 
 }
 
 fn channel(stack: &Stack, cert: Option<&CertFiles>) -> Channel {
-    let tls = match cert {
-        Some(cert) => kiam::tls::client_config(&tls_files(cert), "127.0.0.1").expect("client TLS"),
+    let uri = format!("https://127.0.0.1:{}", stack.server_addr.port());
+    let endpoint = Endpoint::from_shared(uri).expect("uri").timeout(LIMIT);
+    let endpoint = match cert {
+        Some(cert) => kiam::tls::client_config(&tls_files(cert), "127.0.0.1")
+            .expect("client TLS")
+            .apply(endpoint)
+            .expect("tls"),
         None => {
             let ca = std::fs::read(&stack.pki.server().ca).expect("CA");
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("127.0.0.1")
+            let tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("127.0.0.1");
+            endpoint.tls_config(tls).expect("tls")
         }
     };
-    let uri = format!("https://127.0.0.1:{}", stack.server_addr.port());
-    Endpoint::from_shared(uri).expect("uri").tls_config(tls).expect("tls").timeout(LIMIT).connect_lazy()
+    endpoint.connect_lazy()
 }
 
 fn request<T>(message: T, token: Option<&str>) -> Request<T> {
