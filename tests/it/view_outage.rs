@@ -2,7 +2,7 @@
 //! deleted during an outage, whose IP a new pod is given, must not lend the new pod its role or
 //! credentials (the view is confirmed from a stand-in of the kubelet's PodResources API, served
 //! on a unix socket in a temporary directory); without a confirming source, entries are served
-//! only for a short bound.
+//! only for a short bound; and a new pod on a terminating pod's IP is told its own role.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -200,4 +200,42 @@ async fn without_a_confirming_source_the_view_is_served_only_for_a_short_bound_a
     assert!(down.elapsed() >= bound / 2, "not before the bound: {:?}", down.elapsed());
     let (status, body) = get(&agent, "127.0.0.183", &format!("{CREDS}app-solo")).await;
     assert!(status == 503 && !body.contains(&keys[0]), "{status} {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_on_a_terminating_pods_ip_is_told_its_own_role() {
+    let stack = Stack::start_with(Options::default()).await;
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "old").ip("127.0.0.184").role("old-role").node("node-a").build());
+    stack.wait_for_pod(ip("127.0.0.184")).await;
+    let cert = stack.pki.agent_for_node("agent-a", "node-a");
+    let agent = TestAgent::on_loopback_as(&cert, stack.server_addr, stack.imds.addr(), &[], |_| ()).await;
+    let m = Arc::clone(&agent.metrics);
+    until("the node view is live", LIMIT, move || {
+        std::future::ready(m.agent.view_live.get() == 1 && m.agent.view_entries.get() >= 1)
+    })
+    .await;
+    assert_eq!(get(&agent, "127.0.0.184", CREDS).await, (200, "old-role".to_string()));
+
+    stack
+        .kube
+        .apply(pod("team-a", "old").ip("127.0.0.184").role("old-role").node("node-a").terminating().build());
+    // Once the view knows `old` is terminating, its role is told only after the grace.
+    until("a terminating pod's role waits for the grace", LIMIT, || async {
+        let started = Instant::now();
+        let answer = get(&agent, "127.0.0.184", CREDS).await;
+        answer == (200, "old-role".to_string()) && started.elapsed() >= Duration::from_millis(400)
+    })
+    .await;
+    // A new pod given the IP within the grace is told its own role, never the old one.
+    let asking = {
+        let url = agent.url();
+        tokio::spawn(async move {
+            request("GET", &format!("{url}{CREDS}"), &[], "", Some(ip("127.0.0.184"))).await
+        })
+    };
+    stack.kube.apply(pod("team-a", "new").ip("127.0.0.184").role("new-role").node("node-a").build());
+    let answer = asking.await.expect("join").expect("answer");
+    assert_eq!((answer.status, answer.body.as_str()), (200, "new-role"));
+    assert_eq!(get(&agent, "127.0.0.184", CREDS).await, (200, "new-role".to_string()));
 }

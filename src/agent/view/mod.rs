@@ -157,6 +157,10 @@ struct Found {
     down_for: Option<Duration>,
 }
 
+/// How long a terminating pod's entry is held back, in case a new pod has its IP already: the
+/// wait the servers make before answering for a terminating pod's IP (`server::core`).
+pub const TERMINATING_GRACE: Duration = Duration::from_millis(500);
+
 /// The node's pods, as far as the agent knows. Every hit reads the state, so it is read without
 /// a lock (arc-swap): a change, rare on one node, copies it and swaps the copy in, one writer
 /// at a time. A reader that loads the state after a swap sees the change.
@@ -285,12 +289,22 @@ impl NodeView {
     }
 
     /// The entry for `ip`. While the view is live, a pod not in it yet is waited for until
-    /// `deadline`, woken by the stream. While it is not live, an entry is
+    /// `deadline`, woken by the stream, and a terminating pod's entry only after
+    /// [`TERMINATING_GRACE`] (a new owner of the IP wins). While it is not live, an entry is
     /// answered only if [`confirm`] vouches for its pod; otherwise the servers are asked.
     pub async fn lookup(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Lookup {
         // A pod already in the view (every hit) costs one load and no subscription.
         let found = match self.find(ip) {
-            Some(Found { lookup: Lookup::Entry(entry), down_for: None }) => return Lookup::Entry(entry),
+            Some(Found { lookup: Lookup::Entry(entry), down_for: None }) if !entry.pod.terminating => {
+                return Lookup::Entry(entry);
+            }
+            Some(found) => Some(found),
+            None => None,
+        };
+        let found = match found {
+            Some(Found { lookup: Lookup::Entry(entry), down_for: None }) => {
+                self.past_terminating(ip, entry, deadline).await
+            }
             Some(found) => found,
             None => self.wait_for(ip, deadline, None).await,
         };
@@ -304,6 +318,27 @@ impl NodeView {
                 }
             }
             found => found.lookup,
+        }
+    }
+
+    /// A terminating pod's entry, once no new owner of `ip` appeared within the grace (or what
+    /// the view says instead, if one did).
+    async fn past_terminating(
+        &self,
+        ip: IpAddr,
+        entry: Arc<ViewEntry>,
+        deadline: tokio::time::Instant,
+    ) -> Found {
+        let grace = (tokio::time::Instant::now() + TERMINATING_GRACE).min(deadline);
+        let found = self.wait_for(ip, grace, Some(&entry)).await;
+        if !matches!(found.lookup, Lookup::NoPod) {
+            return found;
+        }
+        // The grace passed: the terminating pod is still the IP's owner if its entry is still
+        // there (as the view says now: removed, it is not answered).
+        match self.find(ip) {
+            Some(now) => now,
+            None => Found { lookup: Lookup::NoPod, down_for: None },
         }
     }
 
