@@ -113,6 +113,7 @@ fn measure(document: &ImdsDocument) -> (f64, usize) {
                     allowed: true,
                     denial: String::new(),
                     role_arn: format!("{}checkout-api", deploy::BASE_ARN),
+                    terminating: false,
                 }
             })
             .collect(),

@@ -109,6 +109,8 @@ fn config(require_imdsv2: bool, allow: &AllowRoutes) -> Config {
         node_view: false,
         node_name: None,
         healthz_host: None,
+        pod_resources_socket: None,
+        unconfirmed_bound: crate::agent::view::confirm::UNCONFIRMED_BOUND,
     }
 }
 

@@ -20,6 +20,12 @@ pub mod debug {
     tonic::include_proto!("kiamrs.debug");
 }
 
+/// The kubelet's PodResources API, `v1` (from `proto/k8s/podresources/api.proto`): the pods
+/// running on this node, which the agent reads to confirm its view while no server answers.
+pub mod podresources {
+    tonic::include_proto!("v1");
+}
+
 /// kiam's status messages, which agents and servers of either implementation compare verbatim.
 /// They live with the protocol, so that the server and the client share them without importing
 /// each other.

@@ -18,6 +18,7 @@ pub mod handlers;
 pub mod http;
 pub mod instance_check;
 pub mod iptables;
+pub mod pod_resources;
 pub mod proxy;
 pub mod remote;
 pub mod token;
@@ -81,6 +82,12 @@ pub struct Config {
     pub node_name: Option<String>,
     /// kube2iam mode: answer `/healthz` as kube2iam does, naming this host IP.
     pub healthz_host: Option<IpAddr>,
+    /// `--pod-resources-socket`: the kubelet's PodResources socket the node view is confirmed
+    /// from while no server answers (`None`: no such source).
+    pub pod_resources_socket: Option<std::path::PathBuf>,
+    /// How long the node view serves an entry it cannot confirm once no server answers
+    /// ([`view::confirm::UNCONFIRMED_BOUND`]; not a flag).
+    pub unconfirmed_bound: Duration,
 }
 
 impl Config {
@@ -229,7 +236,10 @@ pub fn assemble<B: Backend, R: Runner>(
     let mut agent = Agent::new(backend, config, Arc::clone(&metrics))?;
     let mut follow = None;
     if let Some(client) = view_client.filter(|_| config.node_view) {
-        let view = Arc::new(view::NodeView::new(Arc::clone(&metrics)));
+        let view = Arc::new(
+            view::NodeView::new(Arc::clone(&metrics))
+                .confirming_from(config.pod_resources_socket.clone(), config.unconfirmed_bound),
+        );
         follow = Some((Arc::clone(&view), client.clone(), config.node_name.clone()));
         agent.view = Some(NodeViewLink { view, client });
     }

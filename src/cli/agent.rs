@@ -100,6 +100,10 @@ pub struct AgentArgs {
     /// differs from the one the agent's certificate or token proves.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// The kubelet's PodResources socket, from which the node view is confirmed while no server
+    /// answers (an empty value: no such source, so entries are served only briefly then).
+    #[arg(long, env = "KIAM_POD_RESOURCES_SOCKET", default_value = crate::agent::pod_resources::DEFAULT_SOCKET)]
+    pub pod_resources_socket: String,
 }
 
 impl AgentArgs {
@@ -155,6 +159,9 @@ impl AgentArgs {
             node_view: !self.disable_node_view,
             node_name: self.node_name.clone().filter(|n| !n.is_empty()),
             healthz_host: None,
+            pod_resources_socket: Some(std::path::PathBuf::from(&self.pod_resources_socket))
+                .filter(|p| !p.as_os_str().is_empty()),
+            unconfirmed_bound: crate::agent::view::confirm::UNCONFIRMED_BOUND,
         })
     }
 }

@@ -168,6 +168,8 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         node_view: false,
         node_name: None,
         healthz_host: Some(host.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
+        pod_resources_socket: None,
+        unconfirmed_bound: crate::agent::view::confirm::UNCONFIRMED_BOUND,
     };
     let settings = Settings {
         policy: Policy {

@@ -54,6 +54,7 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
             allowed,
             denial,
             role_arn,
+            terminating: pod.terminating,
         };
         out.insert(entry.ip.clone(), entry);
     }

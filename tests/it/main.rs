@@ -53,4 +53,5 @@ mod sts_roots;
 mod support;
 mod tls_usages;
 mod transport;
+mod view_outage;
 mod webhook;

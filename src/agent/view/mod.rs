@@ -8,6 +8,7 @@
 //! credentials already held keep being served until the credentials near expiry (static
 //! stability); a pod not in the view is never answered from a guess.
 
+pub mod confirm;
 pub mod sync;
 
 use std::collections::HashMap;
@@ -150,6 +151,16 @@ pub enum Lookup {
     Unknown,
 }
 
+/// A lookup, and for how long the view had not been live when it was made (`None`: live).
+struct Found {
+    lookup: Lookup,
+    down_for: Option<Duration>,
+}
+
+/// How long a terminating pod's entry is held back, in case a new pod has its IP already: the
+/// wait the servers make before answering for a terminating pod's IP (`server::core`).
+pub const TERMINATING_GRACE: Duration = Duration::from_millis(500);
+
 /// The node's pods, as far as the agent knows. Every hit reads the state, so it is read without
 /// a lock (arc-swap): a change, rare on one node, copies it and swaps the copy in, one writer
 /// at a time. A reader that loads the state after a swap sees the change.
@@ -159,6 +170,8 @@ pub struct NodeView {
     writer: Mutex<()>,
     changes: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// What confirms an entry while the view is not live.
+    confirm: confirm::Confirm,
 }
 
 /// Health of the view, for `/health?deep` and metrics.
@@ -182,7 +195,16 @@ impl NodeView {
             writer: Mutex::default(),
             changes: watch::Sender::new(0),
             metrics,
+            confirm: confirm::Confirm::new(None, confirm::UNCONFIRMED_BOUND),
         }
+    }
+
+    /// Confirms entries from the kubelet's PodResources socket while the view is not live
+    /// (`None`: from nothing, so only for [`confirm::UNCONFIRMED_BOUND`]).
+    #[must_use]
+    pub fn confirming_from(mut self, socket: Option<std::path::PathBuf>, bound: Duration) -> NodeView {
+        self.confirm = confirm::Confirm::new(socket, bound);
+        self
     }
 
     /// Changes the state with `f`, swaps the result in, and wakes the lookups waiting for a pod.
@@ -267,33 +289,92 @@ impl NodeView {
     }
 
     /// The entry for `ip`. While the view is live, a pod not in it yet is waited for until
-    /// `deadline`, woken by the stream.
+    /// `deadline`, woken by the stream, and a terminating pod's entry only after
+    /// [`TERMINATING_GRACE`] (a new owner of the IP wins). While it is not live, an entry is
+    /// answered only if [`confirm`] vouches for its pod; otherwise the servers are asked.
     pub async fn lookup(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Lookup {
         // A pod already in the view (every hit) costs one load and no subscription.
-        if let Some(found) = self.find(ip) {
+        let found = match self.find(ip) {
+            Some(Found { lookup: Lookup::Entry(entry), down_for: None }) if !entry.pod.terminating => {
+                return Lookup::Entry(entry);
+            }
+            Some(found) => Some(found),
+            None => None,
+        };
+        let found = match found {
+            Some(Found { lookup: Lookup::Entry(entry), down_for: None }) => {
+                self.past_terminating(ip, entry, deadline).await
+            }
+            Some(found) => found,
+            None => self.wait_for(ip, deadline, None).await,
+        };
+        match found {
+            Found { lookup: Lookup::Entry(entry), down_for: Some(down_for) } => {
+                if self.confirm.serves(&entry, down_for).await {
+                    Lookup::Entry(entry)
+                } else {
+                    tracing::debug!(%ip, "node view entry not confirmed; asking the servers");
+                    Lookup::Unknown
+                }
+            }
+            found => found.lookup,
+        }
+    }
+
+    /// A terminating pod's entry, once no new owner of `ip` appeared within the grace (or what
+    /// the view says instead, if one did).
+    async fn past_terminating(
+        &self,
+        ip: IpAddr,
+        entry: Arc<ViewEntry>,
+        deadline: tokio::time::Instant,
+    ) -> Found {
+        let grace = (tokio::time::Instant::now() + TERMINATING_GRACE).min(deadline);
+        let found = self.wait_for(ip, grace, Some(&entry)).await;
+        if !matches!(found.lookup, Lookup::NoPod) {
             return found;
         }
+        // The grace passed: the terminating pod is still the IP's owner if its entry is still
+        // there (as the view says now: removed, it is not answered).
+        match self.find(ip) {
+            Some(now) => now,
+            None => Found { lookup: Lookup::NoPod, down_for: None },
+        }
+    }
+
+    /// Waits until `deadline` for `ip` to have an entry other than `old`, woken by the stream;
+    /// `NoPod` when none came.
+    async fn wait_for(
+        &self,
+        ip: IpAddr,
+        deadline: tokio::time::Instant,
+        old: Option<&Arc<ViewEntry>>,
+    ) -> Found {
         // Subscribe, then look again before waiting, so that no change is missed in between.
         let mut changes = self.changes.subscribe();
         loop {
-            if let Some(found) = self.find(ip) {
-                return found;
+            match self.find(ip) {
+                Some(Found { lookup: Lookup::Entry(e), .. }) if old.is_some_and(|o| Arc::ptr_eq(o, &e)) => {}
+                Some(found) => return found,
+                None => {}
             }
             if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
-                return Lookup::NoPod;
+                return Found { lookup: Lookup::NoPod, down_for: None };
             }
         }
     }
 
     /// What the view says about `ip` now; `None` while a live view has no entry for it.
-    fn find(&self, ip: IpAddr) -> Option<Lookup> {
+    fn find(&self, ip: IpAddr) -> Option<Found> {
         let state = self.state.load();
         if !state.ever_synced {
-            return Some(Lookup::Unknown);
+            return Some(Found { lookup: Lookup::Unknown, down_for: None });
         }
+        // Not live: for how long (unknown counts as too long).
+        let down_for = (!state.live).then(|| state.down_since.map_or(Duration::MAX, |t| t.elapsed()));
         match state.entries.get(&ip) {
-            Some(entry) => Some(Lookup::Entry(Arc::clone(entry))),
-            None => (!state.live).then_some(Lookup::Unknown),
+            Some(entry) => Some(Found { lookup: Lookup::Entry(Arc::clone(entry)), down_for }),
+            None => (!state.live).then_some(Found { lookup: Lookup::Unknown, down_for }),
         }
     }
 
