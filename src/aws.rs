@@ -87,6 +87,7 @@ impl AssumeRole for Sts {
                     .filter(|k| !k.is_empty()),
             )
             .set_policy(identity.policy.clone())
+            .set_source_identity(identity.source_identity.clone())
             .duration_seconds(seconds)
             .send()
             .await

@@ -38,6 +38,12 @@ pub struct PolicyArgs {
     /// annotation wins. Watches ServiceAccounts (RBAC: list and watch serviceaccounts).
     #[arg(long, env = "KIAM_SERVICE_ACCOUNT_ROLES")]
     pub service_account_roles: bool,
+    /// Every AssumeRole carries the pod's STS SourceIdentity (`<pod>@<namespace>`), which
+    /// CloudTrail records on every call made with the credentials and role chaining keeps. Off by
+    /// default: the pods' roles must allow sts:SetSourceIdentity (docs/aws.md). Every pod is
+    /// then its own identity: one STS session per pod instead of per role.
+    #[arg(long, env = "KIAM_SOURCE_IDENTITY")]
+    pub source_identity: bool,
     /// The cluster's name, for the eks-cluster-name tag.
     #[arg(long, env = "KIAM_CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
@@ -79,6 +85,7 @@ impl PolicyArgs {
             kube2iam: None,
             session_tags,
             service_account_roles: self.service_account_roles,
+            source_identity: self.source_identity,
         })
     }
 }

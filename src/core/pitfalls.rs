@@ -76,6 +76,7 @@ mod tests {
             strict_namespace_regexp: true,
             kube2iam: None,
             session_tags: None,
+            source_identity: false,
             service_account_roles: false,
         });
         let form = "arn:aws:iam::123456789012:role/k8s-production-.*";
@@ -102,6 +103,7 @@ mod tests {
             strict_namespace_regexp: false,
             kube2iam: None,
             session_tags: None,
+            source_identity: false,
             service_account_roles: false,
         });
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")), None);

@@ -316,6 +316,10 @@ impl<A: AssumeRole> Core<A> {
             external_id: pod.external_id.clone(),
             tags,
             policy,
+            source_identity: self
+                .policy
+                .source_identity
+                .then(|| role::source_identity(&pod.namespace, &pod.name)),
         })
     }
 

@@ -44,6 +44,7 @@ fn core(sts: &Arc<CountingSts>, metrics: &Arc<Metrics>) -> Core<Arc<CountingSts>
         strict_namespace_regexp: true,
         kube2iam: None,
         session_tags: None,
+        source_identity: false,
         service_account_roles: false,
     };
     let lifetimes = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };

@@ -18,12 +18,14 @@ pub struct Identity {
     pub tags: Vec<(String, String)>,
     /// An inline session policy (minified JSON) that narrows the role.
     pub policy: Option<String>,
+    /// STS `SourceIdentity` (`--source-identity`): the pod, recorded by CloudTrail.
+    pub source_identity: Option<String>,
 }
 
 impl Identity {
     /// An identity with no session tags and no session policy.
     pub fn plain(role: RoleArn, session_name: String, external_id: Option<String>) -> Identity {
-        Identity { role, session_name, external_id, tags: Vec::new(), policy: None }
+        Identity { role, session_name, external_id, tags: Vec::new(), policy: None, source_identity: None }
     }
 }
 
@@ -35,6 +37,7 @@ impl fmt::Debug for Identity {
             .field("external_id", &self.external_id.as_ref().map(|_| "<redacted>"))
             .field("tags", &self.tags)
             .field("policy", &self.policy.is_some())
+            .field("source_identity", &self.source_identity)
             .finish()
     }
 }

@@ -352,6 +352,7 @@ pub fn explain(
         external_id: pod.external_id.clone(),
         tags: extras.0,
         policy: extras.1,
+        source_identity: policy.source_identity.then(|| role::source_identity(&pod.namespace, &pod.name)),
     });
     Explanation {
         query,

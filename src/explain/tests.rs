@@ -15,6 +15,7 @@ fn settings(node_binding: NodeBinding) -> Settings {
             strict_namespace_regexp: true,
             kube2iam: None,
             session_tags: None,
+            source_identity: false,
             service_account_roles: false,
         },
         default_session: "kiam".into(),

@@ -177,6 +177,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
             strict_namespace_regexp: true,
             kube2iam: Some(Rules { default_role, restrictions }),
             session_tags: None,
+            source_identity: args.source_identity,
             service_account_roles: false,
         },
         lifetimes: Lifetimes { session, refresh_lead: args.iam_role_session_ttl },

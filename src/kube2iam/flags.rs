@@ -77,6 +77,12 @@ pub struct Kube2iamArgs {
     /// address that already holds this many (iptables connlimit); 0, the default, sets none.
     #[arg(long, default_value_t = 0)]
     pub iptables_connlimit: u32,
+    /// kiam-rs: every AssumeRole carries the pod's STS SourceIdentity (`<pod>@<namespace>`),
+    /// which CloudTrail records on every call and role chaining keeps (the pods' roles must allow
+    /// sts:SetSourceIdentity); every pod is then its own STS session.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub source_identity: bool,
     /// Take the base ARN from the instance profile (over IMDSv2).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", value_parser = BoolishValueParser::new())]

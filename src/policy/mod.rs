@@ -34,6 +34,9 @@ pub struct Policy {
     pub session_tags: Option<session::SessionTags>,
     /// `--service-account-roles`: a pod without the role annotation takes its ServiceAccount's.
     pub service_account_roles: bool,
+    /// `--source-identity`: every session carries the pod's STS `SourceIdentity`
+    /// ([`role::source_identity`]), so every pod is its own identity.
+    pub source_identity: bool,
 }
 
 /// Why a pod may not have the role it asked for. The display text is the explanation logged
@@ -179,6 +182,7 @@ mod tests {
             strict_namespace_regexp: strict,
             kube2iam: None,
             session_tags: None,
+            source_identity: false,
             service_account_roles: false,
         }
     }

@@ -24,6 +24,7 @@ fn config(inventory: Inventory, target: Target, requested: Option<&str>) -> Conf
                 strict_namespace_regexp: true,
                 kube2iam: None,
                 session_tags: None,
+                source_identity: false,
                 service_account_roles: false,
             },
             default_session: "kiam".into(),

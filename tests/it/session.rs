@@ -56,6 +56,7 @@ async fn tags_and_session_policies_reach_sts_and_key_the_cache() {
     );
     assert_eq!(web.transitive, ["eks-cluster-name", "kubernetes-namespace", "kubernetes-pod-name"]);
     assert_eq!(web.policy, None);
+    assert_eq!(web.source_identity, None, "SourceIdentity only with --source-identity");
     let narrow = calls.iter().find(|c| c.tags.iter().any(|(_, v)| v == "narrow")).expect("narrow's call");
     let sent: serde_json::Value =
         serde_json::from_str(narrow.policy.as_deref().expect("a policy")).expect("JSON");
@@ -267,4 +268,47 @@ async fn kube2iam_mode_keeps_the_namespace_session_policy() {
     for call in &calls {
         assert_eq!(call.policy.as_deref().map(json), Some(json(POLICY)), "{call:?}");
     }
+}
+
+/// `--source-identity`: every AssumeRole names its pod as STS's SourceIdentity, `<pod>@<namespace>`
+/// (long names shortened, still apart), so two pods of one role get sessions of their own, each
+/// fetched once however often asked; kube2iam mode the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_identity_names_each_pod_and_keys_the_cache() {
+    let flags = vec!["--source-identity"];
+    let stack = Stack::start_with(Options { server_flags: flags, ..Options::default() }).await;
+    stack.moto.start_recording().await;
+    let long = "w".repeat(120);
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    stack.kube.apply(pod("team-a", "web").ip("127.0.0.231").role("app").build());
+    stack.kube.apply(pod("team-a", "api").ip("127.0.0.232").role("app").build());
+    stack.kube.apply(pod("team-a", &long).ip("127.0.0.233").role("app").build());
+    for ip in ["127.0.0.231", "127.0.0.232", "127.0.0.233"] {
+        stack.wait_for_pod(ip.parse().expect("ip")).await;
+        ask(&stack, ip, "app").await.expect("credentials");
+        ask(&stack, ip, "app").await.expect("a second time, from the cache");
+    }
+    let calls = stack.wait_for_sts_calls(3).await;
+    assert_eq!(calls.len(), 3, "one session per pod: {calls:?}");
+    let mut identities: Vec<String> = calls.iter().filter_map(|c| c.source_identity.clone()).collect();
+    identities.sort();
+    assert_eq!(identities.len(), 3, "{calls:?}");
+    assert_eq!(&identities[..2], ["api@team-a", "web@team-a"]);
+    let shortened = &identities[2];
+    assert!(shortened.len() == 64 && shortened.starts_with("www"), "{shortened}");
+    assert!(shortened.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)), "{shortened}");
+    assert_eq!(*shortened, kiam::policy::role::source_identity("team-a", &long));
+
+    let objects =
+        vec![namespace("team-b").build(), pod("team-b", "job").ip("127.0.0.234").role("app").build()];
+    let base = "--base-role-arn=arn:aws:iam::123456789012:role/";
+    let k = crate::kube2iam::start(&[base, "--source-identity"], objects).await;
+    let (status, body) =
+        crate::kube2iam::get(&k, "127.0.0.234", "/latest/meta-data/iam/security-credentials/app").await;
+    assert_eq!(status, 200, "{body}");
+    let calls = k.moto.recorded_assume_roles().await;
+    assert!(
+        !calls.is_empty() && calls.iter().all(|c| c.source_identity.as_deref() == Some("job@team-b")),
+        "{calls:?}"
+    );
 }

@@ -57,6 +57,8 @@ pub struct AssumeRoleCall {
     pub transitive: Vec<String>,
     /// `Policy`, if sent.
     pub policy: Option<String>,
+    /// `SourceIdentity`, if sent.
+    pub source_identity: Option<String>,
 }
 
 impl Moto {
@@ -227,6 +229,7 @@ fn parse_recorded_assume_role(line: &str) -> Option<AssumeRoleCall> {
             .collect(),
         transitive: (1..=50).map_while(|n| field(&format!("TransitiveTagKeys.member.{n}"))).collect(),
         policy: field("Policy"),
+        source_identity: field("SourceIdentity"),
     })
 }
 
