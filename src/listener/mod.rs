@@ -1,9 +1,10 @@
-//! The agent's HTTP/1 listener (and the metrics listeners'), with limits that clients cannot
-//! talk their way past: a deadline for each request head (a client that sends its headers
+//! The hardened HTTP/1 listener that every port a pod can reach uses (the agent's metadata
+//! endpoint, kube2iam mode's, and the metrics listeners), with limits that clients cannot talk
+//! their way past: a deadline for each request head (a client that sends its headers
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
 //! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that
 //! pipelines requests and never reads the answers is cut off), both in
-//! [`deadline`](super::deadline) (which also makes each pipelined request wait for the
+//! [`deadline`] (which also makes each pipelined request wait for the
 //! connection's next turn, so that pipelining buys a pod no more than its neighbours get), a
 //! maximum age per connection, a cap on open connections, and
 //! a smaller cap per source address, so that one pod cannot take every slot of its node.
@@ -33,8 +34,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
-use super::workers::Workers;
+pub mod deadline;
+pub mod workers;
+
+use self::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
+use self::workers::Workers;
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
@@ -359,5 +363,4 @@ fn reset(refused: &mut Vec<tokio::net::TcpStream>) {
 }
 
 #[cfg(test)]
-#[path = "http_tests.rs"]
 mod tests;
