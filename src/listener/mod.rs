@@ -1,5 +1,5 @@
-//! The hardened HTTP/1 listener that every port a pod can reach uses (the agent's metadata
-//! endpoint, kube2iam mode's, and the metrics listeners), with limits that clients cannot talk
+//! The hardened HTTP/1 listener that every port of ours uses (the agent's metadata endpoint,
+//! kube2iam mode's, the metrics listeners, and `kiam webhook` over TLS, [`serve_tls`]), with limits that clients cannot talk
 //! their way past: a deadline for each request head (a client that sends its headers
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
 //! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that
@@ -28,9 +28,11 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -139,6 +141,28 @@ pub async fn serve(
     serve_with(listener, make, limits, workers, tally, shutdown).await;
 }
 
+/// [`serve`] over TLS, on the caller's runtime: each connection's handshake must finish within
+/// [`Limits::header_read_timeout`] (a late one is counted as a late head), under the same
+/// connection caps, per-source cap and deadlines as plain HTTP.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: &Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+) {
+    let make = move |peer: SocketAddr| {
+        let router = router.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(request)
+        })
+    };
+    let acceptor = Some(TlsAcceptor::from(tls));
+    run(listener, make, acceptor, limits, &Workers::inline(), tally, shutdown).await;
+}
+
 /// The service hyper runs for one connection: what `make` returns for each.
 pub trait ConnectionService:
     hyper::service::Service<
@@ -165,6 +189,8 @@ impl<S> ConnectionService for S where
 /// What every accept loop of one listener shares.
 struct Shared<M> {
     make: M,
+    /// The TLS handshake each connection makes first, if the listener serves HTTPS.
+    tls: Option<TlsAcceptor>,
     builder: http1::Builder,
     permits: Arc<Semaphore>,
     sources: Arc<Sources>,
@@ -186,6 +212,22 @@ pub async fn serve_with<M, S>(
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
+    run(listener, make, None, limits, workers, tally, shutdown).await;
+}
+
+/// [`serve_with`], with a TLS handshake first on each connection when `tls` is given.
+async fn run<M, S>(
+    listener: TcpListener,
+    make: M,
+    tls: Option<TlsAcceptor>,
+    limits: &Limits,
+    workers: &Workers,
+    tally: Tally,
+    shutdown: CancellationToken,
+) where
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: ConnectionService,
+{
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -195,6 +237,7 @@ pub async fn serve_with<M, S>(
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let shared = Arc::new(Shared {
         make,
+        tls,
         builder,
         permits: Arc::new(Semaphore::new(limits.max_connections)),
         sources: Sources::new(limits.max_connections_per_source),
@@ -298,16 +341,28 @@ where
         let (shared, alive) = (Arc::clone(&shared), alive.clone());
         tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
-            connection(stream, peer, &shared).await;
+            let Some(acceptor) = &shared.tls else {
+                connection(stream, peer, &shared).await;
+                return;
+            };
+            match tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => connection(stream, peer, &shared).await,
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => {
+                    shared.tally.head_timeout.inc();
+                    tracing::debug!(%peer, "TLS handshake too slow");
+                }
+            }
         });
     }
 }
 
 /// Serves one connection until it ends, is cut, grows too old, or shutdown.
-async fn connection<M, S>(stream: tokio::net::TcpStream, peer: SocketAddr, shared: &Shared<M>)
+async fn connection<M, S, T>(stream: T, peer: SocketAddr, shared: &Shared<M>)
 where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (limits, tally) = (&shared.limits, &shared.tally);
     let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));
