@@ -38,6 +38,7 @@ pub mod explain;
 pub mod fuzz;
 pub mod health;
 pub mod kube2iam;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -11,11 +11,9 @@
 pub mod answers;
 pub mod backend;
 pub mod container;
-pub mod deadline;
 pub mod documents;
 pub mod error;
 pub mod handlers;
-pub mod http;
 pub mod instance_check;
 pub mod iptables;
 pub mod pod_resources;
@@ -23,7 +21,6 @@ pub mod proxy;
 pub mod remote;
 pub mod token;
 pub mod view;
-pub mod workers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -33,8 +30,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::listener::Limits;
+use crate::listener::{self, workers};
 pub use backend::{Backend, BackendError, ContainerCredentials};
-pub use http::Limits;
 use iptables::{Interception, IptablesError, Runner};
 use proxy::Upstream;
 use token::Tokens;
@@ -253,7 +251,7 @@ pub fn assemble<B: Backend, R: Runner>(
     let server = config.client.as_ref().map_or("in-process", |c| c.server_address.as_str());
     tracing::info!(%addr, server, "agent listening");
     let cut = |reason| metrics.agent.connections_cut.get_or_create(&crate::metrics::Cut { reason }).clone();
-    let tally = http::Tally {
+    let tally = listener::Tally {
         open: metrics.agent.connections_open.clone(),
         source_cap: cut("source_cap"),
         head_timeout: cut("head_timeout"),
@@ -273,9 +271,9 @@ pub fn assemble<B: Backend, R: Runner>(
             shutdown.clone(),
             workers.clone(),
         );
-        tokio::spawn(
-            async move { http::serve_with(listener6, make, &limits, &workers, tally, shutdown).await },
-        );
+        tokio::spawn(async move {
+            listener::serve_with(listener6, make, &limits, &workers, tally, shutdown).await
+        });
     }
     // The view is followed once the interception is in place: a server that sees this node's
     // agent subscribe knows its pods are intercepted (node readiness relies on it).
@@ -295,13 +293,13 @@ async fn serve<B: Backend, R: Runner>(
     listener: TcpListener,
     agent: Arc<Agent<B>>,
     interception: Option<Arc<Interception<R>>>,
-    (limits, tally, workers): (Limits, http::Tally, workers::Workers),
+    (limits, tally, workers): (Limits, listener::Tally, workers::Workers),
     start_view: impl FnOnce(&CancellationToken),
     shutdown: CancellationToken,
 ) -> Result<(), AgentStartError> {
     let Some(rules) = interception else {
         start_view(&shutdown);
-        http::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
+        listener::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
         return Ok(());
     };
     rules.install().await?;
@@ -310,7 +308,7 @@ async fn serve<B: Backend, R: Runner>(
     tracing::info!(chain = %iptables.chain, interface = %iptables.interface, target = %iptables.target, "iptables rules installed");
     let checks = shutdown.child_token();
     let keeper = tokio::spawn(Arc::clone(&rules).keep_installed(checks.clone()));
-    http::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
+    listener::serve_with(listener, direct(agent), &limits, &workers, tally, shutdown).await;
     checks.cancel();
     let _ = keeper.await;
     if rules.config().remove_at_exit {

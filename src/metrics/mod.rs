@@ -28,8 +28,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::agent::http::{Limits, Tally};
-use crate::agent::workers::Workers;
+use crate::listener::workers::Workers;
+use crate::listener::{Limits, Tally};
 use tokio_util::sync::CancellationToken;
 
 pub use agent::{AgentMetrics, CredentialsOk, Cut, Handler, Response};
@@ -176,21 +176,14 @@ pub async fn serve_with(
     tally: Tally,
     shutdown: CancellationToken,
 ) {
-    crate::agent::http::serve(listener, router(metrics), limits, &Workers::inline(), tally, shutdown).await;
+    crate::listener::serve(listener, router(metrics), limits, &Workers::inline(), tally, shutdown).await;
 }
 
 /// Serves `app` (which may read the caller's address as `ConnectInfo`) on `listener` until
 /// `shutdown`, under [`Limits::metrics`] (kube2iam mode's metrics port with `/debug/store`).
 pub async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken) {
-    crate::agent::http::serve(
-        listener,
-        app,
-        &Limits::metrics(),
-        &Workers::inline(),
-        Tally::default(),
-        shutdown,
-    )
-    .await;
+    crate::listener::serve(listener, app, &Limits::metrics(), &Workers::inline(), Tally::default(), shutdown)
+        .await;
 }
 
 #[cfg(test)]

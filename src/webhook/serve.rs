@@ -1,6 +1,7 @@
-//! The webhook's HTTPS listener: TLS with the certificate the API server trusts (no client
-//! certificate asked for: the API server presents none unless configured to), HTTP/1.1, bodies
-//! bounded, a connection cap, and a deadline on every handshake and request. `POST` to
+//! The webhook's HTTPS service on the hardened listener ([`crate::listener::serve_tls`]): TLS
+//! with the certificate the API server trusts (no client certificate asked for: the API server
+//! presents none unless configured to), HTTP/1.1, bodies bounded, a connection cap and a
+//! per-source cap, and deadlines on every handshake, request head and write. `POST` to
 //! [`POD_PATH`](super::POD_PATH) or [`NAMESPACE_PATH`](super::NAMESPACE_PATH) is answered with
 //! [`review`](super::review); `GET /healthz` with `ok`.
 
@@ -9,17 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
+use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{Injection, NAMESPACE_PATH, POD_PATH, review};
+use crate::listener::{Limits, Tally};
 
 /// The largest AdmissionReview read (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -56,49 +54,26 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
     Ok(Arc::new(config))
 }
 
-/// Serves the webhook on `listener` until `shutdown`.
+/// The listener's limits for the webhook: a deadline on every handshake and request head, at
+/// most [`MAX_CONNECTIONS`] connections, and the per-source cap of every listener of ours.
+pub fn limits() -> Limits {
+    Limits { header_read_timeout: DEADLINE, max_connections: MAX_CONNECTIONS, ..Limits::default() }
+}
+
+/// Serves the webhook on `listener` until `shutdown`, on the hardened listener
+/// ([`crate::listener::serve_tls`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     injection: Injection,
     shutdown: CancellationToken,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let injection = Arc::new(injection);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "webhook: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (acceptor, injection, shutdown) = (acceptor.clone(), Arc::clone(&injection), shutdown.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(DEADLINE, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                _ => {
-                    tracing::debug!(%peer, "webhook: TLS handshake failed");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |request| answer(request, Arc::clone(&injection)));
-            let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(DEADLINE);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+    let app = axum::Router::new().fallback(move |request: Request<axum::body::Body>| {
+        let injection = Arc::clone(&injection);
+        async move { answer(request, injection).await.map(axum::body::Body::new) }
+    });
+    crate::listener::serve_tls(listener, tls, app, &limits(), Tally::default(), shutdown).await;
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -112,27 +87,24 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Answer {
     response
 }
 
-async fn answer(
-    request: Request<Incoming>,
-    injection: Arc<Injection>,
-) -> Result<Answer, std::convert::Infallible> {
+async fn answer(request: Request<axum::body::Body>, injection: Arc<Injection>) -> Answer {
     let text = |status, body: &str| respond(status, "text/plain", format!("{body}\n").into_bytes());
     let namespace_opted_in = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok")),
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok"),
         (&Method::POST, POD_PATH) => false,
         (&Method::POST, NAMESPACE_PATH) => true,
-        _ => return Ok(text(StatusCode::NOT_FOUND, "not found")),
+        _ => return text(StatusCode::NOT_FOUND, "not found"),
     };
     let body =
         match tokio::time::timeout(DEADLINE, Limited::new(request.into_body(), MAX_BODY).collect()).await {
             Ok(Ok(body)) => body.to_bytes(),
-            _ => return Ok(text(StatusCode::BAD_REQUEST, "the body could not be read")),
+            _ => return text(StatusCode::BAD_REQUEST, "the body could not be read"),
         };
     let reviewed = serde_json::from_slice(&body)
         .map_err(|e| e.to_string())
         .and_then(|request| review(&request, namespace_opted_in, &injection).map_err(|e| e.to_string()));
-    Ok(match reviewed.and_then(|r| serde_json::to_vec(&r).map_err(|e| e.to_string())) {
+    match reviewed.and_then(|r| serde_json::to_vec(&r).map_err(|e| e.to_string())) {
         Ok(json) => respond(StatusCode::OK, "application/json", json),
         Err(message) => text(StatusCode::BAD_REQUEST, &message),
-    })
+    }
 }

@@ -140,3 +140,23 @@ fn the_model_and_the_policy_are_pure() {
     }
     assert!(edges["policy"].contains("model"), "policy builds on the model");
 }
+
+#[test]
+fn both_modes_sit_on_the_core_and_only_the_agents_builders_reach_the_agent() {
+    let (edges, _) = graph();
+    let inside = |module: &str, root: &str| module == root || module.starts_with(&format!("{root}::"));
+    for (module, targets) in &edges {
+        for target in targets {
+            if inside(module, "kube2iam") {
+                assert!(!inside(target, "server"), "{module} imports {target}: kube2iam mode sits on core/");
+            }
+            // The fuzz harness is compiled for unit tests and cargo-fuzz only, not into the library.
+            let builders = ["agent", "kube2iam", "cli", "fuzz", "fuzz_request", "fuzz_tests"];
+            if inside(target, "agent") && !builders.iter().any(|b| inside(module, b)) {
+                panic!("{module} imports {target}: only the agent's builders may (listener/ is shared)");
+            }
+        }
+    }
+    assert!(edges["kube2iam"].contains("core") && edges["server"].contains("core"), "{edges:?}");
+    assert!(edges["metrics"].contains("listener") && edges["webhook::serve"].contains("listener"));
+}

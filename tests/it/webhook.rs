@@ -159,13 +159,20 @@ fn pods_that_did_not_opt_in_are_allowed_unchanged() {
 
 /// POSTs `body` to `path` on the webhook at `port` over TLS, trusting `ca`.
 async fn post(port: u16, ca: &std::path::Path, path: &str, body: &Value) -> (u16, Value) {
+    post_from("127.0.0.1", port, ca, path, body).await
+}
+
+/// [`post`] from the loopback address `source`.
+async fn post_from(source: &str, port: u16, ca: &std::path::Path, path: &str, body: &Value) -> (u16, Value) {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
         roots.add(cert.expect("CA cert")).expect("add CA");
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(std::net::SocketAddr::new(source.parse().expect("source"), 0)).expect("bind");
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.expect("connect");
     let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("TLS");
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("HTTP");
@@ -198,5 +205,40 @@ async fn the_served_webhook_answers_over_https() {
     let quiet = pod(&[], vec![container("app", None)]);
     let (_, answer) = post(port, &files.ca, webhook::NAMESPACE_PATH, &admission_review(&quiet)).await;
     assert!(patch_of(&answer).is_some(), "the namespace's entry patches pods that said nothing");
+    shutdown.cancel();
+}
+
+/// The webhook is on the hardened listener: one source cannot hold every connection (the
+/// per-source cap closes its next one at once, before any handshake, while those it holds wait
+/// for their handshake deadline), and another source is answered meanwhile.
+#[tokio::test]
+async fn one_source_cannot_hold_every_webhook_connection() {
+    use tokio::io::AsyncReadExt;
+    kiam::install_crypto_provider();
+    let pki = TestPki::default();
+    let files = pki.server();
+    let tls = webhook::serve::tls_config(&files.cert, &files.key).expect("TLS config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(webhook::serve::serve(listener, tls, Injection::default(), shutdown.clone()));
+
+    let cap = webhook::serve::limits().max_connections_per_source;
+    assert!(cap < webhook::serve::limits().max_connections, "a source gets less than the whole");
+    let mut held = Vec::with_capacity(cap);
+    for _ in 0..cap {
+        held.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut over = TcpStream::connect(addr).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), over.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the connection over the source's cap is closed at once, not left to its handshake deadline: {closed:?}"
+    );
+    let review = admission_review(&plain_pod());
+    let (status, _) = post_from("127.0.0.2", addr.port(), &files.ca, webhook::POD_PATH, &review).await;
+    assert_eq!(status, 200, "another source is served meanwhile");
+    drop(held);
     shutdown.cancel();
 }

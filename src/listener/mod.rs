@@ -1,9 +1,10 @@
-//! The agent's HTTP/1 listener (and the metrics listeners'), with limits that clients cannot
-//! talk their way past: a deadline for each request head (a client that sends its headers
+//! The hardened HTTP/1 listener that every port of ours uses (the agent's metadata endpoint,
+//! kube2iam mode's, the metrics listeners, and `kiam webhook` over TLS, [`serve_tls`]), with limits that clients cannot talk
+//! their way past: a deadline for each request head (a client that sends its headers
 //! slowly, or sits idle on a kept-alive connection, is cut off), a cap on the size and number of
 //! headers (431: 16 KiB, and hyper's 100 headers), a deadline on every write (a client that
 //! pipelines requests and never reads the answers is cut off), both in
-//! [`deadline`](super::deadline) (which also makes each pipelined request wait for the
+//! [`deadline`] (which also makes each pipelined request wait for the
 //! connection's next turn, so that pipelining buys a pod no more than its neighbours get), a
 //! maximum age per connection, a cap on open connections, and
 //! a smaller cap per source address, so that one pod cannot take every slot of its node.
@@ -25,95 +26,26 @@ use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
-use super::workers::Workers;
+pub mod deadline;
+mod limits;
+pub mod workers;
+
+pub use self::limits::{Limits, Tally};
+
+use self::deadline::{HeadCheck, HeadDeadline, Heads, WriteDeadline};
+use self::workers::Workers;
 use crate::net::Sources;
 
 /// The most refused connections held before they are reset (see [`serve_with`]).
 const REFUSED_BATCH: usize = 256;
-
-/// Limits on what one client may hold or send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Time allowed for a request head to arrive, counted from the connection's start or, on a
-    /// kept-alive connection, from the moment the previous answer was ready.
-    pub header_read_timeout: Duration,
-    /// The largest request head (request line and headers), in bytes. SDKs send well under 1 KiB.
-    /// (The most headers in one request is hyper's fixed 100: setting another number makes hyper
-    /// fill a vector of that size for every request, a percent of a hit's cost.)
-    pub max_header_bytes: usize,
-    /// The most connections open at once; more wait in the kernel's accept queue.
-    pub max_connections: usize,
-    /// The most connections one source address may hold open; more are closed at once. SDKs
-    /// use one or two; a pod is one address, so it cannot take its neighbours' slots.
-    pub max_connections_per_source: usize,
-    /// How long one write may make no progress before the connection is cut.
-    pub write_timeout: Duration,
-    /// How long a connection may live. Then it is closed after the request in flight (or,
-    /// failing that, [`Limits::drain`] later); the client reconnects.
-    pub max_connection_age: Duration,
-    /// How long open connections get to finish at shutdown.
-    pub drain: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            header_read_timeout: Duration::from_secs(5),
-            max_header_bytes: 16 * 1024,
-            max_connections: 4096,
-            max_connections_per_source: 64,
-            write_timeout: Duration::from_secs(10),
-            max_connection_age: Duration::from_secs(120),
-            drain: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Limits {
-    /// The limits of a metrics listener: one scraper or two, so far fewer connections.
-    pub fn metrics() -> Limits {
-        Limits { max_connections: 64, max_connections_per_source: 8, ..Limits::default() }
-    }
-}
-
-/// What a listener counts: its open connections, and the connections it cut, by reason. The
-/// agent passes in the series of its registered metrics (`kiam_agent_connections_*`).
-#[derive(Clone, Debug, Default)]
-pub struct Tally {
-    /// Connections open now.
-    pub open: Gauge,
-    /// Connections closed at once: their source already held its share.
-    pub source_cap: Counter,
-    /// Connections cut because a request head was late (or a kept-alive connection idle).
-    pub head_timeout: Counter,
-    /// Connections cut because a write made no progress.
-    pub write_timeout: Counter,
-    /// Connections closed for their age.
-    pub max_age: Counter,
-}
-
-impl Tally {
-    /// How many connections were cut for `reason` (`source_cap`, `head_timeout`,
-    /// `write_timeout`, `max_age`).
-    pub fn cut(&self, reason: &str) -> u64 {
-        match reason {
-            "source_cap" => self.source_cap.get(),
-            "head_timeout" => self.head_timeout.get(),
-            "write_timeout" => self.write_timeout.get(),
-            "max_age" => self.max_age.get(),
-            _ => 0,
-        }
-    }
-}
 
 /// Serves `router` on `listener` until `shutdown`, handing each request the caller's address as
 /// [`ConnectInfo`], and counting into `tally`.
@@ -133,6 +65,28 @@ pub async fn serve(
         })
     };
     serve_with(listener, make, limits, workers, tally, shutdown).await;
+}
+
+/// [`serve`] over TLS, on the caller's runtime: each connection's handshake must finish within
+/// [`Limits::header_read_timeout`] (a late one is counted as a late head), under the same
+/// connection caps, per-source cap and deadlines as plain HTTP.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: &Limits,
+    tally: Tally,
+    shutdown: CancellationToken,
+) {
+    let make = move |peer: SocketAddr| {
+        let router = router.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(request)
+        })
+    };
+    let acceptor = Some(TlsAcceptor::from(tls));
+    run(listener, make, acceptor, limits, &Workers::inline(), tally, shutdown).await;
 }
 
 /// The service hyper runs for one connection: what `make` returns for each.
@@ -161,6 +115,8 @@ impl<S> ConnectionService for S where
 /// What every accept loop of one listener shares.
 struct Shared<M> {
     make: M,
+    /// The TLS handshake each connection makes first, if the listener serves HTTPS.
+    tls: Option<TlsAcceptor>,
     builder: http1::Builder,
     permits: Arc<Semaphore>,
     sources: Arc<Sources>,
@@ -182,6 +138,22 @@ pub async fn serve_with<M, S>(
     M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: ConnectionService,
 {
+    run(listener, make, None, limits, workers, tally, shutdown).await;
+}
+
+/// [`serve_with`], with a TLS handshake first on each connection when `tls` is given.
+async fn run<M, S>(
+    listener: TcpListener,
+    make: M,
+    tls: Option<TlsAcceptor>,
+    limits: &Limits,
+    workers: &Workers,
+    tally: Tally,
+    shutdown: CancellationToken,
+) where
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: ConnectionService,
+{
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -191,6 +163,7 @@ pub async fn serve_with<M, S>(
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let shared = Arc::new(Shared {
         make,
+        tls,
         builder,
         permits: Arc::new(Semaphore::new(limits.max_connections)),
         sources: Sources::new(limits.max_connections_per_source),
@@ -294,16 +267,28 @@ where
         let (shared, alive) = (Arc::clone(&shared), alive.clone());
         tokio::spawn(async move {
             let (_permit, _share, _alive) = (permit, share, alive);
-            connection(stream, peer, &shared).await;
+            let Some(acceptor) = &shared.tls else {
+                connection(stream, peer, &shared).await;
+                return;
+            };
+            match tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => connection(stream, peer, &shared).await,
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => {
+                    shared.tally.head_timeout.inc();
+                    tracing::debug!(%peer, "TLS handshake too slow");
+                }
+            }
         });
     }
 }
 
 /// Serves one connection until it ends, is cut, grows too old, or shutdown.
-async fn connection<M, S>(stream: tokio::net::TcpStream, peer: SocketAddr, shared: &Shared<M>)
+async fn connection<M, S, T>(stream: T, peer: SocketAddr, shared: &Shared<M>)
 where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (limits, tally) = (&shared.limits, &shared.tally);
     let head = Arc::new(HeadDeadline::new(limits.header_read_timeout));
@@ -359,5 +344,4 @@ fn reset(refused: &mut Vec<tokio::net::TcpStream>) {
 }
 
 #[cfg(test)]
-#[path = "http_tests.rs"]
 mod tests;
