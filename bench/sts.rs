@@ -74,6 +74,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         strict_namespace_regexp: true,
         kube2iam: None,
         session_tags: None,
+        source_identity: false,
         service_account_roles: false,
     };
     let core =
