@@ -16,7 +16,6 @@ pub mod pod_token;
 pub mod readiness;
 pub mod service;
 pub mod token_service;
-pub mod token_verify;
 pub mod view;
 
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
 //! Pods' projected ServiceAccount tokens, as `GET /v1/credentials` presents them: verified
-//! locally against the cluster's signing keys ([`token_verify`](super::token_verify)), and read
+//! locally against the cluster's signing keys ([`verify`]), and read
 //! for the pod they are bound to. Whether that pod is still alive, on the caller's node, and may
 //! have its role is the core's business, not this module's.
 //!
@@ -19,7 +19,6 @@ use kube::Api;
 use kube::api::PostParams;
 
 use super::jwks::{Jwks, Lookup};
-use super::token_verify;
 
 /// The longest a positive verdict is reused.
 const VERDICT_TTL: Duration = Duration::from_secs(60);
@@ -98,11 +97,11 @@ impl PodTokens {
         if token.is_empty() || token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenRefusal::Malformed);
         }
-        let header = token_verify::header(token)?;
+        let header = verify::header(token)?;
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         match self.keys.lookup(header.kid.as_deref()).await {
             Lookup::Keys(keys, issuer) => {
-                return token_verify::verify(token, &keys, &issuer, &self.audience, epoch.as_secs())
+                return verify::verify(token, &keys, &issuer, &self.audience, epoch.as_secs())
                     .map(|(claims, _)| claims);
             }
             Lookup::Unknown => {
@@ -213,6 +212,7 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 pub mod jwt;
+pub mod verify;
 
 /// Asks the API server to review `token` for `audience`: the review's status, or why there is
 /// none. Agents' node tokens and pods' own tokens are both checked through it.

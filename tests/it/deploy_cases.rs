@@ -410,7 +410,12 @@ pub fn check(report: &Report) {
     assert_eq!(kiam_upgrade.container("server").image.as_deref(), Some("registry.example/kiam-rs:0.1.0"));
     crate::deploy_kube2iam::check(report);
     crate::monitoring::docs_monitoring(case("docs/monitoring#1"));
-    assert_eq!(report.cases.len(), 24, "a case without assertions");
+    // The kernel's per-source connection limit, in front of the agent and of kube2iam mode.
+    assert!(has(&case("connlimit").args("agent"), "--iptables-connlimit=128"));
+    assert!(has(&case("kube2iam-connlimit").args("kube2iam"), "--iptables-connlimit=128"));
+    let default_agent = case("default").args("agent");
+    assert!(!default_agent.iter().any(|a| a.starts_with("--iptables-connlimit")), "off by default");
+    assert_eq!(report.cases.len(), 26, "a case without assertions");
     crate::deploy_kustomize::check(report);
     crate::deploy_helm_test::check(report);
 }

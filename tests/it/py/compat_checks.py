@@ -145,6 +145,14 @@ def env(component, name, want):
     return check
 
 
+def no_env(component, name):
+    def check(r, _before):
+        found = [e for e in r.container(component).get("env", []) if e["name"] == name]
+        assert not found, f"{component}: env {name} is set: {found}"
+
+    return check
+
+
 def probe(component, which, key, want):
     return container(component, [which, key], want)
 

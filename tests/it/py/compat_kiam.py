@@ -6,7 +6,7 @@ for each key, what the kiam chart's templates do when it changes, as checks on o
 """
 
 from compat_checks import (
-    arg, change, container, contains, env, exists, gone, item, no_arg, no_workload, obj, pod, probe, refuse,
+    arg, change, container, contains, env, exists, gone, item, no_arg, no_env, no_workload, obj, pod, probe, refuse,
     workload,
 )
 
@@ -225,9 +225,12 @@ CHANGES = component_changes("agent") + component_changes("server") + [
            arg("agent", "--server-address=iam-server:443")),
     change("agent.allowRouteRegexp", "^/latest/meta-data/placement/", arg("agent", "--allow-route-regexp=^/latest/meta-data/placement/")),
     change("agent.deepLivenessProbe", True, probe("agent", "livenessProbe", "httpGet", {"path": "/health?deep=1", "port": 8181})),
-    change("agent.host.iptables", True, arg("agent", "--iptables", "--no-iptables-remove"),
-           container("agent", ["securityContext", "capabilities", "add"], ["NET_ADMIN"])),
-    change("agent.host.iptablesRemoveOnShutdown", True, no_arg("agent", "--no-iptables-remove"), context={"agent.host.iptables": True}),
+    # The switches the kustomize components turn are given as the flags' KIAM_* variables.
+    change("agent.host.iptables", True, env("agent", "KIAM_IPTABLES", "true"),
+           env("agent", "KIAM_IPTABLES_REMOVE", "false"),
+           container("agent", ["securityContext", "capabilities", "add"], ["NET_ADMIN", "NET_RAW"])),
+    change("agent.host.iptablesRemoveOnShutdown", True, no_env("agent", "KIAM_IPTABLES_REMOVE"),
+           no_arg("agent", "--no-iptables-remove"), context={"agent.host.iptables": True}),
     change("agent.host.port", 8182, arg("agent", "--port=8182"), probe("agent", "livenessProbe", "httpGet", {"path": "/ping", "port": 8182})),
     change("agent.host.interface", "eni+", arg("agent", "--host-interface=eni+")),
     change("agent.dnsPolicy", "ClusterFirst", pod("agent", ["dnsPolicy"], "ClusterFirst")),
@@ -262,7 +265,7 @@ CHANGES = component_changes("agent") + component_changes("server") + [
     change("rbac.create", False, gone("ClusterRole", "kiam-read"), gone("ClusterRoleBinding", "kiam-write")),
     refuse("psp.create", True, "PodSecurityPolicy"),
     change("serviceAccounts.agent.create", False, gone(SA, "kiam-agent"), pod("agent", ["serviceAccountName"], "default")),
-    change("serviceAccounts.agent.name", "node-agent", exists(SA, "node-agent"), arg(S, "--agent-service-account=kube-system:node-agent")),
+    change("serviceAccounts.agent.name", "node-agent", exists(SA, "node-agent"), env(S, "KIAM_AGENT_SERVICE_ACCOUNT", "kube-system:node-agent")),
     change("serviceAccounts.agent.annotations", {"example.com/a": "b"}, obj(SA, "kiam-agent", ["metadata", "annotations"], {"example.com/a": "b"})),
     change("serviceAccounts.server.create", False, gone(SA, "kiam-server"), pod(S, ["serviceAccountName"], "default")),
     change("serviceAccounts.server.name", "iam-server", exists(SA, "iam-server"),

@@ -91,7 +91,7 @@ CHANGES = [
     refuse("extraArgs", {"auto-discover-base-arn": False}, "bare --auto-discover-base-arn"),
     change("extraEnv", {"HTTPS_PROXY": "http://proxy:3128"}, env(C, "HTTPS_PROXY", "http://proxy:3128")),
     change("host.ip", "10.0.0.9", arg(C, "--host-ip=10.0.0.9")),
-    change("host.iptables", True, arg(C, "--iptables=true"), container(C, ["securityContext", "capabilities", "add"], ["NET_ADMIN"])),
+    change("host.iptables", True, arg(C, "--iptables=true"), container(C, ["securityContext", "capabilities", "add"], ["NET_ADMIN", "NET_RAW"])),
     change("host.interface", "eni+", arg(C, "--host-interface=eni+")),
     change("host.port", 8182, arg(C, "--app-port=8182"), probe(C, "livenessProbe", "httpGet", {"path": "/healthz", "port": 8182})),
     change("prometheus.metricsPort", 9543, arg(C, "--metrics-port=9543"), container(C, ["ports", 1, "containerPort"], 9543)),

@@ -8,9 +8,9 @@
 use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde::Deserialize;
 
-use super::jwks::Key;
-use super::pod_token::jwt::base64url;
-use super::pod_token::{PodClaims, TokenRefusal};
+use crate::server::jwks::Key;
+use super::jwt::base64url;
+use super::{PodClaims, TokenRefusal};
 
 /// Clock skew allowed between the API server and us, on `exp` and `nbf`.
 const LEEWAY: u64 = 30;
@@ -132,5 +132,5 @@ pub fn verify(
 }
 
 #[cfg(test)]
-#[path = "token_verify_tests.rs"]
+#[path = "verify_tests.rs"]
 mod tests;
