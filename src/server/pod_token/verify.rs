@@ -8,9 +8,9 @@
 use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde::Deserialize;
 
-use crate::server::jwks::Key;
 use super::jwt::base64url;
 use super::{PodClaims, TokenRefusal};
+use crate::server::jwks::Key;
 
 /// Clock skew allowed between the API server and us, on `exp` and `nbf`.
 const LEEWAY: u64 = 30;
