@@ -23,7 +23,7 @@ use crate::support::moto::Moto;
 use crate::support::netns::PodNet;
 use crate::support::{http, sdk};
 
-/// Any key moto does not know gets this identity from GetCallerIdentity (test-peers.md §1.5).
+/// Any key moto does not know gets this identity from GetCallerIdentity (moto's default caller).
 const MOTO_DEFAULT_CALLER: &str = "arn:aws:sts::123456789012:user/moto";
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! A fake *upstream* EC2 instance-metadata service: the node's real IMDS that the agent forwards
 //! allowed paths to, and whose node-role credentials must never reach a pod.
 //!
-//! It meets the contract in test-peers.md §2 that botocore, awscli, aws-config and the node SDK
+//! It meets the contract of the real metadata service that botocore, awscli, aws-config and the node SDK
 //! were checked against: `PUT /latest/api/token` echoes the TTL header (400 on a bad TTL, 403 when
 //! `X-Forwarded-For` is present), tokens are checked when sent (401 if unknown or expired) and,
 //! in v2-only mode, required. Every request is recorded with its peer address so tests can
@@ -115,7 +115,7 @@ impl FakeImds {
             instance_id: Mutex::new(INSTANCE_ID.to_string()),
         });
         let app = Router::new().fallback(handle).with_state(Arc::clone(&shared));
-        // Small responses in one segment: no Nagle/delayed-ACK stalls (test-peers.md §2).
+        // Small responses in one segment: no Nagle/delayed-ACK stalls.
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });

@@ -1,7 +1,7 @@
 //! An in-process fake Kubernetes API server that speaks the real list/watch protocol.
 //!
 //! kube-rs's `watcher`/`reflector`, its events `Recorder` and kubectl all run against it unchanged
-//! (the contract is in `shared/reference/test-peers.md` §4.3). It serves Pods, Namespaces and Events
+//! (the protocol kube-rs, kubectl and the Python client rely on). It serves Pods, Namespaces and Events
 //! (core v1 and `events.k8s.io/v1`) over plain HTTP/1 on `127.0.0.1:0`, keeps one global
 //! resourceVersion counter and a change log that watches replay from, and lets the test force the
 //! awkward paths: [`FakeKube::compact`] makes the next resumed watch fail with 410 Expired.

@@ -1,5 +1,5 @@
 //! TokenReview for the fake API server, answered as a real one answers it
-//! (`shared/reference/test-peers.md` §8): only authenticated callers may ask; the status carries
+//! (as the Kubernetes API documents it): only authenticated callers may ask; the status carries
 //! `authenticated`, the audiences (the intersection of the token's with the request's), and the
 //! user with the pod-bound extras (`pod-name`, `pod-uid` and, since 1.32, `node-name`). Like a
 //! real one, it publishes its ServiceAccount signing key (issuer discovery and `/openid/v1/jwks`)

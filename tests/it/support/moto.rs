@@ -3,7 +3,7 @@
 //! moto routes a request to STS by the SigV4 credential scope, accepts any role ARN and records
 //! every request when its recorder is on; [`Moto::recorded_assume_roles`] turns that recording
 //! into typed [`AssumeRoleCall`]s so tests can assert what the server under test really sent
-//! (role, session name, external id, duration, signing region). See test-peers.md §1.
+//! (role, session name, external id, duration, signing region).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;

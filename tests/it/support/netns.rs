@@ -1,6 +1,6 @@
 //! Pod network namespaces: each [`PodNet`] is a netns joined to the host by a veth pair with its
 //! own /30, so a process or socket inside it reaches the host with a distinct source IP, exactly
-//! as a pod does on a node (test-peers.md §5). Needs root.
+//! as a pod does on a node. Needs root.
 //!
 //! A [`NodeNet`] is a netns standing for a whole node, for tests of the agent's iptables rules:
 //! pods made with [`PodNet::create_in`] hang off it instead of the test's own namespace, and its
