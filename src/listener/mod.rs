@@ -57,13 +57,7 @@ pub async fn serve(
     tally: Tally,
     shutdown: CancellationToken,
 ) {
-    let make = move |peer: SocketAddr| {
-        let router = router.clone();
-        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request)
-        })
-    };
+    let make = move |peer: SocketAddr| with_peer(router.clone(), peer);
     serve_with(listener, make, limits, workers, tally, shutdown).await;
 }
 
@@ -78,15 +72,17 @@ pub async fn serve_tls(
     tally: Tally,
     shutdown: CancellationToken,
 ) {
-    let make = move |peer: SocketAddr| {
-        let router = router.clone();
-        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request)
-        })
-    };
+    let make = move |peer: SocketAddr| with_peer(router.clone(), peer);
     let acceptor = Some(TlsAcceptor::from(tls));
     run(listener, make, acceptor, limits, &Workers::inline(), tally, shutdown).await;
+}
+
+/// `router` for one connection from `peer`, which each request gets as [`ConnectInfo`].
+fn with_peer(router: Router, peer: SocketAddr) -> impl ConnectionService {
+    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+        router.clone().oneshot(request)
+    })
 }
 
 /// The service hyper runs for one connection: what `make` returns for each.
