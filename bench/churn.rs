@@ -28,7 +28,7 @@ use crate::deploy::{self, Env};
 use crate::grpc;
 use crate::report::{Report, Row, Verdict};
 use crate::stats::{self, Samples};
-use crate::support::fake_kube::FakeKube;
+use kiam_testkit::fake_kube::FakeKube;
 
 const PODS: u32 = 100_000;
 const NODES: u32 = 1000;

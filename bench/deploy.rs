@@ -13,10 +13,10 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::procs::{self, Child};
-use crate::support::certs::{CertFiles, TestPki};
-use crate::support::fake_kube::FakeKube;
-use crate::support::moto::Moto;
-use crate::support::objects;
+use kiam_testkit::certs::{CertFiles, TestPki};
+use kiam_testkit::fake_kube::FakeKube;
+use kiam_testkit::moto::Moto;
+use kiam_testkit::objects;
 
 /// `--role-base-arn`; every role lives in this account.
 pub const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
@@ -143,7 +143,7 @@ impl Agent {
     /// The value of the counter or gauge `name` (no labels) on the agent's `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        let page = crate::support::http::get(&url, None).await.expect("scrape the agent's metrics");
+        let page = kiam_testkit::http::get(&url, None).await.expect("scrape the agent's metrics");
         assert_eq!(page.status, 200, "agent /metrics: {}", page.body);
         page.body
             .lines()

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::deploy::{self, Env};
 use crate::report::{Report, Row, Verdict};
 use crate::stats::{self, Samples};
-use crate::support::fake_kube::FakeKube;
+use kiam_testkit::fake_kube::FakeKube;
 
 /// Pods in the burst.
 const PODS: u32 = 256;

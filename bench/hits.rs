@@ -18,8 +18,8 @@ use crate::deploy::{self, Env};
 use crate::procs::{self, Child};
 use crate::report::{Report, Row, Verdict};
 use crate::stats;
-use crate::support::fake_kube::FakeKube;
-use crate::support::http;
+use kiam_testkit::fake_kube::FakeKube;
+use kiam_testkit::http;
 
 const ROLE: &str = "hit-role";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/hit-role";

@@ -23,7 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::deploy::{self, Env};
 use crate::report::{Report, Row, Verdict};
 use crate::stats::{self, Samples};
-use crate::support::fake_kube::FakeKube;
+use kiam_testkit::fake_kube::FakeKube;
 
 /// Quiet pods.
 const QUIET: u32 = 16;

@@ -44,8 +44,8 @@ use kube::runtime::watcher;
 use crate::deploy::{self, Env};
 use crate::report::{Report, Row, Verdict};
 use crate::stats::{self, Samples};
-use crate::support::fake_kube::FakeKube;
-use crate::support::objects;
+use kiam_testkit::fake_kube::FakeKube;
+use kiam_testkit::objects;
 
 /// The agent's counter of view entries dropped (by a Fence or a Remove).
 const INVALIDATIONS: &str = "kiam_agent_view_invalidations_total";

@@ -38,7 +38,6 @@ mod profile;
 mod report;
 mod stats;
 mod sts;
-mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -110,7 +109,7 @@ async fn main() {
     stats::self_check();
     let options = options();
     let started = Instant::now();
-    let date = support::objects::now().replace('T', " ").replace('Z', " UTC");
+    let date = kiam_testkit::objects::now().replace('T', " ").replace('Z', " UTC");
     let machine = Machine::describe(options.revision.clone(), date);
     let env = deploy::Env::new(options.kiam.clone()).await;
     let mut report = Report::default();

@@ -15,8 +15,8 @@ use crate::deploy::{self, Env};
 use crate::procs::Memory;
 use crate::report::{Report, Row, Verdict};
 use crate::stats;
-use crate::support::fake_kube::FakeKube;
-use crate::support::http;
+use kiam_testkit::fake_kube::FakeKube;
+use kiam_testkit::http;
 
 const NAMESPACES: u32 = 100;
 const ROLES: u32 = 10;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deploy::{self, BASE_ARN, Env};
 use crate::report::{Report, Row, Verdict};
 use crate::stats;
-use crate::support::fake_kube::FakeKube;
+use kiam_testkit::fake_kube::FakeKube;
 
 const PODS: u32 = 1000;
 const ROLES: u32 = 10;

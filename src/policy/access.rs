@@ -1,7 +1,7 @@
 //! Who may call what on the server: the one authorization table, as data. Every RPC of every
 //! gRPC service the server serves ([`Rpc`]) × every kind of caller ([`Who`]) × node binding on or
 //! off gives one [`Access`]. Each service asks [`access`] before anything else and obeys the
-//! answer; `tests/it/access.rs` calls every cell over real mutual TLS and checks the answer is
+//! answer; `tests/it/security/access.rs` calls every cell over real mutual TLS and checks the answer is
 //! what the table says.
 //!
 //! A caller's kind comes from its client certificate first (a certificate from another CA never

@@ -2,7 +2,7 @@
 // AWS_CONTAINER_CREDENTIALS_FULL_URI and AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE (IMDS disabled),
 // finds the container provider, then GetCallerIdentity proves the credentials work.
 //
-// Run by tests/it/support/sdk.rs. Usage: node container_probe.mjs <sts-endpoint-url>
+// Run by testkit/src/sdk.rs. Usage: node container_probe.mjs <sts-endpoint-url>
 // Prints one JSON object on stdout: {"access_key_id", "caller_arn"}; exits non-zero on failure.
 
 import { STSClient, GetCallerIdentityCommand } from "@aws-sdk/client-sts";

@@ -1,7 +1,7 @@
 // Pod-side probe: the JavaScript SDK v3's default credential chain, as an app that names no
 // credentials gets it. An STS client built with no `credentials` walks the chain (environment,
 // SSO, ini files, process, web identity, container endpoint, then instance metadata); with the
-// scrubbed environment of tests/it/support/sdk.rs only the instance-metadata step can answer.
+// scrubbed environment of testkit/src/sdk.rs only the instance-metadata step can answer.
 // Then GetCallerIdentity proves the credentials work. Usage: node default_chain_probe.mjs <sts-url>
 //
 // Prints one JSON object on stdout: {"access_key_id", "caller_arn"}. Exits non-zero, with the

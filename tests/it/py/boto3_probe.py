@@ -1,6 +1,6 @@
 """Pod-side probe: boto3 finds credentials the way a pod's app would, then proves they work.
 
-Run by tests/it/support/sdk.rs inside a pod network namespace with a scrubbed environment, so
+Run by testkit/src/sdk.rs inside a pod network namespace with a scrubbed environment, so
 the only credential source boto3 can find is the instance-metadata service named by
 AWS_EC2_METADATA_SERVICE_ENDPOINT. Usage: boto3_probe.py <sts-endpoint-url>
 

@@ -1,4 +1,4 @@
-"""The chart's own certificates across renders, for tests/it/monitoring.rs.
+"""The chart's own certificates across renders, for tests/it/deploy/monitoring.rs.
 
 `chart_tls_check.py OUT.json` renders deploy/helm/kiam-rs with Helm's engine in cluster-aware
 mode (helm-python-sdk's Config.render: `lookup` asks a real API client), against a stand-in API

@@ -1,4 +1,4 @@
-"""`helm upgrade` from a kiam or kube2iam release onto deploy/helm/kiam-rs, for tests/it/deploy_compat.rs.
+"""`helm upgrade` from a kiam or kube2iam release onto deploy/helm/kiam-rs, for tests/it/deploy/upstream.rs.
 
 `compat_check.py OUT.json` renders the chart with real Helm (helm-python-sdk wraps Helm's own Go
 SDK, so values.schema.json and every `fail` apply as in `helm upgrade`) for:

@@ -1,4 +1,4 @@
-"""Renders, lints and validates the deploy artifacts, for tests/it/deploy.rs.
+"""Renders, lints and validates the deploy artifacts, for tests/it/deploy/render.rs.
 
 `deploy_check.py OUT.json` renders the Helm chart deploy/helm/kiam-rs with real Helm (the
 helm-python-sdk wraps Helm's own Go SDK) for every value set in CASES and for the `helm` commands of docs/*.md, lints it, renders the
@@ -404,7 +404,7 @@ def compare(name, objects, values, errors):
 def generated_text(values):
     header = (
         "# Generated from deploy/helm/kiam-rs by `bash scripts/render-manifests`; do not edit.\n"
-        "# tests/it/deploy.rs fails when this file and the chart disagree.\n"
+        "# tests/it/deploy/render.rs fails when this file and the chart disagree.\n"
     )
     return header + yaml.safe_dump_all(render_chart(values), sort_keys=True)
 

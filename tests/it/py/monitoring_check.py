@@ -1,4 +1,4 @@
-"""Renders the chart's monitoring objects and lists the metrics they name, for tests/it/monitoring.rs.
+"""Renders the chart's monitoring objects and lists the metrics they name, for tests/it/deploy/monitoring.rs.
 
 `monitoring_check.py OUT.json` renders deploy/helm/kiam-rs with real Helm (helm-python-sdk) with
 the PodMonitors, the PrometheusRule and the dashboard ConfigMap enabled (in a namespace of their

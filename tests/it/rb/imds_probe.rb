@@ -2,7 +2,7 @@
 # Debian's ruby-aws-sdk-core) finds credentials the way a pod's app would, then GetCallerIdentity
 # proves they work.
 #
-# Run by tests/it/support/sdk.rs inside a pod network namespace with a scrubbed environment, so
+# Run by testkit/src/sdk.rs inside a pod network namespace with a scrubbed environment, so
 # the only credential source is the instance-metadata service (169.254.169.254, or the one named
 # by AWS_EC2_METADATA_SERVICE_ENDPOINT). Usage: ruby imds_probe.rb <sts-endpoint-url>
 #
