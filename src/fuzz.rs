@@ -131,13 +131,14 @@ pub fn permitted(data: &[u8]) {
 pub fn pod(data: &[u8]) {
     let Ok(pod) = serde_json::from_slice::<k8s_openapi::api::core::v1::Pod>(data) else { return };
     let Some(facts) = crate::cluster::project::pod_facts(&pod) else { return };
-    for value in [&facts.role, &facts.session_name, &facts.external_id].into_iter().flatten() {
+    let values = [facts.role.as_deref(), facts.session_name.as_deref(), facts.external_id.as_deref()];
+    for value in values.into_iter().flatten() {
         assert!(!value.trim().is_empty(), "a blank annotation was kept");
     }
     if let Some(ip) = facts.ip {
         assert_eq!(facts.ips.first(), Some(&ip));
     }
-    let mut seen = facts.ips.clone();
+    let mut seen = facts.ips.to_vec();
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), facts.ips.len(), "duplicate addresses: {:?}", facts.ips);

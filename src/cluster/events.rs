@@ -55,7 +55,7 @@ impl Limiter {
     pub fn allow(&mut self, pod: &PodFacts, reason: &'static str, now: Instant) -> bool {
         let per_key = self.per_key;
         self.last.retain(|_, t| now.duration_since(*t) < per_key);
-        let key = (pod.namespace.clone(), pod.name.clone(), reason);
+        let key = (pod.namespace.to_string(), pod.name.to_string(), reason);
         if self.last.contains_key(&key) {
             return false;
         }
@@ -103,9 +103,9 @@ impl EventSink for KubeEvents {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
+            name: Some(pod.name.to_string()),
+            namespace: Some(pod.namespace.to_string()),
+            uid: Some(pod.uid.to_string()).filter(|u| !u.is_empty()),
             ..ObjectReference::default()
         };
         let event = Event {

@@ -3,8 +3,12 @@
 //! are buffered and swapped in whole, so a relist never leaves a half-empty index behind.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
+use smallvec::SmallVec;
 
 use super::Change;
 use crate::model::{IpOwner, NamespaceFacts, PodFacts, ServiceAccountFacts, ip_owner};
@@ -21,6 +25,9 @@ pub enum Lookup {
 }
 
 type PodKey = (String, String);
+
+/// The pods at one IP: almost always one, held inline (no allocation per address).
+type Slots = SmallVec<[Slot; 1]>;
 
 /// A pod in the IP and node indexes: the very `Arc` the index holds by name (8 bytes, where a
 /// key would copy the namespace and name again), equal and hashed by identity.
@@ -82,11 +89,17 @@ impl<T> Relist<T> {
 }
 
 /// Pods by `(namespace, name)`, by IP and by node.
+///
+/// Laid out for 100,000 pods (figure 3): the name table holds only the pod's `Arc` (hashed by its
+/// namespace and name, which the pod already carries), an IP's slots hold one pod inline, and the
+/// strings that pods repeat are interned, so that each is stored once.
 #[derive(Default)]
 pub struct PodIndex {
-    pods: HashMap<PodKey, Arc<PodFacts>>,
-    by_ip: HashMap<IpAddr, Vec<Slot>>,
-    by_node: HashMap<String, HashSet<Slot>>,
+    pods: HashTable<Arc<PodFacts>>,
+    hasher: RandomState,
+    by_ip: HashMap<IpAddr, Slots>,
+    by_node: HashMap<Arc<str>, HashSet<Slot>>,
+    strings: Interner,
     relist: Relist<PodFacts>,
 }
 
@@ -98,38 +111,52 @@ impl PodIndex {
         match self.relist.feed(change) {
             Step::Upsert(pod) => announce.extend(self.upsert(pod, None)),
             Step::Delete(pod) => {
-                self.remove(&(pod.namespace, pod.name));
+                self.remove(&pod.namespace, &pod.name);
             }
             Step::Replace(pods) => {
                 let old = std::mem::take(&mut self.pods);
                 self.by_ip.clear();
                 self.by_node.clear();
                 for pod in pods {
-                    let before = old.get(&(pod.namespace.clone(), pod.name.clone())).cloned();
+                    let hash = self.hash(&pod.namespace, &pod.name);
+                    let before = old.find(hash, |p| same_name(p, &pod.namespace, &pod.name)).cloned();
                     announce.extend(self.upsert(pod, before));
                 }
             }
             Step::Buffered => {}
         }
+        self.strings.prune();
         announce
     }
 
-    fn upsert(&mut self, pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
-        let key = (pod.namespace.clone(), pod.name.clone());
-        let before = before.or_else(|| self.remove(&key));
+    fn hash(&self, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((namespace, name))
+    }
+
+    fn find(&self, namespace: &str, name: &str) -> Option<&Arc<PodFacts>> {
+        self.pods.find(self.hash(namespace, name), |p| same_name(p, namespace, name))
+    }
+
+    fn upsert(&mut self, mut pod: PodFacts, before: Option<Arc<PodFacts>>) -> Option<Arc<PodFacts>> {
+        let before = before.or_else(|| self.remove(&pod.namespace, &pod.name));
+        self.strings.share(&mut pod);
         let pod = Arc::new(pod);
         for ip in pod.addresses() {
             self.by_ip.entry(ip).or_default().push(Slot(Arc::clone(&pod)));
         }
         if let Some(node) = &pod.node_name {
-            self.by_node.entry(node.clone()).or_default().insert(Slot(Arc::clone(&pod)));
+            self.by_node.entry(Arc::clone(node)).or_default().insert(Slot(Arc::clone(&pod)));
         }
-        self.pods.insert(key, Arc::clone(&pod));
+        let hasher = self.hasher.clone();
+        let rehash = move |p: &Arc<PodFacts>| hasher.hash_one((&*p.namespace, &*p.name));
+        self.pods.insert_unique(self.hash(&pod.namespace, &pod.name), Arc::clone(&pod), rehash);
         worth_announcing(before.as_deref(), &pod).then_some(pod)
     }
 
-    fn remove(&mut self, key: &PodKey) -> Option<Arc<PodFacts>> {
-        let old = Slot(self.pods.remove(key)?);
+    fn remove(&mut self, namespace: &str, name: &str) -> Option<Arc<PodFacts>> {
+        let hash = self.hash(namespace, name);
+        let entry = self.pods.find_entry(hash, |p| same_name(p, namespace, name)).ok()?;
+        let old = Slot(entry.remove().0);
         // Only this pod's own slots are touched: a change costs the same at 100 pods and at
         // 100,000 (the whole map was once swept on every removal).
         for ip in old.0.addresses() {
@@ -153,12 +180,12 @@ impl PodIndex {
 
     /// Calls `f` with every pod that can still get credentials (not finished, not hostNetwork).
     pub fn for_each_live(&self, mut f: impl FnMut(&PodFacts)) {
-        self.pods.values().filter(|p| p.can_own_ip()).for_each(|p| f(p));
+        self.pods.iter().filter(|p| p.can_own_ip()).for_each(|p| f(p));
     }
 
     /// The pod called `name` in `namespace`, whatever its state.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<PodFacts>> {
-        self.pods.get(&(namespace.to_string(), name.to_string())).cloned()
+        self.find(namespace, name).cloned()
     }
 
     /// The pod that owns `ip`, by the one rule ([`ip_owner`]): finished and hostNetwork pods never
@@ -187,13 +214,12 @@ impl PodIndex {
         let mut out = Vec::new();
         let mut slot = |pod: &PodFacts| {
             if let Some(node) = &pod.node_name {
-                out.extend(pod.addresses().into_iter().map(|ip| (node.clone(), ip)));
+                out.extend(pod.addresses().into_iter().map(|ip| (node.to_string(), ip)));
             }
         };
         match change {
             Change::Apply(pod) | Change::InitApply(pod) if self.relist.0.is_none() => {
-                let key = (pod.namespace.clone(), pod.name.clone());
-                let old = self.pods.get(&key);
+                let old = self.find(&pod.namespace, &pod.name);
                 if old.is_some_and(|old| **old == *pod) {
                     return out;
                 }
@@ -201,22 +227,17 @@ impl PodIndex {
                 let owners = pod.addresses().into_iter().filter_map(|ip| self.by_ip.get(&ip)).flatten();
                 owners
                     .map(|s| &s.0)
-                    .filter(|p| p.namespace != key.0 || p.name != key.1)
+                    .filter(|p| !same_name(p, &pod.namespace, &pod.name))
                     .for_each(|p| slot(p));
             }
             Change::Delete(pod) => {
-                self.pods.get(&(pod.namespace.clone(), pod.name.clone())).inspect(|old| slot(old));
+                self.find(&pod.namespace, &pod.name).inspect(|old| slot(old));
             }
             Change::InitDone => {
-                let fresh: HashMap<PodKey, &PodFacts> = self
-                    .relist
-                    .0
-                    .iter()
-                    .flatten()
-                    .map(|p| ((p.namespace.clone(), p.name.clone()), p))
-                    .collect();
-                for (key, old) in &self.pods {
-                    if fresh.get(key).is_none_or(|new| **new != **old) {
+                let fresh: HashMap<(&str, &str), &PodFacts> =
+                    self.relist.0.iter().flatten().map(|p| ((&*p.namespace, &*p.name), p)).collect();
+                for old in &self.pods {
+                    if fresh.get(&(&*old.namespace, &*old.name)).is_none_or(|new| **new != **old) {
                         slot(old);
                     }
                 }
@@ -231,15 +252,16 @@ impl PodIndex {
     pub fn nodes_touched(&self, change: &Change<PodFacts>) -> Vec<String> {
         match change {
             Change::Apply(pod) | Change::Delete(pod) | Change::InitApply(pod) => {
-                let old = self.pods.get(&(pod.namespace.clone(), pod.name.clone()));
-                let old = old.and_then(|p| p.node_name.clone());
-                [pod.node_name.clone(), old].into_iter().flatten().collect()
+                let old = self.find(&pod.namespace, &pod.name).and_then(|p| p.node_name.as_deref());
+                [pod.node_name.as_deref(), old].into_iter().flatten().map(String::from).collect()
             }
             Change::InitDone => self
                 .by_node
                 .keys()
-                .cloned()
-                .chain(self.relist.0.iter().flatten().filter_map(|p| p.node_name.clone()))
+                .map(|n| n.to_string())
+                .chain(
+                    self.relist.0.iter().flatten().filter_map(|p| p.node_name.as_deref().map(String::from)),
+                )
                 .collect(),
             Change::Init => Vec::new(),
         }
@@ -247,8 +269,8 @@ impl PodIndex {
 
     /// Every live pod of `namespace` that is on a node: what a namespace change may alter.
     pub fn in_namespace(&self, namespace: &str) -> Vec<(String, IpAddr)> {
-        let pods = self.pods.values().filter(|p| p.namespace == namespace || namespace.is_empty());
-        pods.filter_map(|p| Some((p.node_name.clone()?, p.addresses())))
+        let pods = self.pods.iter().filter(|p| &*p.namespace == namespace || namespace.is_empty());
+        pods.filter_map(|p| Some((p.node_name.as_deref()?.to_string(), p.addresses())))
             .flat_map(|(node, ips)| ips.into_iter().map(move |ip| (node.clone(), ip)))
             .collect()
     }
@@ -274,6 +296,43 @@ fn worth_announcing(before: Option<&PodFacts>, now: &PodFacts) -> bool {
                 || b.session_name != now.session_name
                 || b.external_id != now.external_id
         })
+}
+
+fn same_name(pod: &PodFacts, namespace: &str, name: &str) -> bool {
+    &*pod.namespace == namespace && &*pod.name == name
+}
+
+/// The strings that many pods repeat (namespace, node, role, ServiceAccount), each kept once.
+/// A string no pod holds any more is dropped once the set has doubled since the last sweep, so
+/// churning nodes and namespaces leave nothing behind, at an amortised constant cost per change.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Interner {
+    fn one(&mut self, s: &mut Arc<str>) {
+        match self.strings.get(&**s) {
+            Some(kept) => *s = Arc::clone(kept),
+            None => drop(self.strings.insert(Arc::clone(s))),
+        }
+    }
+
+    /// Replaces the pod's repeated strings with the kept ones.
+    fn share(&mut self, pod: &mut PodFacts) {
+        self.one(&mut pod.namespace);
+        for s in [&mut pod.node_name, &mut pod.role, &mut pod.service_account].into_iter().flatten() {
+            self.one(s);
+        }
+    }
+
+    fn prune(&mut self) {
+        if self.strings.len() > 2 * self.swept_at + 1024 {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.swept_at = self.strings.len();
+        }
+    }
 }
 
 /// Namespaces by name.
@@ -342,114 +401,5 @@ impl ServiceAccountIndex {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::Phase;
-
-    fn pod(name: &str, ip: &str) -> PodFacts {
-        PodFacts::test("ns", name, ip, Some("role"))
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
-
-    fn found_name(l: Lookup) -> String {
-        match l {
-            Lookup::Found(p) => p.name.clone(),
-            other => panic!("expected a pod, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn apply_and_delete() {
-        let mut idx = PodIndex::default();
-        idx.apply(Change::Apply(pod("a", "10.0.0.1")));
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "a");
-        // The pod moves to another IP: the old address no longer finds it.
-        idx.apply(Change::Apply(pod("a", "10.0.0.2")));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.2"))), "a");
-        idx.apply(Change::Delete(pod("a", "10.0.0.2")));
-        assert_eq!(idx.lookup(ip("10.0.0.2")), Lookup::NotFound);
-        assert!(idx.is_empty());
-    }
-
-    #[test]
-    fn every_address_of_a_dual_stack_pod_finds_it() {
-        let mut idx = PodIndex::default();
-        let mut dual = pod("dual", "fd00::7");
-        dual.ips.push(ip("10.0.0.7"));
-        idx.apply(Change::Apply(dual.clone()));
-        assert_eq!(found_name(idx.lookup(ip("fd00::7"))), "dual");
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.7"))), "dual");
-        idx.apply(Change::Delete(dual));
-        assert_eq!(idx.lookup(ip("10.0.0.7")), Lookup::NotFound);
-        assert!(idx.by_ip.is_empty());
-    }
-
-    #[test]
-    fn excluded_and_shared_ips() {
-        let mut idx = PodIndex::default();
-        let mut done = pod("done", "10.0.0.1");
-        done.phase = Phase::Succeeded;
-        let mut host = pod("host", "10.0.0.1");
-        host.host_network = true;
-        idx.apply(Change::Apply(done));
-        idx.apply(Change::Apply(host));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
-        idx.apply(Change::Apply(pod("new", "10.0.0.1")));
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "new");
-        idx.apply(Change::Apply(pod("other", "10.0.0.1")));
-        match idx.lookup(ip("10.0.0.1")) {
-            Lookup::Ambiguous(pods) => assert_eq!(pods.len(), 2),
-            other => panic!("two live pods on one IP must be an error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn terminating_pod_keeps_ip_until_reused() {
-        let mut idx = PodIndex::default();
-        let mut old = pod("old", "10.0.0.9");
-        old.terminating = true;
-        idx.apply(Change::Apply(old));
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "old");
-        idx.apply(Change::Apply(pod("new", "10.0.0.9")));
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.9"))), "new");
-    }
-
-    #[test]
-    fn announces_new_and_changed_identities_only() {
-        let mut idx = PodIndex::default();
-        let names = |v: Vec<Arc<PodFacts>>| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(idx.apply(Change::Apply(pod("a", "10.0.0.1")))), ["a"]);
-        // A status change that keeps the identity is not announced again.
-        let mut moved = pod("a", "10.0.0.2");
-        assert!(idx.apply(Change::Apply(moved.clone())).is_empty());
-        moved.role = Some("other".into());
-        assert_eq!(names(idx.apply(Change::Apply(moved.clone()))), ["a"]);
-        let mut done = moved.clone();
-        done.phase = Phase::Succeeded;
-        assert!(idx.apply(Change::Apply(done)).is_empty());
-        // A relist announces only what it did not know.
-        idx.apply(Change::Init);
-        idx.apply(Change::InitApply(moved));
-        idx.apply(Change::InitApply(pod("b", "10.0.0.3")));
-        // "a" comes back to life (it had finished), "b" is new.
-        assert_eq!(names(idx.apply(Change::InitDone)), ["a", "b"]);
-    }
-
-    #[test]
-    fn relist_swaps_whole() {
-        let mut idx = PodIndex::default();
-        idx.apply(Change::Apply(pod("gone", "10.0.0.1")));
-        idx.apply(Change::Init);
-        idx.apply(Change::InitApply(pod("kept", "10.0.0.2")));
-        // Until InitDone the old state still answers.
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.1"))), "gone");
-        idx.apply(Change::InitDone);
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::NotFound);
-        assert_eq!(found_name(idx.lookup(ip("10.0.0.2"))), "kept");
-        assert_eq!(idx.len(), 1);
-    }
-}
+#[path = "index_tests.rs"]
+mod tests;

@@ -94,21 +94,24 @@ fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
     let status = pod.status.as_ref();
     let ip = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.trim().parse().ok());
     Some(PodFacts {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone()?,
-        uid: meta.uid.clone().unwrap_or_default(),
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref()?.into(),
+        uid: meta.uid.as_deref().unwrap_or_default().into(),
         ip,
-        ips: addresses(ip, status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default()),
+        ips: addresses(ip, status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default()).into(),
         phase: Phase::parse(status.and_then(|s| s.phase.as_deref())),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        node_name: spec.and_then(|s| s.node_name.clone()),
+        node_name: spec.and_then(|s| s.node_name.as_deref()).map(Into::into),
         terminating: meta.deletion_timestamp.is_some(),
-        role: annotation(&keys.role_key),
-        session_name: annotation(&keys.session_name_key),
-        external_id: annotation(&keys.external_id_key),
-        service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|n| !n.is_empty()),
+        role: annotation(&keys.role_key).map(Into::into),
+        session_name: annotation(&keys.session_name_key).map(Into::into),
+        external_id: annotation(&keys.external_id_key).map(Into::into),
+        service_account: spec
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|n| !n.is_empty())
+            .map(Into::into),
         session_policy: annotation(SESSION_POLICY_ANNOTATION)
-            .map(|text| crate::policy::session::parse_policy(&text)),
+            .map(|text| Box::new(crate::policy::session::parse_policy(&text))),
     })
 }
 
@@ -167,7 +170,7 @@ mod tests {
         .expect("valid pod");
         let facts = pod_facts(&pod).expect("named");
         let want: Vec<IpAddr> = vec!["fd00::5".parse().expect("v6"), "10.0.0.5".parse().expect("v4")];
-        assert_eq!((facts.ip, facts.ips), (Some(want[0]), want.clone()));
+        assert_eq!((facts.ip, facts.ips.to_vec()), (Some(want[0]), want.clone()));
         let only_list: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p"}, "status": {"podIPs": [{"ip": "10.0.0.5"}]}
         }))

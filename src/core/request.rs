@@ -193,7 +193,7 @@ impl<A: AssumeRole> Core<A> {
             // A namesake with another UID may be the watch running behind a new pod, or the
             // token outliving its pod: wait for the watch either way, and refuse at the deadline.
             let found = self.cluster.pod_by_name(&ask.namespace, &ask.name);
-            if let Some(pod) = found.filter(|p| p.uid == ask.uid && !p.phase.is_finished()) {
+            if let Some(pod) = found.filter(|p| *p.uid == *ask.uid && !p.phase.is_finished()) {
                 return Ok(pod);
             }
             if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
@@ -240,7 +240,7 @@ impl<A: AssumeRole> Core<A> {
         }
         let pod = self.with_account_role(self.pod(ask.ip, ask.wait).await?);
         check_node(&pod, &ask.caller)?;
-        if ask.uid.as_ref().is_some_and(|uid| *uid != pod.uid) {
+        if ask.uid.as_deref().is_some_and(|uid| uid != &*pod.uid) {
             return Err(Error::PodChanged(ask.ip));
         }
         Ok(pod)
@@ -313,7 +313,7 @@ impl<A: AssumeRole> Core<A> {
         Ok(Identity {
             role: arn,
             session_name: role::session_name(pod.session_name.as_deref(), &self.default_session),
-            external_id: pod.external_id.clone(),
+            external_id: pod.external_id.as_deref().map(String::from),
             tags,
             policy,
             source_identity: self
@@ -331,7 +331,7 @@ impl<A: AssumeRole> Core<A> {
         }
         let account = pod.service_account.as_deref().unwrap_or("default");
         match self.cluster.service_account_role(&pod.namespace, account) {
-            Some(role) => Arc::new(PodFacts { role: Some(role), ..(*pod).clone() }),
+            Some(role) => Arc::new(PodFacts { role: Some(role.into()), ..(*pod).clone() }),
             None => pod,
         }
     }

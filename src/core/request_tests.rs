@@ -69,7 +69,7 @@ async fn one_lookup_decides_the_node_and_the_credentials() {
     let core = core(&sts, &metrics);
     let (pod, creds) =
         core.pod_credentials(&ask(Caller::Node("node-1".into())), "app").await.expect("allowed");
-    assert_eq!((pod.name.as_str(), creds.access_key_id.as_str()), ("web", "ASIA-app"));
+    assert_eq!((&*pod.name, creds.access_key_id.as_str()), ("web", "ASIA-app"));
     assert_eq!(lookups(&metrics), 1, "the node check and the credentials share one lookup");
     core.pod_role(&ask(Caller::Node("node-1".into()))).await.expect("role");
     assert_eq!(lookups(&metrics), 2);
@@ -100,7 +100,7 @@ async fn a_terminating_pod_alone_on_its_ip_is_answered_after_a_grace() {
     let ask = Ask::new("10.0.0.9".parse().expect("ip"), Caller::Any, Duration::from_secs(5));
     let started = tokio::time::Instant::now();
     let (pod, _) = core.pod_role(&ask).await.expect("the old pod, still");
-    assert_eq!(pod.name, "old");
+    assert_eq!(&*pod.name, "old");
     assert_eq!(started.elapsed(), TERMINATING_GRACE, "after the grace, not the whole wait");
     // A caller with less time than the grace is answered within its own deadline.
     let short = Ask { wait: Duration::from_millis(100), ..ask };
@@ -130,5 +130,5 @@ async fn a_new_pod_on_a_terminating_pods_ip_wins_during_the_grace() {
     let new = PodFacts::test("ns", "new", "10.0.0.9", Some("new-role"));
     core.cluster().apply_pod(Change::Apply(new));
     let (name, role) = asking.await.expect("task").expect("answered");
-    assert_eq!((name.as_str(), role.as_deref()), ("new", Some("new-role")));
+    assert_eq!((&*name, role.as_deref()), ("new", Some("new-role")));
 }

@@ -286,7 +286,7 @@ pub fn explain(
     };
     let role_view = RoleView {
         source: source.to_string(),
-        annotation: pod.role.clone(),
+        annotation: pod.role.as_deref().map(String::from),
         arn: resolved.as_ref().and_then(|r| r.as_ref().ok()).map(ToString::to_string),
         error: resolved.as_ref().and_then(|r| r.as_ref().err()).map(ToString::to_string),
         requested: requested.clone(),
@@ -314,7 +314,7 @@ pub fn explain(
         Some(Err(d)) => (Some(false), d.to_string()),
     };
     let namespace_view = NamespaceView {
-        name: pod.namespace.clone(),
+        name: pod.namespace.to_string(),
         found: namespace.is_some(),
         permitted,
         anchored: policy.strict_namespace_regexp,
@@ -349,7 +349,7 @@ pub fn explain(
     let identity = resolved.and_then(Result::ok).map(|arn| Identity {
         role: arn,
         session_name,
-        external_id: pod.external_id.clone(),
+        external_id: pod.external_id.as_deref().map(String::from),
         tags: extras.0,
         policy: extras.1,
         source_identity: policy.source_identity.then(|| role::source_identity(&pod.namespace, &pod.name)),
@@ -358,11 +358,11 @@ pub fn explain(
         query,
         lookup: lookup_view,
         pod: Some(PodView {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
             phase: phase(pod.phase).into(),
             ip: pod.ip.map(|ip| ip.to_string()),
-            node: pod.node_name.clone(),
+            node: pod.node_name.as_deref().map(String::from),
             host_network: pod.host_network,
             terminating: pod.terminating,
         }),

@@ -52,7 +52,7 @@ fn skipped(pod: &PodFacts) -> bool {
 
 /// The pod `namespace/name` among `pods` (which should hold every pod sharing its IP).
 pub fn by_name(pods: &[PodFacts], namespace: &str, name: &str) -> Located {
-    let Some(pod) = pods.iter().find(|p| p.namespace == namespace && p.name == name) else {
+    let Some(pod) = pods.iter().find(|p| &*p.namespace == namespace && &*p.name == name) else {
         return Located::Missing { ip: None, skipped: Vec::new() };
     };
     let owner = match pod.ip {
@@ -132,7 +132,7 @@ mod tests {
         }
         let live = pod("live", "10.0.0.1");
         match by_ip(&[done, host, live.clone()], ip("10.0.0.1")) {
-            Located::Pod { pod, owner: Owner::Itself } => assert_eq!(pod.name, "live"),
+            Located::Pod { pod, owner: Owner::Itself } => assert_eq!(&*pod.name, "live"),
             other => panic!("the live pod owns the IP: {other:?}"),
         }
         let twin = pod("twin", "10.0.0.1");

@@ -85,7 +85,7 @@ impl Snapshot {
                     .service_accounts
                     .iter()
                     .rev()
-                    .find(|a| a.namespace == pod.namespace && a.name == name);
+                    .find(|a| *a.namespace == *pod.namespace && *a.name == *name);
                 found.and_then(|a| a.role.clone()).map(|role| (name, role))
             }
             _ => None,
@@ -95,7 +95,7 @@ impl Snapshot {
         };
         let resolved = match located {
             Located::Pod { pod, owner } => Located::Pod {
-                pod: Box::new(PodFacts { role: Some(role), ..(**pod).clone() }),
+                pod: Box::new(PodFacts { role: Some(role.into()), ..(**pod).clone() }),
                 owner: owner.clone(),
             },
             other => other.clone(),
@@ -202,7 +202,7 @@ pub async fn from_kube(client: Client, target: &Target) -> Result<Snapshot, Inpu
         .pods
         .iter()
         .filter(|p| p.role.is_none())
-        .map(|p| (p.namespace.clone(), p.service_account.clone().unwrap_or_else(|| "default".into())))
+        .map(|p| (p.namespace.to_string(), p.service_account.as_deref().unwrap_or("default").to_string()))
         .collect();
     for (namespace, name) in accounts {
         let api = Api::<ServiceAccount>::namespaced(client.clone(), &namespace);
@@ -210,7 +210,7 @@ pub async fn from_kube(client: Client, target: &Target) -> Result<Snapshot, Inpu
         let sa = api.get_opt(&name).await.ok().flatten();
         snapshot.service_accounts.extend(sa.as_ref().and_then(project::service_account_facts));
     }
-    let names: BTreeSet<&str> = snapshot.pods.iter().map(|p| p.namespace.as_str()).collect();
+    let names: BTreeSet<&str> = snapshot.pods.iter().map(|p| &*p.namespace).collect();
     let api = Api::<Namespace>::all(client);
     for name in names {
         let ns = api.get_opt(name).await.map_err(kube_error(format!("namespace {name}")))?;

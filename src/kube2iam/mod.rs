@@ -132,7 +132,7 @@ async fn debug_store<A: AssumeRole>(
         if let Lookup::Found(pod) = core.cluster().pod_by_ip(ip) {
             let role = core.policy().effective_role(&pod).unwrap_or_default();
             roles.insert(ip.to_string(), role.into());
-            namespaces.insert(ip.to_string(), pod.namespace.clone().into());
+            namespaces.insert(ip.to_string(), (*pod.namespace).into());
         }
     }
     let allowed: serde_json::Map<String, serde_json::Value> = core

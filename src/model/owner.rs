@@ -65,9 +65,9 @@ mod tests {
     fn names(owner: IpOwner<&PodFacts>) -> Vec<&str> {
         match owner {
             IpOwner::Nobody => vec![],
-            IpOwner::One(p) => vec![p.name.as_str()],
+            IpOwner::One(p) => vec![&*p.name],
             IpOwner::Several(ps) => {
-                let mut names: Vec<&str> = ps.iter().map(|p| p.name.as_str()).collect();
+                let mut names: Vec<&str> = ps.iter().map(|p| &*p.name).collect();
                 names.sort_unstable();
                 names
             }
@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(ip_owner([&done, &host]), IpOwner::Nobody);
         assert_eq!(ip_owner(Vec::<&PodFacts>::new()), IpOwner::Nobody);
         let live = pod("live");
-        assert!(matches!(ip_owner([&done, &live, &host]), IpOwner::One(p) if p.name == "live"));
+        assert!(matches!(ip_owner([&done, &live, &host]), IpOwner::One(p) if &*p.name == "live"));
     }
 
     #[test]
@@ -93,8 +93,8 @@ mod tests {
         old.terminating = true;
         assert_eq!(names(ip_owner([&old])), ["old"]);
         let new = pod("new");
-        assert!(matches!(ip_owner([&old, &new]), IpOwner::One(p) if p.name == "new"));
-        assert!(matches!(ip_owner([&new, &old]), IpOwner::One(p) if p.name == "new"));
+        assert!(matches!(ip_owner([&old, &new]), IpOwner::One(p) if &*p.name == "new"));
+        assert!(matches!(ip_owner([&new, &old]), IpOwner::One(p) if &*p.name == "new"));
     }
 
     #[test]

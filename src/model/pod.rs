@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::Permitted;
 
@@ -60,31 +61,34 @@ impl Phase {
     }
 }
 
-/// What the server knows of one pod.
+/// What the server knows of one pod, laid out for 100,000 of them (BENCHMARKS.md, figure 3):
+/// the strings many pods repeat (namespace, node, role, ServiceAccount) are shared `Arc<str>`s,
+/// interned by the pod index, and the per-pod strings are boxed, without a `String`'s capacity.
 #[derive(Clone, PartialEq)]
 pub struct PodFacts {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
+    pub namespace: Arc<str>,
+    pub name: Box<str>,
+    pub uid: Box<str>,
     /// `status.podIP`, once assigned: the primary address, shown in messages.
     pub ip: Option<IpAddr>,
     /// Every address of `status.podIPs` (the primary first): on dual-stack clusters a pod has
     /// one of each family, and may call from either, so each one finds the pod.
-    pub ips: Vec<IpAddr>,
+    pub ips: Box<[IpAddr]>,
     pub phase: Phase,
     /// hostNetwork pods share the node's IP, so they can never be told apart by address.
     pub host_network: bool,
-    pub node_name: Option<String>,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
-    pub role: Option<String>,
-    pub session_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub role: Option<Arc<str>>,
+    pub session_name: Option<Box<str>>,
     /// Secret-ish: never printed by `Debug`.
-    pub external_id: Option<String>,
+    pub external_id: Option<Box<str>>,
     /// `spec.serviceAccountName`.
-    pub service_account: Option<String>,
-    /// The pod's inline session policy annotation, minified, or why it is invalid.
-    pub session_policy: Option<Result<String, String>>,
+    pub service_account: Option<Arc<str>>,
+    /// The pod's inline session policy annotation, minified, or why it is invalid (boxed: few
+    /// pods have one).
+    pub session_policy: Option<Box<Result<String, String>>>,
 }
 
 impl PodFacts {
@@ -96,7 +100,7 @@ impl PodFacts {
     /// Every address the pod may call from: [`PodFacts::ips`], or the primary alone when the
     /// list is empty (facts made by hand).
     pub fn addresses(&self) -> Vec<IpAddr> {
-        if self.ips.is_empty() { self.ip.into_iter().collect() } else { self.ips.clone() }
+        if self.ips.is_empty() { self.ip.into_iter().collect() } else { self.ips.to_vec() }
     }
 
     /// A running pod for unit tests.
@@ -105,7 +109,7 @@ impl PodFacts {
         PodFacts {
             namespace: namespace.into(),
             name: name.into(),
-            uid: format!("uid-{name}"),
+            uid: format!("uid-{name}").into(),
             ip: ip.parse().ok(),
             ips: ip.parse().into_iter().collect(),
             phase: Phase::Running,

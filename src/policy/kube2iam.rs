@@ -63,7 +63,7 @@ impl Rules {
         let default_arn = self.default_role.as_deref().and_then(|r| RoleArn::resolve(r, base).ok());
         let exempt = is_default || default_arn.as_ref() == Some(&arn);
         let Some(format) = self.restrictions.filter(|_| !exempt) else { return Ok(arn) };
-        let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.clone()))?;
+        let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.to_string()))?;
         let patterns = match &namespace.allowed_roles {
             None => return Err(Denial::NamespaceUnset(arn.to_string())),
             Some(Err(error)) => {

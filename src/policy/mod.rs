@@ -127,7 +127,7 @@ impl Policy {
         let policy = session::policy_for(pod, namespace).map_err(|error| match error {
             session::PolicyError::Invalid(error) => Denial::SessionPolicy(error),
             session::PolicyError::Ceiling => {
-                Denial::SessionPolicyCeiling { namespace: pod.namespace.clone() }
+                Denial::SessionPolicyCeiling { namespace: pod.namespace.to_string() }
             }
         })?;
         Ok((tags, policy))
@@ -154,7 +154,7 @@ impl Policy {
                 annotated: annotated.to_string(),
             });
         }
-        let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.clone()))?;
+        let namespace = namespace.ok_or_else(|| Denial::NamespaceUnknown(pod.namespace.to_string()))?;
         let permitted = namespace.permitted.as_ref().filter(|p| !p.expr.trim().is_empty());
         let permitted = permitted.ok_or_else(|| Denial::NamespaceUnset(annotated_arn.to_string()))?;
         match permitted.regex(self.strict_namespace_regexp) {

@@ -85,10 +85,10 @@ impl SessionTags {
                 let value = match key {
                     TagKey::ClusterArn => self.cluster_arn.clone(),
                     TagKey::ClusterName => self.cluster_name.clone(),
-                    TagKey::Namespace => pod.namespace.clone(),
-                    TagKey::ServiceAccount => pod.service_account.clone().unwrap_or_else(|| "default".into()),
-                    TagKey::PodName => pod.name.clone(),
-                    TagKey::PodUid => pod.uid.clone(),
+                    TagKey::Namespace => pod.namespace.to_string(),
+                    TagKey::ServiceAccount => pod.service_account.as_deref().unwrap_or("default").to_string(),
+                    TagKey::PodName => pod.name.to_string(),
+                    TagKey::PodUid => pod.uid.to_string(),
                 };
                 (key.name().to_string(), value)
             })
@@ -163,7 +163,7 @@ pub enum PolicyError {
 /// namespace alone, sends its own; an invalid namespace policy refuses every pod of the
 /// namespace, whatever the pod says.
 pub fn policy_for(pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Result<Option<String>, PolicyError> {
-    match (pod.session_policy.as_ref(), namespace.and_then(|n| n.session_policy.as_ref())) {
+    match (pod.session_policy.as_deref(), namespace.and_then(|n| n.session_policy.as_ref())) {
         (None, None) => Ok(None),
         (_, Some(Err(error))) => Err(PolicyError::Invalid(format!("the namespace's {error}"))),
         (Some(_), Some(Ok(_))) => Err(PolicyError::Ceiling),
@@ -200,7 +200,7 @@ mod tests {
                 "arn:aws:eks:eu-west-1:123456789012:cluster/prod".into()
             ))
         );
-        let long = PodFacts { name: "x".repeat(300), ..pod.clone() };
+        let long = PodFacts { name: "x".repeat(300).into(), ..pod.clone() };
         assert!(tags(&[TagKey::PodName]).for_pod(&long).is_err(), "value over 256");
         let odd = PodFacts { namespace: "ns#1".into(), ..pod };
         assert!(tags(&[TagKey::Namespace]).for_pod(&odd).is_err(), "a character STS refuses");
@@ -226,7 +226,7 @@ mod tests {
             ..NamespaceFacts::default()
         };
         let pod = |policy: Option<Result<String, String>>| PodFacts {
-            session_policy: policy,
+            session_policy: policy.map(Box::new),
             ..PodFacts::test("team-a", "web", "10.0.0.5", Some("r"))
         };
         let ok = |p: &str| Some(Ok(p.to_string()));

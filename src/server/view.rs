@@ -47,9 +47,9 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
         };
         let entry = pb::Entry {
             ip: ip.to_string(),
-            uid: pod.uid.clone(),
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
+            uid: pod.uid.to_string(),
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
             role: role.unwrap_or_default(),
             allowed,
             denial,

@@ -119,7 +119,7 @@ async fn a_reused_ip_never_gets_the_old_pods_credentials_under_load() {
     let cluster = Arc::clone(stack.core.cluster());
     let moved = || {
         let lookup = cluster.pod_by_ip(ip("127.0.0.131"));
-        std::future::ready(!matches!(lookup, kiam::cluster::Lookup::Found(p) if p.name == "old"))
+        std::future::ready(!matches!(lookup, kiam::cluster::Lookup::Found(p) if &*p.name == "old"))
     };
     until("the server sees the old pod gone", LIMIT, moved).await;
     let server_moved = Instant::now();
