@@ -88,6 +88,7 @@ impl Moto {
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
             let mut moto = Moto { child, port, log_dir };
             if moto.wait_ready().await {
+                moto.warm().await;
                 return moto;
             }
             log_dir = moto.into_log_dir();
@@ -169,6 +170,25 @@ impl Moto {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// moto loads STS's backend on the first AssumeRole, which takes hundreds of milliseconds
+    /// on a busy machine: more than a test stack's pod wait, so a test's first request would
+    /// time out behind it. One AssumeRole here pays that before any test starts its clock. It
+    /// precedes every recording ([`Moto::start_recording`] starts empty), so no count sees it.
+    async fn warm(&self) {
+        let headers = [
+            ("content-type", "application/x-www-form-urlencoded"),
+            (
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=AKIDWARMUP/20260101/us-east-1/sts/aws4_request, \
+                 SignedHeaders=host, Signature=0",
+            ),
+        ];
+        let body = "Action=AssumeRole&Version=2011-06-15&RoleSessionName=warm-up\
+                    &RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fwarm-up";
+        let resp = http::request("POST", &self.endpoint(), &headers, body, None).await;
+        assert!(resp.is_ok_and(|r| r.status == 200), "moto answers a warm-up AssumeRole:\n{}", self.log());
     }
 
     fn into_log_dir(mut self) -> TempDir {
