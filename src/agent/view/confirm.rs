@@ -46,7 +46,7 @@ impl Confirm {
     /// Whether `entry` may be served with the view not live for `down_for`.
     pub async fn serves(&self, entry: &ViewEntry, down_for: Duration) -> bool {
         if let Some(running) = self.running().await {
-            return running.contains(&(entry.pod.namespace.clone(), entry.pod.name.clone()));
+            return running.contains(&(entry.pod.namespace.to_string(), entry.pod.name.to_string()));
         }
         down_for < self.bound
     }

@@ -9,123 +9,21 @@
 //! stability); a pod not in the view is never answered from a guess.
 
 pub mod confirm;
+mod entry;
 pub mod sync;
+
+pub use entry::{ViewEntry, ViewPod};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use axum::body::Bytes;
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::creds::ImdsDocument;
-use crate::creds::lifetimes::SDK_REFRESH_WINDOW;
 use crate::metrics::Metrics;
 use crate::pb::node as pb;
-
-/// One pod IP of the node.
-pub struct ViewEntry {
-    /// What the server sent.
-    pub pod: pb::Entry,
-    /// Read by every hit, so without a lock: a lock's word is written by each reader, and its
-    /// cache line then moves between the cores that answer hits (figure 1).
-    creds: ArcSwapOption<Held>,
-    /// When to ask the server again (half-life, or later after a fetch that changed nothing or
-    /// failed); `None` until credentials are held.
-    renew_at: Mutex<Option<SystemTime>>,
-    /// One fetch at a time per entry.
-    pub fetching: tokio::sync::Mutex<()>,
-}
-
-/// Credentials held for an entry.
-struct Held {
-    document: ImdsDocument,
-    /// `document` as the legacy credentials path serves it, encoded once when stored: a hit then
-    /// copies no strings and encodes nothing. `None` if it could not be encoded (the hit path
-    /// then encodes `document` itself, as before).
-    body: Option<Bytes>,
-    issued: SystemTime,
-    expiration: SystemTime,
-}
-
-impl ViewEntry {
-    fn new(pod: pb::Entry) -> ViewEntry {
-        ViewEntry {
-            pod,
-            creds: ArcSwapOption::empty(),
-            renew_at: Mutex::default(),
-            fetching: tokio::sync::Mutex::default(),
-        }
-    }
-
-    /// The pod's role annotation, `None` when it has none.
-    pub fn role(&self) -> Option<&str> {
-        Some(self.pod.role.as_str()).filter(|r| !r.is_empty())
-    }
-
-    /// Credentials fit to serve at `now`: with more left than the floor the server serves with
-    /// (the SDKs' 15-minute window, or half the session when it is shorter).
-    pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
-        self.creds.load().as_ref().filter(|h| h.fresh(now)).map(|h| h.document.clone())
-    }
-
-    /// The same credentials as [`credentials`](Self::credentials), under the same rule, as the
-    /// JSON body the legacy credentials path serves (`serde_json::to_vec` of the document).
-    /// Copied, not shared: a shared `Bytes` has a reference count that every hit would write.
-    pub fn credentials_body(&self, now: SystemTime) -> Option<Bytes> {
-        let held = self.creds.load();
-        held.as_ref().filter(|h| h.fresh(now)).and_then(|h| h.body.as_deref()).map(Bytes::copy_from_slice)
-    }
-
-    /// Whether the background fetcher should ask for (new) credentials at `now`.
-    pub fn due(&self, now: SystemTime) -> bool {
-        self.pod.allowed && self.renew_at().is_none_or(|renew_at| now >= renew_at)
-    }
-
-    fn renew_at(&self) -> std::sync::MutexGuard<'_, Option<SystemTime>> {
-        self.renew_at.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Stores what the server answered. A document that changed nothing (the server has not
-    /// renewed yet) is asked for again a minute later rather than at once.
-    pub fn store(&self, document: ImdsDocument, now: SystemTime) {
-        let parse = |t: &str| crate::creds::time::parse(t);
-        let (Some(expiration), issued) = (parse(&document.expiration), parse(&document.last_updated)) else {
-            return;
-        };
-        let issued = issued.unwrap_or(now).min(now);
-        let mut renew_at = self.renew_at();
-        let same = self.creds.load().as_ref().is_some_and(|h| h.expiration == expiration);
-        let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
-        *renew_at = Some(if same {
-            now + Duration::from_secs(60)
-        } else {
-            half_life.max(now + Duration::from_secs(1))
-        });
-        let body = serde_json::to_vec(&document).ok().map(Bytes::from);
-        self.creds.store(Some(Arc::new(Held { document, body, issued, expiration })));
-    }
-
-    /// After a failed fetch, when to try again.
-    pub fn backoff(&self, now: SystemTime, pause: Duration) {
-        let mut renew_at = self.renew_at();
-        if renew_at.is_some() {
-            *renew_at = Some(now + pause);
-        }
-    }
-}
-
-impl Held {
-    /// Whether these credentials may be served at `now`: with more left than the floor the
-    /// server serves with (the SDKs' 15-minute window, or half the session when it is shorter).
-    fn fresh(&self, now: SystemTime) -> bool {
-        let lifetime = self.expiration.duration_since(self.issued).unwrap_or_default();
-        let floor = SDK_REFRESH_WINDOW.min(lifetime / 2);
-        self.expiration.duration_since(now).unwrap_or_default() > floor
-    }
-}
 
 /// The view's state, replaced whole on every change (see [`NodeView`]).
 #[derive(Clone, Default)]
@@ -172,6 +70,8 @@ pub struct NodeView {
     metrics: Arc<Metrics>,
     /// What confirms an entry while the view is not live.
     confirm: confirm::Confirm,
+    /// The strings the entries share; used under `writer`'s turn.
+    strings: Mutex<entry::Strings>,
 }
 
 /// Health of the view, for `/health?deep` and metrics.
@@ -196,6 +96,7 @@ impl NodeView {
             changes: watch::Sender::new(0),
             metrics,
             confirm: confirm::Confirm::new(None, confirm::UNCONFIRMED_BOUND),
+            strings: Mutex::default(),
         }
     }
 
@@ -205,6 +106,10 @@ impl NodeView {
     pub fn confirming_from(mut self, socket: Option<std::path::PathBuf>, bound: Duration) -> NodeView {
         self.confirm = confirm::Confirm::new(socket, bound);
         self
+    }
+
+    fn strings(&self) -> std::sync::MutexGuard<'_, entry::Strings> {
+        self.strings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the state with `f`, swaps the result in, and wakes the lookups waiting for a pod.
@@ -230,12 +135,17 @@ impl NodeView {
     pub fn replace(&self, snapshot: pb::Snapshot) {
         self.update(|state| {
             let old = std::mem::take(&mut state.entries);
+            let mut strings = self.strings();
+            state.entries.reserve(snapshot.entries.len());
             for entry in snapshot.entries {
                 let Ok(ip) = entry.ip.parse() else { continue };
                 // An identical entry keeps its credentials across a resync.
-                let kept = old.get(&ip).filter(|e| e.pod == entry).cloned();
-                state.entries.insert(ip, kept.unwrap_or_else(|| Arc::new(ViewEntry::new(entry))));
+                let kept = old.get(&ip).filter(|e| e.pod.same_as(&entry)).cloned();
+                let entry = kept.unwrap_or_else(|| Arc::new(ViewEntry::new(strings.pod(entry))));
+                state.entries.insert(ip, entry);
             }
+            drop(old);
+            strings.sweep(true);
             state.node = snapshot.node;
             state.live = true;
             state.ever_synced = true;
@@ -248,8 +158,10 @@ impl NodeView {
     pub fn upsert(&self, entry: pb::Entry) {
         let Ok(ip) = entry.ip.parse::<IpAddr>() else { return };
         self.update(|state| {
-            if state.entries.get(&ip).is_none_or(|e| e.pod != entry) {
-                state.entries.insert(ip, Arc::new(ViewEntry::new(entry)));
+            if state.entries.get(&ip).is_none_or(|e| !e.pod.same_as(&entry)) {
+                let mut strings = self.strings();
+                state.entries.insert(ip, Arc::new(ViewEntry::new(strings.pod(entry))));
+                strings.sweep(false);
             }
         });
     }
@@ -390,33 +302,5 @@ impl NodeView {
             },
             node: state.node.clone(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_held_body_is_the_held_document_encoded_under_the_same_freshness_rule() {
-        let entry = ViewEntry::new(pb::Entry { allowed: true, ..pb::Entry::default() });
-        let now = SystemTime::now();
-        assert!(entry.credentials_body(now).is_none(), "nothing held yet");
-        let document = ImdsDocument {
-            code: "Success".into(),
-            last_updated: crate::creds::time::format(now),
-            kind: "AWS-HMAC".into(),
-            access_key_id: "AKIDVIEW".into(),
-            secret_access_key: "secret".into(),
-            token: "token with \"quotes\" and \\ to escape".into(),
-            expiration: crate::creds::time::format(now + Duration::from_secs(3600)),
-        };
-        entry.store(document.clone(), now);
-        let encoded = serde_json::to_vec(&document).expect("the document encodes");
-        assert_eq!(entry.credentials_body(now).as_deref(), Some(encoded.as_slice()));
-        // Ten minutes left is under the SDKs' refresh window: neither form is served.
-        let late = now + Duration::from_secs(50 * 60);
-        assert!(entry.credentials(late).is_none());
-        assert!(entry.credentials_body(late).is_none());
     }
 }

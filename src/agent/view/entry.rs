@@ -1,0 +1,246 @@
+//! One entry of the node view: the pod at an IP as the server described it, and the
+//! credentials held for it.
+//!
+//! Laid out for a busy node (BENCHMARKS.md, figure 6): the strings the node's pods repeat
+//! (namespace, role, role ARN) are shared through [`Strings`], the pod's own strings are boxed,
+//! and credentials are held once, as the JSON body the legacy path serves (the document is
+//! decoded from it on the rare path that needs the fields).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use axum::body::Bytes;
+
+use crate::creds::ImdsDocument;
+use crate::creds::lifetimes::SDK_REFRESH_WINDOW;
+use crate::pb::node as pb;
+
+/// The pod at one IP, as the server's [`pb::Entry`] described it, without its IP (the view's
+/// key).
+#[derive(Debug)]
+pub struct ViewPod {
+    pub uid: Box<str>,
+    pub namespace: Arc<str>,
+    pub name: Box<str>,
+    /// The role annotation as written ("" when none).
+    pub role: Arc<str>,
+    /// Whether the pod may have that role, and why not.
+    pub allowed: bool,
+    pub denial: Box<str>,
+    /// The resolved role ARN when allowed.
+    pub role_arn: Arc<str>,
+    pub terminating: bool,
+}
+
+impl ViewPod {
+    /// Whether `entry` describes this very pod, field for field (its credentials then stay).
+    pub fn same_as(&self, entry: &pb::Entry) -> bool {
+        *self.uid == *entry.uid
+            && *self.namespace == *entry.namespace
+            && *self.name == *entry.name
+            && *self.role == *entry.role
+            && self.allowed == entry.allowed
+            && *self.denial == *entry.denial
+            && *self.role_arn == *entry.role_arn
+            && self.terminating == entry.terminating
+    }
+}
+
+/// The strings that a node's pods repeat, each kept once. The set is rebuilt from the entries
+/// on every snapshot, and swept when it has doubled, so it never outgrows the view by much.
+#[derive(Default)]
+pub struct Strings {
+    kept: HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Strings {
+    fn share(&mut self, s: String) -> Arc<str> {
+        if let Some(kept) = self.kept.get(s.as_str()) {
+            return Arc::clone(kept);
+        }
+        let s: Arc<str> = s.into();
+        self.kept.insert(Arc::clone(&s));
+        s
+    }
+
+    /// The compact form of `entry`, its repeated strings shared.
+    pub fn pod(&mut self, entry: pb::Entry) -> ViewPod {
+        ViewPod {
+            uid: entry.uid.into(),
+            namespace: self.share(entry.namespace),
+            name: entry.name.into(),
+            role: self.share(entry.role),
+            allowed: entry.allowed,
+            denial: entry.denial.into(),
+            role_arn: self.share(entry.role_arn),
+            terminating: entry.terminating,
+        }
+    }
+
+    /// Drops every string no entry holds (after a snapshot), or does so once the set has
+    /// doubled since the last sweep.
+    pub fn sweep(&mut self, now: bool) {
+        if now || self.kept.len() > 2 * self.swept_at + 64 {
+            self.kept.retain(|s| Arc::strong_count(s) > 1);
+            self.swept_at = self.kept.len();
+        }
+    }
+}
+
+/// One pod IP of the node.
+pub struct ViewEntry {
+    /// What the server sent.
+    pub pod: ViewPod,
+    /// Read by every hit, so without a lock: a lock's word is written by each reader, and its
+    /// cache line then moves between the cores that answer hits (figure 1).
+    creds: ArcSwapOption<Held>,
+    /// When to ask the server again (half-life, or later after a fetch that changed nothing or
+    /// failed); `None` until credentials are held.
+    renew_at: Mutex<Option<SystemTime>>,
+    /// One fetch at a time per entry.
+    pub fetching: tokio::sync::Mutex<()>,
+}
+
+/// Credentials held for an entry: the document as the legacy credentials path serves it,
+/// encoded once when stored (a hit then copies no strings and encodes nothing), sized to fit.
+struct Held {
+    body: Bytes,
+    issued: SystemTime,
+    expiration: SystemTime,
+}
+
+impl ViewEntry {
+    pub(super) fn new(pod: ViewPod) -> ViewEntry {
+        ViewEntry {
+            pod,
+            creds: ArcSwapOption::empty(),
+            renew_at: Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The pod's role annotation, `None` when it has none.
+    pub fn role(&self) -> Option<&str> {
+        Some(&*self.pod.role).filter(|r| !r.is_empty())
+    }
+
+    /// Credentials fit to serve at `now`: with more left than the floor the server serves with
+    /// (the SDKs' 15-minute window, or half the session when it is shorter).
+    pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
+        let held = self.creds.load();
+        held.as_ref().filter(|h| h.fresh(now)).and_then(|h| serde_json::from_slice(&h.body).ok())
+    }
+
+    /// The same credentials as [`credentials`](Self::credentials), under the same rule, as the
+    /// JSON body the legacy credentials path serves (`serde_json::to_vec` of the document).
+    /// Copied, not shared: a shared `Bytes` has a reference count that every hit would write.
+    pub fn credentials_body(&self, now: SystemTime) -> Option<Bytes> {
+        let held = self.creds.load();
+        held.as_ref().filter(|h| h.fresh(now)).map(|h| Bytes::copy_from_slice(&h.body))
+    }
+
+    /// Whether the background fetcher should ask for (new) credentials at `now`.
+    pub fn due(&self, now: SystemTime) -> bool {
+        self.pod.allowed && self.renew_at().is_none_or(|renew_at| now >= renew_at)
+    }
+
+    fn renew_at(&self) -> std::sync::MutexGuard<'_, Option<SystemTime>> {
+        self.renew_at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores what the server answered. A document that changed nothing (the server has not
+    /// renewed yet) is asked for again a minute later rather than at once.
+    pub fn store(&self, document: ImdsDocument, now: SystemTime) {
+        let parse = |t: &str| crate::creds::time::parse(t);
+        let (Some(expiration), issued) = (parse(&document.expiration), parse(&document.last_updated)) else {
+            return;
+        };
+        // The document is only strings: encoding it cannot fail, and if it did, nothing is held
+        // (the next request fetches).
+        let Ok(body) = serde_json::to_vec(&document) else { return };
+        let issued = issued.unwrap_or(now).min(now);
+        let mut renew_at = self.renew_at();
+        let same = self.creds.load().as_ref().is_some_and(|h| h.expiration == expiration);
+        let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
+        *renew_at = Some(if same {
+            now + Duration::from_secs(60)
+        } else {
+            half_life.max(now + Duration::from_secs(1))
+        });
+        let body = Bytes::from(body.into_boxed_slice());
+        self.creds.store(Some(Arc::new(Held { body, issued, expiration })));
+    }
+
+    /// After a failed fetch, when to try again.
+    pub fn backoff(&self, now: SystemTime, pause: Duration) {
+        let mut renew_at = self.renew_at();
+        if renew_at.is_some() {
+            *renew_at = Some(now + pause);
+        }
+    }
+}
+
+impl Held {
+    /// Whether these credentials may be served at `now`: with more left than the floor the
+    /// server serves with (the SDKs' 15-minute window, or half the session when it is shorter).
+    fn fresh(&self, now: SystemTime) -> bool {
+        let lifetime = self.expiration.duration_since(self.issued).unwrap_or_default();
+        let floor = SDK_REFRESH_WINDOW.min(lifetime / 2);
+        self.expiration.duration_since(now).unwrap_or_default() > floor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_held_body_is_the_held_document_encoded_under_the_same_freshness_rule() {
+        let entry =
+            ViewEntry::new(Strings::default().pod(pb::Entry { allowed: true, ..pb::Entry::default() }));
+        let now = SystemTime::now();
+        assert!(entry.credentials_body(now).is_none(), "nothing held yet");
+        let document = ImdsDocument {
+            code: "Success".into(),
+            last_updated: crate::creds::time::format(now),
+            kind: "AWS-HMAC".into(),
+            access_key_id: "AKIDVIEW".into(),
+            secret_access_key: "secret".into(),
+            token: "token with \"quotes\" and \\ to escape".into(),
+            expiration: crate::creds::time::format(now + Duration::from_secs(3600)),
+        };
+        entry.store(document.clone(), now);
+        let encoded = serde_json::to_vec(&document).expect("the document encodes");
+        assert_eq!(entry.credentials_body(now).as_deref(), Some(encoded.as_slice()));
+        // Ten minutes left is under the SDKs' refresh window: neither form is served.
+        let late = now + Duration::from_secs(50 * 60);
+        assert!(entry.credentials(late).is_none());
+        assert!(entry.credentials_body(late).is_none());
+    }
+
+    #[test]
+    fn a_nodes_pods_share_their_repeated_strings_and_a_sweep_drops_the_unused() {
+        let mut strings = Strings::default();
+        let entry = |name: &str, role: &str| pb::Entry {
+            uid: format!("uid-{name}"),
+            namespace: "payments".into(),
+            name: name.into(),
+            role: role.into(),
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            allowed: true,
+            ..pb::Entry::default()
+        };
+        let a = strings.pod(entry("a", "checkout"));
+        let b = strings.pod(entry("b", "checkout"));
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace) && Arc::ptr_eq(&a.role, &b.role));
+        assert!(Arc::ptr_eq(&a.role_arn, &b.role_arn));
+        assert!(a.same_as(&entry("a", "checkout")) && !a.same_as(&entry("a", "other")));
+        let c = strings.pod(entry("c", "other"));
+        drop(c);
+        strings.sweep(true);
+        assert!(!strings.kept.contains("other") && strings.kept.contains("checkout"));
+    }
+}
