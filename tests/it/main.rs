@@ -46,6 +46,7 @@ mod pod_token_source;
 mod prefetch;
 mod readiness;
 mod release;
+mod scale_out;
 mod server;
 mod service_accounts;
 mod session;
