@@ -127,6 +127,12 @@ impl<A: AssumeRole> Core<A> {
         self.ownership.as_ref().is_none_or(|o| o.owns(identity))
     }
 
+    /// `identity`'s key for agents to find its owner by, when this process shares identities
+    /// with peers; 0 (balance over every server) otherwise.
+    pub fn affinity(&self, identity: &Identity) -> u64 {
+        if self.ownership.is_some() { identity.affinity_key() } else { 0 }
+    }
+
     /// Asks the refresher for a pass now: what this process newly owns is fetched at once.
     pub fn rescan(&self) {
         self.rescan.notify_one();

@@ -47,6 +47,7 @@ mod prefetch;
 mod readiness;
 mod release;
 mod scale_out;
+mod scale_out_routing;
 mod server;
 mod service_accounts;
 mod session;

@@ -26,16 +26,16 @@ use crate::support::stack::{Options, Stack, TestServer, start_server, tls_files}
 use crate::support::sts_faults::{Fault, StsFaults};
 use crate::support::wait::until;
 
-const ROLES: usize = 12;
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const ROLES: usize = 12;
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
-struct Peers {
-    pki: TestPki,
-    kube: FakeKube,
-    moto: Moto,
-    name: Arc<Name>,
-    port: u16,
-    servers: Vec<TestServer>,
+pub(crate) struct Peers {
+    pub(crate) pki: TestPki,
+    pub(crate) kube: FakeKube,
+    pub(crate) moto: Moto,
+    pub(crate) name: Arc<Name>,
+    pub(crate) port: u16,
+    pub(crate) servers: Vec<TestServer>,
 }
 
 fn addr(last: u8, port: u16) -> SocketAddr {
@@ -44,7 +44,7 @@ fn addr(last: u8, port: u16) -> SocketAddr {
 
 /// Servers on 127.0.0.2.. (`count` of them), all behind one name; with `peers`, each started with
 /// `--peers` on that name. Returns once every server sees all the others.
-async fn servers(count: u8, peers: bool) -> Peers {
+pub(crate) async fn servers(count: u8, peers: bool) -> Peers {
     let (pki, kube, moto) = (TestPki::new(), FakeKube::start().await, Moto::start().await);
     let probe = std::net::TcpListener::bind("127.0.0.2:0").expect("probe a port");
     let port = probe.local_addr().expect("addr").port();
@@ -92,18 +92,18 @@ impl Peers {
     }
 
     /// The identities in use, as the first server sees them.
-    fn identities(&self) -> Vec<Identity> {
+    pub(crate) fn identities(&self) -> Vec<Identity> {
         let mut ids: Vec<Identity> = self.servers[0].core.active_identities().into_iter().collect();
         ids.sort_by(|a, b| a.role.as_str().cmp(b.role.as_str()));
         ids
     }
 
-    fn holds(&self, server: usize, identity: &Identity) -> bool {
+    pub(crate) fn holds(&self, server: usize, identity: &Identity) -> bool {
         self.servers[server].core.cache().state(identity).is_some_and(|s| s.issued.is_some())
     }
 
     /// AssumeRole calls moto recorded, by role ARN.
-    async fn calls_by_role(&self) -> HashMap<String, usize> {
+    pub(crate) async fn calls_by_role(&self) -> HashMap<String, usize> {
         let mut calls = HashMap::new();
         for call in self.moto.recorded_assume_roles().await {
             *calls.entry(call.role_arn).or_default() += 1;
@@ -111,7 +111,7 @@ impl Peers {
         calls
     }
 
-    async fn wait_for_calls(&self, n: usize) -> HashMap<String, usize> {
+    pub(crate) async fn wait_for_calls(&self, n: usize) -> HashMap<String, usize> {
         let enough = || async { self.moto.recorded_assume_roles().await.len() >= n };
         until(&format!("{n} AssumeRole calls"), WAIT, enough).await;
         self.calls_by_role().await
@@ -135,7 +135,7 @@ fn ip_of(server: &TestServer) -> IpAddr {
 }
 
 /// The index (in `servers`) of the owner of `identity` among `live`.
-fn owner_index(servers: &[TestServer], live: &[usize], identity: &Identity) -> usize {
+pub(crate) fn owner_index(servers: &[TestServer], live: &[usize], identity: &Identity) -> usize {
     let ips: Vec<IpAddr> = live.iter().map(|i| ip_of(&servers[*i])).collect();
     let owner = rendezvous::owner(identity.affinity_key(), &ips).expect("an owner");
     live.iter().copied().find(|i| ip_of(&servers[*i]) == owner).expect("a live server")
