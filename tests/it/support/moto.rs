@@ -88,6 +88,7 @@ impl Moto {
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
             let mut moto = Moto { child, port, log_dir };
             if moto.wait_ready().await {
+                moto.warm_up().await;
                 return moto;
             }
             log_dir = moto.into_log_dir();
@@ -146,6 +147,19 @@ impl Moto {
             .await
             .unwrap_or_else(|e| panic!("POST {path} to moto: {e}"));
         assert_eq!(resp.status, 200, "POST {path} to moto: {}", resp.body);
+    }
+
+    /// One AssumeRole before any test's: moto's first one loads its STS backend, which on a loaded
+    /// machine takes longer than an agent's 300 ms budget, so a test's first request would get
+    /// a 503 for moto's sake. Recording starts later ([`Moto::start_recording`]), so no test
+    /// sees this call.
+    async fn warm_up(&self) {
+        let auth = "AWS4-HMAC-SHA256 Credential=AKIDWARMUP/20260101/us-east-1/sts/aws4_request, SignedHeaders=host, Signature=0";
+        let headers = [("content-type", "application/x-www-form-urlencoded"), ("authorization", auth)];
+        let body = "Action=AssumeRole&Version=2011-06-15&RoleArn=arn:aws:iam::123456789012:role/warm-up&RoleSessionName=warm-up";
+        let resp = http::request("POST", &format!("{}/", self.endpoint()), &headers, body, None).await;
+        let resp = resp.expect("moto answers the warm-up AssumeRole");
+        assert_eq!(resp.status, 200, "moto's warm-up AssumeRole: {}", resp.body);
     }
 
     /// Polls `/moto-api/` every 50 ms; false if the child exits first, panics after the timeout.
