@@ -114,6 +114,7 @@ fn measure(document: &ImdsDocument) -> (f64, usize) {
                     denial: String::new(),
                     role_arn: format!("{}checkout-api", deploy::BASE_ARN),
                     terminating: false,
+                    affinity: 0,
                 }
             })
             .collect(),

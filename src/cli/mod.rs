@@ -41,7 +41,7 @@ pub enum Command {
     /// The per-node metadata endpoint pods reach through the DNAT rule.
     Agent(AgentArgs),
     /// The policy and credentials server agents ask over mutual TLS.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Probe a server: exit 0 when it is healthy, 1 otherwise.
     Health(HealthArgs),
     /// Why a pod does or does not get its role: the server's decision chain, from the cluster or

@@ -9,7 +9,7 @@ use super::{LogArgs, ObservabilityArgs, PolicyArgs, TlsArgs, go_duration};
 use crate::aws::StsConfig;
 use crate::creds::Lifetimes;
 use crate::server::config::resolve_assume_role;
-use crate::server::{Config, ConfigError, GrpcSettings, Inventory, Settings, TLS_POLL};
+use crate::server::{Config, ConfigError, GrpcSettings, Inventory, Peers, Settings, TLS_POLL};
 
 /// STS refuses sessions shorter than this.
 const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -41,6 +41,24 @@ pub struct ServerArgs {
     /// Prefetch workers, which is also the most STS calls in flight.
     #[arg(long, env = "KIAM_FETCHERS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub fetchers: u16,
+    /// AssumeRole calls a second at most, per server: live requests first, then prefetch of new
+    /// pods, then refreshes. STS's default quota (600/s per account and region) is shared by
+    /// every caller in the account.
+    #[arg(long, env = "KIAM_STS_RATE", default_value_t = crate::core::DEFAULT_STS_RATE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sts_rate: u32,
+    /// Share the identities with the other servers behind this DNS name (`host:port`, the
+    /// servers' headless Service): each identity is prefetched and refreshed by one owner
+    /// (rendezvous hashing over the resolved addresses), and any server still answers any
+    /// request. A server recognises itself by its --bind address, or POD_IP when it binds all
+    /// addresses. Off by default: every server keeps every identity warm.
+    #[arg(long, env = "KIAM_PEERS")]
+    pub peers: Option<String>,
+    /// How often --peers is resolved again (and each peer checked for a listener).
+    #[arg(long, env = "KIAM_PEERS_INTERVAL", default_value = "5s", value_parser = go_duration)]
+    pub peers_interval: Duration,
+    /// The server's own pod IP (from the downward API), to find itself among --peers.
+    #[arg(long, env = "POD_IP", hide = true)]
+    pub pod_ip: Option<std::net::IpAddr>,
     /// Pod announcements waiting for a prefetch worker; more are dropped (and counted).
     #[arg(long, env = "KIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub prefetch_buffer_size: u32,
@@ -105,6 +123,26 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// `--peers`, split into host and port.
+    fn peers(&self) -> Result<Option<Peers>, ConfigError> {
+        let Some(target) = self.peers.as_deref().map(str::trim).filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let bad = || {
+            ConfigError::Flag(format!("--peers {target:?} must be host:port (the servers' headless Service)"))
+        };
+        let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        if self.peers_interval.is_zero() {
+            return Err(ConfigError::Flag("--peers-interval must be longer than 0s".into()));
+        }
+        Ok(Some(Peers { host: host.to_string(), port, every: self.peers_interval, pod_ip: self.pod_ip }))
+    }
+
     /// Validates the flags into a server configuration, resolving everything that needs no
     /// network: a short `--assume-role-arn` against `--role-base-arn` (with autodetect, once the
     /// base is known), and the server's own pod name.
@@ -160,6 +198,7 @@ impl ServerArgs {
                 session: self.policy.session.clone(),
                 fetchers: usize::from(self.fetchers),
                 prefetch_buffer: self.prefetch_buffer_size as usize,
+                sts_rate: self.sts_rate,
             },
             settings: Settings {
                 node_binding: self.policy.agent_node_binding,
@@ -169,6 +208,7 @@ impl ServerArgs {
                 readiness_taint: self.node_readiness_taint.clone().filter(|t| !t.trim().is_empty()),
                 readiness_reapply: self.node_readiness_reapply,
                 pod_token_audience: self.pod_token_audience.clone(),
+                peers: self.peers()?,
             },
             grpc: GrpcSettings {
                 keepalive_time: self.grpc_keepalive_time_duration,

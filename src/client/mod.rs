@@ -194,12 +194,20 @@ impl GrpcClient {
         result
     }
 
-    async fn call_with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    async fn call_with_retries<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
         F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        self.call_until(tokio::time::Instant::now() + self.call_timeout, call).await
+    }
+
+    /// As [`call_with_retries`](Self::call_with_retries), until `deadline`.
+    async fn call_until<T, F, Fut>(&self, deadline: tokio::time::Instant, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut last = Status::unavailable("no server reachable");
         let mut pause = Duration::from_millis(10);
         for _ in 0..MAX_ATTEMPTS {
@@ -291,17 +299,38 @@ impl GrpcClient {
         Ok(response.into_inner())
     }
 
-    /// `NodeView.Credentials`: the pod at `ip`'s credentials, only while it is pod `uid`.
+    /// `NodeView.Credentials`: the pod at `ip`'s credentials, only while it is pod `uid`. With an
+    /// `affinity` (servers sharing identities), the identity's owner is asked first, with half
+    /// the call's budget, then the next in rank with half of what is left; a server that does not
+    /// answer in time or at all costs only that, and the rest of the budget goes to any server.
     pub async fn node_credentials(
         &self,
         ip: IpAddr,
         uid: &str,
         role: &str,
+        affinity: u64,
     ) -> Result<pb::node::CredentialsReply, Status> {
         let message =
             pb::node::CredentialsRequest { ip: ip.to_string(), uid: uid.to_string(), role: role.to_string() };
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let ranked = if affinity == 0 { Vec::new() } else { self.pool.ranked(affinity) };
+        for channel in ranked.into_iter().take(2) {
+            let budget = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
+            let mut client = NodeViewClient::new(channel);
+            let request = self.authorised(request(message.clone(), budget));
+            match tokio::time::timeout(budget, client.credentials(request)).await {
+                Ok(Err(status))
+                    if is_transport_failure(&status) || status.code() == Code::DeadlineExceeded => {}
+                Ok(result) => {
+                    let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
+                    self.grpc_metrics.unary(false, "Credentials", code);
+                    return Ok(result?.into_inner());
+                }
+                Err(_) => tracing::info!("an identity's owner did not answer in time; asking the next"),
+            }
+        }
         let result = self
-            .call_with_retries(|_, left| {
+            .call_until(deadline, |_, left| {
                 let mut client = NodeViewClient::new(self.pool.channel());
                 let request = self.authorised(request(message.clone(), left));
                 async move { client.credentials(request).await }

@@ -4,7 +4,7 @@
 //! the client's certificate files change, the channel is rebuilt with the new material: new
 //! connections present the new certificate while calls in flight finish on the old ones.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -59,12 +59,17 @@ struct Live {
     channel: Channel,
     changes: Sender<Change<SocketAddr, Endpoint>>,
     servers: HashSet<SocketAddr>,
+    /// A channel to each server alone, for calls sent to a chosen one.
+    each: HashMap<SocketAddr, Channel>,
     tls_generation: u64,
 }
 
 /// Servers behind one name.
 pub struct Pool {
     channel: ArcSwap<Channel>,
+    /// Each server's own channel (connected on first use), for calls that go to an identity's
+    /// owner first.
+    each: ArcSwap<Vec<(SocketAddr, Channel)>>,
     /// Stops the maintenance task when the pool goes.
     _stop: tokio_util::sync::DropGuard,
 }
@@ -83,6 +88,7 @@ impl Pool {
         let live = fresh(&tls, &link, &HashSet::new());
         let pool = Arc::new(Pool {
             channel: ArcSwap::from_pointee(live.channel.clone()),
+            each: ArcSwap::from_pointee(Vec::new()),
             _stop: stop.clone().drop_guard(),
         });
         let weak = Arc::downgrade(&pool);
@@ -113,6 +119,7 @@ impl Pool {
                 } else {
                     update(&mut live, &tls, &link, servers).await;
                 }
+                pool.each.store(Arc::new(live.each.iter().map(|(a, c)| (*a, c.clone())).collect()));
             }
         });
         pool
@@ -126,6 +133,18 @@ impl Pool {
     /// The current channel, balanced over every server.
     pub fn channel(&self) -> Channel {
         (**self.channel.load()).clone()
+    }
+
+    /// Each known server's own channel, in rendezvous rank for `key` (the owner of an identity
+    /// with that key first; [`crate::policy::rendezvous`]).
+    pub fn ranked(&self, key: u64) -> Vec<Channel> {
+        let each = self.each.load();
+        let ips: Vec<std::net::IpAddr> = each.iter().map(|(a, _)| a.ip()).collect();
+        let ranked = crate::policy::rendezvous::rank(key, &ips);
+        ranked
+            .into_iter()
+            .filter_map(|ip| each.iter().find(|(a, _)| a.ip() == ip).map(|(_, c)| c.clone()))
+            .collect()
     }
 }
 
@@ -145,13 +164,15 @@ fn endpoint(addr: SocketAddr, tls: &ClientTls, link: &Link) -> Option<Endpoint> 
 fn fresh(tls: &Reloading<ClientTls>, link: &Link, servers: &HashSet<SocketAddr>) -> Live {
     let (channel, changes) = Channel::balance_channel(64);
     let config = tls.current();
+    let mut each = HashMap::new();
     for addr in servers {
         if let Some(e) = endpoint(*addr, &config, link) {
+            each.insert(*addr, e.connect_lazy());
             // A fresh channel has room for every server at once.
             let _ = changes.try_send(Change::Insert(*addr, e));
         }
     }
-    Live { channel, changes, servers: servers.clone(), tls_generation: tls.generation() }
+    Live { channel, changes, servers: servers.clone(), each, tls_generation: tls.generation() }
 }
 
 /// Adds new servers and removes gone ones.
@@ -159,11 +180,13 @@ async fn update(live: &mut Live, tls: &Reloading<ClientTls>, link: &Link, server
     let config = tls.current();
     for gone in live.servers.difference(&servers) {
         tracing::info!(server = %gone, "server left");
+        live.each.remove(gone);
         let _ = live.changes.send(Change::Remove(*gone)).await;
     }
     for new in servers.difference(&live.servers) {
         tracing::info!(server = %new, "server joined");
         if let Some(e) = endpoint(*new, &config, link) {
+            live.each.insert(*new, e.connect_lazy());
             let _ = live.changes.send(Change::Insert(*new, e)).await;
         }
     }

@@ -62,21 +62,33 @@ pub fn spawn<A: AssumeRole>(
                         });
                     }
                 }
-                _ = tick.tick() => {
-                    for identity in due(&core) {
-                        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
-                        let core = Arc::clone(&core);
-                        crate::task::spawn_until(&shutdown, async move {
-                            if let Err(error) = core.cache().refresh(&identity).await {
-                                tracing::info!(role = %identity.role, %error, "refresh failed; cached credentials stay in use");
-                            }
-                            drop(permit);
-                        });
-                    }
-                }
+                _ = tick.tick() => refresh(&core, &permits, &shutdown).await,
+                () = core.rescan_requested() => refresh(&core, &permits, &shutdown).await,
             }
         }
     });
+}
+
+/// Renews (or fetches) every identity due now, a worker each.
+async fn refresh<A: AssumeRole>(core: &Arc<Core<A>>, permits: &Arc<Semaphore>, shutdown: &CancellationToken) {
+    for identity in due(core) {
+        let Ok(permit) = Arc::clone(permits).acquire_owned().await else { return };
+        let core = Arc::clone(core);
+        crate::task::spawn_until(shutdown, async move {
+            // Nothing held (a new pod whose announcement was dropped, or an identity taken over
+            // from a peer that left): that is a prefetch, ahead of renewals in the STS budget.
+            let held = core.cache().state(&identity).is_some_and(|s| s.issued.is_some());
+            let result = if held {
+                core.cache().refresh(&identity).await.map(drop)
+            } else {
+                core.cache().prefetch(&identity).await.map(drop)
+            };
+            if let Err(error) = result {
+                tracing::info!(role = %identity.role, %error, "refresh failed; cached credentials stay in use");
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// Fetches the credentials `pod` will ask for, if the policy allows them: never AssumeRole what
@@ -85,12 +97,18 @@ async fn warm<A: AssumeRole>(core: &Core<A>, pod: &Arc<PodFacts>) {
     let pod = &core.with_account_role(Arc::clone(pod));
     let Some(role) = core.policy().effective_role(pod) else { return };
     let Ok(identity) = core.identity_for(pod, role) else { return };
-    if let Err(error) = core.cache().get(&identity).await {
+    if !core.owns(&identity) {
+        return;
+    }
+    if let Err(error) = core.cache().prefetch(&identity).await {
         tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");
     }
 }
 
-/// The identities due for refresh now; idle ones are dropped from the cache on the way.
+/// The identities this process owns that are due for refresh now (or have nothing cached, as
+/// when taken over from a peer that left); idle ones are dropped from the cache on the way.
 pub fn due<A: AssumeRole>(core: &Core<A>) -> Vec<Identity> {
-    core.cache().sweep(&core.active_identities())
+    let mut due = core.cache().sweep(&core.active_identities());
+    due.retain(|identity| core.owns(identity));
+    due
 }

@@ -97,6 +97,10 @@ pub struct Core<A> {
     default_session: String,
     events: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
+    /// The identities this process keeps warm (`None`: all).
+    ownership: Option<Arc<dyn super::Ownership>>,
+    /// Wakes the refresher at once (a peer left: take its identities over now).
+    rescan: tokio::sync::Notify,
 }
 
 impl<A: AssumeRole> Core<A> {
@@ -109,7 +113,34 @@ impl<A: AssumeRole> Core<A> {
         events: Arc<dyn EventSink>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Core { cluster, policy, cache, default_session, events, metrics }
+        let (ownership, rescan) = (None, tokio::sync::Notify::new());
+        Core { cluster, policy, cache, default_session, events, metrics, ownership, rescan }
+    }
+
+    /// Keeps only the identities `ownership` owns warm (`None`: every identity).
+    pub fn with_ownership(self, ownership: Option<Arc<dyn super::Ownership>>) -> Self {
+        Core { ownership, ..self }
+    }
+
+    /// Whether this process prefetches and refreshes `identity`.
+    pub fn owns(&self, identity: &Identity) -> bool {
+        self.ownership.as_ref().is_none_or(|o| o.owns(identity))
+    }
+
+    /// `identity`'s key for agents to find its owner by, when this process shares identities
+    /// with peers; 0 (balance over every server) otherwise.
+    pub fn affinity(&self, identity: &Identity) -> u64 {
+        if self.ownership.is_some() { identity.affinity_key() } else { 0 }
+    }
+
+    /// Asks the refresher for a pass now: what this process newly owns is fetched at once.
+    pub fn rescan(&self) {
+        self.rescan.notify_one();
+    }
+
+    /// Completes when [`rescan`](Self::rescan) is called (or was, since the last wait).
+    pub async fn rescan_requested(&self) {
+        self.rescan.notified().await;
     }
 
     /// The metrics this core counts into.

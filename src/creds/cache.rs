@@ -19,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::gate::{Gate, jitter};
+use super::pace::{Pace, Reason, Urgency};
 use super::{Credentials, Identity, Lifetimes};
 use crate::metrics::{ErrorCode, Metrics, ServerMetrics};
 
@@ -100,6 +101,8 @@ impl CacheStats {
 struct Entry {
     current: RwLock<Option<Arc<Credentials>>>,
     fetch: tokio::sync::Mutex<Failures>,
+    /// How urgent the fetch waiting for the STS budget is.
+    urgency: Urgency,
 }
 
 /// An identity's fetch failures since its last success. Read-only outside this module.
@@ -147,6 +150,8 @@ pub struct CredentialCache<A> {
     sts: A,
     lifetimes: Lifetimes,
     gate: Gate,
+    /// `--sts-rate`; `None` leaves calls unpaced (only the gate bounds them).
+    pace: Option<Pace>,
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
     clock: Clock,
     stats: CacheStats,
@@ -172,6 +177,7 @@ impl<A: AssumeRole> CredentialCache<A> {
             sts,
             lifetimes,
             gate: Gate::new(concurrency),
+            pace: None,
             entries: Mutex::default(),
             clock,
             stats: CacheStats::of(&metrics.server),
@@ -179,16 +185,35 @@ impl<A: AssumeRole> CredentialCache<A> {
         }
     }
 
-    /// One STS call through the gate, timed and counted.
-    async fn assume(&self, identity: &Identity) -> Result<Credentials, StsError> {
+    /// Paces STS calls to at most `per_second` a second (`--sts-rate`), the most urgent first.
+    pub fn with_rate(mut self, per_second: u32) -> Self {
+        self.pace = Some(Pace::new(per_second));
+        self
+    }
+
+    /// One STS call within the budget and through the gate, timed and counted.
+    async fn assume(
+        &self,
+        identity: &Identity,
+        entry: &Entry,
+        reason: Reason,
+    ) -> Result<Credentials, StsError> {
+        if let Some(pace) = &self.pace {
+            pace.take(&entry.urgency).await;
+        }
+        entry.urgency.reset();
         let started = std::time::Instant::now();
         let m = &self.metrics.server;
         self.stats.sts_calls.inc();
+        self.metrics.scale.sts_call(reason.label());
         m.assumerole_current.inc();
         let result = self.gate.run(self.sts.assume_role(identity, self.lifetimes.session)).await;
         m.assumerole_current.dec();
         m.assumerole_timing.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
+            if e.kind == StsErrorKind::Throttled {
+                self.metrics.scale.sts_throttled.inc();
+            }
             let code = e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind));
             m.sts_errors.get_or_create(&ErrorCode { code }).inc();
         }
@@ -207,6 +232,15 @@ impl<A: AssumeRole> CredentialCache<A> {
     /// Credentials for `identity` fit to serve: cached, or from one STS call, or (when STS fails)
     /// cached ones that are still usable.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<Credentials>, StsError> {
+        self.get_for(identity, Reason::Request).await
+    }
+
+    /// As [`get`](Self::get), for the prefetcher: a miss waits for the STS budget behind requests.
+    pub async fn prefetch(&self, identity: &Identity) -> Result<Arc<Credentials>, StsError> {
+        self.get_for(identity, Reason::Prefetch).await
+    }
+
+    async fn get_for(&self, identity: &Identity, reason: Reason) -> Result<Arc<Credentials>, StsError> {
         let entry = self.entry(identity);
         if let Some(c) = entry.current().filter(|c| self.lifetimes.is_fresh(c, (self.clock)())) {
             self.stats.hits.inc();
@@ -214,7 +248,7 @@ impl<A: AssumeRole> CredentialCache<A> {
             return Ok(c);
         }
         self.stats.misses.inc();
-        self.fetch(identity, &entry, Want::Serve).await
+        self.fetch(identity, &entry, Want::Serve, reason).await
     }
 
     /// Renews `identity` if its refresh window has been reached (or it has nothing cached) and
@@ -222,7 +256,7 @@ impl<A: AssumeRole> CredentialCache<A> {
     pub async fn refresh(&self, identity: &Identity) -> Result<bool, StsError> {
         let entry = self.entry(identity);
         let before = entry.current();
-        let after = self.fetch(identity, &entry, Want::Refresh).await?;
+        let after = self.fetch(identity, &entry, Want::Refresh, Reason::Refresh).await?;
         Ok(before.is_none_or(|b| !Arc::ptr_eq(&b, &after)))
     }
 
@@ -231,7 +265,10 @@ impl<A: AssumeRole> CredentialCache<A> {
         identity: &Identity,
         entry: &Entry,
         want: Want,
+        reason: Reason,
     ) -> Result<Arc<Credentials>, StsError> {
+        // Before queueing for the lock: a fetch already waiting for the budget goes at our rank.
+        entry.urgency.raise(reason);
         let mut failures = entry.fetch.lock().await;
         let now = (self.clock)();
         let current = entry.current();
@@ -251,7 +288,8 @@ impl<A: AssumeRole> CredentialCache<A> {
                 message: "retrying later".into(),
             }))
         } else {
-            self.assume(identity).await
+            entry.urgency.raise(reason);
+            self.assume(identity, entry, reason).await
         };
         match result {
             Ok(fresh) => {

@@ -6,6 +6,7 @@ pub mod cache;
 mod gate;
 pub mod lifetimes;
 pub mod model;
+pub mod pace;
 pub mod time;
 pub mod wire;
 
@@ -15,3 +16,4 @@ mod cache_tests;
 pub use cache::{AssumeRole, CacheStats, Clock, CredentialCache, StsError, StsErrorKind};
 pub use lifetimes::Lifetimes;
 pub use model::{Credentials, Identity, ImdsDocument};
+pub use pace::Reason;

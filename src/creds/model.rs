@@ -27,6 +27,24 @@ impl Identity {
     pub fn plain(role: RoleArn, session_name: String, external_id: Option<String>) -> Identity {
         Identity { role, session_name, external_id, tags: Vec::new(), policy: None, source_identity: None }
     }
+
+    /// The key servers (`--peers`) rank owners by ([`crate::policy::rendezvous`]): every field STS
+    /// is asked with, so two identities share an owner only by chance.
+    pub fn affinity_key(&self) -> u64 {
+        let mut tags = Vec::new();
+        for part in self.tags.iter().flat_map(|(k, v)| [k, v]) {
+            tags.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            tags.extend_from_slice(part.as_bytes());
+        }
+        crate::policy::rendezvous::key([
+            Some(self.role.as_str().as_bytes()),
+            Some(self.session_name.as_bytes()),
+            self.external_id.as_deref().map(str::as_bytes),
+            Some(tags.as_slice()),
+            self.policy.as_deref().map(str::as_bytes),
+            self.source_identity.as_deref().map(str::as_bytes),
+        ])
+    }
 }
 
 impl fmt::Debug for Identity {

@@ -184,6 +184,7 @@ fn validate(args: &Kube2iamArgs) -> Result<Config, String> {
         session: "kube2iam".into(),
         fetchers: 8,
         prefetch_buffer: 1000,
+        sts_rate: crate::core::DEFAULT_STS_RATE,
     };
     let projection = Projection {
         role_key: args.iam_role_key.clone(),

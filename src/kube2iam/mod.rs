@@ -84,8 +84,15 @@ pub async fn assemble<A: AssumeRole, S: Source, R: Runner>(
 ) -> Result<Option<Running<A, R>>, Kube2iamError> {
     let Deps { sts, source, listener, metrics_listener, metrics, iptables } = deps;
     let events = Arc::new(NoEvents);
-    let core =
-        crate::core::start(&config.settings, sts, source, events, Arc::clone(&metrics), None, &shutdown);
+    let core = crate::core::start(
+        &config.settings,
+        sts,
+        source,
+        events,
+        Arc::clone(&metrics),
+        crate::core::Hooks::default(),
+        &shutdown,
+    );
     if let Some(listener) = metrics_listener {
         let mut app = crate::metrics::router(Arc::clone(&metrics));
         if config.debug {

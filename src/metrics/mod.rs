@@ -16,6 +16,7 @@ mod agent;
 mod families;
 pub mod kube2iam;
 mod process;
+mod scale;
 pub mod sharded;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use agent::{AgentMetrics, CredentialsOk, Cut, Handler, Response};
 pub use families::{ErrorCode, GrpcMetrics, Kind, ServerMetrics, code_name, latency_histogram};
 pub use process::ProcessMetrics;
+pub use scale::{Reason, ScaleMetrics};
 
 /// kiam's `grpc_<side>_tls_certificate_*` gauges for one side of the link.
 #[derive(Clone, Debug, Default)]
@@ -73,6 +75,8 @@ pub struct Metrics {
     registry: Registry,
     pub agent: AgentMetrics,
     pub server: ServerMetrics,
+    /// Peers (`--peers`) and the STS budget (`--sts-rate`).
+    pub scale: ScaleMetrics,
     pub grpc_server: GrpcMetrics,
     pub grpc_client: GrpcMetrics,
     pub tls_server: TlsGauges,
@@ -99,6 +103,7 @@ impl Default for Metrics {
             registry: Registry::default(),
             agent: AgentMetrics::default(),
             server: ServerMetrics::default(),
+            scale: ScaleMetrics::default(),
             grpc_server: GrpcMetrics::default(),
             grpc_client: GrpcMetrics::default(),
             tls_server: TlsGauges::default(),
@@ -108,6 +113,7 @@ impl Default for Metrics {
         };
         m.agent.register(&mut registry);
         m.server.register(&mut registry);
+        m.scale.register(&mut registry);
         m.grpc_server.register(&mut registry, "server");
         m.grpc_client.register(&mut registry, "client");
         m.tls_server.register(&mut registry, "server");

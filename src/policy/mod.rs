@@ -10,6 +10,7 @@ pub mod kube2iam;
 pub mod node;
 pub mod paths;
 pub mod pitfall;
+pub mod rendezvous;
 pub mod role;
 pub mod session;
 

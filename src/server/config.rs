@@ -35,6 +35,19 @@ pub struct Settings {
     pub readiness_reapply: bool,
     /// `--pod-token-audience`: the audience of pods' tokens for `GET /v1/credentials`.
     pub pod_token_audience: String,
+    /// `--peers`: share the identities with the servers behind this name (`None`: keep all).
+    pub peers: Option<Peers>,
+}
+
+/// `--peers`: where the other servers are, and how this one finds itself among them.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    pub host: String,
+    pub port: u16,
+    /// `--peers-interval`: how often the name is resolved again.
+    pub every: Duration,
+    /// `POD_IP`: this server's address when `--bind` names all addresses.
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 /// gRPC connection management (`--grpc-keepalive-*`, `--grpc-max-connection-*`).

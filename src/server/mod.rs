@@ -12,6 +12,7 @@ pub mod identity;
 pub mod idle;
 pub mod jwks;
 pub mod node_service;
+pub mod peers;
 pub mod pod_token;
 pub mod readiness;
 pub mod service;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use self::config::{Config, ConfigError, GrpcSettings, Inventory, Settings};
+pub use self::config::{Config, ConfigError, GrpcSettings, Inventory, Peers, Settings};
 pub use self::identity::DEFAULT_POD_TOKEN_AUDIENCE;
 use crate::aws::Sts;
 use crate::cluster::events::{EventSink, KubeEvents, NoEvents};
@@ -149,6 +150,8 @@ pub struct Deps<A, S> {
     pub metrics_listener: Option<TcpListener>,
     /// The process's one set of metrics.
     pub metrics: Arc<Metrics>,
+    /// Resolves `--peers`; `None`: the system resolver.
+    pub peers: Option<Arc<dyn crate::client::Resolve>>,
 }
 
 /// A server, assembled, synced and serving.
@@ -175,7 +178,7 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     deps: Deps<A, S>,
     shutdown: CancellationToken,
 ) -> Result<Option<Server<A>>, ServeError> {
-    let Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics } = deps;
+    let Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics, peers } = deps;
     let addr =
         listener.local_addr().map_err(|source| ServeError::Bind { addr: config.bind.clone(), source })?;
     let tls = Reloading::load(&config.tls, Side::Server, metrics.tls_server.clone(), tls::server_config)?;
@@ -190,7 +193,26 @@ pub async fn assemble<A: AssumeRole, S: Source>(
     }
     let hub = Arc::new(hub);
     let fence = settings.node_view.then(|| Arc::clone(&hub) as Arc<dyn crate::cluster::Fence>);
-    let core = crate::core::start(&config.core, sts, source, events, Arc::clone(&metrics), fence, &shutdown);
+    let sharing = match &settings.peers {
+        Some(peers_config) => {
+            let me = peers::own_address(addr, peers_config.pod_ip).ok_or_else(|| {
+                ConfigError::Flag(format!(
+                    "--peers needs this server's own address: --bind {} names every address, and POD_IP is not set",
+                    config.bind
+                ))
+            })?;
+            let resolver = peers.unwrap_or_else(|| Arc::new(crate::client::Dns));
+            let membership = peers::first(peers_config, resolver.as_ref(), me).await;
+            Some((membership, resolver, peers_config.clone()))
+        }
+        None => None,
+    };
+    let ownership = sharing.as_ref().map(|(m, _, _)| Arc::clone(m) as Arc<dyn crate::core::Ownership>);
+    let hooks = crate::core::Hooks { fence, ownership };
+    let core = crate::core::start(&config.core, sts, source, events, Arc::clone(&metrics), hooks, &shutdown);
+    if let Some((membership, resolver, peers_config)) = sharing {
+        peers::spawn(membership, peers_config, resolver, Arc::clone(&core), &shutdown);
+    }
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics), shutdown.clone()));
     }
@@ -238,7 +260,7 @@ pub async fn main(config: Config, shutdown: CancellationToken) -> Result<(), Ser
         ),
         None => None,
     };
-    let deps = Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics };
+    let deps = Deps { sts, source, events, tokens, nodes, listener, metrics_listener, metrics, peers: None };
     match assemble(&config, deps, shutdown).await? {
         Some(server) => server.wait().await,
         None => Ok(()),

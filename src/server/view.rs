@@ -40,10 +40,11 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
         if role.is_some() && core.cluster().namespace(&pod.namespace).is_none() {
             continue;
         }
-        let (allowed, denial, role_arn) = match role.as_deref().map(|r| core.identity_for(&pod, r)) {
-            None => (false, "pod has no iam.amazonaws.com/role annotation".to_string(), String::new()),
-            Some(Ok(identity)) => (true, String::new(), identity.role.to_string()),
-            Some(Err(denial)) => (false, denial.to_string(), String::new()),
+        let (allowed, denial, role_arn, affinity) = match role.as_deref().map(|r| core.identity_for(&pod, r))
+        {
+            None => (false, "pod has no iam.amazonaws.com/role annotation".to_string(), String::new(), 0),
+            Some(Ok(identity)) => (true, String::new(), identity.role.to_string(), core.affinity(&identity)),
+            Some(Err(denial)) => (false, denial.to_string(), String::new(), 0),
         };
         let entry = pb::Entry {
             ip: ip.to_string(),
@@ -55,6 +56,7 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<String, pb:
             denial,
             role_arn,
             terminating: pod.terminating,
+            affinity,
         };
         out.insert(entry.ip.clone(), entry);
     }

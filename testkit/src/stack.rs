@@ -57,6 +57,8 @@ pub struct Options {
     pub sts_endpoint: Option<String>,
     /// How long each of the server's watches lasts (and, plus 5 s, may stay silent).
     pub watch_timeout: Duration,
+    /// Resolves the server's `--peers` (the test's own name); `None`: the system resolver.
+    pub peers: Option<Arc<dyn kiam::client::Resolve>>,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             max_connection_idle: Duration::from_secs(900),
             sts_endpoint: None,
             watch_timeout: kiam::cluster::kube::WATCH_TIMEOUT,
+            peers: None,
         }
     }
 }
@@ -181,7 +184,9 @@ pub async fn start_server(
         server::open_inventory(&config, &shutdown).await.expect("the fake API server");
     let metrics = Arc::new(kiam::metrics::Metrics::default());
     let tls_gauges = metrics.tls_server.clone();
-    let deps = server::Deps { sts, source, events, tokens, nodes, listener, metrics_listener: None, metrics };
+    let peers = options.peers.clone();
+    let deps =
+        server::Deps { sts, source, events, tokens, nodes, listener, metrics_listener: None, metrics, peers };
     let assembled =
         tokio::time::timeout(Duration::from_secs(20), server::assemble(&config, deps, shutdown.clone()));
     let server =

@@ -32,6 +32,8 @@ pub struct ViewPod {
     /// The resolved role ARN when allowed.
     pub role_arn: Arc<str>,
     pub terminating: bool,
+    /// The identity's key for ranking its owner among the servers (0 without `--peers`).
+    pub affinity: u64,
 }
 
 impl ViewPod {
@@ -45,6 +47,7 @@ impl ViewPod {
             && *self.denial == *entry.denial
             && *self.role_arn == *entry.role_arn
             && self.terminating == entry.terminating
+            && self.affinity == entry.affinity
     }
 }
 
@@ -77,6 +80,7 @@ impl Strings {
             denial: entry.denial.into(),
             role_arn: self.share(entry.role_arn),
             terminating: entry.terminating,
+            affinity: entry.affinity,
         }
     }
 

@@ -146,7 +146,7 @@ pub async fn fetch(
     if let Some(document) = entry.credentials(now).filter(|_| !entry.due(now)) {
         return Ok(document);
     }
-    match client.node_credentials(ip, &entry.pod.uid, &entry.pod.role).await {
+    match client.node_credentials(ip, &entry.pod.uid, &entry.pod.role, entry.pod.affinity).await {
         Ok(reply) => {
             let document = ImdsDocument::from(reply);
             entry.store(document.clone(), SystemTime::now());

@@ -29,6 +29,16 @@ async fn cluster(options: Options) -> Stack {
     for p in ["127.0.0.11", "127.0.0.12", "127.0.0.13"] {
         stack.wait_for_pod(ip(p)).await;
     }
+    // The server warms `good`'s role as it appears. A first AssumeRole from a cold moto on a
+    // loaded machine can outlast the agent's 300 ms budget (the pod then gets a 503, rightly),
+    // which is not what these tests are about: wait until the server holds it.
+    let fetched = || {
+        let text = stack.core.metrics().encode();
+        let count = crate::support::metrics::sample(&text, "kiam_sts_assumerole_timing_seconds_count");
+        std::future::ready(count.is_some_and(|n| n >= 1.0))
+    };
+    let what = "the server fetched the role";
+    crate::support::wait::until(what, std::time::Duration::from_secs(20), fetched).await;
     stack
 }
 

@@ -1,0 +1,104 @@
+//! Agents ask an identity's owner first (`kiam server --peers`): the node view gives each entry
+//! its identity's key, and the agent ranks the servers it resolves as the servers do. So with
+//! three servers sharing the identities, an agent fetching every pod's credentials makes no
+//! STS call beyond the owners' own, and a stopped owner's pods are still served.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use kiam::client::Resolve;
+
+use crate::server::scale_out::{Peers, ROLES, WAIT, owner_index, servers};
+use crate::support::agent_node::TestAgent;
+use crate::support::fake_imds::FakeImds;
+use crate::support::http::request;
+use crate::support::objects::{namespace, pod};
+use crate::support::wait::until;
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn apply_pods_on_node(c: &Peers) {
+    c.kube.apply(namespace("team-a").permitted(".*").build());
+    for i in 0..ROLES {
+        let ip = format!("127.0.0.{}", i + 201);
+        let role = format!("role-{i}");
+        c.kube.apply(pod("team-a", &format!("p{i}")).ip(&ip).role(&role).node("node-a").build());
+    }
+}
+
+/// Waits until the agent's node view is live with every pod (so that its requests go through
+/// the view, where the owner is known, not through kiam's unary call, which is balanced), then
+/// until every pod is served.
+async fn every_pod_served(agent: &TestAgent) {
+    let m = Arc::clone(&agent.metrics);
+    let live = move || {
+        std::future::ready(m.agent.view_live.get() == 1 && m.agent.view_entries.get() >= ROLES as i64)
+    };
+    until("the node view is live with every pod", WAIT, live).await;
+    for i in 0..ROLES {
+        let from: IpAddr = format!("127.0.0.{}", i + 201).parse().expect("ip");
+        let url = format!("http://{}{CREDS}role-{i}", agent.addr);
+        let served =
+            || async { request("GET", &url, &[], "", Some(from)).await.is_ok_and(|r| r.status == 200) };
+        until("the agent serves the pod", WAIT, served).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_asks_each_identitys_owner_so_sts_sees_each_identity_once() {
+    let c = servers(3, true).await;
+    let imds = FakeImds::start().await;
+    let cert = c.pki.agent_for_node("agent-a", "node-a");
+    let resolver = Arc::clone(&c.name) as Arc<dyn Resolve>;
+    let agent = TestAgent::resolving(&cert, c.port, imds.addr(), "5s", resolver).await;
+    c.moto.start_recording().await;
+    apply_pods_on_node(&c);
+    every_pod_served(&agent).await;
+    let calls = c.calls_by_role().await;
+    assert_eq!(calls.len(), ROLES, "{calls:?}");
+    assert!(calls.values().all(|n| *n == 1), "each identity fetched once, by its owner: {calls:?}");
+    let live = [0, 1, 2];
+    for id in c.identities() {
+        let owner = owner_index(&c.servers, &live, &id);
+        for other in live.iter().filter(|i| **i != owner) {
+            assert!(
+                !c.holds(*other, &id),
+                "the agent asked server {other}, not {}'s owner",
+                id.role.as_str()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_owner_costs_the_agent_one_refused_connection_and_no_extra_sts_call() {
+    let c = servers(3, true).await;
+    let imds = FakeImds::start().await;
+    let cert = c.pki.agent_for_node("agent-a", "node-a");
+    let resolver = Arc::clone(&c.name) as Arc<dyn Resolve>;
+    let agent = TestAgent::resolving(&cert, c.port, imds.addr(), "5s", resolver).await;
+    // A server stops; the name still lists it (DNS lags), so the agent still ranks it first for
+    // its identities, and finds it refusing connections.
+    c.servers[1].shutdown.cancel();
+    let survivors = [0, 2];
+    let seen = || {
+        let peers = |i: usize| c.servers[i].core.metrics().scale.peers.get();
+        std::future::ready(survivors.iter().all(|i| peers(*i) == 2))
+    };
+    until("the survivors see the peer gone", WAIT, seen).await;
+    c.moto.start_recording().await;
+    apply_pods_on_node(&c);
+    every_pod_served(&agent).await;
+    let ids = c.identities();
+    assert!(ids.iter().any(|id| owner_index(&c.servers, &[0, 1, 2], id) == 1), "it owned some");
+    let calls = c.calls_by_role().await;
+    assert_eq!(calls.len(), ROLES, "{calls:?}");
+    // The next in rank after the stopped server is the survivors' owner: rendezvous moves only the
+    // stopped server's identities, each to its next in rank.
+    assert!(calls.values().all(|n| *n == 1), "each identity fetched once: {calls:?}");
+    for id in &ids {
+        let owner = owner_index(&c.servers, &survivors, id);
+        let other = survivors.iter().copied().find(|i| *i != owner).expect("two survivors");
+        assert!(!c.holds(other, id), "the agent asked the next in rank, {}'s new owner", id.role.as_str());
+    }
+}
