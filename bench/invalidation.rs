@@ -346,10 +346,10 @@ fn read_response(stream: &mut std::net::TcpStream) -> (u16, String) {
 }
 
 /// When kube's watcher in this process saw each pod event, by `apply:<name>` or `delete:<name>`.
-type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+pub type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Watches every pod of the fake from this process (the baseline), until the fake stops.
-fn watch_events(kube: &FakeKube) -> Seen {
+pub fn watch_events(kube: &FakeKube) -> Seen {
     let seen: Seen = Arc::default();
     let api = kube::Api::<Pod>::all(kube.kube_client());
     let record = Arc::clone(&seen);
@@ -370,7 +370,7 @@ fn watch_events(kube: &FakeKube) -> Seen {
 }
 
 /// When the baseline watch saw the event `key` (waiting at most `limit` for it), taking it out.
-async fn event_seen(seen: &Seen, key: &str, limit: Duration) -> Option<Instant> {
+pub async fn event_seen(seen: &Seen, key: &str, limit: Duration) -> Option<Instant> {
     let started = Instant::now();
     while started.elapsed() < limit {
         if let Some(at) = seen.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
