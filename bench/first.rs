@@ -97,12 +97,16 @@ pub async fn run(env: &Env, report: &mut Report) {
         created.push(at);
     }
     let (mut steps, mut failures, mut retries, mut burst) = (Vec::new(), Vec::new(), 0, Vec::new());
+    // One bound for all the watch look-ups together (every loop bounded).
+    let mut watch_deadline = None;
     for (i, client) in clients.into_iter().enumerate() {
         match client.await.expect("a client task does not panic") {
             Ok(done) => {
                 retries += done.retries;
                 let name = format!("apply:burst-{i}");
-                let watched = crate::invalidation::event_seen(&seen, &name, Duration::from_secs(5)).await;
+                let deadline = *watch_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(5));
+                let left = deadline.saturating_duration_since(Instant::now());
+                let watched = crate::invalidation::event_seen(&seen, &name, left).await;
                 burst.push(Pod {
                     created: created[i],
                     role: format!("burst-{}", i as u32 % ROLES),

@@ -369,14 +369,17 @@ pub fn watch_events(kube: &FakeKube) -> Seen {
     seen
 }
 
-/// When the baseline watch saw the event `key` (waiting at most `limit` for it), taking it out.
+/// When the baseline watch saw the event `key` (waiting at most `limit` for it, and looking at
+/// least once), taking it out.
 pub async fn event_seen(seen: &Seen, key: &str, limit: Duration) -> Option<Instant> {
     let started = Instant::now();
-    while started.elapsed() < limit {
+    loop {
         if let Some(at) = seen.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
             return Some(at);
         }
+        if started.elapsed() >= limit {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    None
 }
