@@ -11,7 +11,9 @@
 //! as the four agents together, and counted against them.
 //!
 //! The baseline is one AssumeRole call from this process to the same moto: the least any path
-//! from "pod exists" to "pod holds credentials" must spend.
+//! from "pod exists" to "pod holds credentials" must spend. A second row divides the p99 by the
+//! burst's floor, and the note breaks each pod's time down stage by stage ([`crate::stages`],
+//! with the server reaching moto through [`crate::tap`]).
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
