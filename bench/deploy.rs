@@ -54,6 +54,12 @@ impl Env {
     /// Starts `kiam server` against `kube` and waits until it logs that it serves. Returns the
     /// process, its port, and the time from spawning it to that log line.
     pub async fn server(&self, name: &str, kube: &FakeKube) -> (Child, u16, Duration) {
+        self.server_with_sts(name, kube, &self.moto.endpoint()).await
+    }
+
+    /// [`server`](Self::server) with its STS calls sent to `sts` (figure 2's timing tap in
+    /// front of moto).
+    pub async fn server_with_sts(&self, name: &str, kube: &FakeKube, sts: &str) -> (Child, u16, Duration) {
         let scratch = self.scratch(name);
         let kubeconfig = kube.write_kubeconfig(&scratch);
         let port = procs::free_port();
@@ -62,7 +68,7 @@ impl Env {
         args.extend(flag("--bind", &format!("127.0.0.1:{port}")));
         args.extend(flag("--kubeconfig", &kubeconfig.display().to_string()));
         args.extend(flag("--role-base-arn", BASE_ARN));
-        args.extend(flag("--sts-endpoint", &self.moto.endpoint()));
+        args.extend(flag("--sts-endpoint", sts));
         args.extend(flag("--region", "us-east-1"));
         args.push("--json-log".into());
         args.extend(tls_flags(&files));

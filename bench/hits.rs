@@ -15,8 +15,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::deploy::{self, Env};
+use crate::nginx;
 use crate::procs::{self, Child};
 use crate::report::{Report, Row, Verdict};
+use crate::sched::{self, Sched};
 use crate::stats;
 use kiam_testkit::fake_kube::FakeKube;
 use kiam_testkit::http;
@@ -65,6 +67,10 @@ struct Round {
     cpu_per_request: Duration,
     /// The part of it spent in user space (the rest is the kernel's: TCP, wake-ups).
     user_per_request: Duration,
+    /// What the scheduler did to the target's threads (the agent's, or nginx's master and
+    /// workers) during the round, and to wrk's (up to its last 50 ms sample).
+    target_sched: sched::Round,
+    wrk_sched: Sched,
 }
 
 /// Runs figures 1, 5 and 6.
@@ -90,7 +96,7 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     crate::grpc::run(env.client(server_port), IpAddr::V4(Ipv4Addr::LOCALHOST), ROLE, report).await;
 
     let nginx_port = procs::free_port();
-    let mut nginx = nginx(env, nginx_port, &document);
+    let mut nginx = nginx::start(env, nginx_port, CREDENTIALS_PATH, &document);
     procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port)), Duration::from_secs(10)).await;
     let nginx_url = format!("http://127.0.0.1:{nginx_port}{CREDENTIALS_PATH}");
     assert_eq!(get(&nginx_url, &token).await, document, "nginx serves the agent's document byte for byte");
@@ -233,7 +239,7 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
          nginx rounds: {}; agent rounds: {}. RSS is VmRSS/VmHWM from /proc, sampled every 50 ms; \
          of the agent's idle {}, {} is anonymous memory (heap, stacks) and the rest pages of the \
          binary and libraries; under load, anonymous memory reached {}.",
-        nginx_version().await,
+        nginx::version().await,
         load.rounds,
         load.seconds,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -263,32 +269,6 @@ async fn get(url: &str, token: &str) -> String {
     response.body
 }
 
-/// Starts nginx (2 workers) on 127.0.0.1:`port`, serving `document` at the credentials path.
-fn nginx(env: &Env, port: u16, document: &str) -> Child {
-    let root = env.scratch("nginx");
-    let file = root.join("www").join(CREDENTIALS_PATH.trim_start_matches('/'));
-    std::fs::create_dir_all(file.parent().expect("the path has folders")).expect("create nginx's tree");
-    std::fs::write(&file, document).expect("write the document for nginx");
-    let root = root.display();
-    let conf = format!(
-        "user root;\nworker_processes 2;\ndaemon off;\npid {root}/nginx.pid;\n\
-         error_log {root}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 65s;\n\
-         default_type application/json;\n  server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
-    );
-    let conf_path = format!("{root}/nginx.conf");
-    std::fs::write(&conf_path, conf).expect("write nginx.conf");
-    let args =
-        ["-p", &format!("{root}/"), "-e", &format!("{root}/error.log"), "-c", &conf_path].map(str::to_owned);
-    Child::spawn("nginx", Path::new("/usr/sbin/nginx"), &args, &[], Path::new(&root.to_string()))
-}
-
-async fn nginx_version() -> String {
-    let out = tokio::process::Command::new("/usr/sbin/nginx").arg("-v").output().await;
-    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
-    text.trim().trim_start_matches("nginx version: ").to_owned()
-}
-
 /// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs, and counting
 /// the CPU time `target` and `also` (the server behind the agent) spend.
 async fn wrk(
@@ -305,6 +285,7 @@ async fn wrk(
         (user + also_user, system + also_system)
     };
     let cpu_before = cpu(target);
+    let sched_start = sched::Start::now(target.pid());
     let args = [
         format!("-t{}", load.threads),
         format!("-c{}", load.connections),
@@ -324,11 +305,12 @@ async fn wrk(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start wrk (apt-get install wrk)");
+    let wrk_pid = child.id();
     let output = child.wait_with_output();
     tokio::pin!(output);
     let limit = tokio::time::sleep(Duration::from_secs(u64::from(load.seconds) + 30));
     tokio::pin!(limit);
-    let (mut memory, mut anon) = (0, 0);
+    let (mut memory, mut anon, mut wrk_sched) = (0, 0, Sched::default());
     let output = loop {
         tokio::select! {
             output = &mut output => break output.expect("wait for wrk"),
@@ -336,10 +318,19 @@ async fn wrk(
             () = tokio::time::sleep(Duration::from_millis(50)) => {
                 let now = target.memory();
                 (memory, anon) = (memory.max(now.rss), anon.max(now.anon));
+                // wrk's threads are gone once it exits: the last sample before then.
+                if let Some(pid) = wrk_pid {
+                    let now = Sched::of(pid);
+                    // Its threads end one by one: keep the sample with the most switches.
+                    if now.voluntary + now.involuntary > wrk_sched.voluntary + wrk_sched.involuntary {
+                        wrk_sched = now;
+                    }
+                }
             }
         }
     };
     target.assert_running();
+    let target_sched = sched_start.finish();
     let cpu_after = cpu(target);
     let user = cpu_after.0.saturating_sub(cpu_before.0);
     let cpu_used = user + cpu_after.1.saturating_sub(cpu_before.1);
@@ -361,6 +352,8 @@ async fn wrk(
         anon,
         cpu_per_request: cpu_used / u32::try_from(summary.requests).unwrap_or(u32::MAX),
         user_per_request: user / u32::try_from(summary.requests).unwrap_or(u32::MAX),
+        target_sched,
+        wrk_sched,
     }
 }
 
@@ -380,11 +373,16 @@ fn describe(rounds: &[Round]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{:.0}/s p99 {} CPU {:.1} µs/req ({:.1} µs of it in user space)",
+                "{:.0}/s p99 {} CPU {:.1} µs/req ({:.1} µs of it in user space); per 1k req its \
+                 threads' run-queue {}, wrk's {}; busiest threads {:.0} % and {:.0} % of its CPU",
                 r.per_s,
                 stats::ms(r.p99),
                 micros(r.cpu_per_request),
-                micros(r.user_per_request)
+                micros(r.user_per_request),
+                r.target_sched.sched.per_thousand(r.requests),
+                r.wrk_sched.per_thousand(r.requests),
+                r.target_sched.busiest.0 * 100.0,
+                r.target_sched.busiest.1 * 100.0,
             )
         })
         .collect();

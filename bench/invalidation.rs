@@ -346,10 +346,10 @@ fn read_response(stream: &mut std::net::TcpStream) -> (u16, String) {
 }
 
 /// When kube's watcher in this process saw each pod event, by `apply:<name>` or `delete:<name>`.
-type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+pub type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Watches every pod of the fake from this process (the baseline), until the fake stops.
-fn watch_events(kube: &FakeKube) -> Seen {
+pub fn watch_events(kube: &FakeKube) -> Seen {
     let seen: Seen = Arc::default();
     let api = kube::Api::<Pod>::all(kube.kube_client());
     let record = Arc::clone(&seen);
@@ -369,14 +369,17 @@ fn watch_events(kube: &FakeKube) -> Seen {
     seen
 }
 
-/// When the baseline watch saw the event `key` (waiting at most `limit` for it), taking it out.
-async fn event_seen(seen: &Seen, key: &str, limit: Duration) -> Option<Instant> {
+/// When the baseline watch saw the event `key` (waiting at most `limit` for it, and looking at
+/// least once), taking it out.
+pub async fn event_seen(seen: &Seen, key: &str, limit: Duration) -> Option<Instant> {
     let started = Instant::now();
-    while started.elapsed() < limit {
+    loop {
         if let Some(at) = seen.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
             return Some(at);
         }
+        if started.elapsed() >= limit {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    None
 }

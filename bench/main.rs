@@ -4,7 +4,8 @@
 //!
 //! - [`hits`]: figure 1 (credential GETs through the agent vs nginx, under wrk) and figure 6
 //!   (agent memory, binary size), around [`grpc`]: figure 5 (agent → server gRPC at 1k/s).
-//! - [`first`]: figure 2 (time to first credential for a burst of new pods).
+//! - [`first`]: figure 2 (time to first credential for a burst of new pods), with its floor and
+//!   stage-by-stage breakdown in [`stages`], timed at the STS stand-in by [`tap`].
 //! - [`memory`]: figure 3 (server memory and start-up with 0, 10k and 100k pods).
 //! - [`sts`]: figure 4 (AssumeRole calls for a burst and over two refresh periods).
 //! - [`entry`]: figure 6's cost of one node-view entry in the agent (counted allocations).
@@ -15,9 +16,9 @@
 //! - [`hostile`]: figure 9 (issue 14: quiet pods' p99 beside a hostile pod).
 //!
 //! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
-//! processes and reads their memory, [`profile`] runs `perf`, [`stats`] does percentiles,
-//! [`report`] writes the table, and [`support`] is the integration tests' fake API server, moto,
-//! PKI and HTTP client.
+//! processes and reads their memory, [`sched`] what the scheduler did to them, [`profile`] runs `perf`, [`stats`] does percentiles,
+//! [`report`] writes the table, and the test kit crate (`kiam_testkit`) gives the integration
+//! tests' fake API server, moto, PKI and HTTP client.
 //!
 //! Usage: `kiam_bench [--kiam PATH] [--out FILE] [--only 1,2,...] [--sizes 0,10000,100000]
 //! [--wrk-threads N] [--wrk-connections N] [--wrk-seconds N] [--wrk-rounds N] [--profile DIR]
@@ -33,11 +34,15 @@ mod hits;
 mod hostile;
 mod invalidation;
 mod memory;
+mod nginx;
 mod procs;
 mod profile;
 mod report;
+mod sched;
+mod stages;
 mod stats;
 mod sts;
+mod tap;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

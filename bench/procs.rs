@@ -96,7 +96,12 @@ impl Child {
 
 /// User and system CPU time used by one process, from `/proc/<pid>/stat` (zero once it is gone).
 fn cpu(pid: u32) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_of(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// User and system CPU time from a process's or a thread's `stat` file.
+pub fn cpu_of(path: &Path) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // The fields after the command name, which is in parentheses and may hold spaces; utime and
     // stime are the 14th and 15th fields of the line, in clock ticks (100 per second on Linux).
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
@@ -149,7 +154,7 @@ pub fn memory(pid: u32) -> Memory {
 }
 
 /// `pid` and all its descendants, through `/proc/<pid>/task/<tid>/children`.
-fn tree(pid: u32) -> Vec<u32> {
+pub fn tree(pid: u32) -> Vec<u32> {
     let mut all = vec![pid];
     let mut at = 0;
     // Bounded: a process tree here has a handful of members.
