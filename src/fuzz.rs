@@ -135,13 +135,14 @@ pub fn pod(data: &[u8]) {
     for value in values.into_iter().flatten() {
         assert!(!value.trim().is_empty(), "a blank annotation was kept");
     }
+    let all = facts.addresses();
     if let Some(ip) = facts.ip {
-        assert_eq!(facts.ips.first(), Some(&ip));
+        assert_eq!(all.first(), Some(&ip));
     }
-    let mut seen = facts.ips.to_vec();
+    let mut seen = all.clone();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen.len(), facts.ips.len(), "duplicate addresses: {:?}", facts.ips);
+    assert_eq!(seen.len(), all.len(), "duplicate addresses: {all:?}");
 }
 
 /// The certificate reader (expiry, URI SANs, node binding, debug role): never a panic on any

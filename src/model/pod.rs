@@ -72,7 +72,8 @@ pub struct PodFacts {
     /// `status.podIP`, once assigned: the primary address, shown in messages.
     pub ip: Option<IpAddr>,
     /// Every address of `status.podIPs` (the primary first): on dual-stack clusters a pod has
-    /// one of each family, and may call from either, so each one finds the pod.
+    /// one of each family, and may call from either, so each one finds the pod. Empty when the
+    /// primary is the only address; read through [`PodFacts::addresses`].
     pub ips: Box<[IpAddr]>,
     pub phase: Phase,
     /// hostNetwork pods share the node's IP, so they can never be told apart by address.
