@@ -257,6 +257,19 @@ fn issue_16(r: &Rendered) {
     assert_eq!(nodes.map(|rule| rule.verbs.clone()), Some(vec!["get".to_string(), "patch".to_string()]));
 }
 
+/// Servers that share identities: `--peers` names the headless Service and the servers' own
+/// port, and each server learns its address from the downward API; the default has neither.
+fn scale_out(r: &Rendered, default: &Rendered) {
+    let args = r.args("server");
+    assert!(has(&args, "--peers=kiam-server:443") && has(&args, "--sts-rate=20"), "{args:?}");
+    let env = r.container("server").env.clone().unwrap_or_default();
+    let pod_ip = env.iter().find(|e| e.name == "POD_IP").and_then(|e| e.value_from.as_ref());
+    let field = pod_ip.and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.podIP"), "{env:?}");
+    let plain = default.args("server");
+    assert!(!plain.iter().any(|a| a.starts_with("--peers") || a.starts_with("--sts-rate")), "{plain:?}");
+}
+
 /// kiam's behaviour: no binding, no token.
 fn no_node_binding(r: &Rendered) {
     assert!(!has(&r.args("server"), "--agent-node-binding"));
@@ -396,6 +409,7 @@ pub fn check(report: &Report) {
     node_token_values(case("node-token"));
     no_node_binding(case("no-node-binding"));
     issue_16(case("issue-16"));
+    scale_out(case("scale-out"), case("default"));
     servicemonitor(case("servicemonitor"));
     cert_manager(case("cert-manager"));
     tls_files(case("tls-files"));
@@ -415,7 +429,7 @@ pub fn check(report: &Report) {
     assert!(has(&case("kube2iam-connlimit").args("kube2iam"), "--iptables-connlimit=128"));
     let default_agent = case("default").args("agent");
     assert!(!default_agent.iter().any(|a| a.starts_with("--iptables-connlimit")), "off by default");
-    assert_eq!(report.cases.len(), 26, "a case without assertions");
+    assert_eq!(report.cases.len(), 27, "a case without assertions");
     crate::deploy::kustomize::check(report);
     crate::deploy::helm_test::check(report);
 }

@@ -118,6 +118,8 @@ CASES = {
             "nodeReadiness": {"taint": "kiam.amazonaws.com/agent-not-ready", "reapply": True},
         },
     },
+    # Servers that share identities, with their own STS budget (issue 31).
+    "scale-out": {"server": {"deployment": {"enabled": True}, "peers": True, "stsRate": 20}},
     # No node proof and no binding: kiam's behaviour, as while kiam agents still run.
     "no-node-binding": {"server": {"agentNodeBinding": False}, "agent": {"nodeToken": {"enabled": False}}},
     "servicemonitor": {

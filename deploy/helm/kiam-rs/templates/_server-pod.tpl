@@ -102,6 +102,13 @@ spec:
         {{- if $server.serviceAccountRoles }}
         - --service-account-roles
         {{- end }}
+        {{- if $server.peers }}
+        {{- /* The headless Service resolves to every server pod; peers are reached on the pods' own port. */}}
+        - --peers={{ include "kiam.fullname" . }}-server:{{ $server.service.targetPort }}
+        {{- end }}
+        {{- with $server.stsRate }}
+        - --sts-rate={{ . }}
+        {{- end }}
         {{- with $server.sessionTags }}
         - --session-tags={{ join "," . }}
         {{- end }}
@@ -141,6 +148,13 @@ spec:
       {{- $token := include "kiam.agentToken" . }}
       {{- if or $server.agentNodeBinding $token $server.extraEnv }}
       env:
+        {{- if $server.peers }}
+        # --peers: the server binds every address, and finds itself among its peers by this one.
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        {{- end }}
         # The settings that deploy/kustomize's components switch are given as each flag's KIAM_*
         # variable, not as args, so that a component sets or deletes one by name.
         {{- if $server.agentNodeBinding }}
