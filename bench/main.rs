@@ -14,6 +14,8 @@
 //! - [`churn`]: figure 8 (server lookups and node-view stream updates at 100k pods, idle and
 //!   under 200 pod updates per second).
 //! - [`hostile`]: figure 9 (issue 14: quiet pods' p99 beside a hostile pod).
+//! - [`scale`]: figure 10 (issue 31: AssumeRole calls against 1, 2, 3 and 5 servers, with and
+//!   without `--peers`, and after one server stops).
 //!
 //! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
 //! processes and reads their memory, [`sched`] what the scheduler did to them, [`profile`] runs `perf`, [`stats`] does percentiles,
@@ -38,6 +40,7 @@ mod nginx;
 mod procs;
 mod profile;
 mod report;
+mod scale;
 mod sched;
 mod stages;
 mod stats;
@@ -68,7 +71,7 @@ fn options() -> Options {
     let mut options = Options {
         kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/results.md")),
-        figures: (1..=9).collect(),
+        figures: (1..=10).collect(),
         sizes: vec![0, 10_000, 100_000],
         load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
         revision: "unknown revision".into(),
@@ -149,6 +152,10 @@ async fn main() {
     if wants(&[9]) {
         println!("== figure 9: a hostile pod among quiet ones");
         hostile::run(&env, &mut report).await;
+    }
+    if wants(&[10]) {
+        println!("== figure 10: STS calls against server replicas");
+        scale::run(&env, &mut report).await;
     }
     report.rows.sort_by_key(|row| row.figure);
     // Notes start "Figure N" or "Figures N and M"; keep them in figure order too.

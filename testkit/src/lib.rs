@@ -8,7 +8,7 @@
 //! - The node: a fake upstream metadata service ([`fake_imds`]), pods as network namespaces with the
 //!   real `iptables` ([`netns`], [`netns6`]), and the real AWS SDKs run inside them ([`sdk`]).
 //! - Assembly: test certificates ([`certs`]), an in-process server and agent ([`stack`],
-//!   [`agent_node`]), a small HTTP client ([`http`], [`raw_http`]), metrics scraping
+//!   [`agent_node`]), several servers behind one name ([`names`]), a small HTTP client ([`http`], [`raw_http`]), metrics scraping
 //!   ([`metrics`]) and waiting on a condition with a timeout ([`wait`]).
 //!
 //! Starting the `kiam` binary itself stays with the tests (`tests/it/support/process.rs`): only an
@@ -24,6 +24,7 @@ mod fake_kube_watch;
 pub mod http;
 pub mod metrics;
 pub mod moto;
+pub mod names;
 pub mod netns;
 pub mod netns6;
 pub mod objects;

@@ -3,8 +3,8 @@
 //! between servers); everything else is real sockets and mutual TLS.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiam::client::{ClientConfig, GrpcClient, Resolve, Transport};
@@ -21,27 +21,7 @@ use crate::support::moto::Moto;
 use crate::support::objects::{namespace, pod};
 use crate::support::stack::{Options, TestServer, start_server, tls_files};
 
-/// A name whose addresses the test sets.
-#[derive(Default)]
-pub(crate) struct Name(Mutex<Vec<SocketAddr>>);
-
-impl Name {
-    pub(crate) fn set(&self, addrs: &[SocketAddr]) {
-        *self.0.lock().expect("lock") = addrs.to_vec();
-    }
-}
-
-impl Resolve for Name {
-    fn resolve(
-        &self,
-        _: &str,
-        _: u16,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + '_>>
-    {
-        let addrs = self.0.lock().expect("lock").clone();
-        Box::pin(async move { Ok(addrs) })
-    }
-}
+pub(crate) use crate::support::names::Name;
 
 fn transport() -> Transport {
     Transport { resolve_every: Duration::from_millis(100), ..Transport::default() }
