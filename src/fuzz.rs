@@ -131,7 +131,7 @@ pub fn permitted(data: &[u8]) {
 pub fn pod(data: &[u8]) {
     let Ok(pod) = serde_json::from_slice::<k8s_openapi::api::core::v1::Pod>(data) else { return };
     let Some(facts) = crate::cluster::project::pod_facts(&pod) else { return };
-    let values = [facts.role.as_deref(), facts.session_name.as_deref(), facts.external_id.as_deref()];
+    let values = [facts.role.as_deref(), facts.session_name(), facts.external_id()];
     for value in values.into_iter().flatten() {
         assert!(!value.trim().is_empty(), "a blank annotation was kept");
     }

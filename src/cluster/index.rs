@@ -293,8 +293,8 @@ fn worth_announcing(before: Option<&PodFacts>, now: &PodFacts) -> bool {
         && before.is_none_or(|b| {
             !live(b)
                 || b.role != now.role
-                || b.session_name != now.session_name
-                || b.external_id != now.external_id
+                || b.session_name() != now.session_name()
+                || b.external_id() != now.external_id()
         })
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, ServiceAccount};
 
 use crate::model::{
     ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, IRSA_ROLE_ANNOTATION, NamespaceFacts,
-    PERMITTED_ANNOTATION, Permitted, Phase, PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    PERMITTED_ANNOTATION, Permitted, Phase, PodExtras, PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
     SESSION_POLICY_ANNOTATION, ServiceAccountFacts,
 };
 
@@ -104,14 +104,17 @@ fn project_pod(keys: &Projection, pod: &Pod) -> Option<PodFacts> {
         node_name: spec.and_then(|s| s.node_name.as_deref()).map(Into::into),
         terminating: meta.deletion_timestamp.is_some(),
         role: annotation(&keys.role_key).map(Into::into),
-        session_name: annotation(&keys.session_name_key).map(Into::into),
-        external_id: annotation(&keys.external_id_key).map(Into::into),
         service_account: spec
             .and_then(|s| s.service_account_name.as_deref())
             .filter(|n| !n.is_empty())
             .map(Into::into),
-        session_policy: annotation(SESSION_POLICY_ANNOTATION)
-            .map(|text| Box::new(crate::policy::session::parse_policy(&text))),
+        extras: PodExtras {
+            session_name: annotation(&keys.session_name_key).map(Into::into),
+            external_id: annotation(&keys.external_id_key).map(Into::into),
+            session_policy: annotation(SESSION_POLICY_ANNOTATION)
+                .map(|text| crate::policy::session::parse_policy(&text)),
+        }
+        .boxed(),
     })
 }
 
@@ -167,7 +170,8 @@ mod tests {
         }))
         .expect("valid pod");
         let facts = pod_facts(&pod).expect("named");
-        assert_eq!((facts.role, facts.external_id, facts.session_name), (None, None, None));
+        assert_eq!((facts.role.as_deref(), facts.external_id(), facts.session_name()), (None, None, None));
+        assert!(facts.extras.is_none(), "no extras: nothing boxed");
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl<A: AssumeRole> Core<A> {
             // A namesake with another UID may be the watch running behind a new pod, or the
             // token outliving its pod: wait for the watch either way, and refuse at the deadline.
             let found = self.cluster.pod_by_name(&ask.namespace, &ask.name);
-            if let Some(pod) = found.filter(|p| *p.uid == *ask.uid && !p.phase.is_finished()) {
+            if let Some(pod) = found.filter(|p| p.uid == *ask.uid && !p.phase.is_finished()) {
                 return Ok(pod);
             }
             if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
@@ -271,7 +271,7 @@ impl<A: AssumeRole> Core<A> {
         }
         let pod = self.with_account_role(self.pod(ask.ip, ask.wait).await?);
         check_node(&pod, &ask.caller)?;
-        if ask.uid.as_deref().is_some_and(|uid| uid != &*pod.uid) {
+        if ask.uid.as_deref().is_some_and(|uid| pod.uid != *uid) {
             return Err(Error::PodChanged(ask.ip));
         }
         Ok(pod)
@@ -343,8 +343,8 @@ impl<A: AssumeRole> Core<A> {
         let (tags, policy) = self.policy.session_extras(pod, namespace.as_deref())?;
         Ok(Identity {
             role: arn,
-            session_name: role::session_name(pod.session_name.as_deref(), &self.default_session),
-            external_id: pod.external_id.as_deref().map(String::from),
+            session_name: role::session_name(pod.session_name(), &self.default_session),
+            external_id: pod.external_id().map(String::from),
             tags,
             policy,
             source_identity: self

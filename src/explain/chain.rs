@@ -322,8 +322,8 @@ pub fn explain(
         detail,
         arn_form,
     };
-    let session_name = role::session_name(pod.session_name.as_deref(), &settings.default_session);
-    let from_annotation = pod.session_name.as_deref().is_some_and(|s| !s.trim().is_empty());
+    let session_name = role::session_name(pod.session_name(), &settings.default_session);
+    let from_annotation = pod.session_name().is_some_and(|s| !s.trim().is_empty());
     // The server refuses a pod whose session extras STS would refuse (or that would lift its
     // namespace's session policy), after the role decision: so does the verdict.
     let extras_verdict = policy.session_extras(pod, namespace);
@@ -331,7 +331,7 @@ pub fn explain(
     let session_view = SessionView {
         name: session_name.clone(),
         source: if from_annotation { "annotation" } else { "--session" },
-        external_id_set: pod.external_id.is_some(),
+        external_id_set: pod.external_id().is_some(),
         tags: extras.0.clone(),
         policy: extras.1.clone(),
     };
@@ -349,7 +349,7 @@ pub fn explain(
     let identity = resolved.and_then(Result::ok).map(|arn| Identity {
         role: arn,
         session_name,
-        external_id: pod.external_id.as_deref().map(String::from),
+        external_id: pod.external_id().map(String::from),
         tags: extras.0,
         policy: extras.1,
         source_identity: policy.source_identity.then(|| role::source_identity(&pod.namespace, &pod.name)),

@@ -164,9 +164,10 @@ fn node_binding() {
 
 #[test]
 fn the_external_id_is_never_printed() {
-    let mut p = pod(Some("app"));
-    p.external_id = Some("ext-very-secret".into());
-    p.session_name = Some("my app".into());
+    let p = pod(Some("app")).with_extras(|e| {
+        e.external_id = Some("ext-very-secret".into());
+        e.session_name = Some("my app".into());
+    });
     let e = run(&[p], Some(&ns(Some(".*"))), None);
     assert_eq!(e.session.as_ref().map(|s| (s.name.as_str(), s.external_id_set)), Some(("kiam-my-app", true)));
     assert_eq!(e.identity.as_ref().and_then(|i| i.external_id.as_deref()), Some("ext-very-secret"));

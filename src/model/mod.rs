@@ -15,6 +15,6 @@ pub use owner::{IpOwner, ip_owner};
 pub use permitted::Permitted;
 pub use pod::{
     ALLOWED_ROLES_ANNOTATION, EXTERNAL_ID_ANNOTATION, IRSA_ROLE_ANNOTATION, NamespaceFacts,
-    PERMITTED_ANNOTATION, Phase, PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
-    SESSION_POLICY_ANNOTATION, ServiceAccountFacts,
+    PERMITTED_ANNOTATION, Phase, PodExtras, PodFacts, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    SESSION_POLICY_ANNOTATION, ServiceAccountFacts, Uid,
 };

@@ -63,12 +63,13 @@ impl Phase {
 
 /// What the server knows of one pod, laid out for 100,000 of them (BENCHMARKS.md, figure 3):
 /// the strings many pods repeat (namespace, node, role, ServiceAccount) are shared `Arc<str>`s,
-/// interned by the pod index, and the per-pod strings are boxed, without a `String`'s capacity.
+/// interned by the pod index, the per-pod strings are boxed, without a `String`'s capacity, the
+/// UID is its 16 bytes, and what few pods set is boxed apart ([`PodExtras`]).
 #[derive(Clone, PartialEq)]
 pub struct PodFacts {
     pub namespace: Arc<str>,
     pub name: Box<str>,
-    pub uid: Box<str>,
+    pub uid: Uid,
     /// `status.podIP`, once assigned: the primary address, shown in messages.
     pub ip: Option<IpAddr>,
     /// Every address of `status.podIPs` (the primary first): on dual-stack clusters a pod has
@@ -82,17 +83,111 @@ pub struct PodFacts {
     pub terminating: bool,
     pub node_name: Option<Arc<str>>,
     pub role: Option<Arc<str>>,
+    /// `spec.serviceAccountName`.
+    pub service_account: Option<Arc<str>>,
+    /// Session name, external ID and session policy, when the pod sets any.
+    pub extras: Option<Box<PodExtras>>,
+}
+
+/// The annotations few pods set, kept apart so that the others pay one pointer for them.
+#[derive(Clone, Default, PartialEq)]
+pub struct PodExtras {
     pub session_name: Option<Box<str>>,
     /// Secret-ish: never printed by `Debug`.
     pub external_id: Option<Box<str>>,
-    /// `spec.serviceAccountName`.
-    pub service_account: Option<Arc<str>>,
-    /// The pod's inline session policy annotation, minified, or why it is invalid (boxed: few
-    /// pods have one).
-    pub session_policy: Option<Box<Result<String, String>>>,
+    /// The pod's inline session policy annotation, minified, or why it is invalid.
+    pub session_policy: Option<Result<String, String>>,
+}
+
+impl PodExtras {
+    /// `None` when the pod sets none of them.
+    pub fn boxed(self) -> Option<Box<PodExtras>> {
+        (self != PodExtras::default()).then(|| Box::new(self))
+    }
+}
+
+/// A pod's UID. The API server's are UUIDs, kept as their 16 bytes (a string would cost a
+/// 48-byte allocation per pod); anything else is kept as written. Shown and compared as text.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Uid {
+    Uuid(uuid::Uuid),
+    Text(Box<str>),
+}
+
+impl Uid {
+    /// Whether the UID is empty (a pod object without one, from a file).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Uid::Text(t) if t.is_empty())
+    }
+}
+
+/// `s` as a UUID, if it is one in the canonical form (36 characters, lowercase), which prints
+/// back the same.
+fn canonical_uuid(s: &str) -> Option<uuid::Uuid> {
+    let canonical = s.len() == 36 && !s.bytes().any(|b| b.is_ascii_uppercase());
+    canonical.then(|| uuid::Uuid::try_parse(s).ok()).flatten()
+}
+
+impl From<&str> for Uid {
+    fn from(s: &str) -> Uid {
+        canonical_uuid(s).map_or_else(|| Uid::Text(s.into()), Uid::Uuid)
+    }
+}
+
+impl From<String> for Uid {
+    fn from(s: String) -> Uid {
+        Uid::from(s.as_str())
+    }
+}
+
+impl fmt::Display for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Uid::Uuid(u) => fmt::Display::fmt(&u.hyphenated(), f),
+            Uid::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl fmt::Debug for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl PartialEq<str> for Uid {
+    fn eq(&self, other: &str) -> bool {
+        match self {
+            Uid::Uuid(u) => canonical_uuid(other) == Some(*u),
+            Uid::Text(t) => **t == *other && canonical_uuid(other).is_none(),
+        }
+    }
 }
 
 impl PodFacts {
+    /// The session name annotation.
+    pub fn session_name(&self) -> Option<&str> {
+        self.extras.as_ref()?.session_name.as_deref()
+    }
+
+    /// The external ID annotation.
+    pub fn external_id(&self) -> Option<&str> {
+        self.extras.as_ref()?.external_id.as_deref()
+    }
+
+    /// The inline session policy, or why it is invalid.
+    pub fn session_policy(&self) -> Option<&Result<String, String>> {
+        self.extras.as_ref()?.session_policy.as_ref()
+    }
+
+    /// Changes the extras with `f` (tests and the fuzz harness build pods by hand).
+    pub fn with_extras(mut self, f: impl FnOnce(&mut PodExtras)) -> PodFacts {
+        let mut extras = self.extras.take().map(|e| *e).unwrap_or_default();
+        f(&mut extras);
+        self.extras = extras.boxed();
+        self
+    }
+
     /// `namespace/name`, for logs and messages.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -118,10 +213,8 @@ impl PodFacts {
             node_name: Some("node-1".into()),
             terminating: false,
             role: role.map(Into::into),
-            session_name: None,
-            external_id: None,
             service_account: None,
-            session_policy: None,
+            extras: None,
         }
     }
 }
@@ -137,8 +230,8 @@ impl fmt::Debug for PodFacts {
             .field("host_network", &self.host_network)
             .field("terminating", &self.terminating)
             .field("role", &self.role)
-            .field("session_name", &self.session_name)
-            .field("external_id", &self.external_id.as_ref().map(|_| "<redacted>"))
+            .field("session_name", &self.session_name())
+            .field("external_id", &self.external_id().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -153,4 +246,37 @@ pub struct NamespaceFacts {
     pub allowed_roles: Option<Result<Vec<String>, String>>,
     /// The namespace's inline session policy annotation, minified, or why it is invalid.
     pub session_policy: Option<Result<String, String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uid_is_kept_compactly_and_shown_and_compared_as_written() {
+        let uuid = "6f1c2d3e-4b5a-4c6d-8e7f-0123456789ab";
+        let kept = Uid::from(uuid);
+        assert!(matches!(kept, Uid::Uuid(_)));
+        assert_eq!((kept.to_string(), format!("{kept:?}")), (uuid.to_string(), uuid.to_string()));
+        assert!(kept == *uuid && kept != *"6f1c2d3e-4b5a-4c6d-8e7f-0123456789ac");
+        // Other spellings of the same UUID are other strings: kept as written, never equal.
+        for other in
+            ["6F1C2D3E-4B5A-4C6D-8E7F-0123456789AB", "6f1c2d3e4b5a4c6d8e7f0123456789ab", "uid-web", ""]
+        {
+            let uid = Uid::from(other);
+            assert!(matches!(uid, Uid::Text(_)) && uid.to_string() == other && uid == *other, "{other}");
+            assert!(uid != *uuid);
+        }
+        assert!(Uid::from("").is_empty() && !kept.is_empty());
+    }
+
+    #[test]
+    fn extras_are_boxed_only_when_a_pod_sets_one() {
+        assert!(PodExtras::default().boxed().is_none());
+        let pod =
+            PodFacts::test("ns", "p", "10.0.0.1", None).with_extras(|e| e.external_id = Some("x".into()));
+        assert_eq!((pod.external_id(), pod.session_name()), (Some("x"), None));
+        assert!(!format!("{pod:?}").contains("\"x\""), "the external ID is never printed");
+        assert!(pod.with_extras(|e| e.external_id = None).extras.is_none());
+    }
 }

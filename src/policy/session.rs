@@ -163,7 +163,7 @@ pub enum PolicyError {
 /// namespace alone, sends its own; an invalid namespace policy refuses every pod of the
 /// namespace, whatever the pod says.
 pub fn policy_for(pod: &PodFacts, namespace: Option<&NamespaceFacts>) -> Result<Option<String>, PolicyError> {
-    match (pod.session_policy.as_deref(), namespace.and_then(|n| n.session_policy.as_ref())) {
+    match (pod.session_policy(), namespace.and_then(|n| n.session_policy.as_ref())) {
         (None, None) => Ok(None),
         (_, Some(Err(error))) => Err(PolicyError::Invalid(format!("the namespace's {error}"))),
         (Some(_), Some(Ok(_))) => Err(PolicyError::Ceiling),
@@ -225,9 +225,8 @@ mod tests {
             session_policy: policy,
             ..NamespaceFacts::default()
         };
-        let pod = |policy: Option<Result<String, String>>| PodFacts {
-            session_policy: policy.map(Box::new),
-            ..PodFacts::test("team-a", "web", "10.0.0.5", Some("r"))
+        let pod = |policy: Option<Result<String, String>>| {
+            PodFacts::test("team-a", "web", "10.0.0.5", Some("r")).with_extras(|e| e.session_policy = policy)
         };
         let ok = |p: &str| Some(Ok(p.to_string()));
         let bad = Some(Err("session policy is not JSON".to_string()));
