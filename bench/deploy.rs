@@ -54,9 +54,16 @@ impl Env {
     /// Starts `kiam server` against `kube` and waits until it logs that it serves. Returns the
     /// process, its port, and the time from spawning it to that log line.
     pub async fn server(&self, name: &str, kube: &FakeKube) -> (Child, u16, Duration) {
+        let port = procs::free_port();
+        let (child, ready) = self.server_at(name, kube, port).await;
+        (child, port, ready)
+    }
+
+    /// [`server`](Self::server) on `port` (a server restarted where its agents expect it).
+    /// Returns the process and the time from spawning it to its ready line.
+    pub async fn server_at(&self, name: &str, kube: &FakeKube, port: u16) -> (Child, Duration) {
         let scratch = self.scratch(name);
         let kubeconfig = kube.write_kubeconfig(&scratch);
-        let port = procs::free_port();
         let files = self.pki.server();
         let mut args = vec!["server".to_owned()];
         args.extend(flag("--bind", &format!("127.0.0.1:{port}")));
@@ -78,7 +85,7 @@ impl Env {
         let started = Instant::now();
         let mut child = Child::spawn(name, &self.kiam, &args, &env, &scratch);
         let ready = child.wait_for_log(READY_LINE, started, READY_LIMIT).await;
-        (child, port, ready)
+        (child, ready)
     }
 
     /// Starts `kiam agent` on 127.0.0.1 in front of the server on `server_port`, with a
