@@ -217,8 +217,8 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
 /// (odd `n`), alternating between the agent's node and another.
 fn churn_event(kube: &FakeKube, n: u32) {
     let k = n / 2;
-    if n % 2 == 0 {
-        let node = if k % 2 == 0 { deploy::NODE } else { "node-2" };
+    if n.is_multiple_of(2) {
+        let node = if k.is_multiple_of(2) { deploy::NODE } else { "node-2" };
         let ip = deploy::nth_ip(Ipv4Addr::new(10, 9, 0, 0), k % 60_000);
         kube.apply(deploy::pod("soak", &format!("churn-{k}"), ip, &format!("soak-{}", k % ROLES), node));
     } else if k >= CHURN_LIVE {
