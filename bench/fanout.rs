@@ -76,6 +76,8 @@ fn node(n: u32) -> String {
 /// One update phase's samples, and the server's CPU over it.
 struct Phase {
     samples: Samples,
+    /// From the commit to the Fence before the Upsert.
+    fences: Samples,
     lost: usize,
     took: Duration,
     cpu: Duration,
@@ -220,8 +222,9 @@ pub async fn run(env: &Env, report: &mut Report) {
          with every subscriber ({:.1} s to settle), {} after the updates; idle with {NODES} \
          subscribers the server used {} over 5 s. Updates: {UPDATES_PER_S}/s for {} s, every one a \
          role change to a role in use. With one subscriber (node-0) one in {MEASURED_EVERY} lands \
-         on its node and is measured ({} measured, {} lost, p50 {}); with {NODES}, every update is \
-         measured at its node's subscriber ({} measured, {} lost, p50 {}, max {}). Extrapolated \
+         on its node and is measured ({} measured, {} lost, p50 {}; the Fence before it came at p50 {}, \
+         p99 {}); with {NODES}, every update is measured at its node's subscriber ({} measured, {} \
+         lost, p50 {}, max {}; Fence p50 {}, p99 {}). Extrapolated \
          to 5,000 nodes at 75 pods a node (375k pods): the pod index and caches grow with pods \
          (figure 3), so about {} of RSS (this run's RSS before subscribers scaled by 2.5, which \
          overstates its fixed part, plus 5,000 × the bytes per subscriber); the fan-out is CPU \
@@ -256,10 +259,14 @@ pub async fn run(env: &Env, report: &mut Report) {
         alone.samples.len(),
         alone.lost,
         stats::ms(alone.samples.percentile(50.0)),
+        stats::ms(alone.fences.percentile(50.0)),
+        stats::ms(alone.fences.percentile(99.0)),
         many.samples.len(),
         many.lost,
         stats::ms(many.samples.percentile(50.0)),
         stats::ms(many.samples.max()),
+        stats::ms(many.fences.percentile(50.0)),
+        stats::ms(many.fences.percentile(99.0)),
         stats::mib(memory_5k as u64),
         fan_seconds / 2.0,
         "every snapshot within 30 s",
@@ -305,8 +312,11 @@ async fn phase(kube: &FakeKube, pods: &mut Pods, fleet: &Fleet, server: &Child, 
     let (took, cpu) = (started.elapsed(), server.cpu() - cpu);
     // Let the last Upserts arrive (bounded), then match each update to its first Upsert.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut samples, mut lost) = (Vec::new(), 0);
+    let (mut samples, mut lost, mut fences) = (Vec::new(), 0, Vec::new());
     for (ip, role, at) in measured {
+        if let Some(fenced) = fleet.arrival(&ip, fleet::FENCE, at) {
+            fences.push(fenced - at);
+        }
         let arrived = loop {
             let found = fleet.arrival(&ip, &role, at);
             if found.is_some() || Instant::now() >= deadline {
@@ -319,5 +329,5 @@ async fn phase(kube: &FakeKube, pods: &mut Pods, fleet: &Fleet, server: &Child, 
             None => lost += 1,
         }
     }
-    Phase { samples: Samples::new(samples), lost, took, cpu }
+    Phase { samples: Samples::new(samples), fences: Samples::new(fences), lost, took, cpu }
 }

@@ -37,7 +37,10 @@ const ATTEMPTS: u32 = 10;
 /// The bound on one connection (TCP and TLS) and on the Watch call's answer.
 const CONNECT_LIMIT: Duration = Duration::from_secs(20);
 
-/// When each Upsert arrived, by (IP, role).
+/// What [`Arrivals`] files fences under, in place of a role.
+pub const FENCE: &str = "(fence)";
+
+/// When each Upsert arrived, by (IP, role), and each Fence, by (IP, [`FENCE`]).
 pub type Arrivals = Arc<Mutex<HashMap<(String, String), Vec<Instant>>>>;
 
 /// What one subscriber reports once its snapshot is in (or why it never came).
@@ -197,7 +200,7 @@ async fn watch(
     Ok((response.into_inner(), acks))
 }
 
-/// Records Upserts and acknowledges Fences until the stream ends or `stop`.
+/// Records Upserts and Fences, and acknowledges Fences, until the stream ends or `stop`.
 async fn follow(
     mut incoming: Incoming,
     acks: mpsc::Sender<pb::AgentMessage>,
@@ -217,6 +220,12 @@ async fn follow(
                 arrivals.entry((entry.ip, entry.role)).or_default().push(at);
             }
             Some(view_message::Kind::Fence(fence)) => {
+                {
+                    let mut arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+                    for ip in &fence.ips {
+                        arrivals.entry((ip.clone(), FENCE.into())).or_default().push(at);
+                    }
+                }
                 let ack = agent_message::Kind::Ack(pb::Ack { fence: fence.id });
                 if acks.send(pb::AgentMessage { kind: Some(ack) }).await.is_err() {
                     return;

@@ -40,7 +40,7 @@ const MAX_IN_FLIGHT: usize = 4096;
 /// Flat: the end within this fraction of the start.
 const FLAT: f64 = 0.05;
 /// Failures kept with their details (all are counted).
-const FAILURES_KEPT: usize = 20;
+const FAILURES_KEPT: usize = 5;
 
 /// One process's footprint.
 #[derive(Clone, Copy)]
@@ -77,6 +77,8 @@ struct Load {
     failures: Mutex<Vec<(f64, String)>>,
     /// Every tenth latency.
     latencies: Mutex<Vec<Duration>>,
+    /// Failures by the second of the load they happened in.
+    by_second: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
 /// Runs figure 12 for `seconds`.
@@ -103,7 +105,7 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
     let (mut restarts, mut readies, mut start, mut server_start) = (Vec::new(), Vec::new(), None, None);
     let mut churn = tokio::time::interval(Duration::from_secs(1) / CHURN_PER_S);
     churn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut events, mut next_restart) = (0u32, restart_every);
+    let (mut events, mut next_restart, mut agent_rss) = (0u32, restart_every, Vec::new());
     // Bounded: one event per tick, and the soak's end ends it.
     while started.elapsed() < soak {
         churn.tick().await;
@@ -122,6 +124,7 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
             let (next, ready) = env.server_at(&name, &kube, port).await;
             server = next;
             restarts.push((stopping, started.elapsed()));
+            agent_rss.push((stopping.as_secs(), agent.child.memory().rss));
             readies.push(ready);
             next_restart += restart_every;
         }
@@ -181,6 +184,11 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
             format!("{:.1}–{:.1} s (ready in {})", from.as_secs_f64(), to.as_secs_f64(), stats::ms(*ready))
         })
         .collect();
+    let seconds_failed: Vec<String> = (load.by_second.lock().unwrap_or_else(PoisonError::into_inner).iter())
+        .map(|(second, n)| format!("{n} in second {second}"))
+        .collect();
+    let rss_text: Vec<String> =
+        agent_rss.iter().map(|(at, rss)| format!("{} at {at} s", stats::mib(*rss))).collect();
     let failure_text: Vec<String> =
         failures.iter().map(|(at, what)| format!("at {at:.1} s: {what}")).collect();
     report.note(format!(
@@ -194,7 +202,8 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
          agent's node and another, at most {CHURN_LIVE} alive (never asked for; events wait while \
          a restart is under way). The server was ready in {} at first and restarted (SIGTERM, \
          then a new process on the same port) every {} s: {}. Footprints read {} s into the load \
-         (start) and at its end, open files the fewest over five reads 20 ms apart. {}",
+         (start) and at its end, open files the fewest over five reads 20 ms apart; the agent's RSS \
+         at each restart: {}. Failures by second of the load: {}. {}",
         label(seconds),
         if seconds >= 3600 { "the full hour" } else { "shorter than the issue's hour" },
         stats::ms(latencies.percentile(50.0)),
@@ -205,6 +214,8 @@ pub async fn run(env: &Env, seconds: u64, report: &mut Report) {
         restart_every.as_secs(),
         if windows.is_empty() { "none".to_owned() } else { windows.join(", ") },
         warm.as_secs(),
+        if rss_text.is_empty() { "none".to_owned() } else { rss_text.join(", ") },
+        if seconds_failed.is_empty() { "none".to_owned() } else { seconds_failed.join(", ") },
         if failure_text.is_empty() {
             "No GET failed.".to_owned()
         } else {
@@ -259,6 +270,13 @@ async fn generate(port: u16, pods: Vec<(IpAddr, String)>, soak: Duration, load: 
                 }
                 Err(what) => {
                     load.failed.fetch_add(1, Ordering::Relaxed);
+                    let second = started.elapsed().as_secs();
+                    *load
+                        .by_second
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(second)
+                        .or_default() += 1;
                     let mut kept = load.failures.lock().unwrap_or_else(PoisonError::into_inner);
                     if kept.len() < FAILURES_KEPT {
                         kept.push((started.elapsed().as_secs_f64(), what));
