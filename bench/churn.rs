@@ -318,7 +318,7 @@ async fn phase(
 
 /// Waits (at most 60 s) until `server` uses under 10 % of a core over half a second; returns how
 /// long that took.
-async fn settle(server: &crate::procs::Child) -> Duration {
+pub async fn settle(server: &crate::procs::Child) -> Duration {
     let started = Instant::now();
     loop {
         let before = server.cpu();

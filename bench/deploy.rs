@@ -60,9 +60,20 @@ impl Env {
     /// [`server`](Self::server) with its STS calls sent to `sts` (figure 2's timing tap in
     /// front of moto).
     pub async fn server_with_sts(&self, name: &str, kube: &FakeKube, sts: &str) -> (Child, u16, Duration) {
+        let port = procs::free_port();
+        let (child, ready) = self.server_on(name, kube, port, sts).await;
+        (child, port, ready)
+    }
+
+    /// [`server`](Self::server) on `port` (a server restarted where its agents expect it).
+    /// Returns the process and the time from spawning it to its ready line.
+    pub async fn server_at(&self, name: &str, kube: &FakeKube, port: u16) -> (Child, Duration) {
+        self.server_on(name, kube, port, &self.moto.endpoint()).await
+    }
+
+    async fn server_on(&self, name: &str, kube: &FakeKube, port: u16, sts: &str) -> (Child, Duration) {
         let scratch = self.scratch(name);
         let kubeconfig = kube.write_kubeconfig(&scratch);
-        let port = procs::free_port();
         let files = self.pki.server();
         let mut args = vec!["server".to_owned()];
         args.extend(flag("--bind", &format!("127.0.0.1:{port}")));
@@ -84,7 +95,7 @@ impl Env {
         let started = Instant::now();
         let mut child = Child::spawn(name, &self.kiam, &args, &env, &scratch);
         let ready = child.wait_for_log(READY_LINE, started, READY_LIMIT).await;
-        (child, port, ready)
+        (child, ready)
     }
 
     /// Starts `kiam agent` on 127.0.0.1 in front of the server on `server_port`, with a

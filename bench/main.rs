@@ -16,21 +16,28 @@
 //! - [`hostile`]: figure 9 (issue 14: quiet pods' p99 beside a hostile pod).
 //! - [`scale`]: figure 10 (issue 31: AssumeRole calls against 1, 2, 3 and 5 servers, with and
 //!   without `--peers`, and after one server stops).
+//! - [`fanout`]: figure 11 (one server, 2,000 node-view subscribers from [`fleet`], 150k pods).
+//! - [`soak`]: figure 12 (agent and server under load, churn and server restarts for an hour),
+//!   only on demand: `--soak`.
 //!
 //! The pieces: [`deploy`] starts the release binary as server and agent, [`procs`] owns child
-//! processes and reads their memory, [`sched`] what the scheduler did to them, [`profile`] runs `perf`, [`stats`] does percentiles,
-//! [`report`] writes the table, and the test kit crate (`kiam_testkit`) gives the integration
-//! tests' fake API server, moto, PKI and HTTP client.
+//! processes and reads their memory and open files, [`sched`] what the scheduler did to them,
+//! [`profile`] runs `perf`, [`stats`] does percentiles, [`report`] writes the table; the fake API
+//! server, moto, the PKI and the HTTP client are the integration tests' peers, from the
+//! `kiam_testkit` crate (testkit/).
 //!
 //! Usage: `kiam_bench [--kiam PATH] [--out FILE] [--only 1,2,...] [--sizes 0,10000,100000]
 //! [--wrk-threads N] [--wrk-connections N] [--wrk-seconds N] [--wrk-rounds N] [--profile DIR]
-//! [--revision TEXT]`. `--profile` records the agent and server with `perf` under one more
-//! figure-1 round ([`profile`]).
+//! [--revision TEXT] [--soak] [--soak-seconds N]`. `--profile` records the agent and server with
+//! `perf` under one more figure-1 round ([`profile`]). The default run is figures 1 to 9 and 11;
+//! `--soak` runs figure 12 alone (as does `--only 12`), for `--soak-seconds` (3600 by default).
 
 mod churn;
 mod deploy;
 mod entry;
+mod fanout;
 mod first;
+mod fleet;
 mod grpc;
 mod hits;
 mod hostile;
@@ -42,6 +49,7 @@ mod profile;
 mod report;
 mod scale;
 mod sched;
+mod soak;
 mod stages;
 mod stats;
 mod sts;
@@ -65,16 +73,20 @@ struct Options {
     sizes: Vec<u32>,
     load: hits::Load,
     revision: String,
+    /// How long figure 12's soak lasts.
+    soak_seconds: u64,
 }
 
 fn options() -> Options {
     let mut options = Options {
         kiam: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kiam")),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/results.md")),
-        figures: (1..=10).collect(),
+        // Figure 12 (an hour) runs only when asked for (`--soak`).
+        figures: (1..=11).collect(),
         sizes: vec![0, 10_000, 100_000],
         load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
         revision: "unknown revision".into(),
+        soak_seconds: 3600,
     };
     let mut args = std::env::args().skip(1);
     let number = |value: Option<String>, flag: &str| -> u32 {
@@ -100,6 +112,8 @@ fn options() -> Options {
             "--wrk-connections" => options.load.connections = number(args.next(), "--wrk-connections"),
             "--wrk-seconds" => options.load.seconds = number(args.next(), "--wrk-seconds"),
             "--wrk-rounds" => options.load.rounds = number(args.next(), "--wrk-rounds"),
+            "--soak" => options.figures = [12].into(),
+            "--soak-seconds" => options.soak_seconds = u64::from(number(args.next(), "--soak-seconds")),
             "--profile" => options.load.profile = Some(args.next().expect("--profile needs a folder").into()),
             other => panic!("unknown argument {other:?} (see bench/main.rs for the usage)"),
         }
@@ -156,6 +170,14 @@ async fn main() {
     if wants(&[10]) {
         println!("== figure 10: STS calls against server replicas");
         scale::run(&env, &mut report).await;
+    }
+    if wants(&[11]) {
+        println!("== figure 11: fan-out to 2,000 node-view subscribers");
+        fanout::run(&env, &mut report).await;
+    }
+    if wants(&[12]) {
+        println!("== figure 12: soak for {} s", options.soak_seconds);
+        soak::run(&env, options.soak_seconds, &mut report).await;
     }
     report.rows.sort_by_key(|row| row.figure);
     // Notes start "Figure N" or "Figures N and M"; keep them in figure order too.

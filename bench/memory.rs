@@ -157,7 +157,7 @@ async fn measure(env: &Env, pods: u32) -> Point {
 
 /// Lists every pod as kube's watcher does (pages of 500, following `continue`) and returns the
 /// bytes received.
-async fn list_all(kube: &FakeKube) -> usize {
+pub async fn list_all(kube: &FakeKube) -> usize {
     let (mut bytes, mut token) = (0, String::new());
     // Bounded: 100k pods are 200 pages.
     for _ in 0..10_000 {

@@ -1,6 +1,6 @@
 //! The processes a benchmark starts (the real `kiam` binary, nginx, wrk): spawned with a clean
 //! environment and their output in a log file, killed and reaped when dropped, and measured
-//! through `/proc` (resident memory, now and at its peak).
+//! through `/proc` (resident memory, now and at its peak; open files).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -94,6 +94,12 @@ impl Child {
     }
 }
 
+/// CPU time (user + system) used so far by the process `pid` alone (this one, say).
+pub fn process_cpu(pid: u32) -> Duration {
+    let (user, system) = cpu(pid);
+    user + system
+}
+
 /// User and system CPU time used by one process, from `/proc/<pid>/stat` (zero once it is gone).
 fn cpu(pid: u32) -> (Duration, Duration) {
     cpu_of(Path::new(&format!("/proc/{pid}/stat")))
@@ -151,6 +157,12 @@ pub fn memory(pid: u32) -> Memory {
             .map_or(0, |kib| kib * 1024)
     };
     Memory { rss: field("VmRSS:"), peak: field("VmHWM:"), anon: field("RssAnon:") }
+}
+
+/// How many files (sockets, pipes, …) `pid` has open: the entries of `/proc/<pid>/fd` (0 once it
+/// is gone).
+pub fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| entries.count())
 }
 
 /// `pid` and all its descendants, through `/proc/<pid>/task/<tid>/children`.
