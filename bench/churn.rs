@@ -15,9 +15,8 @@
 //! time to another role already in use, so no AssumeRole call is needed): every one of them
 //! moves the server's index, its per-node generations and the prefetcher.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -25,6 +24,7 @@ use kiam::pb::node::{self as pb, agent_message, view_message};
 use tokio::sync::mpsc;
 
 use crate::deploy::{self, Env};
+use crate::fleet::{self, Arrivals, FENCE};
 use crate::grpc;
 use crate::report::{Report, Row, Verdict};
 use crate::stats::{self, Samples};
@@ -46,12 +46,6 @@ const LOOKUPS_PER_S: u32 = 500;
 /// updates touch neither.
 const WATCHED: u32 = 7;
 const LOOKED_UP: u32 = 0;
-
-/// What [`Arrivals`] files fences under, in place of a role.
-const FENCE: &str = "(fence)";
-
-/// When each Upsert arrived, by (IP, role), and each Fence, by (IP, [`FENCE`]).
-type Arrivals = Arc<Mutex<HashMap<(String, String), Vec<Instant>>>>;
 
 /// One phase's samples.
 struct Phase {
@@ -207,29 +201,12 @@ async fn subscribe(client: kiam::client::GrpcClient, node: &str, expected: u32) 
         let mut snapshot_tx = Some(snapshot_tx);
         while let Some(Ok(message)) = incoming.next().await {
             let at = Instant::now();
-            match message.kind {
-                Some(view_message::Kind::Snapshot(snapshot)) => {
-                    if let Some(tx) = snapshot_tx.take() {
-                        let _ = tx.send(snapshot.entries.len());
-                    }
+            if let Some(view_message::Kind::Snapshot(snapshot)) = &message.kind {
+                if let Some(tx) = snapshot_tx.take() {
+                    let _ = tx.send(snapshot.entries.len());
                 }
-                Some(view_message::Kind::Upsert(entry)) => {
-                    let mut arrivals = record.lock().unwrap_or_else(PoisonError::into_inner);
-                    arrivals.entry((entry.ip, entry.role)).or_default().push(at);
-                }
-                Some(view_message::Kind::Fence(fence)) => {
-                    {
-                        let mut arrivals = record.lock().unwrap_or_else(PoisonError::into_inner);
-                        for ip in &fence.ips {
-                            arrivals.entry((ip.clone(), FENCE.into())).or_default().push(at);
-                        }
-                    }
-                    let ack = agent_message::Kind::Ack(pb::Ack { fence: fence.id });
-                    if acks.send(pb::AgentMessage { kind: Some(ack) }).await.is_err() {
-                        return;
-                    }
-                }
-                _ => {}
+            } else if !fleet::record(message.kind, at, &record, &acks).await {
+                return;
             }
         }
     });

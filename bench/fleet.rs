@@ -213,26 +213,37 @@ async fn follow(
             message = incoming.next() => message,
         };
         let Some(Ok(message)) = message else { return };
-        let at = Instant::now();
-        match message.kind {
-            Some(view_message::Kind::Upsert(entry)) => {
-                let mut arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
-                arrivals.entry((entry.ip, entry.role)).or_default().push(at);
-            }
-            Some(view_message::Kind::Fence(fence)) => {
-                {
-                    let mut arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
-                    for ip in &fence.ips {
-                        arrivals.entry((ip.clone(), FENCE.into())).or_default().push(at);
-                    }
-                }
-                let ack = agent_message::Kind::Ack(pb::Ack { fence: fence.id });
-                if acks.send(pb::AgentMessage { kind: Some(ack) }).await.is_err() {
-                    return;
-                }
-            }
-            _ => {}
+        if !record(message.kind, Instant::now(), &arrivals, &acks).await {
+            return;
         }
+    }
+}
+
+/// Files when an Upsert or a Fence arrived (`at`) in `arrivals`, and acknowledges a Fence on
+/// `acks`, as an agent does. False once the acknowledgement cannot be sent (the stream is gone).
+pub async fn record(
+    kind: Option<view_message::Kind>,
+    at: Instant,
+    arrivals: &Arrivals,
+    acks: &mpsc::Sender<pb::AgentMessage>,
+) -> bool {
+    match kind {
+        Some(view_message::Kind::Upsert(entry)) => {
+            let mut arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+            arrivals.entry((entry.ip, entry.role)).or_default().push(at);
+            true
+        }
+        Some(view_message::Kind::Fence(fence)) => {
+            {
+                let mut arrivals = arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+                for ip in &fence.ips {
+                    arrivals.entry((ip.clone(), FENCE.into())).or_default().push(at);
+                }
+            }
+            let ack = agent_message::Kind::Ack(pb::Ack { fence: fence.id });
+            acks.send(pb::AgentMessage { kind: Some(ack) }).await.is_ok()
+        }
+        _ => true,
     }
 }
 
