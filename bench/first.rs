@@ -25,7 +25,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::deploy::{self, Env};
+use crate::procs;
 use crate::report::{Report, Row, Verdict};
+use crate::sched::Sched;
 use crate::stages::{self, Pod};
 use crate::stats::{self, Samples};
 use crate::tap::Tap;
@@ -42,16 +44,20 @@ const ROLES: u32 = 10;
 const TRIES: u32 = 3;
 /// The bound on one HTTP exchange.
 const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+/// moto's name in the CPU breakdown.
+const MOTO: &str = "moto";
 /// Runs of the STS floor; the median is the floor's STS part.
 const FLOOR_RUNS: u32 = 3;
 
 /// Runs figure 2, and adds the real binary's AssumeRole count for the burst to figure 4.
 pub async fn run(env: &Env, report: &mut Report) {
-    let kube = FakeKube::start().await;
+    // Apart from the clients, as a real API server is: on this process's runtime, its watch
+    // streams would wait behind the 256 clients' tasks (BENCHMARKS.md, issue 30).
+    let kube = FakeKube::start_apart();
     kube.apply(deploy::namespace("burst", "burst-"));
     // The server reaches moto through the timing tap, for the breakdown.
     let tap = Tap::start(env.moto.addr()).await;
-    let (_server, server_port, _) = env.server_with_sts("burst-server", &kube, &tap.endpoint()).await;
+    let (server, server_port, _) = env.server_with_sts("burst-server", &kube, &tap.endpoint()).await;
     // One agent per node, as a DaemonSet runs them; each pod's client asks its node's agent.
     let mut agents = Vec::new();
     for n in 0..NODES {
@@ -74,7 +80,6 @@ pub async fn run(env: &Env, report: &mut Report) {
     while kube.watch_count() <= watches && opened.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    env.moto.start_recording().await;
 
     // The pods and their parked clients, before the clock starts.
     let (mut pods, mut clients, mut pods_go) = (Vec::new(), Vec::new(), Vec::new());
@@ -90,6 +95,13 @@ pub async fn run(env: &Env, report: &mut Report) {
     drop(parked);
     while all_parked.recv().await.is_some() {}
     tap.clear();
+    // Who used the cores during the burst: this process (the fake API server, the clients, the
+    // watch, the tap), moto, the server and the agents.
+    let mut pids = vec![("the bench process (fake API server, clients, tap)", std::process::id())];
+    pids.extend([(MOTO, env.moto.pid()), ("the server", server.pid())]);
+    pids.extend(agents.iter().map(|a| ("the agents", a.child.pid())));
+    let cpu_before: Vec<(Sched, Duration)> =
+        pids.iter().map(|(_, pid)| (Sched::of(*pid), procs::process_cpu(*pid))).collect();
     let burst_started = Instant::now();
     let mut created = Vec::new();
     for (pod, go) in pods.into_iter().zip(pods_go) {
@@ -98,6 +110,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         let _ = go.send(at);
         created.push(at);
     }
+    let creation_took = burst_started.elapsed();
     let (mut steps, mut failures, mut retries, mut burst) = (Vec::new(), Vec::new(), 0, Vec::new());
     // One bound for all the watch look-ups together (every loop bounded).
     let mut watch_deadline = None;
@@ -123,6 +136,8 @@ pub async fn run(env: &Env, report: &mut Report) {
             Err(error) => failures.push(error),
         }
     }
+    let burst_took = burst_started.elapsed();
+    let cpu = cpu_during(&pids, &cpu_before);
     let (breakdown, last_watch) = stages::describe(&burst, &tap.calls(), burst_started);
     let floor = sts_floor + last_watch;
     let samples = Samples::new(steps.iter().map(|s| s.credentials).collect());
@@ -130,7 +145,9 @@ pub async fn run(env: &Env, report: &mut Report) {
     let roles = Samples::new(steps.iter().map(|s| s.role).collect());
     // A SYN dropped by a full accept queue is sent again after the kernel's 1 s timeout.
     let resent = steps.iter().filter(|s| s.token >= Duration::from_secs(1)).count();
-    let calls = env.moto.recorded_assume_roles().await.len();
+    // Counted at the tap, not by moto's recorder: recording costs moto time per call, which the
+    // floor (measured without it) would not pay.
+    let calls = tap.calls().iter().filter(|call| call.role.is_some()).count();
     let (p50, p99) = (samples.percentile(50.0), samples.percentile(99.0));
     let (base50, base99) = (baseline.percentile(50.0), baseline.percentile(99.0));
     report.row(Row::compared(
@@ -182,13 +199,15 @@ pub async fn run(env: &Env, report: &mut Report) {
          (includes the connection; {resent} clients waited a second for it, their first SYN \
          dropped by a full accept queue), role {} / {} (the server has to learn of the pod), \
          credentials {} / {}. The burst took the release server {calls} AssumeRole calls \
-         (moto's recorder). \
+         (requests naming a role, counted at the tap). \
          Baseline: {} sequential AssumeRole calls from the bench process to the same moto (p50 \
          {}, p99 {}). The fake creates pods with their IP already set; a real pod gets its IP \
          later, from the kubelet, so real clocks start later than this one. Floor: moto issued \
          {ROLES} distinct identities, {} at a time, from this process in {} (median of \
          {FLOOR_RUNS}), plus the last pod's watch delivery, {}. The server reached moto through a \
-         timing tap (one more loopback hop per call). {breakdown}",
+         timing tap (one more loopback hop per call). Creating the {PODS} pods took {}; the last \
+         client was done {} after the first pod. On-CPU time / time runnable without a core, over \
+         that span (2 cores: {} of CPU in all): {cpu}. {breakdown}",
         samples.len(),
         failures.len(),
         failures.first().map(|e| format!(" (first: {e})")).unwrap_or_default(),
@@ -205,7 +224,36 @@ pub async fn run(env: &Env, report: &mut Report) {
         stages::SERVER_PARALLELISM,
         stats::ms(sts_floor),
         stats::ms(last_watch),
+        stats::ms(creation_took),
+        stats::ms(burst_took),
+        stats::ms(burst_took * 2),
     ));
+}
+
+/// "<name> R / W" for each process (agents added up), since `before`: R is the time on a core,
+/// W the time runnable without a core, from the live threads' scheduler counts (exact). moto
+/// serves each request on a thread that ends with it, which those counts miss, so its R is its
+/// clock ticks instead (10 ms steps).
+fn cpu_during(pids: &[(&str, u32)], before: &[(Sched, Duration)]) -> String {
+    let mut by_name: Vec<(&str, Sched)> = Vec::new();
+    for ((name, pid), (sched, ticks)) in pids.iter().zip(before) {
+        let mut used = Sched::of(*pid).since(*sched);
+        if *name == MOTO {
+            used.ran = procs::process_cpu(*pid).saturating_sub(*ticks);
+        }
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, sum)) => {
+                sum.ran += used.ran;
+                sum.waited += used.waited;
+            }
+            None => by_name.push((name, used)),
+        }
+    }
+    let parts: Vec<String> = by_name
+        .iter()
+        .map(|(name, s)| format!("{name} {} / {}", stats::ms(s.ran), stats::ms(s.waited)))
+        .collect();
+    parts.join(", ")
 }
 
 /// The name of the `n`-th node (the benchmarks' [`deploy::NODE`] is node 1).

@@ -14,6 +14,8 @@ use crate::procs;
 /// Scheduler counts of a set of threads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sched {
+    /// Time on a core.
+    pub ran: Duration,
     /// Time runnable but waiting for a core (the run queue's delay).
     pub waited: Duration,
     /// Switches away because the thread waited for something (epoll, a futex).
@@ -27,6 +29,7 @@ impl Sched {
     pub fn of(pid: u32) -> Sched {
         let tasks = procs::tree(pid).into_iter().flat_map(threads);
         tasks.map(|task| one(&task)).fold(Sched::default(), |a, b| Sched {
+            ran: a.ran + b.ran,
             waited: a.waited + b.waited,
             voluntary: a.voluntary + b.voluntary,
             involuntary: a.involuntary + b.involuntary,
@@ -36,6 +39,7 @@ impl Sched {
     /// What happened between `before` and this (threads that ended meanwhile are not counted).
     pub fn since(self, before: Sched) -> Sched {
         Sched {
+            ran: self.ran.saturating_sub(before.ran),
             waited: self.waited.saturating_sub(before.waited),
             voluntary: self.voluntary.saturating_sub(before.voluntary),
             involuntary: self.involuntary.saturating_sub(before.involuntary),
@@ -114,7 +118,8 @@ fn threads(pid: u32) -> Vec<PathBuf> {
 fn one(task: &Path) -> Sched {
     let stat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
     // "<time on a core> <time waiting on a run queue> <slices>", in nanoseconds.
-    let waited = stat.split_whitespace().nth(1).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let field_at = |at: usize| stat.split_whitespace().nth(at).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let (ran, waited) = (field_at(0), field_at(1));
     let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -124,6 +129,7 @@ fn one(task: &Path) -> Sched {
             .unwrap_or(0)
     };
     Sched {
+        ran: Duration::from_nanos(ran),
         waited: Duration::from_nanos(waited),
         voluntary: field("voluntary_ctxt_switches:"),
         involuntary: field("nonvoluntary_ctxt_switches:"),

@@ -107,6 +107,11 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// moto's process id (for the benchmarks' CPU accounting).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The socket address moto listens on.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
