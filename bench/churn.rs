@@ -104,7 +104,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     let role = format!("churn-{}", pods.roles[LOOKED_UP as usize]);
     for _ in 0..500 {
         client
-            .get_pod_credentials(looked_up, &role)
+            .get_pod_credentials(looked_up, &role, 0)
             .await
             .expect("a warm-up GetPodCredentials call succeeds");
     }
@@ -234,7 +234,7 @@ async fn phase(
         let count = (u64::from(LOOKUPS_PER_S) * PHASE.as_secs()) as usize;
         tokio::spawn(grpc::open_loop_at(count, LOOKUPS_PER_S, move || {
             let (client, role) = (client.clone(), role.clone());
-            async move { client.get_pod_credentials(ip, &role).await.is_ok() }
+            async move { client.get_pod_credentials(ip, &role, 0).await.is_ok() }
         }))
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1) / UPDATES_PER_S);

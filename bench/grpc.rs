@@ -76,7 +76,7 @@ where
 pub async fn run(client: GrpcClient, ip: IpAddr, role: &str, report: &mut Report) {
     // Warm the connection, the server's code paths and the cache.
     for _ in 0..500 {
-        client.pod_credentials(ip, role).await.expect("a warm-up GetPodCredentials call succeeds");
+        client.pod_credentials(ip, role, 0).await.expect("a warm-up GetPodCredentials call succeeds");
     }
     let count = (RATE * SECONDS) as usize;
     let health = {
@@ -92,7 +92,7 @@ pub async fn run(client: GrpcClient, ip: IpAddr, role: &str, report: &mut Report
         let client = client.clone();
         open_loop(count, move || {
             let (client, role) = (client.clone(), role_owned.clone());
-            async move { client.pod_credentials(ip, &role).await.is_ok() }
+            async move { client.pod_credentials(ip, &role, 0).await.is_ok() }
         })
         .await
     };

@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 
 use crate::agent::handlers::respond;
 use crate::agent::token::LastToken;
-use crate::agent::{Agent, Backend, BackendError, Config, ContainerCredentials, Limits};
+use crate::agent::{Agent, Backend, BackendError, Config, ContainerCredentials, Limits, PodRole};
 use crate::creds::ImdsDocument;
 use crate::metrics::Metrics;
 use crate::policy::paths::{AllowRoutes, Route, classify};
@@ -50,11 +50,11 @@ fn key_of(pod: &str) -> String {
 }
 
 impl Backend for TwoPods {
-    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
-        pod_of(ip).map(|pod| Some(pod.to_string())).ok_or(BackendError::PodNotFound)
+    async fn pod_role(&self, ip: IpAddr) -> Result<Option<PodRole>, BackendError> {
+        pod_of(ip).map(|pod| Some(PodRole::named(pod))).ok_or(BackendError::PodNotFound)
     }
 
-    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
+    async fn pod_credentials(&self, ip: IpAddr, role: &str, _: u64) -> Result<ImdsDocument, BackendError> {
         let pod = pod_of(ip).ok_or(BackendError::PodNotFound)?;
         if role != pod {
             return Err(BackendError::Forbidden);

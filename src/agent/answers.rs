@@ -72,17 +72,18 @@ async fn source<B>(agent: &Agent<B>, ip: IpAddr) -> Result<Source, AgentError> {
     }
 }
 
-/// The pod's role (borrowed from a view entry: a hit copies no string); `handler` labels
-/// kiam's `find_role_errors` and `empty_role` counters.
+/// The pod's role (borrowed from a view entry: a hit copies no string) and its identity's key
+/// among the servers (see [`super::PodRole`]); `handler` labels kiam's `find_role_errors` and
+/// `empty_role` counters.
 async fn pod_role<'s, B: Backend>(
     agent: &Agent<B>,
     ip: IpAddr,
     source: &'s Source,
     handler: &'static str,
-) -> Result<Cow<'s, str>, AgentError> {
+) -> Result<(Cow<'s, str>, u64), AgentError> {
     let label = Handler { handler };
     let role = match source {
-        Source::Entry(entry) => entry.role().map(Cow::Borrowed),
+        Source::Entry(entry) => entry.role().map(|role| (Cow::Borrowed(role), entry.pod.affinity)),
         // Boxed, as every call to the servers below: a hit's future stays small (figure 1).
         Source::Backend => Box::pin(with_budget(agent.pod_wait, || agent.backend.pod_role(ip)))
             .await
@@ -90,7 +91,7 @@ async fn pod_role<'s, B: Backend>(
                 agent.metrics.agent.find_role_errors.get_or_create(&label).inc();
                 answer(e, Endpoint::Metadata(ip))
             })?
-            .map(Cow::Owned),
+            .map(|role| (Cow::Owned(role.name), role.affinity)),
     };
     role.ok_or_else(|| {
         agent.metrics.agent.empty_role.get_or_create(&label).inc();
@@ -141,7 +142,7 @@ pub async fn role_list<B: Backend>(
     extended: bool,
 ) -> Result<Response, AgentError> {
     let source = source(agent, ip).await?;
-    let role = pod_role(agent, ip, &source, "roleName").await?;
+    let (role, _) = pod_role(agent, ip, &source, "roleName").await?;
     if extended && role_account(&role).is_none() {
         return Err(no_account());
     }
@@ -156,7 +157,7 @@ pub async fn credentials<B: Backend>(
     extended: bool,
 ) -> Result<Response, AgentError> {
     let source = source(agent, ip).await?;
-    let role = pod_role(agent, ip, &source, "credentials").await?;
+    let (role, affinity) = pod_role(agent, ip, &source, "credentials").await?;
     // SDKs list the role, then ask for that name; any other name is not this pod's (404, so
     // that SDKs which pin a profile name rediscover it).
     if requested != listed_name(&role) && requested != role.trim().trim_start_matches('/') {
@@ -173,28 +174,28 @@ pub async fn credentials<B: Backend>(
         return Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(body)).into_response());
     }
     let label = Handler { handler: "credentials" };
-    Box::pin(fetched(agent, ip, &source, &role, account, label)).await
+    Box::pin(fetched(agent, ip, &source, (&role, affinity), account, label)).await
 }
 
-/// [`credentials`] when the document is not held: fetched for exactly that pod.
+/// [`credentials`] when the document is not held: fetched for exactly that pod, from the
+/// owner of its identity first when `role` comes with a key.
 async fn fetched<B: Backend>(
     agent: &Agent<B>,
     ip: IpAddr,
     source: &Source,
-    role: &str,
+    (role, affinity): (&str, u64),
     account: Option<&str>,
     label: Handler,
 ) -> Result<Response, AgentError> {
+    let unary = || with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, role, affinity));
     let document = match source {
         // A fetch through the view that fails for a passing reason (a server over its per-node
         // rate, a server going away) falls back to kiam's call, within the request's budget.
         Source::Entry(entry) => match entry_credentials(agent, ip, entry).await {
-            Err(e) if e.is_transient() => {
-                with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, role)).await
-            }
+            Err(e) if e.is_transient() => unary().await,
             other => other,
         },
-        Source::Backend => with_budget(agent.pod_wait, || agent.backend.pod_credentials(ip, role)).await,
+        Source::Backend => unary().await,
     }
     .map_err(|e| {
         agent.metrics.agent.credential_fetch_errors.get_or_create(&label).inc();
@@ -214,7 +215,7 @@ async fn fetched<B: Backend>(
 /// `iam/info` for the pod's role, never the node's.
 pub async fn iam_info<B: Backend>(agent: &Agent<B>, ip: IpAddr) -> Result<Response, AgentError> {
     let source = source(agent, ip).await?;
-    let role = pod_role(agent, ip, &source, "iamInfo").await?;
+    let (role, _) = pod_role(agent, ip, &source, "iamInfo").await?;
     let account = role_account(&role).ok_or_else(no_account)?;
     let info = IamInfo::new(&account, crate::creds::time::format(SystemTime::now()));
     let body = serde_json::to_vec(&info).map_err(|e| AgentError::Internal(e.to_string()))?;

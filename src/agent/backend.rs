@@ -10,12 +10,14 @@ use crate::creds::ImdsDocument;
 /// What the agent asks of a server.
 pub trait Backend: Send + Sync + 'static {
     /// The pod's role annotation, `None` when it has none.
-    fn pod_role(&self, ip: IpAddr) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
-    /// Credentials for `role` (the pod's own annotation), if policy allows.
+    fn pod_role(&self, ip: IpAddr) -> impl Future<Output = Result<Option<PodRole>, BackendError>> + Send;
+    /// Credentials for `role` (the pod's own annotation), if policy allows; `affinity` is what
+    /// [`Backend::pod_role`] gave with the role (0 when unknown), and only routes the call.
     fn pod_credentials(
         &self,
         ip: IpAddr,
         role: &str,
+        affinity: u64,
     ) -> impl Future<Output = Result<ImdsDocument, BackendError>> + Send;
     /// The server's health message (`ok`).
     fn health(&self) -> impl Future<Output = Result<String, BackendError>> + Send;
@@ -32,6 +34,29 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ContainerCredentials, BackendError>> + Send {
         let _ = (token, source);
         async { Err(BackendError::Failed("this agent's backend cannot check pod tokens".into())) }
+    }
+}
+
+/// A pod's role, as a backend reports it.
+///
+/// The agent asks for the role before every credentials request (to check that the pod asks
+/// for its own), so the key travels from the one call to the next inside the request: no state
+/// is kept between a pod's requests, nothing for a pod to fill, nothing to go stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRole {
+    /// The role annotation as written (never empty).
+    pub name: String,
+    /// The key of the identity the pod would get for it among servers that share identities
+    /// (`kiam server --peers`), by which the credentials call finds the identity's owner; 0 when
+    /// the servers do not share identities or do not say (kiam's own, an in-process core). A
+    /// wrong key costs an STS call, never a wrong answer: the server still decides.
+    pub affinity: u64,
+}
+
+impl PodRole {
+    /// `name` with no key.
+    pub fn named(name: impl Into<String>) -> PodRole {
+        PodRole { name: name.into(), affinity: 0 }
     }
 }
 

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::listener::Limits;
 use crate::listener::{self, workers};
-pub use backend::{Backend, BackendError, ContainerCredentials};
+pub use backend::{Backend, BackendError, ContainerCredentials, PodRole};
 use iptables::{Interception, IptablesError, Runner};
 use proxy::Upstream;
 use token::Tokens;

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use tonic::{Code, Status};
 
-use super::backend::{Backend, BackendError, ContainerCredentials};
+use super::backend::{Backend, BackendError, ContainerCredentials, PodRole};
 use crate::client::GrpcClient;
 use crate::creds::ImdsDocument;
 use crate::pb::status::{FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
@@ -47,13 +47,19 @@ pub fn token_error(status: Status) -> BackendError {
 }
 
 impl Backend for GrpcClient {
-    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
+    async fn pod_role(&self, ip: IpAddr) -> Result<Option<PodRole>, BackendError> {
         let role = self.get_pod_role(ip).await.map_err(backend_error)?;
-        Ok(Some(role).filter(|r| !r.is_empty()))
+        Ok(Some(PodRole { name: role.name, affinity: role.affinity }).filter(|r| !r.name.is_empty()))
     }
 
-    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
-        self.get_pod_credentials(ip, role).await.map(ImdsDocument::from).map_err(backend_error)
+    async fn pod_credentials(
+        &self,
+        ip: IpAddr,
+        role: &str,
+        affinity: u64,
+    ) -> Result<ImdsDocument, BackendError> {
+        let credentials = self.get_pod_credentials(ip, role, affinity).await;
+        credentials.map(ImdsDocument::from).map_err(backend_error)
     }
 
     async fn health(&self) -> Result<String, BackendError> {

@@ -182,30 +182,61 @@ impl GrpcClient {
     }
 
     /// Runs `call` against the pool, again (on another server) after a transport failure, with a
-    /// short back-off, while the deadline allows.
+    /// short back-off, while the call's deadline allows; counts the outcome under `method`.
     async fn call<T, F, Fut>(&self, method: &'static str, call: F) -> Result<T, Status>
     where
-        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
+        F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let result = self.call_with_retries(call).await;
+        self.call_ranked(method, 0, call).await
+    }
+
+    /// As [`call`](Self::call), but with an `affinity` (an identity's key among servers that share
+    /// identities, 0 for none) the identity's owner is asked first, with half the call's budget,
+    /// then the next in rank (the one that inherits the identity if the owner is gone) with half
+    /// of what is left; a server that does not answer in time or at all costs only that, and the
+    /// rest of the budget goes to the balanced pool. The one routing of every call that concerns
+    /// an identity: the node view's fetches and kiam's `GetPodCredentials` alike.
+    async fn call_ranked<T, F, Fut>(
+        &self,
+        method: &'static str,
+        affinity: u64,
+        mut call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let ranked = if affinity == 0 { Vec::new() } else { self.pool.ranked(affinity) };
+        let mut result = None;
+        for channel in ranked.into_iter().take(2) {
+            let budget = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
+            match tokio::time::timeout(budget, call(channel, budget)).await {
+                Ok(Err(status))
+                    if is_transport_failure(&status) || status.code() == Code::DeadlineExceeded => {}
+                Ok(answer) => {
+                    result = Some(answer);
+                    break;
+                }
+                Err(_) => {
+                    tracing::info!(method, "an identity's owner did not answer in time; asking the next")
+                }
+            }
+        }
+        let result = match result {
+            Some(answer) => answer,
+            None => self.call_until(deadline, &mut call).await,
+        };
         let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
         self.grpc_metrics.unary(false, method, code);
         result
     }
 
-    async fn call_with_retries<T, F, Fut>(&self, call: F) -> Result<T, Status>
-    where
-        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        self.call_until(tokio::time::Instant::now() + self.call_timeout, call).await
-    }
-
-    /// As [`call_with_retries`](Self::call_with_retries), until `deadline`.
+    /// Calls on the balanced channel, again after a transport failure, until `deadline`.
     async fn call_until<T, F, Fut>(&self, deadline: tokio::time::Instant, mut call: F) -> Result<T, Status>
     where
-        F: FnMut(KiamServiceClient<Channel>, Duration) -> Fut,
+        F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut last = Status::unavailable("no server reachable");
@@ -215,7 +246,7 @@ impl GrpcClient {
             if left.is_zero() {
                 break;
             }
-            match tokio::time::timeout(left, call(self.pool.client(), left)).await {
+            match tokio::time::timeout(left, call(self.pool.channel(), left)).await {
                 Ok(Err(status)) if is_transport_failure(&status) => last = status,
                 Ok(result) => return result,
                 Err(_) => return Err(Status::deadline_exceeded("no answer within the deadline")),
@@ -235,27 +266,34 @@ impl GrpcClient {
         self.pool.client()
     }
 
-    /// `GetPodRole`: the role annotation of the pod at `ip` (empty when it has none).
-    pub async fn get_pod_role(&self, ip: IpAddr) -> Result<String, Status> {
+    /// `GetPodRole`: the role annotation of the pod at `ip` (empty when it has none), and the
+    /// key of the identity it names (0 from kiam's servers, or without `--peers`).
+    pub async fn get_pod_role(&self, ip: IpAddr) -> Result<pb::Role, Status> {
         let message = pb::GetPodRoleRequest { ip: ip.to_string() };
         let reply = self
-            .call("GetPodRole", |mut c, left| {
-                let message = message.clone();
-                let request = self.authorised(request(message, left));
-                async move { c.get_pod_role(request).await }
+            .call("GetPodRole", |channel, left| {
+                let request = self.authorised(request(message.clone(), left));
+                async move { KiamServiceClient::new(channel).get_pod_role(request).await }
             })
             .await?;
-        Ok(reply.into_inner().name)
+        Ok(reply.into_inner())
     }
 
-    /// `GetPodCredentials`: credentials for `role`, if the pod at `ip` may have them.
-    pub async fn get_pod_credentials(&self, ip: IpAddr, role: &str) -> Result<pb::Credentials, Status> {
+    /// `GetPodCredentials`: credentials for `role`, if the pod at `ip` may have them. With the
+    /// `affinity` `GetPodRole` gave, the identity's owner is asked first
+    /// ([`call_ranked`](Self::call_ranked)): on a miss only the owner calls STS. Any server
+    /// answers correctly whatever the key: a wrong one costs only that STS call.
+    pub async fn get_pod_credentials(
+        &self,
+        ip: IpAddr,
+        role: &str,
+        affinity: u64,
+    ) -> Result<pb::Credentials, Status> {
         let message = pb::GetPodCredentialsRequest { ip: ip.to_string(), role: role.to_string() };
         let reply = self
-            .call("GetPodCredentials", |mut c, left| {
-                let message = message.clone();
-                let request = self.authorised(request(message, left));
-                async move { c.get_pod_credentials(request).await }
+            .call_ranked("GetPodCredentials", affinity, |channel, left| {
+                let request = self.authorised(request(message.clone(), left));
+                async move { KiamServiceClient::new(channel).get_pod_credentials(request).await }
             })
             .await?;
         Ok(reply.into_inner())
@@ -263,8 +301,8 @@ impl GrpcClient {
 
     /// `GetHealth`.
     pub async fn get_health(&self) -> Result<String, Status> {
-        self.call("GetHealth", |mut c, left| async move {
-            c.get_health(request(pb::GetHealthRequest {}, left)).await
+        self.call("GetHealth", |channel, left| async move {
+            KiamServiceClient::new(channel).get_health(request(pb::GetHealthRequest {}, left)).await
         })
         .await
         .map(|r| r.into_inner().message)
@@ -299,10 +337,8 @@ impl GrpcClient {
         Ok(response.into_inner())
     }
 
-    /// `NodeView.Credentials`: the pod at `ip`'s credentials, only while it is pod `uid`. With an
-    /// `affinity` (servers sharing identities), the identity's owner is asked first, with half
-    /// the call's budget, then the next in rank with half of what is left; a server that does not
-    /// answer in time or at all costs only that, and the rest of the budget goes to any server.
+    /// `NodeView.Credentials`: the pod at `ip`'s credentials, only while it is pod `uid`; with an
+    /// `affinity`, from the identity's owner first ([`call_ranked`](Self::call_ranked)).
     pub async fn node_credentials(
         &self,
         ip: IpAddr,
@@ -312,33 +348,13 @@ impl GrpcClient {
     ) -> Result<pb::node::CredentialsReply, Status> {
         let message =
             pb::node::CredentialsRequest { ip: ip.to_string(), uid: uid.to_string(), role: role.to_string() };
-        let deadline = tokio::time::Instant::now() + self.call_timeout;
-        let ranked = if affinity == 0 { Vec::new() } else { self.pool.ranked(affinity) };
-        for channel in ranked.into_iter().take(2) {
-            let budget = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
-            let mut client = NodeViewClient::new(channel);
-            let request = self.authorised(request(message.clone(), budget));
-            match tokio::time::timeout(budget, client.credentials(request)).await {
-                Ok(Err(status))
-                    if is_transport_failure(&status) || status.code() == Code::DeadlineExceeded => {}
-                Ok(result) => {
-                    let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
-                    self.grpc_metrics.unary(false, "Credentials", code);
-                    return Ok(result?.into_inner());
-                }
-                Err(_) => tracing::info!("an identity's owner did not answer in time; asking the next"),
-            }
-        }
-        let result = self
-            .call_until(deadline, |_, left| {
-                let mut client = NodeViewClient::new(self.pool.channel());
+        let reply = self
+            .call_ranked("Credentials", affinity, |channel, left| {
                 let request = self.authorised(request(message.clone(), left));
-                async move { client.credentials(request).await }
+                async move { NodeViewClient::new(channel).credentials(request).await }
             })
-            .await;
-        let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
-        self.grpc_metrics.unary(false, "Credentials", code);
-        Ok(result?.into_inner())
+            .await?;
+        Ok(reply.into_inner())
     }
 
     /// `PodTokens.Credentials`: credentials for the pod a projected token is bound to.
@@ -349,16 +365,13 @@ impl GrpcClient {
     ) -> Result<pb::token::TokenCredentialsReply, Status> {
         let message =
             pb::token::TokenCredentialsRequest { token: token.to_string(), source: source.to_string() };
-        let result = self
-            .call_with_retries(|_, left| {
-                let mut client = PodTokensClient::new(self.pool.channel());
+        let reply = self
+            .call("TokenCredentials", |channel, left| {
                 let request = self.authorised(request(message.clone(), left));
-                async move { client.credentials(request).await }
+                async move { PodTokensClient::new(channel).credentials(request).await }
             })
-            .await;
-        let code = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "OK");
-        self.grpc_metrics.unary(false, "TokenCredentials", code);
-        Ok(result?.into_inner())
+            .await?;
+        Ok(reply.into_inner())
     }
 }
 

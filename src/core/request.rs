@@ -133,6 +133,15 @@ impl<A: AssumeRole> Core<A> {
         if self.ownership.is_some() { identity.affinity_key() } else { 0 }
     }
 
+    /// The [`affinity`](Self::affinity) of the identity `pod` would get for `role` (kiam's
+    /// `GetPodRole` tells the agent); 0 without ownership, or when policy refuses (for now).
+    pub fn role_affinity(&self, pod: &PodFacts, role: &str) -> u64 {
+        match self.ownership {
+            Some(_) => self.identity_for(pod, role).map_or(0, |identity| identity.affinity_key()),
+            None => 0,
+        }
+    }
+
     /// Asks the refresher for a pass now: what this process newly owns is fetched at once.
     pub fn rescan(&self) {
         self.rescan.notify_one();

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{Backend, BackendError};
+use crate::agent::{Backend, BackendError, PodRole};
 use crate::core::{Ask, Core, Error};
 use crate::creds::{AssumeRole, ImdsDocument, StsErrorKind};
 use crate::metrics::Metrics;
@@ -55,12 +55,14 @@ pub fn backend_error(error: &Error) -> BackendError {
 }
 
 impl<A: AssumeRole> Backend for InProcess<A> {
-    async fn pod_role(&self, ip: IpAddr) -> Result<Option<String>, BackendError> {
+    async fn pod_role(&self, ip: IpAddr) -> Result<Option<PodRole>, BackendError> {
         let ask = Ask::new(ip, Caller::Any, self.wait);
-        self.core.pod_role(&ask).await.map(|(_, role)| role).map_err(|e| self.error(e))
+        let (_, role) = self.core.pod_role(&ask).await.map_err(|e| self.error(e))?;
+        Ok(role.map(PodRole::named))
     }
 
-    async fn pod_credentials(&self, ip: IpAddr, role: &str) -> Result<ImdsDocument, BackendError> {
+    /// The core is in this process: there is no owner to route to, so `affinity` is unused.
+    async fn pod_credentials(&self, ip: IpAddr, role: &str, _: u64) -> Result<ImdsDocument, BackendError> {
         let ask = Ask::new(ip, Caller::Any, self.wait);
         let (_, creds) = self.core.pod_credentials(&ask, role).await.map_err(|e| self.error(e))?;
         Ok(creds.to_document())

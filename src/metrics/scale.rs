@@ -1,5 +1,5 @@
 //! The server's scale-out metrics: its share of the identities among its peers (`--peers`), the
-//! peers it sees, identities taken over from a peer that left, and the STS budget
+//! peers it sees, identities that changed owner as peers came and went, and the STS budget
 //! (`--sts-rate`): calls by reason and throttling answers.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +21,9 @@ pub struct ScaleMetrics {
     pub identities_owned: Gauge,
     /// Live servers this one sees, itself included (kept with `--peers` only).
     pub peers: Gauge,
-    /// Identities this server took over because their owner left.
+    /// Identities in use that changed owner as peers left or joined, as this server counts them:
+    /// those it took over from a peer that left and those it gave up to one that joined (summed
+    /// over the servers, each move once).
     pub handoffs: Counter,
     /// AssumeRole calls by why they were made.
     pub sts_calls: Family<Reason, Counter>,
@@ -44,7 +46,7 @@ impl ScaleMetrics {
         r.register("kiam_server_peers", "Live servers this one sees, itself included", self.peers.clone());
         r.register(
             "kiam_server_handoffs",
-            "Identities taken over from a peer that left",
+            "Identities in use that changed owner: taken over from a peer that left, or given up to one that joined",
             self.handoffs.clone(),
         );
         r.register("kiam_sts_calls_by_reason", "AssumeRole calls by reason", self.sts_calls.clone());

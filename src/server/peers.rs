@@ -6,9 +6,10 @@
 //! request (a miss fetches), so a wrong or stale view of the peers costs an STS call, never a
 //! failed request.
 //!
-//! When a peer leaves, the survivors compute the new owners at once, count the identities in use
-//! they took over (`kiam_server_handoffs_total`), and wake the refresher, which fetches those of
-//! them it holds nothing for; identities a survivor already owned are not fetched again.
+//! When a peer leaves, the survivors compute the new owners at once and wake the refresher, which
+//! fetches the identities they took over and hold nothing for; identities a survivor already
+//! owned are not fetched again. Every identity in use that changes owner, as a peer leaves or
+//! joins, counts once in `kiam_server_handoffs_total` ([`handoffs`]).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -108,20 +109,11 @@ pub fn spawn<A: AssumeRole>(
             let active = core.active_identities();
             let metrics = &core.metrics().scale;
             if *live != **before {
-                let me = Some(membership.me);
-                let taken = active
-                    .iter()
-                    .map(Identity::affinity_key)
-                    .filter(|key| {
-                        let old = rendezvous::owner(*key, &before);
-                        old != me
-                            && old.is_some_and(|o| !live.contains(&o))
-                            && rendezvous::owner(*key, &live) == me
-                    })
-                    .count();
-                tracing::info!(peers = ?live, taken, "peers changed");
+                let moved =
+                    handoffs(active.iter().map(Identity::affinity_key), &before, &live, membership.me);
+                tracing::info!(peers = ?live, handoffs = moved, "peers changed");
                 membership.live.store(Arc::new(live));
-                metrics.handoffs.inc_by(taken as u64);
+                metrics.handoffs.inc_by(moved as u64);
                 // What this server now owns and holds nothing for is fetched now, not at the
                 // next refresh pass.
                 core.rescan();
@@ -131,6 +123,24 @@ pub fn spawn<A: AssumeRole>(
             metrics.peers.set(membership.live().len() as i64);
         }
     });
+}
+
+/// How many of the identities with `keys` this server (`me`) counts as handed off when the live
+/// peers go from `before` to `live`: those it takes over from a peer that left, and those it
+/// gives up to a peer that joined. Rendezvous moves an identity only for one of these two reasons,
+/// and each move is counted by the one server that sees it from both sides (the heir of a peer
+/// that left; the old owner, when a peer joined: the newcomer's first view already has every
+/// peer, so it sees no change). An identity whose owner left while its heir joined is counted
+/// by no one.
+pub fn handoffs(keys: impl Iterator<Item = u64>, before: &[IpAddr], live: &[IpAddr], me: IpAddr) -> usize {
+    let me = Some(me);
+    keys.filter(|key| {
+        let (old, new) = (rendezvous::owner(*key, before), rendezvous::owner(*key, live));
+        let taken = new == me && old != me && old.is_some_and(|o| !live.contains(&o));
+        let given = old == me && new != me && new.is_some_and(|n| !before.contains(&n));
+        taken || given
+    })
+    .count()
 }
 
 /// The first view of the peers, before the prefetcher starts, so that a server joining running
@@ -155,5 +165,33 @@ mod tests {
         let any: SocketAddr = "0.0.0.0:443".parse().expect("addr");
         assert_eq!(own_address(any, Some(pod)), Some(pod));
         assert_eq!(own_address(any, None), None);
+    }
+
+    fn ips(lasts: &[u8]) -> Vec<IpAddr> {
+        lasts.iter().map(|l| IpAddr::from([10, 0, 0, *l])).collect()
+    }
+
+    /// Every identity whose owner changed, summed over the servers that run the loop (all of
+    /// `before` that are still live): each counted once.
+    fn moved_and_counted(keys: &[u64], before: &[IpAddr], live: &[IpAddr]) -> (usize, usize) {
+        let moved = keys.iter().filter(|k| rendezvous::owner(**k, before) != rendezvous::owner(**k, live));
+        let seen = before.iter().filter(|me| live.contains(me));
+        let counted = seen.map(|me| handoffs(keys.iter().copied(), before, live, *me)).sum();
+        (moved.count(), counted)
+    }
+
+    #[test]
+    fn each_identity_that_changes_owner_is_counted_once_whether_a_peer_left_or_joined() {
+        let keys: Vec<u64> = (0..3000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let (three, two) = (ips(&[1, 2, 3]), ips(&[1, 3]));
+        let (moved, counted) = moved_and_counted(&keys, &three, &two);
+        assert!(moved > 500, "a third of the identities were the leaver's: {moved}");
+        assert_eq!(counted, moved, "departures: each counted by its heir");
+        let (moved, counted) = moved_and_counted(&keys, &two, &three);
+        assert!(moved > 500, "a third of the identities go to the newcomer: {moved}");
+        assert_eq!(counted, moved, "arrivals: each counted by the peer that gave it up");
+        // The newcomer's own first view has every peer: it counts nothing.
+        let newcomer = IpAddr::from([10, 0, 0, 2]);
+        assert_eq!(handoffs(keys.iter().copied(), &three, &three, newcomer), 0);
     }
 }

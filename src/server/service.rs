@@ -143,7 +143,9 @@ impl<A: AssumeRole> KiamService<A> {
                 tracing::debug!(pod.ip = %ip, pod.namespace = %pod.namespace, pod.name = %pod.name,
                     pod.iam.role = role.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64,
                     "GetPodRole");
-                Ok(Response::new(pb::Role { name: role.unwrap_or_default() }))
+                // The key routes the agent's GetPodCredentials to the identity's owner.
+                let affinity = role.as_deref().map_or(0, |role| self.core.role_affinity(&pod, role));
+                Ok(Response::new(pb::Role { name: role.unwrap_or_default(), affinity }))
             }
             Err(err) => {
                 tracing::info!(pod.ip = %ip, error = %err, duration_ms = started.elapsed().as_millis() as u64, "GetPodRole failed");

@@ -83,7 +83,7 @@ impl Load {
                 let ok = if ip.is_empty() {
                     client.health().await.is_ok()
                 } else {
-                    client.pod_credentials(ip.parse().expect("ip"), "app").await.is_ok()
+                    client.pod_credentials(ip.parse().expect("ip"), "app", 0).await.is_ok()
                 };
                 if !ok {
                     f.fetch_add(1, Ordering::SeqCst);
@@ -226,12 +226,16 @@ async fn the_agent_certificate_rotates_under_load_and_broken_files_keep_the_old_
     let client =
         GrpcClient::connect_with(&config, &transport, Arc::clone(&name) as Arc<dyn Resolve>).expect("client");
     use kiam::agent::Backend;
-    client.pod_credentials("127.0.0.61".parse().expect("ip"), "app").await.expect("node-a's pod");
-    assert!(client.pod_credentials("127.0.0.62".parse().expect("ip"), "app").await.is_err(), "not node-b's");
+    client.pod_credentials("127.0.0.61".parse().expect("ip"), "app", 0).await.expect("node-a's pod");
+    assert!(
+        client.pod_credentials("127.0.0.62".parse().expect("ip"), "app", 0).await.is_err(),
+        "not node-b's"
+    );
 
     let load = Load::start(client.clone(), "");
     publish(dir.path(), "2", &c.pki.agent_for_node("agent-b", "node-b"));
-    let rotated = || async { client.pod_credentials("127.0.0.62".parse().expect("ip"), "app").await.is_ok() };
+    let rotated =
+        || async { client.pod_credentials("127.0.0.62".parse().expect("ip"), "app", 0).await.is_ok() };
     crate::support::wait::until(
         "new connections present the new certificate",
         Duration::from_secs(15),
@@ -249,7 +253,7 @@ async fn the_agent_certificate_rotates_under_load_and_broken_files_keep_the_old_
     std::fs::rename(&tmp, dir.path().join("..data")).expect("swap");
     eventually("the failed reload is reported", || gauges.update_error.get() == 1).await;
     client
-        .pod_credentials("127.0.0.62".parse().expect("ip"), "app")
+        .pod_credentials("127.0.0.62".parse().expect("ip"), "app", 0)
         .await
         .expect("the last good certificate stays");
     let (calls, failures) = load.finish().await;

@@ -66,7 +66,7 @@ async fn a_server_killed_mid_request_and_restarted() {
     let pod_ip: IpAddr = "10.84.0.1".parse().expect("ip");
     let call = tokio::spawn({
         let client = client.clone();
-        async move { client.pod_credentials(pod_ip, "app").await }
+        async move { client.pod_credentials(pod_ip, "app", 0).await }
     });
     let in_flight = || async { cache_misses(metrics).await >= 2 && faults.held() >= 1 };
     until("the call waits on STS inside the server", Duration::from_secs(30), in_flight).await;

@@ -55,7 +55,7 @@ async fn a_scripted_scenario_moves_exactly_the_expected_counters() {
     use kiam::agent::Backend;
     stack
         .client(&stack.pki.agent())
-        .pod_credentials("127.0.0.81".parse().expect("ip"), "app")
+        .pod_credentials("127.0.0.81".parse().expect("ip"), "app", 0)
         .await
         .expect("warm");
     let (agent0, server0) = (scrape(&agent_url).await, scrape(&server_url).await);

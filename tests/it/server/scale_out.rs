@@ -117,7 +117,7 @@ impl Peers {
         self.calls_by_role().await
     }
 
-    fn client(&self) -> GrpcClient {
+    pub(crate) fn client(&self) -> GrpcClient {
         let config = ClientConfig {
             server_address: format!("kiam-server:{}", self.port),
             tls: tls_files(&self.pki.agent()),
@@ -189,6 +189,9 @@ async fn without_peers_every_server_fetches_every_identity() {
         let both = || std::future::ready(c.holds(0, &id) && c.holds(1, &id));
         until("both servers hold every identity", WAIT, both).await;
     }
+    // No owner to find: the role lookup carries no key, and agents balance.
+    let role = c.client().get_pod_role("10.90.0.1".parse().expect("ip")).await.expect("role");
+    assert_eq!((role.name.as_str(), role.affinity), ("role-0", 0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,7 +242,7 @@ async fn survivors_take_over_a_stopped_peers_identities_and_every_request_is_ser
     let client = c.client();
     for i in 0..ROLES {
         let ip: IpAddr = format!("10.90.0.{}", i + 1).parse().expect("ip");
-        client.pod_credentials(ip, &format!("role-{i}")).await.expect("served after the loss of a server");
+        client.pod_credentials(ip, &format!("role-{i}"), 0).await.expect("served after the loss of a server");
     }
 }
 

@@ -22,12 +22,12 @@ fn service_account(ns: &str, name: &str, role: Option<&str>) -> serde_json::Valu
 
 async fn role_of(stack: &Stack, ip: &str) -> Option<String> {
     let client = stack.client(&stack.pki.agent());
-    client.get_pod_role(ip.parse().expect("ip")).await.ok().filter(|r| !r.is_empty())
+    client.get_pod_role(ip.parse().expect("ip")).await.ok().map(|r| r.name).filter(|r| !r.is_empty())
 }
 
 async fn allowed(stack: &Stack, ip: &str, role: &str) -> bool {
     let client = stack.client(&stack.pki.agent());
-    client.get_pod_credentials(ip.parse().expect("ip"), role).await.is_ok()
+    client.get_pod_credentials(ip.parse().expect("ip"), role, 0).await.is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]

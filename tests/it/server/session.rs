@@ -16,7 +16,7 @@ const POLICY: &str = r#"{ "Version": "2012-10-17", "Statement": [{"Effect": "All
 
 async fn ask(stack: &Stack, ip: &str, role: &str) -> Result<(), tonic::Status> {
     let client = stack.client(&stack.pki.agent());
-    client.get_pod_credentials(ip.parse().expect("ip"), role).await.map(drop)
+    client.get_pod_credentials(ip.parse().expect("ip"), role, 0).await.map(drop)
 }
 
 fn tags_of(call: &AssumeRoleCall) -> Vec<(&str, &str)> {

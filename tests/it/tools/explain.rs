@@ -288,7 +288,7 @@ async fn the_server_reports_its_cache_and_last_sts_error() {
     stack.kube.apply(web.build());
     let ip = "10.66.0.1".parse().expect("ip");
     stack.wait_for_pod(ip).await;
-    stack.client(&stack.pki.agent()).pod_credentials(ip, "app").await.expect("credentials");
+    stack.client(&stack.pki.agent()).pod_credentials(ip, "app", 0).await.expect("credentials");
 
     let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
     let mut cfg = config(Inventory::Kube(Some(kubeconfig)), target("team-a/web"), None);
@@ -351,7 +351,7 @@ async fn the_server_finds_an_identity_with_session_tags() {
     stack.kube.apply(pod("team-a", "web").ip("10.66.0.1").role("app").build());
     let ip = "10.66.0.1".parse().expect("ip");
     stack.wait_for_pod(ip).await;
-    stack.client(&stack.pki.agent()).pod_credentials(ip, "app").await.expect("credentials");
+    stack.client(&stack.pki.agent()).pod_credentials(ip, "app", 0).await.expect("credentials");
 
     let kubeconfig = stack.kube.write_kubeconfig(stack.pki.dir());
     let mut cfg = config(Inventory::Kube(Some(kubeconfig)), target("team-a/web"), None);
