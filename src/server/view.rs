@@ -4,6 +4,9 @@
 //! [`Fence`]: before a change alters a slot an agent holds, the hub sends that agent a Fence and
 //! waits (bounded) for its Ack, holding the subscriber's state until the change is applied, so no
 //! stale entry can be re-sent after it.
+//!
+//! A feed waits on its own node's signal ([`crate::cluster::Cluster::node_changes`]) and on the
+//! namespaces', so a pod change wakes only the feeds of the nodes it can alter.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -223,21 +226,22 @@ impl Fence for Hub {
 }
 
 /// Keeps `subscriber`'s agent current until its stream ends: a snapshot, then the difference
-/// each time its node's pods or any namespace change.
+/// each time its node's signal or the namespaces' (namespaces and ServiceAccounts) fire.
 pub async fn feed<A: AssumeRole>(core: Arc<Core<A>>, hub: Arc<Hub>, subscriber: Arc<Subscriber>) {
     let cluster = Arc::clone(core.cluster());
-    let (mut pods, mut namespaces) = (cluster.pod_changes(), cluster.namespace_changes());
-    let mut seen: Option<(u64, u64)> = None;
+    // Subscribed before the first read: whatever is applied after it wakes this feed again.
+    let (mut pods, mut namespaces) = (cluster.node_changes(&subscriber.node), cluster.namespace_changes());
+    let mut first = true;
     loop {
         pods.borrow_and_update();
-        let now = (cluster.node_generation(&subscriber.node), *namespaces.borrow_and_update());
-        if seen != Some(now) {
+        namespaces.borrow_and_update();
+        {
             let mut sent = tokio::select! {
                 () = subscriber.cancel.cancelled() => break,
                 sent = Arc::clone(&subscriber.sent).lock_owned() => sent,
             };
             let current = entries(&core, &subscriber.node);
-            let ok = if seen.is_none() {
+            let ok = if first {
                 let snapshot = pb::Snapshot {
                     node: subscriber.node.clone(),
                     entries: current.values().cloned().collect(),
@@ -254,8 +258,9 @@ pub async fn feed<A: AssumeRole>(core: Arc<Core<A>>, hub: Arc<Hub>, subscriber: 
                 break;
             }
             *sent = current;
-            seen = Some(now);
+            first = false;
         }
+        // Neither sender is dropped while a receiver lives, so neither wait fails.
         tokio::select! {
             () = subscriber.cancel.cancelled() => break,
             _ = pods.changed() => {}
