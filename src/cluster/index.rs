@@ -247,24 +247,31 @@ impl PodIndex {
         out
     }
 
-    /// The nodes whose pods `change` touches: the pod's old and new node, or every node for a
-    /// relist.
-    pub fn nodes_touched(&self, change: &Change<PodFacts>) -> Vec<String> {
-        match change {
-            Change::Apply(pod) | Change::Delete(pod) | Change::InitApply(pod) => {
-                let old = self.find(&pod.namespace, &pod.name).and_then(|p| p.node_name.as_deref());
-                [pod.node_name.as_deref(), old].into_iter().flatten().map(String::from).collect()
-            }
-            Change::InitDone => self
-                .by_node
-                .keys()
-                .map(|n| n.to_string())
-                .chain(
-                    self.relist.0.iter().flatten().filter_map(|p| p.node_name.as_deref().map(String::from)),
-                )
-                .collect(),
-            Change::Init => Vec::new(),
+    /// The nodes whose view entries `change` may alter, computed before it is applied: the pod's
+    /// old and new node, and the nodes of every other pod claiming one of its old or new IPs
+    /// (their entry for it may change owner). `None` for a relist's end: every node. A buffered
+    /// relist item and an unchanged pod touch none.
+    pub fn nodes_touched(&self, change: &Change<PodFacts>) -> Option<Vec<String>> {
+        let pod = match change {
+            Change::InitApply(_) if self.relist.0.is_some() => return Some(Vec::new()),
+            Change::Apply(pod) | Change::InitApply(pod) | Change::Delete(pod) => pod,
+            Change::InitDone => return None,
+            Change::Init => return Some(Vec::new()),
+        };
+        let old = self.find(&pod.namespace, &pod.name);
+        if !matches!(change, Change::Delete(_)) && old.is_some_and(|old| **old == *pod) {
+            return Some(Vec::new());
         }
+        let ips = pod.addresses().into_iter().chain(old.into_iter().flat_map(|old| old.addresses()));
+        let claimants = ips.filter_map(|ip| self.by_ip.get(&ip)).flatten().map(|slot| &*slot.0);
+        let mut nodes: Vec<String> = std::iter::once(pod)
+            .chain(old.map(|old| &**old))
+            .chain(claimants)
+            .filter_map(|p| p.node_name.as_deref().map(String::from))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        Some(nodes)
     }
 
     /// Every live pod of `namespace` that is on a node: what a namespace change may alter.

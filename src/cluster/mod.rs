@@ -8,9 +8,9 @@ pub mod events;
 pub mod file;
 pub mod index;
 pub mod kube;
+mod node_signal;
 pub mod project;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -101,6 +101,7 @@ pub struct Cluster {
     namespaces: RwLock<NamespaceIndex>,
     synced: watch::Sender<Synced>,
     /// Bumped on every pod change, so that requests for a pod not seen yet can wait for it.
+    /// Node views wait on their node's signal instead ([`Cluster::node_changes`]).
     generation: watch::Sender<u64>,
     /// Bumped on every namespace change, likewise.
     ns_generation: watch::Sender<u64>,
@@ -116,9 +117,9 @@ pub struct Cluster {
     fence: OnceLock<Arc<dyn Fence>>,
     /// Shown every namespace applied or listed.
     namespace_check: OnceLock<NamespaceCheck>,
-    /// Bumped per node on every pod change there, so that each node's view recomputes only
-    /// when its own pods change.
-    node_generations: RwLock<HashMap<String, u64>>,
+    /// A signal per watched node, sent on every pod change that may alter its entries, so that
+    /// each node's view wakes only for its own changes.
+    node_signals: node_signal::NodeSignals,
 }
 
 /// The `kind` label of the list/watch metrics.
@@ -154,7 +155,7 @@ impl Cluster {
             service_accounts: RwLock::default(),
             watches_service_accounts: std::sync::atomic::AtomicBool::new(false),
             namespace_check: OnceLock::new(),
-            node_generations: RwLock::default(),
+            node_signals: node_signal::NodeSignals::default(),
         }
     }
 
@@ -211,9 +212,12 @@ impl Cluster {
         self.apply_namespace(change);
     }
 
-    /// The generation of `node`'s pods: it changes whenever one of them does.
-    pub fn node_generation(&self, node: &str) -> u64 {
-        self.node_generations.read().unwrap_or_else(PoisonError::into_inner).get(node).copied().unwrap_or(0)
+    /// A receiver that changes whenever a pod change that may alter `node`'s view entries is
+    /// applied: one of its pods changes, moves in or out, or an IP of one of them moves to or
+    /// from another pod, or a relist ends. Namespace and ServiceAccount changes are on
+    /// [`namespace_changes`](Self::namespace_changes).
+    pub fn node_changes(&self, node: &str) -> watch::Receiver<()> {
+        self.node_signals.subscribe(node)
     }
 
     /// The IPs of pods on `node`, each with the pod a lookup finds there.
@@ -228,16 +232,16 @@ impl Cluster {
             self.metrics.server.relists.get_or_create(&PODS).inc();
             self.metrics.server.cache_synced.get_or_create(&PODS).set(1);
         }
-        let announce = {
+        let (announce, touched) = {
             let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
-            let nodes = pods.nodes_touched(&change);
-            let announce = pods.apply(change);
-            let mut generations = self.node_generations.write().unwrap_or_else(PoisonError::into_inner);
-            for node in nodes {
-                *generations.entry(node).or_default() += 1;
-            }
-            announce
+            let touched = pods.nodes_touched(&change);
+            (pods.apply(change), touched)
         };
+        // After the write: a view woken here, or subscribed since, reads the change.
+        match touched {
+            Some(nodes) => self.node_signals.wake(&nodes),
+            None => self.node_signals.wake_all(),
+        }
         self.generation.send_modify(|g| *g += 1);
         if done {
             self.synced.send_if_modified(|s| !std::mem::replace(&mut s.pods, true));
@@ -289,7 +293,7 @@ impl Cluster {
         self.generation.subscribe()
     }
 
-    /// A receiver that changes whenever a namespace does.
+    /// A receiver that changes whenever a namespace or a ServiceAccount does.
     pub fn namespace_changes(&self) -> watch::Receiver<u64> {
         self.ns_generation.subscribe()
     }
