@@ -28,12 +28,22 @@ impl Sched {
     /// The counts of every thread of `pid` and its descendants so far.
     pub fn of(pid: u32) -> Sched {
         let tasks = procs::tree(pid).into_iter().flat_map(threads);
-        tasks.map(|task| one(&task)).fold(Sched::default(), |a, b| Sched {
-            ran: a.ran + b.ran,
-            waited: a.waited + b.waited,
-            voluntary: a.voluntary + b.voluntary,
-            involuntary: a.involuntary + b.involuntary,
-        })
+        tasks.map(|task| one(&task)).fold(Sched::default(), Sched::plus)
+    }
+
+    /// The counts of every thread of `pid` alone, not of its children (the bench process, whose
+    /// children are the processes measured beside it).
+    pub fn of_process(pid: u32) -> Sched {
+        threads(pid).iter().map(|task| one(task)).fold(Sched::default(), Sched::plus)
+    }
+
+    fn plus(self, other: Sched) -> Sched {
+        Sched {
+            ran: self.ran + other.ran,
+            waited: self.waited + other.waited,
+            voluntary: self.voluntary + other.voluntary,
+            involuntary: self.involuntary + other.involuntary,
+        }
     }
 
     /// What happened between `before` and this (threads that ended meanwhile are not counted).
