@@ -25,7 +25,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::deploy::{self, Env};
-use crate::procs;
 use crate::report::{Report, Row, Verdict};
 use crate::sched::Sched;
 use crate::stages::{self, Pod};
@@ -44,35 +43,6 @@ const ROLES: u32 = 10;
 const TRIES: u32 = 3;
 /// The bound on one HTTP exchange.
 const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
-/// A runtime on one thread of its own, shut down without waiting when dropped (it may be
-/// dropped on a runtime's thread, where blocking is refused).
-struct Apart(Option<tokio::runtime::Runtime>);
-
-impl Apart {
-    fn new(name: &str) -> Apart {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(name)
-            .enable_all()
-            .build()
-            .expect("build a runtime");
-        Apart(Some(runtime))
-    }
-
-    /// While the guard lives, `tokio::spawn` starts tasks on this runtime.
-    fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
-        self.0.as_ref().map(tokio::runtime::Runtime::enter)
-    }
-}
-
-impl Drop for Apart {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// moto's name in the CPU breakdown.
 const MOTO: &str = "moto";
 /// Runs of the STS floor; the median is the floor's STS part.
@@ -107,7 +77,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     // runtime it waited behind the 256 clients' tasks, and saw the pods about 20 ms after the
     // server did, which inflated the floor's watch part.
     let watches = kube.watch_count();
-    let watcher = Apart::new("burst-watch");
+    let watcher = kiam_testkit::apart::Apart::new("burst-watch");
     let seen = {
         let _inside = watcher.enter();
         crate::invalidation::watch_events(&kube)
@@ -137,7 +107,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     pids.extend([(MOTO, env.moto.pid()), ("the server", server.pid())]);
     pids.extend(agents.iter().map(|a| ("the agents", a.child.pid())));
     let cpu_before: Vec<(Sched, Duration)> =
-        pids.iter().map(|(_, pid)| (Sched::of_process(*pid), procs::process_cpu(*pid))).collect();
+        pids.iter().map(|(_, pid)| (Sched::of_process(*pid), crate::procs::process_cpu(*pid))).collect();
     let burst_started = Instant::now();
     let mut created = Vec::new();
     for (pod, go) in pods.into_iter().zip(pods_go) {
@@ -173,7 +143,7 @@ pub async fn run(env: &Env, report: &mut Report) {
         }
     }
     let burst_took = burst_started.elapsed();
-    let cpu = cpu_during(&pids, &cpu_before);
+    let cpu = crate::sched::breakdown(&pids, &cpu_before, MOTO);
     let (breakdown, last_watch) = stages::describe(&burst, &tap.calls(), burst_started);
     let floor = sts_floor + last_watch;
     let samples = Samples::new(steps.iter().map(|s| s.credentials).collect());
@@ -264,32 +234,6 @@ pub async fn run(env: &Env, report: &mut Report) {
         stats::ms(burst_took),
         stats::ms(burst_took * 2),
     ));
-}
-
-/// "<name> R / W" for each process (agents added up), since `before`: R is the time on a core,
-/// W the time runnable without a core, from the live threads' scheduler counts (exact). moto
-/// serves each request on a thread that ends with it, which those counts miss, so its R is its
-/// clock ticks instead (10 ms steps).
-fn cpu_during(pids: &[(&str, u32)], before: &[(Sched, Duration)]) -> String {
-    let mut by_name: Vec<(&str, Sched)> = Vec::new();
-    for ((name, pid), (sched, ticks)) in pids.iter().zip(before) {
-        let mut used = Sched::of_process(*pid).since(*sched);
-        if *name == MOTO {
-            used.ran = procs::process_cpu(*pid).saturating_sub(*ticks);
-        }
-        match by_name.iter_mut().find(|(n, _)| n == name) {
-            Some((_, sum)) => {
-                sum.ran += used.ran;
-                sum.waited += used.waited;
-            }
-            None => by_name.push((name, used)),
-        }
-    }
-    let parts: Vec<String> = by_name
-        .iter()
-        .map(|(name, s)| format!("{name} {} / {}", stats::ms(s.ran), stats::ms(s.waited)))
-        .collect();
-    parts.join(", ")
 }
 
 /// The name of the `n`-th node (the benchmarks' [`deploy::NODE`] is node 1).

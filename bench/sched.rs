@@ -145,3 +145,29 @@ fn one(task: &Path) -> Sched {
         involuntary: field("nonvoluntary_ctxt_switches:"),
     }
 }
+
+/// Figure 2's CPU breakdown: "<name> R / W" for each process (same names added up) since
+/// `before`. R is the time on a core, W the time runnable without a core, from the live
+/// threads' scheduler counts (exact). The process named `moto` serves each request on a thread
+/// that ends with it, which those counts miss, so its R is its clock ticks instead (10 ms steps).
+pub fn breakdown(pids: &[(&str, u32)], before: &[(Sched, Duration)], moto: &str) -> String {
+    let mut by_name: Vec<(&str, Sched)> = Vec::new();
+    for ((name, pid), (sched, ticks)) in pids.iter().zip(before) {
+        let mut used = Sched::of_process(*pid).since(*sched);
+        if *name == moto {
+            used.ran = procs::process_cpu(*pid).saturating_sub(*ticks);
+        }
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, sum)) => {
+                sum.ran += used.ran;
+                sum.waited += used.waited;
+            }
+            None => by_name.push((name, used)),
+        }
+    }
+    let parts: Vec<String> = by_name
+        .iter()
+        .map(|(name, s)| format!("{name} {} / {}", crate::stats::ms(s.ran), crate::stats::ms(s.waited)))
+        .collect();
+    parts.join(", ")
+}

@@ -19,6 +19,7 @@ use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::apart::Apart;
 use crate::fake_kube_auth::TokenIdentity;
 use crate::fake_kube_http;
 use crate::objects;
@@ -31,7 +32,7 @@ pub struct FakeKube {
     addr: SocketAddr,
     shared: Arc<Shared>,
     /// The runtime of its own it serves on ([`FakeKube::start_apart`]), if any.
-    apart: Option<tokio::runtime::Runtime>,
+    apart: Option<Apart>,
 }
 
 impl FakeKube {
@@ -76,23 +77,13 @@ impl FakeKube {
         FakeKube { addr, shared, apart: None }
     }
 
-    /// Starts serving on a runtime of its own, on one thread of its own, as a real API server
-    /// runs apart from its clients: its watch streams then get a core from the kernel's scheduler
-    /// in turn with everything else, instead of waiting in the caller's task queues behind
-    /// whatever the caller started (the benchmarks' hundreds of client tasks). Callable from
-    /// inside or outside a runtime.
+    /// Starts serving on a runtime of its own ([`Apart`]), as a real API server runs apart from
+    /// its clients: its watch streams then do not wait in the caller's task queues behind
+    /// whatever the caller started. Callable from inside or outside a runtime.
     pub fn start_apart() -> FakeKube {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("fake-kube")
-            .enable_all()
-            .build()
-            .expect("build the fake API server's runtime");
-        // `block_on` from a thread that is not a runtime's (this one may be).
-        let mut kube = std::thread::scope(|scope| {
-            scope.spawn(|| runtime.block_on(FakeKube::start())).join().expect("start the fake API server")
-        });
-        kube.apart = Some(runtime);
+        let apart = Apart::new("fake-kube");
+        let mut kube = apart.run(FakeKube::start());
+        kube.apart = Some(apart);
         kube
     }
 
@@ -224,10 +215,7 @@ impl FakeKube {
 impl Drop for FakeKube {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
-        // Without waiting: this may be dropped on a runtime's thread, where blocking is refused.
-        if let Some(runtime) = self.apart.take() {
-            runtime.shutdown_background();
-        }
+        drop(self.apart.take());
     }
 }
 

@@ -15,6 +15,7 @@
 //! integration test of the root package knows where cargo built it.
 
 pub mod agent_node;
+pub mod apart;
 pub mod certs;
 pub mod fake_imds;
 pub mod fake_kube;
