@@ -24,7 +24,7 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 fn apply_pods_on_node(c: &Peers) {
     c.kube.apply(namespace("team-a").permitted(".*").build());
     for i in 0..ROLES {
-        let ip = format!("127.0.0.{}", i + 201);
+        let ip = pod_ip(i).to_string();
         let role = format!("role-{i}");
         c.kube.apply(pod("team-a", &format!("p{i}")).ip(&ip).role(&role).node("node-a").build());
     }
@@ -40,11 +40,47 @@ async fn every_pod_served(agent: &TestAgent) {
     };
     until("the node view is live with every pod", WAIT, live).await;
     for i in 0..ROLES {
-        let from: IpAddr = format!("127.0.0.{}", i + 201).parse().expect("ip");
+        let from = pod_ip(i);
         let url = format!("http://{}{CREDS}role-{i}", agent.addr);
         let served =
             || async { request("GET", &url, &[], "", Some(from)).await.is_ok_and(|r| r.status == 200) };
         until("the agent serves the pod", WAIT, served).await;
+    }
+}
+
+/// Pod `i`'s address (as [`apply_pods_on_node`] gives it).
+fn pod_ip(i: usize) -> IpAddr {
+    format!("127.0.0.{}", i + 201).parse().expect("ip")
+}
+
+/// Stops server 1 while the name still lists it (DNS lags, so agents still rank it first for
+/// its identities and find it refusing connections), and waits until the other two see it gone.
+/// The survivors.
+async fn stop_server_one(c: &Peers) -> [usize; 2] {
+    c.servers[1].shutdown.cancel();
+    let survivors = [0, 2];
+    let seen = || {
+        let peers = |i: usize| c.servers[i].core.metrics().scale.peers.get();
+        std::future::ready(survivors.iter().all(|i| peers(*i) == 2))
+    };
+    until("the survivors see the peer gone", WAIT, seen).await;
+    survivors
+}
+
+/// STS saw each identity once, and no server of `live` but its owner holds it.
+async fn each_identity_fetched_once_by_its_owner(c: &Peers, live: &[usize]) {
+    let calls = c.calls_by_role().await;
+    assert_eq!(calls.len(), ROLES, "{calls:?}");
+    assert!(calls.values().all(|n| *n == 1), "each identity fetched once, by its owner: {calls:?}");
+    for id in c.identities() {
+        let owner = owner_index(&c.servers, live, &id);
+        for other in live.iter().filter(|i| **i != owner) {
+            assert!(
+                !c.holds(*other, &id),
+                "server {other} holds {}, which it does not own",
+                id.role.as_str()
+            );
+        }
     }
 }
 
@@ -58,20 +94,7 @@ async fn an_agent_asks_each_identitys_owner_so_sts_sees_each_identity_once() {
     c.moto.start_recording().await;
     apply_pods_on_node(&c);
     every_pod_served(&agent).await;
-    let calls = c.calls_by_role().await;
-    assert_eq!(calls.len(), ROLES, "{calls:?}");
-    assert!(calls.values().all(|n| *n == 1), "each identity fetched once, by its owner: {calls:?}");
-    let live = [0, 1, 2];
-    for id in c.identities() {
-        let owner = owner_index(&c.servers, &live, &id);
-        for other in live.iter().filter(|i| **i != owner) {
-            assert!(
-                !c.holds(*other, &id),
-                "the agent asked server {other}, not {}'s owner",
-                id.role.as_str()
-            );
-        }
-    }
+    each_identity_fetched_once_by_its_owner(&c, &[0, 1, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,30 +104,15 @@ async fn a_stopped_owner_costs_the_agent_one_refused_connection_and_no_extra_sts
     let cert = c.pki.agent_for_node("agent-a", "node-a");
     let resolver = Arc::clone(&c.name) as Arc<dyn Resolve>;
     let agent = TestAgent::resolving(&cert, c.port, imds.addr(), "5s", resolver).await;
-    // A server stops; the name still lists it (DNS lags), so the agent still ranks it first for
-    // its identities, and finds it refusing connections.
-    c.servers[1].shutdown.cancel();
-    let survivors = [0, 2];
-    let seen = || {
-        let peers = |i: usize| c.servers[i].core.metrics().scale.peers.get();
-        std::future::ready(survivors.iter().all(|i| peers(*i) == 2))
-    };
-    until("the survivors see the peer gone", WAIT, seen).await;
+    let survivors = stop_server_one(&c).await;
     c.moto.start_recording().await;
     apply_pods_on_node(&c);
     every_pod_served(&agent).await;
     let ids = c.identities();
     assert!(ids.iter().any(|id| owner_index(&c.servers, &[0, 1, 2], id) == 1), "it owned some");
-    let calls = c.calls_by_role().await;
-    assert_eq!(calls.len(), ROLES, "{calls:?}");
     // The next in rank after the stopped server is the survivors' owner: rendezvous moves only the
     // stopped server's identities, each to its next in rank.
-    assert!(calls.values().all(|n| *n == 1), "each identity fetched once: {calls:?}");
-    for id in &ids {
-        let owner = owner_index(&c.servers, &survivors, id);
-        let other = survivors.iter().copied().find(|i| *i != owner).expect("two survivors");
-        assert!(!c.holds(other, id), "the agent asked the next in rank, {}'s new owner", id.role.as_str());
-    }
+    each_identity_fetched_once_by_its_owner(&c, &survivors).await;
 }
 
 /// An agent with `--disable-node-view` for node-a, finding the servers through `c`'s name: every
@@ -128,10 +136,7 @@ async fn known_everywhere(c: &Peers, live: &[usize]) {
         let knows = |i: usize| {
             let cluster = c.servers[i].core.cluster();
             cluster.namespace("team-a").is_some()
-                && (0..ROLES).all(|p| {
-                    let ip: IpAddr = format!("127.0.0.{}", p + 201).parse().expect("ip");
-                    matches!(cluster.pod_by_ip(ip), Lookup::Found(_))
-                })
+                && (0..ROLES).all(|p| matches!(cluster.pod_by_ip(pod_ip(p)), Lookup::Found(_)))
         };
         std::future::ready(live.iter().all(|i| knows(*i)))
     };
@@ -143,7 +148,7 @@ async fn known_everywhere(c: &Peers, live: &[usize]) {
 async fn every_pod_served_unary(agent: &TestAgent) {
     assert_eq!(agent.metrics.agent.view_live.get(), 0, "no node view");
     for i in 0..ROLES {
-        let from: IpAddr = format!("127.0.0.{}", i + 201).parse().expect("ip");
+        let from = pod_ip(i);
         let url = format!("http://{}{CREDS}role-{i}", agent.addr);
         let answer = request("GET", &url, &[], "", Some(from)).await.expect("an answer");
         assert_eq!(answer.status, 200, "pod {i}: {}", answer.body);
@@ -165,27 +170,14 @@ async fn an_agent_without_the_view_asks_each_identitys_owner_through_the_role_lo
     let client = c.client();
     for id in c.identities() {
         let i: usize = id.role.as_str().rsplit('-').next().and_then(|n| n.parse().ok()).expect("role-N");
-        let ip: IpAddr = format!("127.0.0.{}", i + 201).parse().expect("ip");
+        let ip = pod_ip(i);
         for _ in 0..3 {
             let role = client.get_pod_role(ip).await.expect("role");
             assert_eq!(role.affinity, id.affinity_key(), "{}", id.role.as_str());
         }
     }
     every_pod_served_unary(&agent).await;
-    let calls = c.calls_by_role().await;
-    assert_eq!(calls.len(), ROLES, "{calls:?}");
-    assert!(calls.values().all(|n| *n == 1), "each identity fetched once, by its owner: {calls:?}");
-    let live = [0, 1, 2];
-    for id in c.identities() {
-        let owner = owner_index(&c.servers, &live, &id);
-        for other in live.iter().filter(|i| **i != owner) {
-            assert!(
-                !c.holds(*other, &id),
-                "server {other} fetched {}, which it does not own",
-                id.role.as_str()
-            );
-        }
-    }
+    each_identity_fetched_once_by_its_owner(&c, &[0, 1, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,28 +185,13 @@ async fn an_agent_without_the_view_is_served_when_an_owner_is_stopped() {
     let c = servers(3, true).await;
     let imds = FakeImds::start().await;
     let agent = unary_agent(&c, &imds).await;
-    // A server stops; the name still lists it (DNS lags), so the agent still ranks it first for
-    // its identities, and finds it refusing connections.
-    c.servers[1].shutdown.cancel();
-    let survivors = [0, 2];
-    let seen = || {
-        let peers = |i: usize| c.servers[i].core.metrics().scale.peers.get();
-        std::future::ready(survivors.iter().all(|i| peers(*i) == 2))
-    };
-    until("the survivors see the peer gone", WAIT, seen).await;
+    let survivors = stop_server_one(&c).await;
     c.moto.start_recording().await;
     apply_pods_on_node(&c);
     known_everywhere(&c, &survivors).await;
     let ids = c.identities();
     assert!(ids.iter().any(|id| owner_index(&c.servers, &[0, 1, 2], id) == 1), "it owned some");
     every_pod_served_unary(&agent).await;
-    let calls = c.calls_by_role().await;
-    assert_eq!(calls.len(), ROLES, "{calls:?}");
     // The next in rank after the stopped server is the survivors' owner.
-    assert!(calls.values().all(|n| *n == 1), "each identity fetched once: {calls:?}");
-    for id in &ids {
-        let owner = owner_index(&c.servers, &survivors, id);
-        let other = survivors.iter().copied().find(|i| *i != owner).expect("two survivors");
-        assert!(!c.holds(other, id), "the agent asked the next in rank, {}'s new owner", id.role.as_str());
-    }
+    each_identity_fetched_once_by_its_owner(&c, &survivors).await;
 }
