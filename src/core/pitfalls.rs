@@ -57,7 +57,7 @@ impl NameOnlyWarnings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BaseArn, Permitted};
+    use crate::model::Permitted;
 
     fn ns(name: &str, permitted: &str) -> NamespaceFacts {
         NamespaceFacts {
@@ -70,15 +70,7 @@ mod tests {
 
     #[test]
     fn once_per_namespace_and_expression() {
-        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base");
-        let warnings = NameOnlyWarnings::new(Policy {
-            base_arn: Some(base),
-            strict_namespace_regexp: true,
-            kube2iam: None,
-            session_tags: None,
-            source_identity: false,
-            service_account_roles: false,
-        });
+        let warnings = NameOnlyWarnings::new(Policy::test());
         let form = "arn:aws:iam::123456789012:role/k8s-production-.*";
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")).as_deref(), Some(form));
         assert_eq!(warnings.check(&ns("production", "k8s-production-.*")), None, "said once");

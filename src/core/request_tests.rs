@@ -10,7 +10,7 @@ use crate::cluster::Change;
 use crate::cluster::events::NoEvents;
 use crate::creds::Lifetimes;
 use crate::metrics::Metrics;
-use crate::model::{BaseArn, NamespaceFacts, Permitted};
+use crate::model::{NamespaceFacts, Permitted};
 
 /// Counts calls and issues credentials named after the role.
 #[derive(Default)]
@@ -39,14 +39,7 @@ fn core(sts: &Arc<CountingSts>, metrics: &Arc<Metrics>) -> Core<Arc<CountingSts>
         session_policy: None,
     }));
     cluster.apply_pod(Change::Apply(PodFacts::test("ns", "web", "10.0.0.5", Some("app"))));
-    let policy = Policy {
-        base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
-        strict_namespace_regexp: true,
-        kube2iam: None,
-        session_tags: None,
-        source_identity: false,
-        service_account_roles: false,
-    };
+    let policy = Policy::test();
     let lifetimes = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
     let cache = CredentialCache::new(Arc::clone(sts), lifetimes, 4, Arc::clone(metrics));
     Core::new(cluster, policy, cache, "kiam".into(), Arc::new(NoEvents), Arc::clone(metrics))

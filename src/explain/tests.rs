@@ -4,23 +4,12 @@
 use super::chain::explain;
 use super::find::{by_ip, by_name};
 use super::*;
-use crate::model::{BaseArn, NamespaceFacts, Permitted, PodFacts};
+use crate::model::{NamespaceFacts, Permitted, PodFacts};
 
 const ARN: &str = "arn:aws:iam::123456789012:role/app";
 
 fn settings(node_binding: NodeBinding) -> Settings {
-    Settings {
-        policy: Policy {
-            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
-            strict_namespace_regexp: true,
-            kube2iam: None,
-            session_tags: None,
-            source_identity: false,
-            service_account_roles: false,
-        },
-        default_session: "kiam".into(),
-        node_binding,
-    }
+    Settings { policy: Policy::test(), default_session: "kiam".into(), node_binding }
 }
 
 fn pod(role: Option<&str>) -> PodFacts {

@@ -96,6 +96,19 @@ pub fn name_only_advice(suggestion: &str) -> String {
 }
 
 impl Policy {
+    /// kiam's defaults with the base ARN `arn:aws:iam::123456789012:role/`, for tests.
+    #[cfg(test)]
+    pub fn test() -> Policy {
+        Policy {
+            base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
+            strict_namespace_regexp: true,
+            kube2iam: None,
+            session_tags: None,
+            source_identity: false,
+            service_account_roles: false,
+        }
+    }
+
     /// The role `pod` uses: its annotation (kiam), or in kube2iam mode its annotation or the
     /// default role.
     pub fn effective_role<'a>(&'a self, pod: &'a PodFacts) -> Option<&'a str> {

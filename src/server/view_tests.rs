@@ -9,7 +9,7 @@ use crate::cluster::Change;
 use crate::cluster::events::NoEvents;
 use crate::creds::{CredentialCache, Credentials, Identity, Lifetimes, StsError, StsErrorKind};
 use crate::metrics::Metrics;
-use crate::model::{BaseArn, NamespaceFacts, Permitted, PodFacts};
+use crate::model::{NamespaceFacts, Permitted, PodFacts};
 use crate::policy::Policy;
 
 /// The view never fetches credentials; a call would be a bug.
@@ -41,14 +41,7 @@ fn core() -> Arc<Core<NoSts>> {
     let metrics = Arc::new(Metrics::default());
     let cluster = Arc::new(crate::cluster::Cluster::new(None, Arc::clone(&metrics)));
     cluster.apply_namespace(namespace(".*"));
-    let policy = Policy {
-        base_arn: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")),
-        strict_namespace_regexp: true,
-        kube2iam: None,
-        session_tags: None,
-        source_identity: false,
-        service_account_roles: false,
-    };
+    let policy = Policy::test();
     let lifetimes = Lifetimes { session: Duration::from_secs(3600), refresh_lead: Duration::from_secs(300) };
     let cache = CredentialCache::new(NoSts, lifetimes, 1, Arc::clone(&metrics));
     Arc::new(Core::new(cluster, policy, cache, "kiam".into(), Arc::new(NoEvents), metrics))
