@@ -55,7 +55,7 @@ pub async fn run(env: &Env, report: &mut Report) {
     let kube = FakeKube::start_apart();
     kube.apply(deploy::namespace("burst", "burst-"));
     // The server reaches moto through the timing tap, for the breakdown.
-    let tap = Tap::start(env.moto.addr()).await;
+    let tap = Tap::start(env.moto.addr());
     let (server, server_port, _) = env.server_with_sts("burst-server", &kube, &tap.endpoint()).await;
     // One agent per node, as a DaemonSet runs them; each pod's client asks its node's agent.
     let mut agents = Vec::new();

@@ -5,12 +5,15 @@
 //! them: on one connection, bytes from the server after an answer began start the next request.
 //!
 //! It costs each call one more loopback hop (tens of microseconds, against the milliseconds
-//! moto takes); the figure says so.
+//! moto takes); the figure says so. It relays on a runtime of its own ([`Apart`]), as a network
+//! hop would: on the harness's runtime every AssumeRole, and its answer, waited behind the
+//! burst's 256 client tasks, which put the harness's own queue on the path it measures.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use kiam_testkit::apart::Apart;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -23,18 +26,27 @@ pub struct Call {
     pub answered: Option<Instant>,
 }
 
-/// The relay; it stops with the runtime (the harness's process).
+/// The relay; it stops when dropped, with its runtime.
 pub struct Tap {
     addr: SocketAddr,
     calls: Arc<Mutex<Vec<Call>>>,
+    _runtime: Apart,
 }
 
 /// How long the relay waits for a peer before it gives a connection up (every loop bounded).
 const IDLE: Duration = Duration::from_secs(120);
 
 impl Tap {
-    /// Listens on a free loopback port and relays every connection to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Tap {
+    /// Listens on a free loopback port and relays every connection to `upstream`, on a runtime
+    /// of its own.
+    pub fn start(upstream: SocketAddr) -> Tap {
+        let runtime = Apart::new("sts-tap");
+        let (addr, calls) = runtime.run(Tap::listen(upstream));
+        Tap { addr, calls, _runtime: runtime }
+    }
+
+    /// Binds and spawns the accept loop on the current runtime.
+    async fn listen(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Call>>>) {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind the STS tap");
         let addr = listener.local_addr().expect("the tap's address");
         let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
@@ -49,7 +61,7 @@ impl Tap {
                 });
             }
         });
-        Tap { addr, calls }
+        (addr, calls)
     }
 
     /// The endpoint to give the server instead of moto's.
