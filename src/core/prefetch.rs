@@ -5,7 +5,8 @@
 //! Announcements wait in the cluster's channel, bounded by `--prefetch-buffer-size`; when it is
 //! full they are dropped and counted, and those pods are served on their first request.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
@@ -32,6 +33,7 @@ pub fn spawn<A: AssumeRole>(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(fetchers.max(1)));
+    let warming = Arc::new(Warming::default());
     // The first tick fires at once: the pass right after the caches sync.
     let mut tick = tokio::time::interval(refresh_interval(core.cache().lifetimes().session));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,15 +51,21 @@ pub fn spawn<A: AssumeRole>(
                     let Some(pod) = pod else { return };
                     let (core, permits) = (Arc::clone(&core), Arc::clone(&permits));
                     if core.cluster().namespace(&pod.namespace).is_some() {
+                        // A pod whose identity is held or on its way (the replicas of one
+                        // Deployment arrive together) takes no worker: waiting on another's
+                        // fetch, it would keep the next identity's prefetch waiting.
+                        let Some(identity) = to_warm(&core, &pod, &warming) else { continue };
                         let Ok(permit) = permits.acquire_owned().await else { return };
-                        crate::task::spawn_until(&shutdown, async move { warm(&core, &pod).await; drop(permit) });
+                        crate::task::spawn_until(&shutdown, async move { warm(&core, identity).await; drop(permit) });
                     } else {
                         // The pod's namespace is still on its way (a separate watch): wait for it
                         // without holding a worker.
+                        let warming = Arc::clone(&warming);
                         crate::task::spawn_until(&shutdown, async move {
                             core.wait_namespace(&pod.namespace, Instant::now() + NAMESPACE_WAIT).await;
+                            let Some(identity) = to_warm(&core, &pod, &warming) else { return };
                             let Ok(permit) = permits.acquire_owned().await else { return };
-                            warm(&core, &pod).await;
+                            warm(&core, identity).await;
                             drop(permit);
                         });
                     }
@@ -91,17 +99,41 @@ async fn refresh<A: AssumeRole>(core: &Arc<Core<A>>, permits: &Arc<Semaphore>, s
     }
 }
 
-/// Fetches the credentials `pod` will ask for, if the policy allows them: never AssumeRole what
-/// will not be served.
-async fn warm<A: AssumeRole>(core: &Core<A>, pod: &Arc<PodFacts>) {
-    let pod = &core.with_account_role(Arc::clone(pod));
-    let Some(role) = core.policy().effective_role(pod) else { return };
-    let Ok(identity) = core.identity_for(pod, role) else { return };
-    if !core.owns(&identity) {
-        return;
+/// The identities being prefetched (from the announcement until the fetch ends).
+#[derive(Default)]
+struct Warming(Mutex<HashSet<Identity>>);
+
+/// An identity of [`Warming`]: it leaves the set when this is dropped.
+struct Warm {
+    identity: Identity,
+    set: Arc<Warming>,
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        self.set.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.identity);
     }
-    if let Err(error) = core.cache().prefetch(&identity).await {
-        tracing::info!(role = %identity.role, %error, "prefetch failed; the first request will retry");
+}
+
+/// The identity whose credentials `pod` will ask for, if the policy allows them (never
+/// AssumeRole what will not be served), this process owns it, and it is neither held fresh nor
+/// being prefetched already (the replicas of one Deployment arrive together: each would take a
+/// worker to wait on the same fetch, and keep the next identity's prefetch waiting).
+fn to_warm<A: AssumeRole>(core: &Core<A>, pod: &Arc<PodFacts>, warming: &Arc<Warming>) -> Option<Warm> {
+    let pod = &core.with_account_role(Arc::clone(pod));
+    let role = core.policy().effective_role(pod)?;
+    let identity = core.identity_for(pod, role).ok()?;
+    if !core.owns(&identity) || core.cache().state(&identity).is_some_and(|state| state.fresh) {
+        return None;
+    }
+    let first = warming.0.lock().unwrap_or_else(PoisonError::into_inner).insert(identity.clone());
+    first.then(|| Warm { identity, set: Arc::clone(warming) })
+}
+
+/// Fetches the identity's credentials ahead of the first request.
+async fn warm<A: AssumeRole>(core: &Core<A>, warm: Warm) {
+    if let Err(error) = core.cache().prefetch(&warm.identity).await {
+        tracing::info!(role = %warm.identity.role, %error, "prefetch failed; the first request will retry");
     }
 }
 

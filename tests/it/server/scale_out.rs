@@ -312,3 +312,39 @@ async fn throttling_is_counted_and_every_call_backs_off() {
     };
     until("served once STS stops throttling", WAIT, served).await;
 }
+
+#[tokio::test]
+async fn replicas_of_one_identity_take_one_prefetch_worker_and_the_next_identity_is_not_kept_waiting() {
+    let faults = StsFaults::start().await;
+    let options = Options {
+        sts_endpoint: Some(faults.endpoint()),
+        server_flags: vec!["--fetchers", "2"],
+        ..Options::default()
+    };
+    let stack = Stack::start_with(options).await;
+    faults.forward_to(stack.moto.addr());
+    stack.moto.start_recording().await;
+    // STS keeps every call waiting: a prefetch holds its worker until the fault lifts.
+    faults.set(Fault::Hold);
+    stack.kube.apply(namespace("team-a").permitted(".*").build());
+    // A Deployment's replicas arrive together, then a pod of another identity.
+    for i in 0..3 {
+        stack
+            .kube
+            .apply(pod("team-a", &format!("web-{i}")).ip(&format!("10.93.0.{}", i + 1)).role("web").build());
+    }
+    stack.kube.apply(pod("team-a", "api").ip("10.93.1.1").role("api").build());
+    // Both identities' calls are out at once: the replicas took one worker, not both (with a
+    // worker each, the second replica's wait for the first one's call kept `api` from starting).
+    let both = || std::future::ready(faults.held() >= 2);
+    until("both identities' prefetches reach STS together", WAIT, both).await;
+    faults.set(Fault::None);
+    let grpc = stack.client(&stack.pki.agent()).service();
+    for (ip, role) in [("10.93.0.1", "web"), ("10.93.0.3", "web"), ("10.93.1.1", "api")] {
+        grpc.clone().get_pod_credentials(creds(ip, role)).await.expect("served");
+    }
+    let calls = stack.moto.recorded_assume_roles().await;
+    let mut roles: Vec<&str> = calls.iter().map(|c| c.role_arn.rsplit('/').next().unwrap_or("")).collect();
+    roles.sort_unstable();
+    assert_eq!(roles, ["api", "web"], "one call per identity");
+}
