@@ -31,19 +31,52 @@ impl Identity {
     /// The key servers (`--peers`) rank owners by ([`crate::policy::rendezvous`]): every field STS
     /// is asked with, so two identities share an owner only by chance.
     pub fn affinity_key(&self) -> u64 {
+        let tags = self.encoded_tags();
+        crate::policy::rendezvous::key(self.parts(&tags))
+    }
+
+    /// A SHA-256 digest of every field STS is asked with, each part delimited as in
+    /// [`affinity_key`](Self::affinity_key): equal for equal identities, and, unlike that key,
+    /// not to be matched by a pod owner choosing annotations. The node view sends it, so that an
+    /// agent fetches the credentials of its pods that share an identity once.
+    pub fn digest(&self) -> [u8; 32] {
+        let tags = self.encoded_tags();
+        let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for part in self.parts(&tags) {
+            match part {
+                None => context.update(&[0]),
+                Some(bytes) => {
+                    context.update(&[1]);
+                    context.update(&(bytes.len() as u64).to_le_bytes());
+                    context.update(bytes);
+                }
+            }
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.finish().as_ref());
+        out
+    }
+
+    /// The tags, each key and value length-prefixed.
+    fn encoded_tags(&self) -> Vec<u8> {
         let mut tags = Vec::new();
         for part in self.tags.iter().flat_map(|(k, v)| [k, v]) {
             tags.extend_from_slice(&(part.len() as u64).to_le_bytes());
             tags.extend_from_slice(part.as_bytes());
         }
-        crate::policy::rendezvous::key([
+        tags
+    }
+
+    /// The fields STS is asked with, in a fixed order (`tags` from [`Self::encoded_tags`]).
+    fn parts<'a>(&'a self, tags: &'a [u8]) -> [Option<&'a [u8]>; 6] {
+        [
             Some(self.role.as_str().as_bytes()),
             Some(self.session_name.as_bytes()),
             self.external_id.as_deref().map(str::as_bytes),
-            Some(tags.as_slice()),
+            Some(tags),
             self.policy.as_deref().map(str::as_bytes),
             self.source_identity.as_deref().map(str::as_bytes),
-        ])
+        ]
     }
 }
 

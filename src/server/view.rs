@@ -47,12 +47,18 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<IpAddr, pb:
         if role.is_some() && core.cluster().namespace(&pod.namespace).is_none() {
             continue;
         }
-        let (allowed, denial, role_arn, affinity) = match role.as_deref().map(|r| core.identity_for(&pod, r))
-        {
-            None => (false, "pod has no iam.amazonaws.com/role annotation".to_string(), String::new(), 0),
-            Some(Ok(identity)) => (true, String::new(), identity.role.to_string(), core.affinity(&identity)),
-            Some(Err(denial)) => (false, denial.to_string(), String::new(), 0),
-        };
+        let (allowed, denial, role_arn, affinity, identity) =
+            match role.as_deref().map(|r| core.identity_for(&pod, r)) {
+                None => {
+                    let why = "pod has no iam.amazonaws.com/role annotation".to_string();
+                    (false, why, String::new(), 0, Vec::new())
+                }
+                Some(Ok(identity)) => {
+                    let (arn, affinity) = (identity.role.to_string(), core.affinity(&identity));
+                    (true, String::new(), arn, affinity, identity.digest().to_vec())
+                }
+                Some(Err(denial)) => (false, denial.to_string(), String::new(), 0, Vec::new()),
+            };
         let entry = pb::Entry {
             ip: ip.to_string(),
             uid: pod.uid.to_string(),
@@ -64,6 +70,7 @@ pub fn entries<A: AssumeRole>(core: &Core<A>, node: &str) -> HashMap<IpAddr, pb:
             role_arn,
             terminating: pod.terminating,
             affinity,
+            identity,
         };
         out.insert(ip, entry);
     }
@@ -129,8 +136,19 @@ impl Hub {
     /// `entry`'s digest: equal entries digest alike; different ones collide with odds of 2^-64.
     fn digest(&self, entry: &pb::Entry) -> u64 {
         // Destructured, so that a field added to the message cannot be left out of the digest.
-        let pb::Entry { ip, uid, namespace, name, role, allowed, denial, role_arn, terminating, affinity } =
-            entry;
+        let pb::Entry {
+            ip,
+            uid,
+            namespace,
+            name,
+            role,
+            allowed,
+            denial,
+            role_arn,
+            terminating,
+            affinity,
+            identity,
+        } = entry;
         self.digests.hash_one((
             ip,
             uid,
@@ -142,6 +160,7 @@ impl Hub {
             role_arn,
             terminating,
             affinity,
+            identity,
         ))
     }
 

@@ -5,9 +5,14 @@
 //! (namespace, role, role ARN) are shared through [`Strings`], the pod's own strings are boxed,
 //! and credentials are held once, as the JSON body the legacy path serves (the document is
 //! decoded from it on the rare path that needs the fields).
+//!
+//! Credentials are held per identity ([`Slot`]): the entries whose server-sent identity digest
+//! is the same (a SHA-256 of every field STS is asked with) share one slot, so a node's pods of
+//! one identity cost one fetch and one copy of the credentials, which the server's cache would
+//! have answered alike for each. An entry without a digest (not allowed) has a slot of its own.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -51,11 +56,16 @@ impl ViewPod {
     }
 }
 
-/// The strings that a node's pods repeat, each kept once. The set is rebuilt from the entries
-/// on every snapshot, and swept when it has doubled, so it never outgrows the view by much.
+/// An identity's digest, as the server sent it.
+type Digest = [u8; 32];
+
+/// The strings that a node's pods repeat, and the identities they share, each kept once. The
+/// sets are rebuilt from the entries on every snapshot, and swept when they have doubled, so
+/// they never outgrow the view by much.
 #[derive(Default)]
 pub struct Strings {
     kept: HashSet<Arc<str>>,
+    slots: HashMap<Digest, Weak<Slot>>,
     swept_at: usize,
 }
 
@@ -69,8 +79,26 @@ impl Strings {
         s
     }
 
+    /// `entry` as the view holds it: its repeated strings shared, and its credentials' slot
+    /// shared with the entries of the same identity.
+    pub fn entry(&mut self, entry: pb::Entry) -> ViewEntry {
+        let identity = <Digest>::try_from(entry.identity.as_slice()).ok().filter(|_| entry.allowed);
+        let slot = match identity {
+            Some(digest) => match self.slots.get(&digest).and_then(Weak::upgrade) {
+                Some(slot) => slot,
+                None => {
+                    let slot = Arc::new(Slot::new(Some(digest)));
+                    self.slots.insert(digest, Arc::downgrade(&slot));
+                    slot
+                }
+            },
+            None => Arc::new(Slot::new(None)),
+        };
+        ViewEntry { pod: self.pod(entry), slot }
+    }
+
     /// The compact form of `entry`, its repeated strings shared.
-    pub fn pod(&mut self, entry: pb::Entry) -> ViewPod {
+    fn pod(&mut self, entry: pb::Entry) -> ViewPod {
         ViewPod {
             uid: entry.uid.into(),
             namespace: self.share(entry.namespace),
@@ -87,9 +115,10 @@ impl Strings {
     /// Drops every string no entry holds (after a snapshot), or does so once the set has
     /// doubled since the last sweep.
     pub fn sweep(&mut self, now: bool) {
-        if now || self.kept.len() > 2 * self.swept_at + 64 {
+        if now || self.kept.len() + self.slots.len() > 2 * self.swept_at + 64 {
             self.kept.retain(|s| Arc::strong_count(s) > 1);
-            self.swept_at = self.kept.len();
+            self.slots.retain(|_, slot| slot.strong_count() > 0);
+            self.swept_at = self.kept.len() + self.slots.len();
         }
     }
 }
@@ -98,14 +127,33 @@ impl Strings {
 pub struct ViewEntry {
     /// What the server sent.
     pub pod: ViewPod,
+    /// The credentials of the pod's identity.
+    slot: Arc<Slot>,
+}
+
+/// The credentials of one identity on this node, shared by its entries.
+pub struct Slot {
+    /// The identity's digest (`None`: an entry's own slot).
+    identity: Option<Digest>,
     /// Read by every hit, so without a lock: a lock's word is written by each reader, and its
     /// cache line then moves between the cores that answer hits (figure 1).
     creds: ArcSwapOption<Held>,
     /// When to ask the server again (half-life, or later after a fetch that changed nothing or
     /// failed); `None` until credentials are held.
     renew_at: Mutex<Option<SystemTime>>,
-    /// One fetch at a time per entry.
+    /// One fetch at a time per identity.
     pub fetching: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(identity: Option<Digest>) -> Slot {
+        Slot {
+            identity,
+            creds: ArcSwapOption::empty(),
+            renew_at: Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
+        }
+    }
 }
 
 /// Credentials held for an entry: the document as the legacy credentials path serves it,
@@ -117,13 +165,21 @@ struct Held {
 }
 
 impl ViewEntry {
-    pub(super) fn new(pod: ViewPod) -> ViewEntry {
-        ViewEntry {
-            pod,
-            creds: ArcSwapOption::empty(),
-            renew_at: Mutex::default(),
-            fetching: tokio::sync::Mutex::default(),
-        }
+    /// Whether `entry` describes this very pod with the same identity, field for field (its
+    /// credentials then stay).
+    pub fn same_as(&self, entry: &pb::Entry) -> bool {
+        self.pod.same_as(entry)
+            && self.slot.identity.as_ref().map_or(&[][..], |d| d.as_slice()) == entry.identity.as_slice()
+    }
+
+    /// The slot of this entry's credentials (shared with the entries of its identity).
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
+
+    /// The lock a fetch of this entry's credentials holds (one per identity).
+    pub fn fetching(&self) -> &tokio::sync::Mutex<()> {
+        &self.slot.fetching
     }
 
     /// The pod's role annotation, `None` when it has none.
@@ -134,7 +190,7 @@ impl ViewEntry {
     /// Credentials fit to serve at `now`: with more left than the floor the server serves with
     /// (the SDKs' 15-minute window, or half the session when it is shorter).
     pub fn credentials(&self, now: SystemTime) -> Option<ImdsDocument> {
-        let held = self.creds.load();
+        let held = self.slot.creds.load();
         held.as_ref().filter(|h| h.fresh(now)).and_then(|h| serde_json::from_slice(&h.body).ok())
     }
 
@@ -142,7 +198,7 @@ impl ViewEntry {
     /// JSON body the legacy credentials path serves (`serde_json::to_vec` of the document).
     /// Copied, not shared: a shared `Bytes` has a reference count that every hit would write.
     pub fn credentials_body(&self, now: SystemTime) -> Option<Bytes> {
-        let held = self.creds.load();
+        let held = self.slot.creds.load();
         held.as_ref().filter(|h| h.fresh(now)).map(|h| Bytes::copy_from_slice(&h.body))
     }
 
@@ -152,7 +208,7 @@ impl ViewEntry {
     }
 
     fn renew_at(&self) -> std::sync::MutexGuard<'_, Option<SystemTime>> {
-        self.renew_at.lock().unwrap_or_else(PoisonError::into_inner)
+        self.slot.renew_at.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stores what the server answered. A document that changed nothing (the server has not
@@ -167,7 +223,7 @@ impl ViewEntry {
         let Ok(body) = serde_json::to_vec(&document) else { return };
         let issued = issued.unwrap_or(now).min(now);
         let mut renew_at = self.renew_at();
-        let same = self.creds.load().as_ref().is_some_and(|h| h.expiration == expiration);
+        let same = self.slot.creds.load().as_ref().is_some_and(|h| h.expiration == expiration);
         let half_life = issued + expiration.duration_since(issued).unwrap_or_default() / 2;
         *renew_at = Some(if same {
             now + Duration::from_secs(60)
@@ -175,7 +231,7 @@ impl ViewEntry {
             half_life.max(now + Duration::from_secs(1))
         });
         let body = Bytes::from(body.into_boxed_slice());
-        self.creds.store(Some(Arc::new(Held { body, issued, expiration })));
+        self.slot.creds.store(Some(Arc::new(Held { body, issued, expiration })));
     }
 
     /// After a failed fetch, when to try again.
@@ -203,8 +259,7 @@ mod tests {
 
     #[test]
     fn the_held_body_is_the_held_document_encoded_under_the_same_freshness_rule() {
-        let entry =
-            ViewEntry::new(Strings::default().pod(pb::Entry { allowed: true, ..pb::Entry::default() }));
+        let entry = Strings::default().entry(pb::Entry { allowed: true, ..pb::Entry::default() });
         let now = SystemTime::now();
         assert!(entry.credentials_body(now).is_none(), "nothing held yet");
         let document = ImdsDocument {

@@ -2,9 +2,12 @@
 //! ([`sync`]), each with the policy's verdict and, once fetched, its credentials. A hit is
 //! answered from here with no network call.
 //!
-//! Credentials live inside their entry, so an entry that is fenced, removed or replaced (an IP
-//! given to another pod, a role or policy change) takes its credentials with it: a new pod on a
-//! reused IP can never be answered with the old pod's. While no server answers, entries and
+//! Credentials are reached only through their entry, which holds them in the slot of its
+//! identity (the server's digest of every field STS is asked with; entries of one identity
+//! share a slot, so one fetch serves them all). An entry that is fenced, removed or replaced
+//! (an IP given to another pod, a role or policy change) lets go of its slot: a new pod on a
+//! reused IP is answered with the old pod's credentials only if the server gave it the very same
+//! identity, for which it would answer with the same. While no server answers, entries and
 //! credentials already held keep being served until the credentials near expiry (static
 //! stability); a pod not in the view is never answered from a guess.
 
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::metrics::Metrics;
 use crate::pb::node as pb;
@@ -66,7 +69,13 @@ pub struct NodeView {
     state: ArcSwap<State>,
     /// Held by the one writer at a time.
     writer: Mutex<()>,
+    /// Bumped when the whole view changes (a snapshot): wakes every waiting lookup.
     changes: watch::Sender<u64>,
+    /// The lookups waiting for a pod, by IP: a change to one IP wakes only its own. With one
+    /// signal for all, each of a burst's upserts woke every lookup waiting on the node (64 pods
+    /// arriving together made 64 × 64 wake-ups, BENCHMARKS.md, figure 2). Bounded by the
+    /// connections waiting; an IP's signal goes with its last waiter.
+    waiting: Mutex<HashMap<IpAddr, Arc<Notify>>>,
     metrics: Arc<Metrics>,
     /// What confirms an entry while the view is not live.
     confirm: confirm::Confirm,
@@ -94,6 +103,7 @@ impl NodeView {
             state: ArcSwap::default(),
             writer: Mutex::default(),
             changes: watch::Sender::new(0),
+            waiting: Mutex::default(),
             metrics,
             confirm: confirm::Confirm::new(None, confirm::UNCONFIRMED_BOUND),
             strings: Mutex::default(),
@@ -112,7 +122,8 @@ impl NodeView {
         self.strings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes the state with `f`, swaps the result in, and wakes the lookups waiting for a pod.
+    /// Changes the state with `f` and swaps the result in; the caller wakes the lookups that
+    /// the change concerns.
     fn update(&self, f: impl FnOnce(&mut State)) {
         self.modify(|state| {
             f(state);
@@ -120,7 +131,16 @@ impl NodeView {
             m.view_entries.set(state.entries.len() as i64);
             m.view_live.set(i64::from(state.live));
         });
-        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Wakes the lookups waiting on `ips`.
+    fn wake(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        for ip in ips {
+            if let Some(notify) = waiting.get(&ip) {
+                notify.notify_waiters();
+            }
+        }
     }
 
     /// Changes a copy of the state with `f` and swaps it in.
@@ -140,8 +160,8 @@ impl NodeView {
             for entry in snapshot.entries {
                 let Ok(ip) = entry.ip.parse() else { continue };
                 // An identical entry keeps its credentials across a resync.
-                let kept = old.get(&ip).filter(|e| e.pod.same_as(&entry)).cloned();
-                let entry = kept.unwrap_or_else(|| Arc::new(ViewEntry::new(strings.pod(entry))));
+                let kept = old.get(&ip).filter(|e| e.same_as(&entry)).cloned();
+                let entry = kept.unwrap_or_else(|| Arc::new(strings.entry(entry)));
                 state.entries.insert(ip, entry);
             }
             drop(old);
@@ -152,28 +172,32 @@ impl NodeView {
             state.down_since = None;
             self.metrics.agent.view_down_since.set(0);
         });
+        self.changes.send_modify(|g| *g += 1);
     }
 
     /// Adds or replaces one entry (a changed entry starts without credentials).
     pub fn upsert(&self, entry: pb::Entry) {
         let Ok(ip) = entry.ip.parse::<IpAddr>() else { return };
         self.update(|state| {
-            if state.entries.get(&ip).is_none_or(|e| !e.pod.same_as(&entry)) {
+            if state.entries.get(&ip).is_none_or(|e| !e.same_as(&entry)) {
                 let mut strings = self.strings();
-                state.entries.insert(ip, Arc::new(ViewEntry::new(strings.pod(entry))));
+                state.entries.insert(ip, Arc::new(strings.entry(entry)));
                 strings.sweep(false);
             }
         });
+        self.wake([ip]);
     }
 
     /// Drops the entries of `ips` (a Remove, or a Fence before the server changes them).
     pub fn remove(&self, ips: &[String]) {
         self.metrics.agent.view_invalidations.inc_by(ips.len() as u64);
+        let ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         self.update(|state| {
-            for ip in ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
-                state.entries.remove(&ip);
+            for ip in &ips {
+                state.entries.remove(ip);
             }
         });
+        self.wake(ips);
     }
 
     /// Counts a stream the servers refused.
@@ -264,13 +288,22 @@ impl NodeView {
     ) -> Found {
         // Subscribe, then look again before waiting, so that no change is missed in between.
         let mut changes = self.changes.subscribe();
+        let waiter = Waiter::new(self, ip);
         loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             match self.find(ip) {
                 Some(Found { lookup: Lookup::Entry(e), .. }) if old.is_some_and(|o| Arc::ptr_eq(o, &e)) => {}
                 Some(found) => return found,
                 None => {}
             }
-            if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+            let woken = tokio::select! {
+                () = notified => true,
+                changed = changes.changed() => changed.is_ok(),
+                () = tokio::time::sleep_until(deadline) => false,
+            };
+            if !woken {
                 return Found { lookup: Lookup::NoPod, down_for: None };
             }
         }
@@ -304,3 +337,31 @@ impl NodeView {
         }
     }
 }
+
+/// A lookup's place among those waiting for its IP; the IP's signal goes with its last waiter.
+struct Waiter<'a> {
+    view: &'a NodeView,
+    ip: IpAddr,
+    notify: Arc<Notify>,
+}
+
+impl<'a> Waiter<'a> {
+    fn new(view: &'a NodeView, ip: IpAddr) -> Waiter<'a> {
+        let mut waiting = view.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let notify = Arc::clone(waiting.entry(ip).or_default());
+        Waiter { view, ip, notify }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.view.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        // Clones are made under this lock: two left (the map's and this one) means no other waiter.
+        if Arc::strong_count(&self.notify) == 2 {
+            waiting.remove(&self.ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

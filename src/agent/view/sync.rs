@@ -124,7 +124,15 @@ async fn fetch_ahead(view: Arc<NodeView>, client: GrpcClient) {
     loop {
         tick.tick().await;
         let now = SystemTime::now();
-        for (ip, entry) in view.entries().into_iter().filter(|(_, e)| e.due(now)) {
+        // One fetch per identity: the entries that share one share its credentials.
+        let due: Vec<_> = {
+            let mut slots = std::collections::HashSet::new();
+            view.entries()
+                .into_iter()
+                .filter(|(_, e)| e.due(now) && slots.insert(Arc::as_ptr(e.slot())))
+                .collect()
+        };
+        for (ip, entry) in due {
             let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
             let client = client.clone();
             tokio::spawn(async move {
@@ -135,13 +143,14 @@ async fn fetch_ahead(view: Arc<NodeView>, client: GrpcClient) {
     }
 }
 
-/// Fetches `entry`'s credentials now (one fetch at a time per entry), and stores them in it.
+/// Fetches `entry`'s credentials now (one fetch at a time per identity), and stores them in it
+/// (and so in the entries of the same identity).
 pub async fn fetch(
     client: &GrpcClient,
     ip: std::net::IpAddr,
     entry: &ViewEntry,
 ) -> Result<ImdsDocument, tonic::Status> {
-    let _one = entry.fetching.lock().await;
+    let _one = entry.fetching().lock().await;
     let now = SystemTime::now();
     if let Some(document) = entry.credentials(now).filter(|_| !entry.due(now)) {
         return Ok(document);

@@ -1,7 +1,7 @@
 //! The agent's node view, end to end against the real server: hits answered with no call to
-//! the server, invalidation when an IP changes hands under load, static stability through a
-//! server outage, fallback to kiam's unary calls, failover of the stream, and the node proven by
-//! certificate or by token (TokenReview on the fake API server).
+//! the server, one fetch per identity, invalidation when an IP changes hands under load, static
+//! stability through a server outage, fallback to kiam's unary calls, failover of the stream,
+//! and the node proven by certificate or by token (TokenReview on the fake API server).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -85,6 +85,49 @@ async fn hits_are_answered_from_the_view_without_asking_the_server() {
     stack.kube.apply(pod("team-a", "elsewhere").ip("127.0.0.122").role("app").node("node-b").build());
     stack.wait_for_pod(ip("127.0.0.122")).await;
     assert_eq!(get(&agent, "127.0.0.122", CREDS).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_one_identity_cost_one_fetch_and_never_get_another_identitys_credentials() {
+    let pods = [
+        ("a1", "127.0.0.161", "app", "node-a"),
+        ("a2", "127.0.0.162", "app", "node-a"),
+        ("a3", "127.0.0.163", "app", "node-a"),
+        ("o1", "127.0.0.165", "other", "node-a"),
+    ];
+    let stack = stack_with(Options::default(), &pods).await;
+    // The same role with an external ID: another identity, so other credentials.
+    let x1 = pod("team-a", "x1").ip("127.0.0.164").role("app").node("node-a");
+    stack.kube.apply(x1.annotation("iam.amazonaws.com/external-id", "tenant-x").build());
+    stack.wait_for_pod(ip("127.0.0.164")).await;
+    let lookups = || sample(&stack.core.metrics().encode(), "kiam_server_pod_lookup_seconds_count");
+    let before = lookups().unwrap_or_default();
+    let agent = agent_on(&stack, "node-a").await;
+    live(&agent, 5).await;
+    let ask = |at: &'static str, role: &'static str| {
+        let agent = &agent;
+        async move { get(agent, at, &format!("{CREDS}{role}")).await }
+    };
+    let answers = futures::future::join_all([
+        ask("127.0.0.161", "app"),
+        ask("127.0.0.162", "app"),
+        ask("127.0.0.163", "app"),
+        ask("127.0.0.164", "app"),
+        ask("127.0.0.165", "other"),
+    ])
+    .await;
+    let keys: Vec<String> = answers
+        .into_iter()
+        .map(|(status, key)| {
+            assert_eq!(status, 200);
+            key.expect("an AccessKeyId")
+        })
+        .collect();
+    assert!(keys[0] == keys[1] && keys[1] == keys[2], "one identity, one set of credentials: {keys:?}");
+    assert!(keys[3] != keys[0] && keys[4] != keys[0] && keys[4] != keys[3], "{keys:?}");
+    // Five pods, three identities: the agent asked the server three times (once per identity),
+    // where one call per pod made five.
+    assert_eq!(lookups().unwrap_or_default() - before, 3.0, "fetches for 5 pods of 3 identities");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
