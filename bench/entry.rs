@@ -117,7 +117,8 @@ fn measure(document: &ImdsDocument) -> (f64, usize) {
                     affinity: 0,
                     // Each its own identity, the most the view can cost: entries that share
                     // one share its credentials.
-                    identity: [i.to_le_bytes(); 8].concat(),
+                    identity_high: u64::from(i) + 1,
+                    identity_low: 1,
                 }
             })
             .collect(),

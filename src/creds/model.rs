@@ -35,11 +35,12 @@ impl Identity {
         crate::policy::rendezvous::key(self.parts(&tags))
     }
 
-    /// A SHA-256 digest of every field STS is asked with, each part delimited as in
-    /// [`affinity_key`](Self::affinity_key): equal for equal identities, and, unlike that key,
-    /// not to be matched by a pod owner choosing annotations. The node view sends it, so that an
-    /// agent fetches the credentials of its pods that share an identity once.
-    pub fn digest(&self) -> [u8; 32] {
+    /// The first 128 bits of a SHA-256 digest of every field STS is asked with, each part
+    /// delimited as in [`affinity_key`](Self::affinity_key), as (high, low): equal for equal
+    /// identities, and, unlike that key, not to be matched by a pod owner choosing annotations
+    /// (that is a second preimage, 2^128 work). The node view sends it, so that an agent fetches
+    /// the credentials of its pods that share an identity once.
+    pub fn digest(&self) -> (u64, u64) {
         let tags = self.encoded_tags();
         let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for part in self.parts(&tags) {
@@ -52,9 +53,13 @@ impl Identity {
                 }
             }
         }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(context.finish().as_ref());
-        out
+        let digest = context.finish();
+        let half = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&digest.as_ref()[at..at + 8]);
+            u64::from_be_bytes(bytes)
+        };
+        (half(0), half(8))
     }
 
     /// The tags, each key and value length-prefixed.

@@ -180,9 +180,7 @@ async fn a_difference_sends_only_what_changed_by_digest() {
         [entry("10.0.0.1", "same"), entry("10.0.0.2", "old"), entry("10.0.0.3", "gone")].into();
     let current: HashMap<IpAddr, pb::Entry> =
         [entry("10.0.0.1", "same"), entry("10.0.0.2", "new"), entry("10.0.0.4", "added")].into();
-    let digest = |map: &HashMap<IpAddr, pb::Entry>| -> HashMap<IpAddr, u64> {
-        map.iter().map(|(ip, e)| (*ip, hub.digest(e))).collect()
-    };
+    let digest = |map: &HashMap<IpAddr, pb::Entry>| Sent::of(map.iter().map(|(ip, e)| (*ip, hub.digest(e))));
     let (before, after) = (digest(&before), digest(&current));
     assert!(send_difference(&subscriber, &before, &after, current).await);
     drop(subscriber);
@@ -214,7 +212,8 @@ fn every_field_of_an_entry_is_in_its_digest() {
         pb::Entry { role_arn: "a".into(), ..base.clone() },
         pb::Entry { terminating: true, ..base.clone() },
         pb::Entry { affinity: 1, ..base.clone() },
-        pb::Entry { identity: vec![1], ..base.clone() },
+        pb::Entry { identity_high: 1, ..base.clone() },
+        pb::Entry { identity_low: 1, ..base.clone() },
         // A string's end is part of it: moving a character between fields changes the digest.
         pb::Entry { namespace: "ab".into(), name: String::new(), ..base.clone() },
     ];
@@ -230,4 +229,19 @@ fn a_waiting_message_costs_a_pointer() {
     // The stream's buffer holds 32 of these per block, allocated for every subscriber: 256
     // bytes, where an unboxed message (184 bytes, an Entry's size) made it 5.8 KiB.
     assert_eq!(std::mem::size_of::<Outgoing>(), std::mem::size_of::<usize>());
+}
+
+#[test]
+fn the_sent_digests_are_found_by_ip_and_forgotten_by_a_fence() {
+    let ips: Vec<IpAddr> =
+        ["10.0.0.3", "10.0.0.1", "fd00::2", "10.0.0.2"].map(|ip| ip.parse().expect("ip")).into();
+    let mut sent = Sent::of(ips.iter().enumerate().map(|(i, ip)| (*ip, i as u64)));
+    for (i, ip) in ips.iter().enumerate() {
+        assert_eq!(sent.get(ip), Some(i as u64));
+    }
+    assert_eq!(sent.get(&"10.0.0.9".parse().expect("ip")), None);
+    sent.remove(&ips[0]);
+    assert_eq!(sent.get(&ips[0]), None);
+    assert_eq!(sent.ips().count(), 3);
+    assert_eq!(sent.get(&ips[2]), Some(2), "the rest stay");
 }

@@ -7,9 +7,9 @@
 //! decoded from it on the rare path that needs the fields).
 //!
 //! Credentials are held per identity ([`Slot`]): the entries whose server-sent identity digest
-//! is the same (a SHA-256 of every field STS is asked with) share one slot, so a node's pods of
-//! one identity cost one fetch and one copy of the credentials, which the server's cache would
-//! have answered alike for each. An entry without a digest (not allowed) has a slot of its own.
+//! is the same (128 bits of a SHA-256 of every field STS is asked with) share one slot, so a
+//! node's pods of one identity cost one fetch and one copy of the credentials, which the
+//! server's cache would have answered alike for each. An entry without a digest (not allowed) has a slot of its own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -56,8 +56,8 @@ impl ViewPod {
     }
 }
 
-/// An identity's digest, as the server sent it.
-type Digest = [u8; 32];
+/// An identity's digest, as the server sent it (high and low halves; never both 0).
+type Digest = (u64, u64);
 
 /// The strings that a node's pods repeat, and the identities they share, each kept once. The
 /// sets are rebuilt from the entries on every snapshot, and swept when they have doubled, so
@@ -82,7 +82,8 @@ impl Strings {
     /// `entry` as the view holds it: its repeated strings shared, and its credentials' slot
     /// shared with the entries of the same identity.
     pub fn entry(&mut self, entry: pb::Entry) -> ViewEntry {
-        let identity = <Digest>::try_from(entry.identity.as_slice()).ok().filter(|_| entry.allowed);
+        let identity =
+            Some((entry.identity_high, entry.identity_low)).filter(|d| entry.allowed && *d != (0, 0));
         let slot = match identity {
             Some(digest) => match self.slots.get(&digest).and_then(Weak::upgrade) {
                 Some(slot) => slot,
@@ -169,7 +170,7 @@ impl ViewEntry {
     /// credentials then stay).
     pub fn same_as(&self, entry: &pb::Entry) -> bool {
         self.pod.same_as(entry)
-            && self.slot.identity.as_ref().map_or(&[][..], |d| d.as_slice()) == entry.identity.as_slice()
+            && self.slot.identity.unwrap_or_default() == (entry.identity_high, entry.identity_low)
     }
 
     /// The slot of this entry's credentials (shared with the entries of its identity).

@@ -3,7 +3,7 @@
 //! answered from here with no network call.
 //!
 //! Credentials are reached only through their entry, which holds them in the slot of its
-//! identity (the server's digest of every field STS is asked with; entries of one identity
+//! identity (the server's 128-bit digest of every field STS is asked with; entries of one identity
 //! share a slot, so one fetch serves them all). An entry that is fenced, removed or replaced
 //! (an IP given to another pod, a role or policy change) lets go of its slot: a new pod on a
 //! reused IP is answered with the old pod's credentials only if the server gave it the very same

@@ -11,7 +11,7 @@ fn view() -> NodeView {
     NodeView::new(Arc::new(Metrics::default()))
 }
 
-fn entry(ip: &str, role: &str, identity: &[u8]) -> pb::Entry {
+fn entry(ip: &str, role: &str, identity: (u64, u64)) -> pb::Entry {
     pb::Entry {
         ip: ip.into(),
         uid: format!("uid-{ip}"),
@@ -20,7 +20,8 @@ fn entry(ip: &str, role: &str, identity: &[u8]) -> pb::Entry {
         role: role.into(),
         allowed: true,
         role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
-        identity: identity.to_vec(),
+        identity_high: identity.0,
+        identity_low: identity.1,
         ..pb::Entry::default()
     }
 }
@@ -80,11 +81,11 @@ async fn a_lookup_waiting_for_its_pod_is_woken_by_its_own_ip_only() {
     }
     assert!(registered(), "the lookup waits under its IP");
     for i in 0..50 {
-        view.upsert(entry(&format!("10.0.0.{i}"), "app", &[1; 32]));
+        view.upsert(entry(&format!("10.0.0.{i}"), "app", (1, 1)));
         tokio::task::yield_now().await;
     }
     let before = polls.load(Ordering::SeqCst);
-    view.upsert(entry("10.0.0.200", "app", &[1; 32]));
+    view.upsert(entry("10.0.0.200", "app", (1, 1)));
     assert!(waiting.await.expect("the lookup ends"), "the lookup found its pod");
     // Polled when it started and when its own pod came; other IPs' pods did not wake it.
     assert!(before <= 1, "polled {before} times before its pod came");
@@ -106,16 +107,16 @@ async fn a_lookup_that_times_out_leaves_no_signal_behind() {
 #[test]
 fn entries_of_one_identity_share_credentials_and_no_other_entry_sees_them() {
     let view = view();
-    let (same, other) = ([7u8; 32], [8u8; 32]);
+    let (same, other) = ((7, 7), (8, 8));
     live(
         &view,
         vec![
-            entry("10.0.0.1", "app", &same),
-            entry("10.0.0.2", "app", &same),
+            entry("10.0.0.1", "app", same),
+            entry("10.0.0.2", "app", same),
             // The same role with another identity (an external ID, a session policy): not shared.
-            entry("10.0.0.3", "app", &other),
+            entry("10.0.0.3", "app", other),
             // No digest (a denied pod): a slot of its own.
-            pb::Entry { allowed: false, ..entry("10.0.0.4", "app", &[]) },
+            pb::Entry { allowed: false, ..entry("10.0.0.4", "app", (0, 0)) },
         ],
     );
     let by_ip = |ip: &str| {
@@ -131,10 +132,10 @@ fn entries_of_one_identity_share_credentials_and_no_other_entry_sees_them() {
     assert_eq!(key("10.0.0.4"), None);
     assert!(Arc::ptr_eq(by_ip("10.0.0.1").slot(), by_ip("10.0.0.2").slot()));
     // A resync with the same entries keeps them; an entry whose identity changes starts empty.
-    live(&view, vec![entry("10.0.0.1", "app", &same), entry("10.0.0.2", "app", &other)]);
+    live(&view, vec![entry("10.0.0.1", "app", same), entry("10.0.0.2", "app", other)]);
     assert_eq!(key("10.0.0.1").as_deref(), Some("AKIDSHARED"));
     assert_eq!(key("10.0.0.2"), None);
     // A new pod of that identity (on a reused IP too) gets the identity's credentials.
-    view.upsert(entry("10.0.0.3", "app", &same));
+    view.upsert(entry("10.0.0.3", "app", same));
     assert_eq!(key("10.0.0.3").as_deref(), Some("AKIDSHARED"));
 }
