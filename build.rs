@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed=proto/{proto}");
     }
     let fds = protox::compile(&files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Every service uses `pb::Compact`: prost's codec with smaller buffers (see there).
+    tonic_prost_build::configure().codec_path("crate::pb::Compact").compile_fds(fds)?;
     Ok(())
 }
