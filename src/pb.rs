@@ -26,7 +26,8 @@ pub mod podresources {
     tonic::include_proto!("v1");
 }
 
-/// The codec of every generated service: prost's, with buffers of 1 KiB where tonic's default
+/// The codec of kiam-rs's own services (`proto/kiamrs/`; kiam's and the kubelet's, whose calls
+/// are all unary, keep tonic's): prost's, with buffers of 1 KiB where tonic's default
 /// is 8 KiB. A stream keeps one buffer for what it sends and one for what it receives for as
 /// long as it lives: with the default, a node-view stream cost the server 16 KiB of buffers for
 /// an agent's Subscribe and Acks (figure 11 counts memory per agent, 2,000 of them). A larger
