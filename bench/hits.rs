@@ -56,11 +56,11 @@ struct WrkSummary {
 
 /// One wrk round, the target's largest resident memory by its end, and the most of it that was
 /// anonymous in the 50 ms samples.
-struct Round {
-    requests: u64,
-    per_s: f64,
-    p50: Duration,
-    p99: Duration,
+pub struct Round {
+    pub requests: u64,
+    pub per_s: f64,
+    pub p50: Duration,
+    pub p99: Duration,
     memory: u64,
     anon: u64,
     /// CPU time of the target (and the server behind it), per request served.
@@ -196,6 +196,9 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
         "≤ 1.0× nginx p99",
         Verdict::of(a_p99 <= n_p99),
     ));
+    // The same two at a paced load, under either's capacity: what an SDK sees on a busy node.
+    let paced_agent = (agent_url.as_str(), &mut deployed.child, &server);
+    crate::paced::run(env, load, &token, (&nginx_url, &mut nginx), paced_agent, report).await;
 
     let limit = 20 * 1024 * 1024;
     report.row(Row::compared(
@@ -271,7 +274,7 @@ async fn get(url: &str, token: &str) -> String {
 
 /// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs, and counting
 /// the CPU time `target` and `also` (the server behind the agent) spend.
-async fn wrk(
+pub async fn wrk(
     url: &str,
     token: &str,
     load: &Load,

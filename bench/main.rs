@@ -44,6 +44,7 @@ mod hostile;
 mod invalidation;
 mod memory;
 mod nginx;
+mod paced;
 mod procs;
 mod profile;
 mod report;
