@@ -174,25 +174,12 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     ));
     // Latencies are the median of the rounds' own percentiles, not those of the round with the
     // median throughput: one round's p99 on two shared cores ranges over a factor of four.
-    let (a_p50, n_p50) =
-        (stats::median_by(&agent_rounds, |r| r.p50), stats::median_by(&nginx_rounds, |r| r.p50));
-    let (a_p99, n_p99) =
-        (stats::median_by(&agent_rounds, |r| r.p99), stats::median_by(&nginx_rounds, |r| r.p99));
-    report.row(Row::compared(
-        1,
-        "credential GET p50 (median of the rounds' p50s)",
-        stats::ms(a_p50),
-        stats::ms(n_p50),
-        stats::ratio(a_p50.as_secs_f64(), n_p50.as_secs_f64()),
-        "",
-        Verdict::Info,
-    ));
-    report.row(Row::compared(
-        1,
+    let ((a_p50, a_p99), (n_p50, n_p99)) = (medians(&agent_rounds), medians(&nginx_rounds));
+    report.row(latency("credential GET p50 (median of the rounds' p50s)", a_p50, n_p50, "", Verdict::Info));
+    report.row(latency(
         "credential GET p99 (median of the rounds' p99s)",
-        stats::ms(a_p99),
-        stats::ms(n_p99),
-        stats::ratio(a_p99.as_secs_f64(), n_p99.as_secs_f64()),
+        a_p99,
+        n_p99,
         "≤ 1.0× nginx p99",
         Verdict::of(a_p99 <= n_p99),
     ));
@@ -358,6 +345,17 @@ pub async fn wrk(
         target_sched,
         wrk_sched,
     }
+}
+
+/// The median of the rounds' own p50s and p99s.
+pub fn medians(rounds: &[Round]) -> (Duration, Duration) {
+    (stats::median_by(rounds, |r| r.p50), stats::median_by(rounds, |r| r.p99))
+}
+
+/// A figure-1 row comparing the agent's latency with nginx's.
+pub fn latency(measure: &str, agent: Duration, nginx: Duration, target: &str, verdict: Verdict) -> Row {
+    let ratio = stats::ratio(agent.as_secs_f64(), nginx.as_secs_f64());
+    Row::compared(1, measure, stats::ms(agent), stats::ms(nginx), ratio, target, verdict)
 }
 
 /// The round with the median throughput.

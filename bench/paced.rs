@@ -12,12 +12,10 @@
 //! verdict: on two shared cores its rounds' p99s still spread over a factor of two or three for
 //! both targets (BENCHMARKS.md), so it does not settle issue 30's verdict either.
 
-use std::time::Duration;
-
 use crate::deploy::Env;
-use crate::hits::{Load, Round, wrk};
+use crate::hits::{Load, Round, latency, medians, wrk};
 use crate::procs::Child;
-use crate::report::{Report, Row, Verdict};
+use crate::report::{Report, Verdict};
 use crate::stats;
 
 /// Milliseconds each connection waits after an answer before its next request.
@@ -44,34 +42,17 @@ pub async fn run(
         nginx_rounds.push(wrk(nginx_url, token, load, &script, nginx_child, None).await);
         agent_rounds.push(wrk(agent_url, token, load, &script, agent_child, Some(server)).await);
     }
-    let median = |rounds: &[Round], pick: fn(&Round) -> Duration| stats::median_by(rounds, pick);
-    let (a_p50, n_p50) = (median(&agent_rounds, |r| r.p50), median(&nginx_rounds, |r| r.p50));
-    let (a_p99, n_p99) = (median(&agent_rounds, |r| r.p99), median(&nginx_rounds, |r| r.p99));
+    let ((a_p50, a_p99), (n_p50, n_p99)) = (medians(&agent_rounds), medians(&nginx_rounds));
     let rate = |rounds: &[Round]| stats::median(&rounds.iter().map(|r| r.per_s).collect::<Vec<_>>());
     let (a_rate, n_rate) = (rate(&agent_rounds), rate(&nginx_rounds));
     let shape = format!(
         "wrk -t{} -c{}, {PACE_MS} ms between an answer and the next request",
         load.threads, load.connections
     );
-    report.row(Row::compared(
-        1,
-        &format!("credential GET p99 at a paced load ({shape}; median of the rounds' p99s)"),
-        stats::ms(a_p99),
-        stats::ms(n_p99),
-        stats::ratio(a_p99.as_secs_f64(), n_p99.as_secs_f64()),
-        // Information: issue 30's verdict is the saturated p99's, above.
-        "",
-        Verdict::Info,
-    ));
-    report.row(Row::compared(
-        1,
-        "credential GET p50 at the paced load",
-        stats::ms(a_p50),
-        stats::ms(n_p50),
-        stats::ratio(a_p50.as_secs_f64(), n_p50.as_secs_f64()),
-        "",
-        Verdict::Info,
-    ));
+    let measure = format!("credential GET p99 at a paced load ({shape}; median of the rounds' p99s)");
+    // Information: issue 30's verdict is the saturated p99's, above.
+    report.row(latency(&measure, a_p99, n_p99, "", Verdict::Info));
+    report.row(latency("credential GET p50 at the paced load", a_p50, n_p50, "", Verdict::Info));
     let each = |rounds: &[Round]| {
         rounds
             .iter()
