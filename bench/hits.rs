@@ -4,7 +4,10 @@
 //!
 //! Figure 1 runs wrk against nginx and the agent in turns (nginx, agent, nginx, agent, ...),
 //! with the same threads, connections, duration and IMDSv2 token header, and reports the median
-//! round of each (by throughput), and the median of the rounds' latency percentiles. Figure 6
+//! round of each (by throughput), and the median of the rounds' latency percentiles. A second
+//! nginx, identical to the first, takes a turn after the agent in each cycle: its p99 against
+//! the first's (an A/A comparison, the same server twice) says how far the p99 verdict moves
+//! from noise alone in the same run. Figure 6
 //! samples the agent's resident memory while it is idle and while wrk loads it, and strips a copy
 //! of the binary to weigh it.
 
@@ -12,14 +15,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::deploy::{self, Env};
 use crate::nginx;
-use crate::procs::{self, Child};
+use crate::procs;
 use crate::report::{Report, Row, Verdict};
-use crate::sched::{self, Sched};
 use crate::stats;
+use crate::wrk::{self, Load, Round, medians, micros};
 use kiam_testkit::fake_kube::FakeKube;
 use kiam_testkit::http;
 
@@ -28,50 +29,6 @@ const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/hit-r
 const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 /// The agent's counter of credential GETs answered from its node view.
 const VIEW_HITS: &str = "kiam_agent_view_hits_total";
-
-/// wrk's settings, the same for nginx and the agent.
-#[derive(Clone, Debug)]
-pub struct Load {
-    pub threads: u32,
-    pub connections: u32,
-    pub seconds: u32,
-    pub rounds: u32,
-    /// `--profile DIR`: also profile the agent and server under one more round.
-    pub profile: Option<std::path::PathBuf>,
-}
-
-/// What `bench/wrk.lua` prints.
-#[derive(Debug, Deserialize)]
-struct WrkSummary {
-    requests: u64,
-    duration_us: u64,
-    connect: u64,
-    read: u64,
-    write: u64,
-    status: u64,
-    timeout: u64,
-    p50_us: u64,
-    p99_us: u64,
-}
-
-/// One wrk round, the target's largest resident memory by its end, and the most of it that was
-/// anonymous in the 50 ms samples.
-pub struct Round {
-    pub requests: u64,
-    pub per_s: f64,
-    pub p50: Duration,
-    pub p99: Duration,
-    memory: u64,
-    anon: u64,
-    /// CPU time of the target (and the server behind it), per request served.
-    cpu_per_request: Duration,
-    /// The part of it spent in user space (the rest is the kernel's: TCP, wake-ups).
-    user_per_request: Duration,
-    /// What the scheduler did to the target's threads (the agent's, or nginx's master and
-    /// workers) during the round, and to wrk's (up to its last 50 ms sample).
-    target_sched: sched::Round,
-    wrk_sched: Sched,
-}
 
 /// Runs figures 1, 5 and 6.
 pub async fn run(env: &Env, load: &Load, report: &mut Report) {
@@ -96,10 +53,16 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     crate::grpc::run(env.client(server_port), IpAddr::V4(Ipv4Addr::LOCALHOST), ROLE, report).await;
 
     let nginx_port = procs::free_port();
-    let mut nginx = nginx::start(env, nginx_port, CREDENTIALS_PATH, &document);
+    let mut nginx = nginx::start(env, "nginx", nginx_port, CREDENTIALS_PATH, &document);
     procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port)), Duration::from_secs(10)).await;
     let nginx_url = format!("http://127.0.0.1:{nginx_port}{CREDENTIALS_PATH}");
     assert_eq!(get(&nginx_url, &token).await, document, "nginx serves the agent's document byte for byte");
+    // The A/A twin: the same nginx, configuration and document, on a port of its own.
+    let twin_port = procs::free_port();
+    let mut twin = nginx::start(env, "nginx-twin", twin_port, CREDENTIALS_PATH, &document);
+    procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, twin_port)), Duration::from_secs(10)).await;
+    let twin_url = format!("http://127.0.0.1:{twin_port}{CREDENTIALS_PATH}");
+    assert_eq!(get(&twin_url, &token).await, document, "the twin serves the same document");
     let nginx_idle = nginx.memory();
     let script = env.scratch("wrk").join("report.lua");
     std::fs::write(&script, include_str!("wrk.lua")).expect("write the wrk script");
@@ -107,19 +70,23 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
 
     // A short warm-up for each, then the measured rounds in turns.
     let warm = Load { seconds: 1, ..load.clone() };
-    wrk(&nginx_url, &token, &warm, &script, &mut nginx, None).await;
-    wrk(&agent_url, &token, &warm, &script, &mut deployed.child, Some(&server)).await;
+    wrk::round(&nginx_url, &token, &warm, &script, &mut nginx, None).await;
+    wrk::round(&agent_url, &token, &warm, &script, &mut deployed.child, Some(&server)).await;
+    wrk::round(&twin_url, &token, &warm, &script, &mut twin, None).await;
     let (mut nginx_rounds, mut agent_rounds, mut ping_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut twin_rounds = Vec::new();
     // View hits counted by the agent against requests wrk completed, over the measured rounds.
     let (mut hits, mut requests) = (0.0, 0);
     for _ in 0..load.rounds {
-        nginx_rounds.push(wrk(&nginx_url, &token, load, &script, &mut nginx, None).await);
+        nginx_rounds.push(wrk::round(&nginx_url, &token, load, &script, &mut nginx, None).await);
         let before = deployed.metric(VIEW_HITS).await;
-        let round = wrk(&agent_url, &token, load, &script, &mut deployed.child, Some(&server)).await;
+        let round = wrk::round(&agent_url, &token, load, &script, &mut deployed.child, Some(&server)).await;
         hits += deployed.metric(VIEW_HITS).await - before;
         requests += round.requests;
         agent_rounds.push(round);
+        twin_rounds.push(wrk::round(&twin_url, &token, load, &script, &mut twin, None).await);
     }
+    drop(twin);
     // wrk counts the requests answered before it stopped; a few more may have been answered
     // after. Anything less than every request means some GETs did not come from the view.
     assert!(
@@ -130,11 +97,11 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     // The agent's HTTP layer alone: `/ping` reads no view and asks no server.
     let ping_url = format!("{base}/ping");
     for _ in 0..load.rounds {
-        ping_rounds.push(wrk(&ping_url, &token, load, &script, agent, None).await);
+        ping_rounds.push(wrk::round(&ping_url, &token, load, &script, agent, None).await);
     }
     if let Some(dir) = &load.profile {
         let processes = [("agent", agent.pid()), ("server", server.pid())];
-        let round = wrk(&agent_url, &token, load, &script, agent, Some(&server));
+        let round = wrk::round(&agent_url, &token, load, &script, agent, Some(&server));
         match crate::profile::record(dir, "fig1", &processes, load.seconds, round).await {
             Ok(paths) => report.note(format!("Figure 1 profiles under wrk: {}", paths.join(", "))),
             Err(error) => report.note(format!("Figure 1 profiles: none ({error})")),
@@ -183,6 +150,20 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
         "≤ 1.0× nginx p99",
         Verdict::of(a_p99 <= n_p99),
     ));
+    // The same comparison between two identical nginx: what the verdict above moves by when
+    // nothing differs but the turn.
+    let (_, t_p99) = medians(&twin_rounds);
+    let twin_measure =
+        "p99 of a second, identical nginx against the first (A/A: the verdict's noise; same rounds)";
+    report.row(Row::compared(
+        1,
+        twin_measure,
+        stats::ms(t_p99),
+        stats::ms(n_p99),
+        stats::ratio(t_p99.as_secs_f64(), n_p99.as_secs_f64()),
+        "",
+        Verdict::Info,
+    ));
     // The same two at a paced load, under either's capacity: what an SDK sees on a busy node.
     let paced_agent = (agent_url.as_str(), &mut deployed.child, &server);
     crate::paced::run(env, load, &token, (&nginx_url, &mut nginx), paced_agent, report).await;
@@ -226,7 +207,8 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
          file. {} rounds of {} s each, alternating, after a 1 s warm-up each; throughput and CPU \
          per GET are the median-throughput round's, p50 and p99 the median of the rounds' own; \
          CPU per GET counts the agent and the (idle) server. Every process shares the same {} cores: wrk, nginx or agent + server. \
-         nginx rounds: {}; agent rounds: {}. RSS is VmRSS/VmHWM from /proc, sampled every 50 ms; \
+         nginx rounds: {}; agent rounds: {}; the A/A twin's rounds (a second nginx, \
+         after the agent in each turn): {}. RSS is VmRSS/VmHWM from /proc, sampled every 50 ms; \
          of the agent's idle {}, {} is anonymous memory (heap, stacks) and the rest pages of the \
          binary and libraries; under load, anonymous memory reached {}.",
         nginx::version().await,
@@ -235,6 +217,7 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         describe(&nginx_rounds),
         describe(&agent_rounds),
+        describe(&twin_rounds),
         stats::mib(agent_idle.rss),
         stats::mib(agent_idle.anon),
         stats::mib(agent_rounds.iter().map(|round| round.anon).max().unwrap_or(0)),
@@ -257,99 +240,6 @@ async fn get(url: &str, token: &str) -> String {
     let response = http::request("GET", url, &[(TOKEN_HEADER, token)], "", None).await.expect("GET");
     assert_eq!(response.status, 200, "GET {url}: {}", response.body);
     response.body
-}
-
-/// One wrk run against `url`, sampling `target`'s memory every 50 ms while it runs, and counting
-/// the CPU time `target` and `also` (the server behind the agent) spend.
-pub async fn wrk(
-    url: &str,
-    token: &str,
-    load: &Load,
-    script: &Path,
-    target: &mut Child,
-    also: Option<&Child>,
-) -> Round {
-    let cpu = |target: &Child| {
-        let (user, system) = target.cpu_split();
-        let (also_user, also_system) = also.map_or((Duration::ZERO, Duration::ZERO), Child::cpu_split);
-        (user + also_user, system + also_system)
-    };
-    let cpu_before = cpu(target);
-    let sched_start = sched::Start::now(target.pid());
-    let args = [
-        format!("-t{}", load.threads),
-        format!("-c{}", load.connections),
-        format!("-d{}s", load.seconds),
-        "--timeout".into(),
-        "5s".into(),
-        "-s".into(),
-        script.display().to_string(),
-        "-H".into(),
-        format!("{TOKEN_HEADER}: {token}"),
-        url.to_owned(),
-    ];
-    let child = tokio::process::Command::new("wrk")
-        .args(&args)
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start wrk (apt-get install wrk)");
-    let wrk_pid = child.id();
-    let output = child.wait_with_output();
-    tokio::pin!(output);
-    let limit = tokio::time::sleep(Duration::from_secs(u64::from(load.seconds) + 30));
-    tokio::pin!(limit);
-    let (mut memory, mut anon, mut wrk_sched) = (0, 0, Sched::default());
-    let output = loop {
-        tokio::select! {
-            output = &mut output => break output.expect("wait for wrk"),
-            () = &mut limit => panic!("wrk did not finish in time"),
-            () = tokio::time::sleep(Duration::from_millis(50)) => {
-                let now = target.memory();
-                (memory, anon) = (memory.max(now.rss), anon.max(now.anon));
-                // wrk's threads are gone once it exits: the last sample before then.
-                if let Some(pid) = wrk_pid {
-                    let now = Sched::of(pid);
-                    // Its threads end one by one: keep the sample with the most switches.
-                    if now.voluntary + now.involuntary > wrk_sched.voluntary + wrk_sched.involuntary {
-                        wrk_sched = now;
-                    }
-                }
-            }
-        }
-    };
-    target.assert_running();
-    let target_sched = sched_start.finish();
-    let cpu_after = cpu(target);
-    let user = cpu_after.0.saturating_sub(cpu_before.0);
-    let cpu_used = user + cpu_after.1.saturating_sub(cpu_before.1);
-    // The high-water mark catches what 50 ms samples miss (it also covers start-up).
-    let memory = memory.max(target.memory().peak);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().find(|line| line.starts_with('{')).unwrap_or_else(|| {
-        panic!("wrk printed no summary:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
-    let summary: WrkSummary = serde_json::from_str(line).expect("wrk.lua prints valid JSON");
-    let errors = summary.connect + summary.read + summary.write + summary.status + summary.timeout;
-    assert!(summary.requests > 0 && errors == 0, "wrk against {url} saw errors: {line}");
-    Round {
-        requests: summary.requests,
-        per_s: summary.requests as f64 / (summary.duration_us as f64 / 1e6),
-        p50: Duration::from_micros(summary.p50_us),
-        p99: Duration::from_micros(summary.p99_us),
-        memory,
-        anon,
-        cpu_per_request: cpu_used / u32::try_from(summary.requests).unwrap_or(u32::MAX),
-        user_per_request: user / u32::try_from(summary.requests).unwrap_or(u32::MAX),
-        target_sched,
-        wrk_sched,
-    }
-}
-
-/// The median of the rounds' own p50s and p99s.
-pub fn medians(rounds: &[Round]) -> (Duration, Duration) {
-    (stats::median_by(rounds, |r| r.p50), stats::median_by(rounds, |r| r.p99))
 }
 
 /// A figure-1 row comparing the agent's latency with nginx's.
@@ -388,10 +278,6 @@ fn describe(rounds: &[Round]) -> String {
         })
         .collect();
     each.join(", ")
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 /// The stripped size of a copy of the binary, and the size as built.

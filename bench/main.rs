@@ -55,6 +55,7 @@ mod stages;
 mod stats;
 mod sts;
 mod tap;
+mod wrk;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -72,7 +73,7 @@ struct Options {
     out: PathBuf,
     figures: BTreeSet<u8>,
     sizes: Vec<u32>,
-    load: hits::Load,
+    load: wrk::Load,
     revision: String,
     /// How long figure 12's soak lasts.
     soak_seconds: u64,
@@ -85,7 +86,7 @@ fn options() -> Options {
         // Figure 12 (an hour) runs only when asked for (`--soak`).
         figures: (1..=11).collect(),
         sizes: vec![0, 10_000, 100_000],
-        load: hits::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
+        load: wrk::Load { threads: 2, connections: 32, seconds: 5, rounds: 3, profile: None },
         revision: "unknown revision".into(),
         soak_seconds: 3600,
     };

@@ -6,9 +6,10 @@ use std::path::Path;
 use crate::deploy::Env;
 use crate::procs::Child;
 
-/// Starts nginx (2 workers) on 127.0.0.1:`port`, serving `document` at `path`.
-pub fn start(env: &Env, port: u16, path: &str, document: &str) -> Child {
-    let root = env.scratch("nginx");
+/// Starts nginx (2 workers) on 127.0.0.1:`port`, serving `document` at `path`, from a scratch
+/// folder called `name`.
+pub fn start(env: &Env, name: &str, port: u16, path: &str, document: &str) -> Child {
+    let root = env.scratch(name);
     let file = root.join("www").join(path.trim_start_matches('/'));
     std::fs::create_dir_all(file.parent().expect("the path has folders")).expect("create nginx's tree");
     std::fs::write(&file, document).expect("write the document for nginx");
@@ -23,7 +24,7 @@ pub fn start(env: &Env, port: u16, path: &str, document: &str) -> Child {
     std::fs::write(&conf_path, conf).expect("write nginx.conf");
     let args =
         ["-p", &format!("{root}/"), "-e", &format!("{root}/error.log"), "-c", &conf_path].map(str::to_owned);
-    Child::spawn("nginx", Path::new("/usr/sbin/nginx"), &args, &[], Path::new(&root.to_string()))
+    Child::spawn(name, Path::new("/usr/sbin/nginx"), &args, &[], Path::new(&root.to_string()))
 }
 
 pub async fn version() -> String {

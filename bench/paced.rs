@@ -13,10 +13,11 @@
 //! both targets (BENCHMARKS.md), so it does not settle issue 30's verdict either.
 
 use crate::deploy::Env;
-use crate::hits::{Load, Round, latency, medians, wrk};
+use crate::hits::latency;
 use crate::procs::Child;
 use crate::report::{Report, Verdict};
 use crate::stats;
+use crate::wrk::{self, Load, Round, medians};
 
 /// Milliseconds each connection waits after an answer before its next request.
 pub const PACE_MS: u32 = 1;
@@ -39,8 +40,8 @@ pub async fn run(
         .expect("write the paced wrk script");
     let (mut nginx_rounds, mut agent_rounds) = (Vec::new(), Vec::new());
     for _ in 0..load.rounds {
-        nginx_rounds.push(wrk(nginx_url, token, load, &script, nginx_child, None).await);
-        agent_rounds.push(wrk(agent_url, token, load, &script, agent_child, Some(server)).await);
+        nginx_rounds.push(wrk::round(nginx_url, token, load, &script, nginx_child, None).await);
+        agent_rounds.push(wrk::round(agent_url, token, load, &script, agent_child, Some(server)).await);
     }
     let ((a_p50, a_p99), (n_p50, n_p99)) = (medians(&agent_rounds), medians(&nginx_rounds));
     let rate = |rounds: &[Round]| stats::median(&rounds.iter().map(|r| r.per_s).collect::<Vec<_>>());
