@@ -17,16 +17,15 @@ use std::time::Duration;
 
 use crate::deploy::{self, Env};
 use crate::nginx;
-use crate::procs;
+use crate::procs::{self, Child};
 use crate::report::{Report, Row, Verdict};
 use crate::stats;
-use crate::wrk::{self, Load, Round, medians, micros};
+use crate::wrk::{self, Load, Round, TOKEN_HEADER, medians, micros};
 use kiam_testkit::fake_kube::FakeKube;
 use kiam_testkit::http;
 
 const ROLE: &str = "hit-role";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/hit-role";
-const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 /// The agent's counter of credential GETs answered from its node view.
 const VIEW_HITS: &str = "kiam_agent_view_hits_total";
 
@@ -52,17 +51,9 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
 
     crate::grpc::run(env.client(server_port), IpAddr::V4(Ipv4Addr::LOCALHOST), ROLE, report).await;
 
-    let nginx_port = procs::free_port();
-    let mut nginx = nginx::start(env, "nginx", nginx_port, CREDENTIALS_PATH, &document);
-    procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, nginx_port)), Duration::from_secs(10)).await;
-    let nginx_url = format!("http://127.0.0.1:{nginx_port}{CREDENTIALS_PATH}");
-    assert_eq!(get(&nginx_url, &token).await, document, "nginx serves the agent's document byte for byte");
+    let (mut nginx, nginx_url) = start_nginx(env, "nginx", &document, &token).await;
     // The A/A twin: the same nginx, configuration and document, on a port of its own.
-    let twin_port = procs::free_port();
-    let mut twin = nginx::start(env, "nginx-twin", twin_port, CREDENTIALS_PATH, &document);
-    procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, twin_port)), Duration::from_secs(10)).await;
-    let twin_url = format!("http://127.0.0.1:{twin_port}{CREDENTIALS_PATH}");
-    assert_eq!(get(&twin_url, &token).await, document, "the twin serves the same document");
+    let (mut twin, twin_url) = start_nginx(env, "nginx-twin", &document, &token).await;
     let nginx_idle = nginx.memory();
     let script = env.scratch("wrk").join("report.lua");
     std::fs::write(&script, include_str!("wrk.lua")).expect("write the wrk script");
@@ -155,15 +146,7 @@ pub async fn run(env: &Env, load: &Load, report: &mut Report) {
     let (_, t_p99) = medians(&twin_rounds);
     let twin_measure =
         "p99 of a second, identical nginx against the first (A/A: the verdict's noise; same rounds)";
-    report.row(Row::compared(
-        1,
-        twin_measure,
-        stats::ms(t_p99),
-        stats::ms(n_p99),
-        stats::ratio(t_p99.as_secs_f64(), n_p99.as_secs_f64()),
-        "",
-        Verdict::Info,
-    ));
+    report.row(latency(twin_measure, t_p99, n_p99, "", Verdict::Info));
     // The same two at a paced load, under either's capacity: what an SDK sees on a busy node.
     let paced_agent = (agent_url.as_str(), &mut deployed.child, &server);
     crate::paced::run(env, load, &token, (&nginx_url, &mut nginx), paced_agent, report).await;
@@ -233,6 +216,18 @@ async fn token(base: &str) -> String {
         .expect("PUT the token");
     assert_eq!(response.status, 200, "token: {}", response.body);
     response.body
+}
+
+/// Starts nginx (scratch folder `name`) serving `document` at the credentials path on a free
+/// port, waits for it, and checks that it serves the document byte for byte. Returns it and
+/// the document's URL.
+async fn start_nginx(env: &Env, name: &str, document: &str, token: &str) -> (Child, String) {
+    let port = procs::free_port();
+    let child = nginx::start(env, name, port, CREDENTIALS_PATH, document);
+    procs::wait_listening(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(10)).await;
+    let url = format!("http://127.0.0.1:{port}{CREDENTIALS_PATH}");
+    assert_eq!(get(&url, token).await, document, "{name} serves the agent's document byte for byte");
+    (child, url)
 }
 
 /// GETs `url` with the token and returns the body, which must come with a 200.

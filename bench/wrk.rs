@@ -13,7 +13,7 @@ use crate::sched::{self, Sched};
 use crate::stats;
 
 /// The header that carries the IMDSv2 token.
-const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
+pub const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 
 /// wrk's settings, the same for nginx and the agent.
 #[derive(Clone, Debug)]
